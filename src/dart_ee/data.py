@@ -1,0 +1,403 @@
+"""Dataset readers, the cached decoded arrays, the calibration split and batched augmentation.
+
+Every reader returns uint8 images in NCHW layout and int64 labels; models receive float pixels in
+[0, 1] (they normalise internally), so the difficulty estimator and the model see the same input.
+
+Supported on-disk formats (no downloads, ever):
+- CIFAR-10's official python format (``cifar-10-batches-py/``);
+- IDX files, gzipped or not (MNIST, Fashion-MNIST, KMNIST);
+- ImageFolder trees (``train/<class>/*.png|jpg`` and ``test/<class>/...``), or a ``.tar.gz`` of one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dart_ee import artifacts
+from dart_ee.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a model needs to know about a dataset without reading it."""
+
+    name: str
+    in_channels: int
+    image_size: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    flip: bool  # horizontal flips are label-preserving (not for digits)
+    crop_pad: int  # random-crop padding used in training
+    folders: tuple[str, ...]  # where to look under the data root
+
+
+_MNIST_NORM = dict(mean=(0.1307,), std=(0.3081,))
+DATASETS: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                           True, 4, ("cifar-10-batches-py", "cifar10", "cifar10-jpeg.tar.gz", ".")),
+    "mnist": DatasetSpec("mnist", 1, 28, 10, **_MNIST_NORM, flip=False, crop_pad=2,
+                         folders=("mnist-10k", "mnist", "MNIST/raw", ".")),
+    "fashion-mnist": DatasetSpec("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,), False, 2,
+                                 ("fashion-mnist", "FashionMNIST/raw", ".")),
+    "kmnist": DatasetSpec("kmnist", 1, 28, 10, (0.1918,), (0.3483,), False, 2, ("kmnist", "KMNIST/raw", ".")),
+}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def get_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split: ``x`` uint8 (N, C, H, W), ``y`` int64 (N,)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4 or self.x.dtype != np.uint8:
+            raise DataError(f"images must be uint8 (N, C, H, W), got {self.x.dtype} {self.x.shape}")
+        if len(self.x) != len(self.y):
+            raise DataError(f"{len(self.x)} images but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: np.ndarray) -> ImageSet:
+        return ImageSet(self.x[idx], self.y[idx], self.classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# IDX (MNIST family)
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into a numpy array, validating header and length."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"IDX file not found: {path}")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot decompress ({e}); the file is corrupt or truncated, re-copy it") from e
+    if len(raw) < 4:
+        raise DataError(f"{path}: truncated IDX file ({len(raw)} bytes, no header)")
+    zero, dtype_code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
+    if zero != 0 or dtype_code not in _IDX_DTYPES or ndim == 0:
+        raise DataError(f"{path}: wrong magic number 0x{raw[:4].hex()}; this is not an IDX file")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[dtype_code])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(f"{path}: truncated or padded IDX data: header says shape {shape} "
+                        f"({expected} bytes) but {len(raw) - header} bytes follow")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"{folder}: missing IDX file {stem}[.gz]")
+
+
+def read_idx_pair(images: Path, labels: Path, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim != 3:
+        raise DataError(f"{images}: expected a 3-d image array (N, H, W), got shape {x.shape}")
+    if y.ndim != 1:
+        raise DataError(f"{labels}: expected a 1-d label array, got shape {y.shape}")
+    if len(x) != len(y):
+        raise DataError(f"image and label counts differ: {images} has {len(x)}, {labels} has {len(y)}")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"{labels}: labels must lie in [0, {num_classes}), found {y.min()}..{y.max()}")
+    return np.ascontiguousarray(x.astype(np.uint8)[:, None]), y.astype(np.int64)
+
+
+def read_idx_folder(folder: Path) -> tuple[ImageSet, ImageSet]:
+    parts = []
+    for prefix in ("train", "t10k"):
+        x, y = read_idx_pair(_find_idx(folder, f"{prefix}-images-idx3-ubyte"),
+                             _find_idx(folder, f"{prefix}-labels-idx1-ubyte"))
+        parts.append(ImageSet(x, y, tuple(str(i) for i in range(10))))
+    return parts[0], parts[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10 official python format
+
+
+def _unpickle_batch(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"CIFAR batch file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            # The official format is a pickle of plain dicts/arrays; restrict what may be loaded.
+            return _SafeUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
+        raise DataError(f"{path}: not a readable CIFAR batch ({e}); re-copy the file") from e
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Only numpy array reconstruction is allowed: a CIFAR batch needs nothing else."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"forbidden object {module}.{name} in pickle")
+
+
+def read_cifar_python(folder: Path) -> tuple[ImageSet, ImageSet]:
+    meta_path = folder / "batches.meta"
+    classes = CIFAR10_CLASSES
+    if meta_path.is_file():
+        classes = tuple(_unpickle_batch(meta_path).get("label_names", classes))
+    sets = []
+    for names in ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]):
+        xs, ys = [], []
+        for name in names:
+            d = _unpickle_batch(folder / name)
+            if "data" not in d or "labels" not in d:
+                raise DataError(f"{folder / name}: missing 'data' or 'labels' entry")
+            data, labels = np.asarray(d["data"]), np.asarray(d["labels"], dtype=np.int64)
+            if data.ndim != 2 or data.shape[1] != 3072:
+                raise DataError(f"{folder / name}: 'data' must be N x 3072, got {data.shape}")
+            if len(data) != len(labels):
+                raise DataError(f"{folder / name}: image and label counts differ ({len(data)} vs {len(labels)})")
+            xs.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(labels)
+        sets.append(ImageSet(np.concatenate(xs), np.concatenate(ys), classes))
+    return sets[0], sets[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageFolder trees, on disk or inside a .tar.gz
+
+
+def _decode_image(data: bytes, where: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            arr = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16") else "RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{where}: unreadable image ({e}); remove or replace the file") from e
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _stack_folder(items: dict[str, list[tuple[str, bytes]]], where: str) -> ImageSet:
+    classes = tuple(sorted(items))
+    if not classes:
+        raise DataError(f"{where}: no class folders found; expected {where}/<class>/<image>")
+    names, xs, ys = [], [], []
+    for label, cls in enumerate(classes):
+        if not items[cls]:
+            raise DataError(f"{where}/{cls}: empty class folder; add images or remove the folder")
+        for name, data in sorted(items[cls]):
+            names.append(name)
+            xs.append(_decode_image(data, name))
+            ys.append(label)
+    if any(a.shape[0] == 3 for a in xs):  # mixed grey and colour files: promote grey to RGB
+        xs = [np.repeat(a, 3, 0) if a.shape[0] == 1 else a for a in xs]
+    for name, a in zip(names, xs):
+        if a.shape != xs[0].shape:
+            raise DataError(f"{name}: image size {a.shape[1:]} differs from {xs[0].shape[1:]} of {names[0]}; "
+                            "resize the images to one size")
+    return ImageSet(np.stack(xs), np.asarray(ys, dtype=np.int64), classes)
+
+
+def read_image_folder(root: Path) -> tuple[ImageSet, ImageSet]:
+    """Read ``root/train/<class>/*`` and ``root/test/<class>/*``."""
+    out = []
+    for split in ("train", "test"):
+        d = root / split
+        if not d.is_dir():
+            raise DataError(f"ImageFolder split directory not found: {d}")
+        items: dict[str, list[tuple[str, bytes]]] = {}
+        for cls_dir in sorted(p for p in d.iterdir() if p.is_dir()):
+            files = [p for p in sorted(cls_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+            items[cls_dir.name] = [(str(p), p.read_bytes()) for p in files]
+        out.append(_stack_folder(items, str(d)))
+    _check_same_classes(out[0], out[1], root)
+    return out[0], out[1]
+
+
+def read_image_folder_tar(path: Path) -> tuple[ImageSet, ImageSet]:
+    """Read an ImageFolder tree from a tarball in one streaming pass (``*/train/<class>/<file>``)."""
+    items: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for m in tar:
+                parts = Path(m.name).parts
+                if "train" not in parts and "test" not in parts:
+                    continue
+                k = max(i for i, p in enumerate(parts) if p in ("train", "test"))
+                split = parts[k]
+                if m.isdir() and len(parts) == k + 2:
+                    items[split].setdefault(parts[k + 1], [])
+                elif m.isfile() and len(parts) == k + 3 and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
+                    f = tar.extractfile(m)
+                    items[split].setdefault(parts[k + 1], []).append((f"{path}:{m.name}", f.read()))
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{path}: cannot read tarball ({e}); it is corrupt or truncated, re-copy it") from e
+    train, test = (_stack_folder(items[s], f"{path}:{s}") for s in ("train", "test"))
+    _check_same_classes(train, test, path)
+    return train, test
+
+
+def _check_same_classes(train: ImageSet, test: ImageSet, where: Path) -> None:
+    if train.classes != test.classes:
+        raise DataError(f"{where}: train and test class folders differ: {train.classes} vs {test.classes}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating a dataset under a data root, and the decode cache
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    """``--data-dir`` wins, then ``DART_DATA``; a missing directory is a clear error."""
+    chosen = data_dir if data_dir is not None else os.environ.get("DART_DATA")
+    if not chosen:
+        raise DataError("no data directory: pass --data-dir DIR or set DART_DATA=DIR")
+    root = Path(chosen).expanduser()
+    if not root.exists():
+        raise DataError(f"data directory not found: {root}; check --data-dir or DART_DATA")
+    return root
+
+
+def _locate(spec: DatasetSpec, root: Path) -> tuple[str, Path]:
+    """Find the dataset's files under ``root``: returns (reader kind, path)."""
+    for folder in spec.folders:
+        p = root / folder
+        if spec.name == "cifar10":
+            if (p / "data_batch_1").is_file():
+                return "cifar-python", p
+            if (p / "train").is_dir() and (p / "test").is_dir():
+                return "imagefolder", p
+            if p.is_file() and p.name.endswith((".tar.gz", ".tgz", ".tar")):
+                return "imagefolder-tar", p
+        else:
+            for stem in ("train-images-idx3-ubyte", "train-images.idx3-ubyte"):
+                if (p / stem).is_file() or (p / (stem + ".gz")).is_file():
+                    return "idx", p
+    if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return "imagefolder-tar", root
+    looked = ", ".join(str(root / f) for f in spec.folders)
+    raise DataError(f"{spec.name} not found under {root} (looked in {looked}); point --data-dir or "
+                    "DART_DATA at the folder holding it")
+
+
+_READERS = {"cifar-python": read_cifar_python, "idx": read_idx_folder,
+            "imagefolder": read_image_folder, "imagefolder-tar": read_image_folder_tar}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DART_CACHE", Path.home() / ".cache" / "dart-ee")).expanduser()
+
+
+def _source_key(kind: str, path: Path) -> str:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256(f"{kind}|{path.resolve()}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, use_cache: bool = True) -> tuple[ImageSet, ImageSet]:
+    """Return the (train, test) image sets of a named dataset, decoding once and caching as npz."""
+    spec = get_spec(name)
+    kind, path = _locate(spec, resolve_data_dir(data_dir))
+    cache = cache_dir() / f"{spec.name}-{_source_key(kind, path)}.npz"
+    if use_cache and cache.is_file():
+        try:
+            with np.load(cache) as z:
+                classes = tuple(str(c) for c in z["classes"])
+                return ImageSet(z["x_train"], z["y_train"], classes), ImageSet(z["x_test"], z["y_test"], classes)
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, DataError):
+            pass  # a corrupt cache is rebuilt below
+    train, test = _READERS[kind](path)
+    for s, what in ((train, "train"), (test, "test")):
+        if s.x.shape[1:] != (spec.in_channels, spec.image_size, spec.image_size):
+            raise DataError(f"{path}: {what} images have shape {s.x.shape[1:]}, but {spec.name} expects "
+                            f"{(spec.in_channels, spec.image_size, spec.image_size)}")
+    if use_cache:
+        artifacts.atomic_write(cache, lambda p: np.savez(p.open("wb"), x_train=train.x, y_train=train.y,
+                                                         x_test=test.x, y_test=test.y,
+                                                         classes=np.array(train.classes)))
+    return train, test
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration split
+
+
+def make_split(n_train: int, cal_fraction: float, seed: int) -> dict:
+    """Deterministically hold out ``cal_fraction`` of the training set for calibration."""
+    if not 0.0 < cal_fraction < 1.0:
+        raise DataError(f"data.cal_fraction must lie strictly between 0 and 1, got {cal_fraction}")
+    perm = np.random.default_rng(seed).permutation(n_train)
+    n_cal = max(1, round(cal_fraction * n_train))
+    return {"version": 1, "n_train_total": n_train, "seed": seed, "cal_fraction": cal_fraction,
+            "cal_indices": sorted(perm[:n_cal].tolist()), "train_indices": sorted(perm[n_cal:].tolist())}
+
+
+def check_split(manifest: dict, n_train: int) -> None:
+    cal, tr = set(manifest["cal_indices"]), set(manifest["train_indices"])
+    if manifest["n_train_total"] != n_train or cal & tr or len(cal) + len(tr) != n_train:
+        raise DataError("split manifest does not match this training set (different data?); "
+                        "delete split.json in the run directory to re-split")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors and batched augmentation (no per-sample Python loops)
+
+
+def to_float(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float32 in [0, 1]."""
+    t = torch.as_tensor(x)
+    return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
+
+
+def augment(x: torch.Tensor, crop_pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random translation by up to ``crop_pad`` pixels (reflect-padded crop) and horizontal flips."""
+    n, _, h, w = x.shape
+    if crop_pad > 0:
+        xp = torch.nn.functional.pad(x, (crop_pad,) * 4, mode="reflect")
+        oy = torch.randint(0, 2 * crop_pad + 1, (n, 1), generator=gen)
+        ox = torch.randint(0, 2 * crop_pad + 1, (n, 1), generator=gen)
+        rows = (oy + torch.arange(h))[:, :, None]  # (n, h, 1)
+        cols = (ox + torch.arange(w))[:, None, :]  # (n, 1, w)
+        x = xp[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        mask = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x.contiguous()

@@ -1,0 +1,340 @@
+"""Multi-exit networks: an ordered list of stages, and one exit head after each stage.
+
+The runtime can stop after any stage: ``stages[i]`` maps the features of stage i-1 to those of
+stage i, and ``heads[i]`` turns them into logits. The last head is the backbone's own classifier.
+Models take pixels in [0, 1] and normalise inside stage 1, so the difficulty estimator and the
+network read the same tensor.
+
+``create_model(name, ...)`` builds a registered model (timm-style); ``attach_exits`` turns a
+user's own ``nn.Sequential`` into the same form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from dart_ee.errors import ConfigError, InputError
+
+_REGISTRY: dict[str, Callable[..., MultiExitNet]] = {}
+
+
+def register_model(name: str) -> Callable:
+    def deco(fn: Callable[..., MultiExitNet]) -> Callable[..., MultiExitNet]:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
+                 **kwargs) -> MultiExitNet:
+    """Build a registered multi-exit model, e.g. ``create_model("alexnet", 10, 3, 32)``."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; choose one of {list_models()}")
+    model = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+    model.arch = {"name": name, "num_classes": num_classes, "in_channels": in_channels,
+                  "image_size": image_size, **kwargs}
+    return model
+
+
+class Normalize(nn.Module):
+    """Per-channel (x - mean) / std, as a fixed part of the model."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class ExitHead(nn.Module):
+    """A cheap classifier: pool to at most 4x4, a 1x1 conv with BatchNorm and ReLU, then a linear layer.
+
+    The 1x1 conv gives the head one non-linearity of its own, which lifts early-exit accuracy far
+    more than its cost: on the pooled map it is a few percent of the stage it follows.
+    """
+
+    def __init__(self, in_channels: int, spatial: int, num_classes: int, width: int = 128, pool: int = 4) -> None:
+        super().__init__()
+        p = min(pool, spatial)
+        width = min(width, in_channels)
+        self.body = nn.Sequential(
+            nn.AdaptiveAvgPool2d(p),
+            nn.Conv2d(in_channels, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(width * p * p, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def make_head(feature_shape: Sequence[int], num_classes: int, width: int = 128) -> nn.Module:
+    """Size a head from the shape (without batch) of the features it reads."""
+    if len(feature_shape) == 3:
+        return ExitHead(feature_shape[0], min(feature_shape[1:]), num_classes, width)
+    if len(feature_shape) == 1:
+        return nn.Linear(feature_shape[0], num_classes)
+    raise ConfigError(f"cannot attach an exit head to features of shape {tuple(feature_shape)}")
+
+
+class MultiExitNet(nn.Module):
+    """Stages S1..SN with exit heads E1..EN; ``forward`` returns every exit's logits."""
+
+    def __init__(self, stages: Sequence[nn.Module], heads: Sequence[nn.Module],
+                 input_shape: Sequence[int]) -> None:
+        super().__init__()
+        if len(stages) != len(heads) or not stages:
+            raise ConfigError(f"need one head per stage, got {len(stages)} stages and {len(heads)} heads")
+        self.stages = nn.ModuleList(stages)
+        self.heads = nn.ModuleList(heads)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.arch: dict = {}
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Clear errors for the wrong shape, dtype or non-finite pixels."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise InputError(f"expected a float tensor of pixels in [0, 1], got "
+                             f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise InputError(f"expected input of shape (N, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise InputError("empty batch: pass at least one image")
+        if not torch.isfinite(x).all():
+            raise InputError("input contains NaN or Inf pixels")
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for stage, head in zip(self.stages, self.heads):
+            x = stage(x)
+            outs.append(head(x))
+        return outs
+
+    def forward_static(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain network: every stage, then only the final classifier (no exit heads)."""
+        for stage in self.stages:
+            x = stage(x)
+        return self.heads[-1](x)
+
+    @torch.no_grad()
+    def cost_breakdown(self) -> dict[str, list[int]]:
+        """MACs of each stage and each head for one image, counted by ``FlopCounterMode`` (MACs = FLOPs / 2)."""
+        was_training = self.training
+        self.eval()
+        p = next(self.parameters())
+        x = torch.zeros(1, *self.input_shape, device=p.device)
+        stage_macs, head_macs = [], []
+        for stage, head in zip(self.stages, self.heads):
+            for module, out in ((stage, stage_macs), (head, head_macs)):
+                with FlopCounterMode(display=False) as fc:
+                    y = module(x)
+                out.append(fc.get_total_flops() // 2)
+                if module is stage:
+                    x = y
+        self.train(was_training)
+        return {"stage_macs": stage_macs, "head_macs": head_macs}
+
+    def exit_macs(self) -> list[int]:
+        """Cumulative MACs to leave at each exit, counting every stage and every head passed."""
+        c = self.cost_breakdown()
+        out, total = [], 0
+        for s, h in zip(c["stage_macs"], c["head_macs"]):
+            total += s + h
+            out.append(total)
+        return out
+
+    def static_macs(self) -> int:
+        """MACs of the plain network (all stages plus the final classifier, no exit heads)."""
+        c = self.cost_breakdown()
+        return sum(c["stage_macs"]) + c["head_macs"][-1]
+
+    @torch.no_grad()
+    def describe(self) -> dict:
+        """Per-exit costs and parameter counts, for ``dart-ee info`` and reports."""
+        c = self.cost_breakdown()
+        cum = self.exit_macs()
+        was = self.training
+        self.eval()
+        with FlopCounterMode(display=False) as fc:  # one pass through every stage and head, as a check
+            self(torch.zeros(1, *self.input_shape, device=next(self.parameters()).device))
+        self.train(was)
+        heads = sum(p.numel() for h in self.heads[:-1] for p in h.parameters())
+        total = sum(p.numel() for p in self.parameters())
+        exits = [{"exit": i + 1, "cumulative_macs": cum[i], "fraction_of_full": cum[i] / cum[-1],
+                  "stage_macs": c["stage_macs"][i], "head_macs": c["head_macs"][i],
+                  "head_to_stage": c["head_macs"][i] / max(1, c["stage_macs"][i])} for i in range(self.num_exits)]
+        return {"arch": self.arch, "input_shape": list(self.input_shape), "num_exits": self.num_exits,
+                "exits": exits, "full_forward_macs": fc.get_total_flops() // 2, "static_macs": self.static_macs(),
+                "macs_counted_by": "torch.utils.flop_counter.FlopCounterMode (MACs = FLOPs / 2)",
+                "params": {"total": total, "heads": heads, "backbone": total - heads}}
+
+    def feature_shapes(self) -> list[tuple[int, ...]]:
+        return _feature_shapes(list(self.stages), self.input_shape)
+
+
+@torch.no_grad()
+def _feature_shapes(stages: Sequence[nn.Module], input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    x = torch.zeros(2, *input_shape)
+    shapes = []
+    for s in stages:
+        was = s.training
+        s.eval()
+        x = s(x)
+        s.train(was)
+        shapes.append(tuple(x.shape[1:]))
+    return shapes
+
+
+def _build(stages: list[nn.Module], final_head: nn.Module | None, num_classes: int,
+           input_shape: Sequence[int], head_width: int) -> MultiExitNet:
+    """Size heads for every stage but the last; the last gets ``final_head`` (the backbone's classifier)."""
+    shapes = _feature_shapes(stages, input_shape)
+    heads = [make_head(s, num_classes, head_width) for s in shapes[:-1]]
+    heads.append(final_head if final_head is not None else make_head(shapes[-1], num_classes, head_width))
+    return MultiExitNet(stages, heads, input_shape)
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+def _scale(widths: Sequence[int], mult: float) -> list[int]:
+    """Scale channel widths by ``width_mult`` (slim variants for quick runs and small devices)."""
+    return [max(4, round(w * mult)) for w in widths]
+
+
+def _norm(in_channels: int, mean: Sequence[float] | None, std: Sequence[float] | None) -> Normalize:
+    return Normalize(mean or (0.5,) * in_channels, std or (0.25,) * in_channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# AlexNet (CIFAR-style, with BatchNorm): 6 exits, after conv1..conv5 and the classifier.
+
+
+@register_model("alexnet")
+def alexnet(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, head_width: int = 128,
+            mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+            dropout: float = 0.5, width_mult: float = 1.0) -> MultiExitNet:
+    c1, c2, c3, c4, c5, fc = _scale((64, 192, 384, 256, 256, 1024), width_mult)
+    stages: list[nn.Module] = [
+        nn.Sequential(_norm(in_channels, mean, std), conv_bn(in_channels, c1), nn.MaxPool2d(2)),
+        nn.Sequential(conv_bn(c1, c2), nn.MaxPool2d(2)),
+        conv_bn(c2, c3),
+        conv_bn(c3, c4),
+        nn.Sequential(conv_bn(c4, c5), nn.MaxPool2d(2)),
+    ]
+    c, h, w = _feature_shapes(stages, (in_channels, image_size, image_size))[-1]
+    stages.append(nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c * h * w, fc), nn.ReLU(inplace=True),
+                                nn.Dropout(dropout), nn.Linear(fc, fc), nn.ReLU(inplace=True)))
+    return _build(stages, nn.Linear(fc, num_classes), num_classes, (in_channels, image_size, image_size),
+                  head_width)
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet-18 (CIFAR stem: 3x3 conv, no max-pool): 4 exits, after each residual stage.
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(cin, cout, 3, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(cout))
+        self.short = (nn.Identity() if stride == 1 and cin == cout else
+                      nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.short(x))
+
+
+@register_model("resnet18")
+def resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, head_width: int = 128,
+             mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+             width_mult: float = 1.0) -> MultiExitNet:
+    widths = _scale((64, 128, 256, 512), width_mult)
+    stages, cin = [], widths[0]
+    for i, w in enumerate(widths):
+        blocks = [BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)]
+        if i == 0:
+            blocks = [_norm(in_channels, mean, std), conv_bn(in_channels, cin), *blocks]
+        stages.append(nn.Sequential(*blocks))
+        cin = w
+    final = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+    return _build(stages, final, num_classes, (in_channels, image_size, image_size), head_width)
+
+
+# ----------------------------------------------------------------------------------------------
+# VGG-16 with BatchNorm: 5 exits, one per block (the last is the classifier).
+
+
+@register_model("vgg16")
+def vgg16(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, head_width: int = 128,
+          mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+          width_mult: float = 1.0) -> MultiExitNet:
+    c1, c2, c3, c4 = _scale((64, 128, 256, 512), width_mult)
+    blocks = ((c1, c1), (c2, c2), (c3, c3, c3), (c4, c4, c4), (c4, c4, c4))
+    stages, cin = [], in_channels
+    for i, widths in enumerate(blocks):
+        layers: list[nn.Module] = [_norm(in_channels, mean, std)] if i == 0 else []
+        for w in widths:
+            layers.append(conv_bn(cin, w))
+            cin = w
+        # ceil_mode keeps a 1x1 map after five pools of a 28x28 input (28-14-7-4-2-1)
+        layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        stages.append(nn.Sequential(*layers))
+    final = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+    return _build(stages, final, num_classes, (in_channels, image_size, image_size), head_width)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bring your own model
+
+
+def attach_exits(backbone: nn.Module, split_points: Sequence[str | int], input_shape: Sequence[int],
+                 num_classes: int, head_width: int = 128) -> MultiExitNet:
+    """Turn a backbone whose named children run in order into a :class:`MultiExitNet`.
+
+    ``split_points`` names the children (by name or index) after which an exit goes. The backbone's
+    own output is the final exit, so its last child must produce ``(N, num_classes)`` logits. Heads
+    are sized automatically from a probe forward pass of ``input_shape`` (C, H, W).
+    """
+    children = list(backbone.named_children())
+    if not children:
+        raise ConfigError("attach_exits needs a backbone with child modules (e.g. an nn.Sequential)")
+    names = [n for n, _ in children]
+    cuts = []
+    for sp in split_points:
+        idx = sp if isinstance(sp, int) else (names.index(sp) if sp in names else None)
+        if idx is None or not 0 <= idx < len(children) - 1:
+            raise ConfigError(f"split point {sp!r} is not a child of the backbone before its last one; "
+                              f"children are {names}")
+        cuts.append(idx)
+    if cuts != sorted(set(cuts)):
+        raise ConfigError(f"split points must be distinct and in execution order, got {list(split_points)}")
+    bounds = [-1, *cuts, len(children) - 1]
+    stages: list[nn.Module] = [nn.Sequential(*[m for _, m in children[a + 1: b + 1]])
+                               for a, b in zip(bounds, bounds[1:])]
+    out_shape = _feature_shapes(stages, input_shape)[-1]
+    if out_shape != (num_classes,):
+        raise ConfigError(f"the backbone's output has shape {out_shape} per sample, expected ({num_classes},) logits")
+    model = _build(stages, nn.Identity(), num_classes, input_shape, head_width)
+    model.arch = {"name": "custom", "num_classes": num_classes, "in_channels": int(input_shape[0]),
+                  "image_size": int(input_shape[-1])}
+    return model

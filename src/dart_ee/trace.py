@@ -1,0 +1,184 @@
+"""Exit traces: every exit's outputs for every sample of a split, cached once, consumed by every policy.
+
+This is the contract between models and policies. A trace is two files side by side:
+
+``NAME.npz``
+    ``probs``     float32 (N, E, K)  softmax probabilities of each of the E exits
+    ``labels``    int64   (N,)       true class
+    ``index``     int64   (N,)       sample index in the source split (calibration: in the training set)
+    ``exit_macs`` int64   (E,)       cumulative MACs to leave at each exit (stages and heads passed)
+    ``alpha``     float32 (N,)       difficulty score, when an estimator was fitted (optional)
+
+``NAME.json``
+    metadata: ``format`` ("dart-ee-trace"), ``version``, ``split`` ("cal" or "test"), ``n``,
+    ``num_exits``, ``num_classes``, the model's architecture, dataset, config name and fingerprint.
+
+``load`` validates all of it. The ``split`` tag lets calibration refuse a test trace.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dart_ee import artifacts
+from dart_ee.errors import ArtifactError
+
+FORMAT = "dart-ee-trace"
+VERSION = 1
+SPLITS = ("cal", "test")
+
+
+@dataclass
+class Trace:
+    probs: np.ndarray
+    labels: np.ndarray
+    index: np.ndarray
+    exit_macs: np.ndarray
+    alpha: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.probs = np.asarray(self.probs, dtype=np.float32)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.index = np.asarray(self.index, dtype=np.int64)
+        self.exit_macs = np.asarray(self.exit_macs, dtype=np.int64)
+        if self.alpha is not None:
+            self.alpha = np.asarray(self.alpha, dtype=np.float32)
+        self.validate()
+
+    # -- derived views -------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return int(self.probs.shape[0])
+
+    @property
+    def num_exits(self) -> int:
+        return int(self.probs.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.probs.shape[2])
+
+    @property
+    def split(self) -> str:
+        return str(self.meta.get("split", ""))
+
+    @property
+    def preds(self) -> np.ndarray:
+        """(N, E) predicted class at each exit."""
+        return self.probs.argmax(2)
+
+    @property
+    def conf(self) -> np.ndarray:
+        """(N, E) max-softmax confidence at each exit."""
+        return self.probs.max(2)
+
+    @property
+    def correct(self) -> np.ndarray:
+        """(N, E) whether each exit is right."""
+        return self.preds == self.labels[:, None]
+
+    def exit_accuracy(self) -> list[float]:
+        return [float(a) for a in self.correct.mean(0)]
+
+    def subset(self, idx: np.ndarray) -> Trace:
+        return Trace(self.probs[idx], self.labels[idx], self.index[idx], self.exit_macs,
+                     None if self.alpha is None else self.alpha[idx], dict(self.meta, n=len(idx)))
+
+    def validate(self, where: str = "trace") -> None:
+        p = self.probs
+        if p.ndim != 3 or p.shape[1] < 1 or p.shape[2] < 2:
+            raise ArtifactError(f"{where}: probs must have shape (N, exits, classes), got {p.shape}")
+        n, e, k = p.shape
+        for name, arr, shape in (("labels", self.labels, (n,)), ("index", self.index, (n,)),
+                                 ("exit_macs", self.exit_macs, (e,))):
+            if arr.shape != shape:
+                raise ArtifactError(f"{where}: {name} has shape {arr.shape}, expected {shape}")
+        if self.alpha is not None and self.alpha.shape != (n,):
+            raise ArtifactError(f"{where}: alpha has shape {self.alpha.shape}, expected {(n,)}")
+        if n and (self.labels.min() < 0 or self.labels.max() >= k):
+            raise ArtifactError(f"{where}: labels must lie in [0, {k})")
+        if not np.isfinite(p).all() or (n and (p.min() < 0 or p.max() > 1.0001)):
+            raise ArtifactError(f"{where}: probs must be finite probabilities in [0, 1]")
+        if np.any(np.diff(self.exit_macs) <= 0):
+            raise ArtifactError(f"{where}: exit_macs must increase strictly, got {self.exit_macs.tolist()}")
+        split = self.meta.get("split")
+        if split is not None and split not in SPLITS:
+            raise ArtifactError(f"{where}: split tag must be one of {SPLITS}, got {split!r}")
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".npz", ".json") else p
+    return stem.with_suffix(".npz"), stem.with_suffix(".json")
+
+
+def save(trace: Trace, path: str | Path) -> Path:
+    """Write ``path`` (.npz) and its .json metadata atomically."""
+    npz, meta_path = _paths(path)
+    arrays = {"probs": trace.probs, "labels": trace.labels, "index": trace.index, "exit_macs": trace.exit_macs}
+    if trace.alpha is not None:
+        arrays["alpha"] = trace.alpha
+    meta = {"format": FORMAT, "version": VERSION, **trace.meta, "n": trace.n, "num_exits": trace.num_exits,
+            "num_classes": trace.num_classes, "has_alpha": trace.alpha is not None}
+    meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    artifacts.atomic_write(npz, lambda p: np.savez(p.open("wb"), **arrays))
+    artifacts.write_json(meta_path, meta)
+    return npz
+
+
+def load(path: str | Path, expect_split: str | None = None) -> Trace:
+    """Load and validate a trace; ``expect_split`` ("cal"/"test") refuses a trace of another split."""
+    npz, meta_path = _paths(path)
+    meta = artifacts.read_json(meta_path, "trace metadata")
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{meta_path} is not a dart-ee trace (format={meta.get('format')!r})")
+    if meta.get("version") != VERSION:
+        raise ArtifactError(f"{meta_path}: trace version {meta.get('version')} is not supported (expected "
+                            f"{VERSION}); regenerate it with `dart-ee trace`")
+    if not npz.is_file():
+        raise ArtifactError(f"trace arrays not found: {npz}")
+    try:
+        with np.load(npz) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ArtifactError(f"{npz}: unreadable trace ({e}); regenerate it with `dart-ee trace`") from e
+    missing = {"probs", "labels", "index", "exit_macs"} - set(arrays)
+    if missing:
+        raise ArtifactError(f"{npz}: missing arrays {sorted(missing)}")
+    trace = Trace(arrays["probs"], arrays["labels"], arrays["index"], arrays["exit_macs"], arrays.get("alpha"),
+                  {k: v for k, v in meta.items() if k not in ("format", "version")})
+    if trace.n != meta.get("n") or trace.num_exits != meta.get("num_exits"):
+        raise ArtifactError(f"{npz}: arrays ({trace.n} samples, {trace.num_exits} exits) disagree with "
+                            f"{meta_path} ({meta.get('n')}, {meta.get('num_exits')}); regenerate the trace")
+    if expect_split is not None and trace.split != expect_split:
+        raise ArtifactError(f"{npz} is a {trace.split!r} trace, but a {expect_split!r} trace is required here"
+                            + (": never calibrate on the test split" if expect_split == "cal" else ""))
+    return trace
+
+
+def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[str, Path]:
+    """Trace a trained run over its calibration and test splits: writes ``trace_cal`` and ``trace_test``."""
+    from dart_ee.config import load_config
+    from dart_ee.training import MODEL, load_model, predict_exits, prepare_splits
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    model = load_model(run_dir / MODEL)
+    splits = prepare_splits(cfg, run_dir, data_dir)
+    exit_macs = model.exit_macs()
+    base = {"model": model.arch, "dataset": cfg.data.dataset, "config_name": cfg.name,
+            "config_fingerprint": artifacts.fingerprint(cfg.model_dump(mode="json")), "run": str(run_dir),
+            "static_macs": model.static_macs()}
+    out = {}
+    for split, images, index in (("cal", splits.cal, splits.manifest["cal_indices"]),
+                                 ("test", splits.test, np.arange(len(splits.test)))):
+        probs = predict_exits(model, images.x, cfg.train.eval_batch_size)
+        t = Trace(probs, images.y, np.asarray(index), exit_macs, meta={**base, "split": split})
+        out[split] = save(t, run_dir / f"trace_{split}.npz")
+    return out

@@ -1,0 +1,247 @@
+"""Joint training of every exit (METHOD.md section 1), with exact resume after a kill.
+
+Loss (Eq 18): L = sum_i w_i * CE(y, yhat_i) + lambda * L_policy, with w_i = i/N by default.
+Optional self-distillation replaces a share ``distill`` of each early exit's CE by a KL term towards
+the (detached) final exit, which lifts the early exits that every policy exploits.
+
+Determinism: the data order, the augmentation and dropout of epoch e all derive from
+(seed, e), and a checkpoint is written atomically after every epoch. A run killed at any point and
+resumed from its last checkpoint therefore reaches the same final weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dart_ee import artifacts, data
+from dart_ee.config import Config, check_exit_lists, dump_config
+from dart_ee.console import log, progress
+from dart_ee.errors import ArtifactError, ConfigError
+from dart_ee.models import MultiExitNet, create_model
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+METRICS = "metrics.json"
+SPLIT = "split.json"
+
+
+@dataclass
+class Splits:
+    """The three disjoint splits a run uses; ``cal`` is held out from the training set."""
+
+    train: data.ImageSet
+    cal: data.ImageSet
+    test: data.ImageSet
+    spec: data.DatasetSpec
+    manifest: dict
+
+
+def prepare_splits(cfg: Config, run_dir: Path, data_dir: str | Path | None = None) -> Splits:
+    """Load the dataset and the run's calibration split (created once, then read from ``split.json``)."""
+    spec = data.get_spec(cfg.data.dataset)
+    train, test = data.load_dataset(cfg.data.dataset, data_dir or cfg.data.data_dir)
+    # Subsets are seeded random draws: the files are often sorted by class.
+    if cfg.data.train_subset:
+        train = train.subset(_draw(len(train), cfg.data.train_subset, cfg.data.split_seed))
+    if cfg.data.test_subset:
+        test = test.subset(_draw(len(test), cfg.data.test_subset, cfg.data.split_seed))
+    path = run_dir / SPLIT
+    if path.is_file():
+        manifest = artifacts.read_json(path, "split manifest")
+        data.check_split(manifest, len(train))
+    else:
+        manifest = data.make_split(len(train), cfg.data.cal_fraction, cfg.data.split_seed)
+        manifest["dataset"] = cfg.data.dataset
+        artifacts.write_json(path, manifest)
+    return Splits(train.subset(np.asarray(manifest["train_indices"])), train.subset(np.asarray(manifest["cal_indices"])),
+                  test, spec, manifest)
+
+
+def _draw(n: int, k: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).permutation(n)[: min(k, n)])
+
+
+def build_model(cfg: Config, spec: data.DatasetSpec) -> MultiExitNet:
+    model = create_model(cfg.model.name, spec.num_classes, spec.in_channels, spec.image_size,
+                         head_width=cfg.model.head_width, width_mult=cfg.model.width_mult,
+                         mean=spec.mean, std=spec.std)
+    check_exit_lists(cfg, model.num_exits)
+    return model
+
+
+def exit_weights(cfg: Config, num_exits: int) -> list[float]:
+    return cfg.train.exit_weights or [(i + 1) / num_exits for i in range(num_exits)]
+
+
+def multi_exit_loss(logits: list[torch.Tensor], y: torch.Tensor, weights: list[float], cfg: Config,
+                    cost_frac: list[float]) -> torch.Tensor:
+    """Eq 18 with optional self-distillation and the L_policy regulariser of METHOD.md section 1."""
+    t = cfg.train
+    final = logits[-1].float()
+    soft_target = F.softmax(final.detach() / t.distill_temperature, dim=1)
+    loss = final.new_zeros(())
+    for i, z in enumerate(logits):
+        z = z.float()
+        term = F.cross_entropy(z, y, label_smoothing=t.label_smoothing)
+        if t.distill > 0 and i < len(logits) - 1:
+            kd = F.kl_div(F.log_softmax(z / t.distill_temperature, 1), soft_target, reduction="batchmean")
+            term = (1 - t.distill) * term + t.distill * kd * t.distill_temperature ** 2
+        loss = loss + weights[i] * term
+    if t.policy_lambda > 0:
+        # L_policy: reward confident early exits, weighted by the compute they would save.
+        conf = [F.softmax(z.float(), 1).amax(1).mean() for z in logits[:-1]]
+        loss = loss + t.policy_lambda * torch.stack([(1 - c_f) * (1 - c) for c, c_f in zip(conf, cost_frac)]).mean()
+    return loss
+
+
+@torch.inference_mode()
+def predict_exits(model: MultiExitNet, images: np.ndarray | torch.Tensor, batch_size: int = 500) -> np.ndarray:
+    """Softmax probabilities of every exit, shape (N, exits, classes), computed in fp32."""
+    model.eval()
+    out = []
+    for s in range(0, len(images), batch_size):
+        x = data.to_float(images[s: s + batch_size])
+        out.append(torch.stack([F.softmax(z.float(), 1) for z in model(x)], 1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.num_exits, 0), np.float32)
+
+
+def exit_accuracies(probs: np.ndarray, labels: np.ndarray) -> list[float]:
+    return [float(a) for a in (probs.argmax(2) == labels[:, None]).mean(0)]
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def set_threads(n: int | None) -> int:
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, resume: bool = False) -> dict:
+    """Train a multi-exit model into ``run_dir`` and return its metrics (see ``metrics.json``)."""
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / CHECKPOINT
+    if (run_dir / MODEL).is_file() and (run_dir / METRICS).is_file() and resume:
+        log(f"{run_dir}: training already finished; nothing to resume")
+        return artifacts.read_json(run_dir / METRICS, "metrics")
+    if ckpt_path.is_file() and not resume:
+        raise ConfigError(f"{run_dir} already holds a training checkpoint; pass --resume to continue it, "
+                          "or choose another --out")
+    threads = set_threads(cfg.train.num_threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.write_text(run_dir / "config.yaml", dump_config(cfg))
+    fp = artifacts.fingerprint(cfg.model_dump(mode="json"))
+
+    splits = prepare_splits(cfg, run_dir, data_dir)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, splits.spec)
+    n_exits = model.num_exits
+    macs = model.exit_macs()
+    cost_frac = [m / macs[-1] for m in macs]
+    weights = exit_weights(cfg, n_exits)
+    t = cfg.train
+    mem = torch.channels_last if t.channels_last else torch.contiguous_format
+    model = model.to(memory_format=mem)
+
+    opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0,
+                          weight_decay=t.weight_decay)
+    steps = len(splits.train) // t.batch_size
+    if steps == 0:
+        raise ConfigError(f"train.batch_size={t.batch_size} exceeds the {len(splits.train)} training images")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=t.epochs * steps, pct_start=0.25,
+                                                anneal_strategy="linear", div_factor=10, final_div_factor=100)
+    start_epoch, wall = 0, 0.0
+    if resume and ckpt_path.is_file():
+        ck = artifacts.load_torch(ckpt_path, "training checkpoint")
+        if ck.get("config_fingerprint") != fp:
+            raise ConfigError(f"{ckpt_path} was written by a different config; resume with the run's own "
+                              f"{run_dir / 'config.yaml'} or start a new --out")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start_epoch, wall = ck["epoch"], ck["wall_time_s"]
+        log(f"resuming {run_dir} after epoch {start_epoch}/{t.epochs}")
+
+    crop_pad = splits.spec.crop_pad if t.crop_pad is None else t.crop_pad
+    flip = splits.spec.flip if t.flip is None else t.flip
+    x_train, y_train = torch.from_numpy(splits.train.x), torch.from_numpy(splits.train.y)
+    log(f"training {cfg.model.name} on {cfg.data.dataset}: {len(splits.train)} train / {len(splits.cal)} cal / "
+        f"{len(splits.test)} test images, {n_exits} exits, {t.epochs} epochs, {threads} threads, "
+        f"bf16={t.bf16}, channels_last={t.channels_last}")
+    with progress() as bar:
+        task = bar.add_task("train", total=(t.epochs - start_epoch) * steps)
+        for epoch in range(start_epoch, t.epochs):
+            t0 = time.perf_counter()
+            gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout
+            perm = torch.randperm(len(x_train), generator=gen)
+            model.train()
+            loss_sum, correct, seen = 0.0, torch.zeros(n_exits), 0
+            for b in range(steps):
+                idx = perm[b * t.batch_size: (b + 1) * t.batch_size]
+                x = data.augment(data.to_float(x_train[idx]), crop_pad, flip, gen).to(memory_format=mem)
+                y = y_train[idx]
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16):
+                    logits = model(x)
+                loss = multi_exit_loss(logits, y, weights, cfg, cost_frac)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += float(loss.detach()) * len(y)
+                correct += torch.stack([(z.argmax(1) == y).sum() for z in logits]).detach().float()
+                seen += len(y)
+                accs = " ".join(f"{100 * c / seen:.0f}" for c in correct.tolist())
+                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{t.epochs} loss {loss_sum / seen:.3f} "
+                                                        f"exit acc% {accs}")
+            wall += time.perf_counter() - t0
+            artifacts.save_torch(ckpt_path, {"epoch": epoch + 1, "model": model.state_dict(),
+                                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                             "config_fingerprint": fp, "wall_time_s": wall})
+            log(f"epoch {epoch + 1}/{t.epochs}: loss {loss_sum / seen:.4f}, train exit acc% "
+                f"{' '.join(f'{100 * c / seen:.1f}' for c in correct.tolist())}, "
+                f"{time.perf_counter() - t0:.0f}s")
+
+    model = model.to(memory_format=torch.contiguous_format)
+    t0 = time.perf_counter()
+    test_acc = exit_accuracies(predict_exits(model, splits.test.x, t.eval_batch_size), splits.test.y)
+    cal_acc = exit_accuracies(predict_exits(model, splits.cal.x, t.eval_batch_size), splits.cal.y)
+    metrics = {
+        "name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.dataset, "epochs": t.epochs,
+        "train_wall_time_s": round(wall, 1), "eval_wall_time_s": round(time.perf_counter() - t0, 1),
+        "threads": threads, "torch": torch.__version__,
+        "exit_test_accuracy": test_acc, "exit_cal_accuracy": cal_acc,
+        "exit_macs": macs, "exit_macs_fraction": cost_frac, "static_macs": model.static_macs(),
+        "n_train": len(splits.train), "n_cal": len(splits.cal), "n_test": len(splits.test),
+        "config_fingerprint": fp,
+    }
+    save_model(model, run_dir / MODEL, fp)
+    artifacts.write_json(run_dir / METRICS, metrics)
+    log("test accuracy per exit: " + ", ".join(
+        f"exit {i + 1} {100 * a:.2f}% @ {100 * f:.1f}% MACs" for i, (a, f) in enumerate(zip(test_acc, cost_frac))))
+    return metrics
+
+
+def save_model(model: MultiExitNet, path: Path, config_fingerprint: str = "") -> None:
+    artifacts.save_torch(path, {"format": "dart-ee-model", "version": 1, "arch": model.arch,
+                                "state_dict": model.state_dict(), "config_fingerprint": config_fingerprint})
+
+
+def load_model(path: str | Path) -> MultiExitNet:
+    """Rebuild a trained model from ``model.pt`` (weights only; no code is unpickled)."""
+    ck = artifacts.load_torch(path, "model file")
+    if not isinstance(ck, dict) or ck.get("format") != "dart-ee-model":
+        raise ArtifactError(f"{path} is not a dart-ee model file")
+    arch = dict(ck["arch"])
+    model = create_model(arch.pop("name"), **arch)
+    model.load_state_dict(ck["state_dict"])
+    return model.eval()

@@ -1,0 +1,39 @@
+import pytest
+
+from dart_ee.config import check_exit_lists, load_config, parse_config
+from dart_ee.errors import ConfigError
+
+
+def test_repo_configs_validate():
+    from pathlib import Path
+
+    for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"):
+        load_config(p)
+
+
+def test_unknown_key_named():
+    with pytest.raises(ConfigError, match=r"train\.epocs: unknown key"):
+        parse_config({"train": {"epocs": 3}}, "x.yaml")
+
+
+def test_wrong_type_named():
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        parse_config({"train": {"epochs": "many"}})
+
+
+def test_exit_weight_length(tmp_path):
+    cfg = parse_config({"train": {"exit_weights": [1, 1, 1]}})
+    with pytest.raises(ConfigError, match="exit_weights has 3 entries but model 'alexnet' has 6 exits"):
+        check_exit_lists(cfg, 6)
+
+
+def test_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: a\ntrain:\n  epochs: 5\n")
+    cfg = load_config(p, ["train.epochs=1", "train.bf16=false", "train.exit_weights=[1,2]", "data.dataset=mnist"])
+    assert cfg.train.epochs == 1 and cfg.train.bf16 is False and cfg.train.exit_weights == [1, 2]
+    assert cfg.data.dataset == "mnist"
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(p, ["train.epochs"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
