@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 
 from dart_ee.errors import DartError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="DART: difficulty-aware adaptive thresholds for early-exit networks.")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML experiment config (see configs/).")]
@@ -90,6 +91,114 @@ def info(model: Annotated[str, typer.Option("--model", help="Registered model na
     Console().print(tab)
     typer.echo(f"static network (no exit heads): {rec['static_macs'] / 1e6:.2f} MMACs; parameters: "
                f"{rec['params']['total']:,} ({rec['params']['heads']:,} in exit heads)")
+
+
+difficulty_app = typer.Typer(no_args_is_help=True, help="Difficulty score alpha: weight search, reports and cost.")
+app.add_typer(difficulty_app, name="difficulty")
+TraceOpt = Annotated[Path, typer.Option("--trace", help="Trace file written by `dart-ee trace` (RUN/trace_test.npz).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output directory.")]
+
+
+def _print_correlations(title: str, corr: dict) -> None:
+    typer.echo(title)
+    for k, v in corr.items():
+        typer.echo(f"  {k:<28} {v:+.3f}")
+
+
+@difficulty_app.command("fit-weights")
+def difficulty_fit_weights(
+        trace: Annotated[Path, typer.Option("--trace", help="Calibration trace (RUN/trace_cal.npz).")],
+        test: Annotated[Optional[Path], typer.Option("--test", help="Test trace, to report held-out figures.")] = None,
+        trials: int = typer.Option(500, help="Random weight vectors to try."),
+        folds: int = typer.Option(5, help="Cross-validation folds."),
+        seed: int = 0, out: Annotated[Optional[Path], typer.Option("--out", help="Write the result as JSON.")] = None,
+) -> None:
+    """Eq 8 weight search: pick (w1, w2, w3) on the calibration trace by k-fold CV of Spearman(alpha, oracle depth)."""
+    from dart_ee import artifacts
+    from dart_ee.analysis import correlations
+    from dart_ee.difficulty import fit_weights as search
+    from dart_ee.difficulty import oracle_depth, spearman
+    from dart_ee.trace import load
+
+    try:
+        cal = load(trace, expect_split="cal")
+        if "terms" not in cal.extra:
+            raise DartError(f"{trace} holds no difficulty terms; regenerate it with `dart-ee trace`")
+        res = search(cal.extra["terms"], oracle_depth(cal.correct), trials, folds, seed)
+        typer.echo(f"calibration trace {trace} ({cal.n} samples), {trials} random weight vectors, {folds}-fold CV")
+        typer.echo(f"  default weights {res['default_weights']}: CV Spearman {res['cv_spearman_default']:+.3f}")
+        typer.echo(f"  fitted  weights {[round(w, 3) for w in res['weights']]}: CV Spearman {res['cv_spearman_fitted']:+.3f}")
+        _print_correlations("Spearman with the oracle exit depth on the calibration trace:", correlations(cal))
+        if test is not None:
+            t = load(test, expect_split="test")
+            depth = oracle_depth(t.correct)
+            w = np.asarray(res["weights"])
+            res["test"] = {"spearman_default": spearman(np.clip(t.extra["terms"] @ np.array([0.4, 0.3, 0.3]), 0, 1), depth),
+                           "spearman_fitted": spearman(np.clip(t.extra["terms"] @ w, 0, 1), depth), **correlations(t)}
+            _print_correlations(f"Spearman with the oracle exit depth on the test trace {test} ({t.n} samples):",
+                                {"paper alpha, default weights": res["test"]["spearman_default"],
+                                 "paper alpha, fitted weights": res["test"]["spearman_fitted"], **correlations(t)})
+        if out:
+            artifacts.write_json(out, res)
+    except DartError as e:
+        _fail(e)
+
+
+@difficulty_app.command("report")
+def difficulty_report(trace: TraceOpt, out: OutOpt = None) -> None:
+    """Alpha distribution, accuracy per alpha bin, and the exit distribution by difficulty (JSON, PNG, table)."""
+    from dart_ee import artifacts, plots
+    from dart_ee.analysis import difficulty_report as build
+    from dart_ee.analysis import distribution_markdown
+    from dart_ee.trace import load
+
+    try:
+        t = load(trace)
+        rep = build(t)
+    except (DartError, ValueError) as e:
+        _fail(DartError(str(e)))
+    out = out or Path(trace).parent / f"difficulty_{t.split}"
+    st = rep["alpha_stats"]
+    typer.echo(f"alpha ({rep['alpha_source']}) on {trace}: mean {st['mean']:.3f}, std {st['std']:.3f}, "
+               f"median {st['quantiles']['0.5']:.3f}")
+    typer.echo("accuracy per alpha quantile bin, exits 1..N (%):")
+    for b in rep["accuracy_by_alpha"]["bins"]:
+        lo, hi = b["alpha_range"]
+        typer.echo(f"  [{lo:.2f}, {hi:.2f}] n={b['n']:5d}: " + " ".join(f"{100 * a:5.1f}" for a in b["exit_accuracy"]))
+    for kind, dist in rep["exit_distribution"].items():
+        typer.echo(f"\nExit distribution by difficulty ({kind} bins, {rep['exits_from']} exits):")
+        typer.echo(distribution_markdown(dist))
+    _print_correlations("\nSpearman with the oracle exit depth:", rep["spearman_with_oracle_depth"])
+    scores = {k: t.extra[k] for k in ("alpha_paper", "alpha_learned") if k in t.extra} or {"alpha": t.alpha}
+    artifacts.write_json(out / "difficulty_report.json", rep)
+    plots.alpha_histogram(scores, out / "alpha_histogram.png")
+    plots.exit_distribution_plot(list(rep["exit_distribution"].values()), out / "exit_by_difficulty.png",
+                                 f"Exit distribution by difficulty ({rep['exits_from']} exits, {t.split} split)")
+    typer.echo(f"\nwrote {out}/difficulty_report.json, alpha_histogram.png, exit_by_difficulty.png")
+
+
+@difficulty_app.command("cost")
+def difficulty_cost(model: str = typer.Option("alexnet", help="Model to compare against."),
+                    dataset: str = typer.Option("cifar10", help="Dataset whose input shape to use."),
+                    repeats: int = typer.Option(20, help="Timed repetitions (median reported)."),
+                    threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")] = None,
+                    as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """FLOPs of the paper's estimator and its wall-clock share of a full forward pass, at batch 1 and 256."""
+    from dart_ee.bench import difficulty_cost as measure
+
+    try:
+        rec = measure(model, dataset, repeats, threads)
+    except DartError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(rec, indent=2))
+        return
+    f = rec["flops"]
+    typer.echo(f"estimator FLOPs per image: {f['total']:,} ({f['flop_counter']:,} counted by FlopCounterMode for "
+               f"the convolutions + {sum(f['by_hand'].values()):,} element-wise FLOPs counted by hand)")
+    for r in rec["timing"]:
+        typer.echo(f"batch {r['batch_size']:4d}: estimator {r['estimator_ms']:.3f} ms, {model} forward "
+                   f"{r['model_ms']:.3f} ms -> share {100 * r['share']:.2f}% ({rec['threads']} threads)")
 
 
 def main() -> None:

@@ -7,7 +7,9 @@ This is the contract between models and policies. A trace is two files side by s
     ``labels``    int64   (N,)       true class
     ``index``     int64   (N,)       sample index in the source split (calibration: in the training set)
     ``exit_macs`` int64   (E,)       cumulative MACs to leave at each exit (stages and heads passed)
-    ``alpha``     float32 (N,)       difficulty score, when an estimator was fitted (optional)
+    ``alpha``     float32 (N,)       difficulty score of the configured estimator (optional)
+    any other array with N rows is kept in ``extra``: ``alpha_paper``, ``alpha_learned`` and
+    ``terms`` (N, 3: the paper's scaled edge, variance and Laplacian terms)
 
 ``NAME.json``
     metadata: ``format`` ("dart-ee-trace"), ``version``, ``split`` ("cal" or "test"), ``n``,
@@ -24,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dart_ee import artifacts
+from dart_ee import difficulty as difficulty_mod
 from dart_ee.errors import ArtifactError
 
 FORMAT = "dart-ee-trace"
@@ -41,6 +45,7 @@ class Trace:
     exit_macs: np.ndarray
     alpha: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.probs = np.asarray(self.probs, dtype=np.float32)
@@ -49,6 +54,7 @@ class Trace:
         self.exit_macs = np.asarray(self.exit_macs, dtype=np.int64)
         if self.alpha is not None:
             self.alpha = np.asarray(self.alpha, dtype=np.float32)
+        self.extra = {k: np.asarray(v) for k, v in self.extra.items()}
         self.validate()
 
     # -- derived views -------------------------------------------------------------------------
@@ -88,7 +94,16 @@ class Trace:
 
     def subset(self, idx: np.ndarray) -> Trace:
         return Trace(self.probs[idx], self.labels[idx], self.index[idx], self.exit_macs,
-                     None if self.alpha is None else self.alpha[idx], dict(self.meta, n=len(idx)))
+                     None if self.alpha is None else self.alpha[idx], dict(self.meta, n=len(idx)),
+                     {k: v[idx] for k, v in self.extra.items()})
+
+    def with_alpha(self, name: str) -> Trace:
+        """A copy whose ``alpha`` is the named score (``alpha_paper``, ``alpha_learned``) or none (``none``)."""
+        if name == "none":
+            return Trace(self.probs, self.labels, self.index, self.exit_macs, None, self.meta, self.extra)
+        if name not in self.extra:
+            raise ArtifactError(f"trace has no {name!r} scores; it holds {sorted(self.extra)}")
+        return Trace(self.probs, self.labels, self.index, self.exit_macs, self.extra[name], self.meta, self.extra)
 
     def validate(self, where: str = "trace") -> None:
         p = self.probs
@@ -101,6 +116,9 @@ class Trace:
                 raise ArtifactError(f"{where}: {name} has shape {arr.shape}, expected {shape}")
         if self.alpha is not None and self.alpha.shape != (n,):
             raise ArtifactError(f"{where}: alpha has shape {self.alpha.shape}, expected {(n,)}")
+        for name, v in self.extra.items():
+            if v.shape[:1] != (n,):
+                raise ArtifactError(f"{where}: {name} has {v.shape[:1]} rows, expected {n}")
         if n and (self.labels.min() < 0 or self.labels.max() >= k):
             raise ArtifactError(f"{where}: labels must lie in [0, {k})")
         if not np.isfinite(p).all() or (n and (p.min() < 0 or p.max() > 1.0001)):
@@ -124,6 +142,7 @@ def save(trace: Trace, path: str | Path) -> Path:
     arrays = {"probs": trace.probs, "labels": trace.labels, "index": trace.index, "exit_macs": trace.exit_macs}
     if trace.alpha is not None:
         arrays["alpha"] = trace.alpha
+    arrays.update(trace.extra)
     meta = {"format": FORMAT, "version": VERSION, **trace.meta, "n": trace.n, "num_exits": trace.num_exits,
             "num_classes": trace.num_classes, "has_alpha": trace.alpha is not None}
     meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -151,8 +170,10 @@ def load(path: str | Path, expect_split: str | None = None) -> Trace:
     missing = {"probs", "labels", "index", "exit_macs"} - set(arrays)
     if missing:
         raise ArtifactError(f"{npz}: missing arrays {sorted(missing)}")
+    core = ("probs", "labels", "index", "exit_macs", "alpha")
     trace = Trace(arrays["probs"], arrays["labels"], arrays["index"], arrays["exit_macs"], arrays.get("alpha"),
-                  {k: v for k, v in meta.items() if k not in ("format", "version")})
+                  {k: v for k, v in meta.items() if k not in ("format", "version")},
+                  {k: v for k, v in arrays.items() if k not in core})
     if trace.n != meta.get("n") or trace.num_exits != meta.get("num_exits"):
         raise ArtifactError(f"{npz}: arrays ({trace.n} samples, {trace.num_exits} exits) disagree with "
                             f"{meta_path} ({meta.get('n')}, {meta.get('num_exits')}); regenerate the trace")
@@ -163,22 +184,53 @@ def load(path: str | Path, expect_split: str | None = None) -> Trace:
 
 
 def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[str, Path]:
-    """Trace a trained run over its calibration and test splits: writes ``trace_cal`` and ``trace_test``."""
+    """Trace a trained run over its calibration and test splits: writes ``trace_cal`` and ``trace_test``.
+
+    On the way it fits the difficulty estimators (the paper's on training images, the learned one
+    by cross-validation on the calibration split), saves them to ``RUN/difficulty.pt`` and stores
+    every sample's alpha in the traces.
+    """
     from dart_ee.config import load_config
+    from dart_ee.difficulty import oracle_depth
     from dart_ee.training import MODEL, load_model, predict_exits, prepare_splits
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     model = load_model(run_dir / MODEL)
     splits = prepare_splits(cfg, run_dir, data_dir)
-    exit_macs = model.exit_macs()
+    est = difficulty_mod.fit_estimators(splits.train.x, seed=cfg.seed)
+
+    results = {}
+    for split, images in (("cal", splits.cal), ("test", splits.test)):
+        feats, terms = [], []
+
+        def collect(x, h1, logits1, feats=feats, terms=terms):  # noqa: ANN001, ANN202
+            t = est.paper.terms(x)
+            terms.append(t.numpy())
+            feats.append(est.features(t, h1, logits1).numpy())
+
+        probs = predict_exits(model, images.x, cfg.train.eval_batch_size, stage1_hook=collect)
+        results[split] = (probs, np.concatenate(terms), np.concatenate(feats))
+    cal_probs, _, cal_feats = results["cal"]
+    depth = oracle_depth(cal_probs.argmax(2) == splits.cal.y[:, None])
+    learned_oof = est.fit(cal_feats, depth, model.num_exits, seed=cfg.seed)
+    difficulty_mod.save_estimators(est, run_dir / difficulty_mod.ESTIMATOR_FILE)
+
+    est_macs = est.macs(model)
+    selected = f"alpha_{cfg.difficulty}"
+    exit_macs = np.asarray(model.exit_macs()) + est_macs[cfg.difficulty]
     base = {"model": model.arch, "dataset": cfg.data.dataset, "config_name": cfg.name,
             "config_fingerprint": artifacts.fingerprint(cfg.model_dump(mode="json")), "run": str(run_dir),
-            "static_macs": model.static_macs()}
+            "static_macs": model.static_macs(), "difficulty": cfg.difficulty, "estimator_macs": est_macs,
+            "exit_macs_include": "stages, exit heads passed, and the configured difficulty estimator"}
     out = {}
     for split, images, index in (("cal", splits.cal, splits.manifest["cal_indices"]),
                                  ("test", splits.test, np.arange(len(splits.test)))):
-        probs = predict_exits(model, images.x, cfg.train.eval_batch_size)
-        t = Trace(probs, images.y, np.asarray(index), exit_macs, meta={**base, "split": split})
+        probs, terms, feats = results[split]
+        with torch.no_grad():
+            learned = learned_oof if split == "cal" else est.predict(torch.from_numpy(feats)).numpy()
+        extra = {"alpha_paper": est.paper.fuse(torch.from_numpy(terms)).numpy(), "alpha_learned": learned,
+                 "terms": terms}
+        t = Trace(probs, images.y, np.asarray(index), exit_macs, extra[selected], {**base, "split": split}, extra)
         out[split] = save(t, run_dir / f"trace_{split}.npz")
     return out

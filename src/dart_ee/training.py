@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,13 +103,24 @@ def multi_exit_loss(logits: list[torch.Tensor], y: torch.Tensor, weights: list[f
 
 
 @torch.inference_mode()
-def predict_exits(model: MultiExitNet, images: np.ndarray | torch.Tensor, batch_size: int = 500) -> np.ndarray:
-    """Softmax probabilities of every exit, shape (N, exits, classes), computed in fp32."""
+def predict_exits(model: MultiExitNet, images: np.ndarray | torch.Tensor, batch_size: int = 500,
+                  stage1_hook: Callable | None = None) -> np.ndarray:
+    """Softmax probabilities of every exit, shape (N, exits, classes), computed in fp32.
+
+    ``stage1_hook(x, stage1_features, exit1_logits)`` sees each batch's first stage (the learned
+    difficulty estimator reads it).
+    """
     model.eval()
     out = []
     for s in range(0, len(images), batch_size):
         x = data.to_float(images[s: s + batch_size])
-        out.append(torch.stack([F.softmax(z.float(), 1) for z in model(x)], 1).numpy())
+        h, logits = x, []
+        for i, (stage, head) in enumerate(zip(model.stages, model.heads)):
+            h = stage(h)
+            logits.append(head(h))
+            if i == 0 and stage1_hook is not None:
+                stage1_hook(x, h, logits[0])
+        out.append(torch.stack([F.softmax(z.float(), 1) for z in logits], 1).numpy())
     return np.concatenate(out) if out else np.zeros((0, model.num_exits, 0), np.float32)
 
 
