@@ -201,6 +201,177 @@ def difficulty_cost(model: str = typer.Option("alexnet", help="Model to compare 
                    f"{r['model_ms']:.3f} ms -> share {100 * r['share']:.2f}% ({rec['threads']} threads)")
 
 
+# ----------------------------------------------------------------------------------------------
+# Policies: calibrate, evaluate, sweep, compare
+
+def _load_trace(path: Path, split: str | None, alpha: str | None = None):  # noqa: ANN202
+    from dart_ee.trace import load
+
+    t = load(path, expect_split=split)
+    return t.with_alpha(f"alpha_{alpha}") if alpha else t
+
+
+AlphaOpt = Annotated[Optional[str], typer.Option("--alpha", help="Difficulty score to use: paper or learned "
+                                                                    "(default: the run's configured one).")]
+
+
+@app.command()
+def calibrate(
+        trace: Annotated[Path, typer.Option("--trace", help="Calibration trace (RUN/trace_cal.npz); never the test trace.")],
+        policy: Annotated[str, typer.Option("--policy", help="static, threshold, branchynet, patience, rl or dart.")],
+        out: Annotated[Path, typer.Option("--out", help="Where to write the fitted policy JSON.")],
+        max_drop: Annotated[Optional[float], typer.Option(
+            "--max-drop", help="Accuracy budget: at most X points below the final exit.")] = None,
+        beta_opt: Annotated[Optional[float], typer.Option(
+            "--beta-opt", help="Trade-off target instead of a budget (Eq 10).")] = None,
+        confidence: Annotated[Optional[float], typer.Option(
+            "--confidence", help="Guarantee the budget with this probability, e.g. 0.95.")] = None,
+        beta_diff: Annotated[str, typer.Option(
+            "--beta-diff", help="DART margin: a number, or 'tune' to search it on the calibration split.")] = "tune",
+        alpha: AlphaOpt = None,
+        set_: SetOpt = None,
+) -> None:
+    """Fit a policy on the calibration trace for an accuracy budget (--max-drop) or a trade-off (--beta-opt)."""
+    import yaml
+
+    from dart_ee.calibration import calibrate as run_calibration
+
+    try:
+        cal = _load_trace(trace, "cal", alpha)
+        params = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in (set_ or []))}
+        tune = policy == "dart" and beta_diff == "tune"
+        if policy == "dart" and not tune:
+            params["beta_diff"] = float(beta_diff)
+        pol, rec = run_calibration(policy, cal, beta_opt=beta_opt, max_drop=max_drop, confidence=confidence,
+                                   tune_beta_diff=tune, **params)
+        pol.save(out, calibration=rec)
+    except (DartError, ValueError) as e:
+        _fail(e if isinstance(e, DartError) else DartError(str(e)))
+    c = rec["calibration"]
+    typer.echo(f"{policy}: {rec['params']} -> calibration accuracy {100 * c['accuracy']:.2f}% "
+               f"(drop {c['drop_points']:+.2f} points), MAC reduction {100 * c['mac_reduction']:.1f}%"
+               + ("" if rec["budget_met"] else "  [budget NOT met on calibration: most accurate point kept]"))
+    typer.echo(f"wrote {out}")
+
+
+def _policy_table(rows: list[dict]) -> str:
+    lines = ["| Policy | Accuracy | Drop (points) | MAC reduction | Exit histogram |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['policy']} | {100 * r['accuracy']:.2f}% | {r['drop_points']:+.2f} | "
+                     f"{100 * r['mac_reduction']:.1f}% | {' / '.join(map(str, r['exit_histogram']))} |")
+    return "\n".join(lines)
+
+
+@app.command()
+def evaluate(trace: TraceOpt,
+             policy: Annotated[list[Path], typer.Option("--policy", help="Fitted policy JSON. Repeatable.")],
+             as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Accuracy, drop against the final exit, expected MACs and the exit histogram of fitted policies on a trace."""
+    from dart_ee.evaluation import evaluate as run_eval
+    from dart_ee.evaluation import oracle
+    from dart_ee.policies import load_policy
+
+    try:
+        rows = []
+        for p in policy:
+            pol = load_policy(p)
+            src = getattr(pol, "alpha_source_", None)
+            rows.append({**run_eval(pol, _load_trace(trace, None, src)), "file": str(p)})
+        rows.append(oracle(_load_trace(trace, None)))
+    except DartError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        typer.echo(_policy_table(rows))
+
+
+@app.command()
+def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")],
+          test: Annotated[Path, typer.Option("--test", help="Test trace.")],
+          out: Annotated[Path, typer.Option("--out", help="Output directory.")],
+          alpha: AlphaOpt = None) -> None:
+    """Every policy's accuracy-vs-MACs curve on the test trace (fitted on the calibration trace), with the oracle."""
+    from dart_ee import artifacts, plots
+    from dart_ee.calibration import sweep as run_sweep
+
+    try:
+        res = run_sweep(_load_trace(cal, "cal", alpha), _load_trace(test, "test", alpha))
+    except DartError as e:
+        _fail(e)
+    artifacts.write_json(out / "sweep.json", res)
+    plots.tradeoff_curves(res, out / "tradeoff_curves.png")
+    typer.echo(grid_markdown(res))
+    typer.echo(f"oracle: {100 * res['oracle']['accuracy']:.2f}% at {100 * res['oracle']['mac_fraction']:.1f}% of static MACs")
+    typer.echo(f"wrote {out}/sweep.json and {out}/tradeoff_curves.png")
+
+
+def grid_markdown(res: dict) -> str:
+    lines = ["| Policy | Acc @25% MACs | Acc @50% MACs | Acc @75% MACs | AUC (25-100%) |", "|---|---|---|---|---|"]
+    fmt = lambda v: "n/a" if v != v else f"{100 * v:.2f}%"  # noqa: E731
+    for name, g in res["grid"].items():
+        lines.append(f"| {name} | {fmt(g['acc_at_25'])} | {fmt(g['acc_at_50'])} | {fmt(g['acc_at_75'])} | "
+                     f"{fmt(g['auc_25_100'])} |")
+    return "\n".join(lines)
+
+
+@app.command()
+def compare(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")],
+            test: Annotated[Path, typer.Option("--test", help="Test trace.")],
+            max_drop: Annotated[float, typer.Option("--max-drop", help="Accuracy budget in points.")] = 0.5,
+            confidence: Annotated[Optional[float], typer.Option("--confidence")] = None,
+            out: OutOpt = None, ablation: Annotated[bool, typer.Option(help="Also run the DART ablation.")] = True,
+            ) -> None:
+    """Calibrate every policy at one budget on the calibration split and measure it on the test split."""
+    from dart_ee import artifacts
+    from dart_ee.calibration import compare as run_compare
+    from dart_ee.calibration import dart_ablation
+
+    try:
+        c, t = _load_trace(cal, "cal"), _load_trace(test, "test")
+        res = run_compare(c, t, max_drop, confidence)
+        abl = dart_ablation(c, t, max_drop) if ablation else []
+    except DartError as e:
+        _fail(e)
+    out = out or Path(cal).parent / "policies"
+    for name, (pol, rec) in res.pop("fitted").items():
+        pol.save(out / f"{name}.json", calibration=rec)
+    typer.echo(f"Every policy calibrated at --max-drop {max_drop}" + (f" --confidence {confidence}" if confidence else "")
+               + f" on {cal}, measured on {test}:")
+    typer.echo(_policy_table([r["test"] for r in res["rows"]] + [res["oracle"]]))
+    if abl:
+        typer.echo("\nDART ablation (same budget):")
+        typer.echo(_policy_table([{**r["test"], "policy": r["variant"]} for r in abl]))
+    artifacts.write_json(out / "compare.json", {**res, "ablation": abl})
+    typer.echo(f"wrote {out}/compare.json and one fitted policy JSON per method")
+
+
+@app.command()
+def guarantee(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")],
+              test: Annotated[Path, typer.Option("--test", help="Test trace.")],
+              policy: str = typer.Option("dart", help="Policy to check."),
+              max_drop: float = typer.Option(0.5, "--max-drop"), confidence: float = typer.Option(0.95, "--confidence"),
+              resplits: int = typer.Option(20, help="Random calibration/test re-splits."), seed: int = 0,
+              out: Annotated[Optional[Path], typer.Option("--out", help="Write the result as JSON.")] = None) -> None:
+    """Check the guarantee option: pool both traces, re-split at random, calibrate with --confidence, count test misses."""
+    from dart_ee import artifacts
+    from dart_ee.calibration import resplit_check
+
+    try:
+        res = resplit_check(_load_trace(cal, "cal"), _load_trace(test, "test"), policy, max_drop, confidence,
+                            resplits, seed)
+    except DartError as e:
+        _fail(e)
+    for r in res["runs"]:
+        typer.echo(f"re-split {r['resplit']:2d}: test drop {r['test_drop_points']:+.2f} points, "
+                   f"MAC reduction {100 * r['test_mac_reduction']:.1f}%" + ("  EXCEEDS" if r["exceeds"] else ""))
+    typer.echo(f"{policy} at --max-drop {max_drop} --confidence {confidence}: test drop exceeded {max_drop} points in "
+               f"{res['exceed_count']} of {resplits} re-splits (n_cal={res['n_cal']}, n_test={res['n_test']}); "
+               f"mean drop {res['mean_test_drop']:+.2f}, mean MAC reduction {100 * res['mean_mac_reduction']:.1f}%")
+    if out:
+        artifacts.write_json(out, res)
+
+
 def main() -> None:
     app()
 

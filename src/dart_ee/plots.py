@@ -53,3 +53,28 @@ def exit_distribution_plot(dists: list[dict], path: str | Path, title: str = "")
         ax.legend(title="left at", fontsize=8)
     fig.suptitle(title or "Exit distribution by difficulty")
     return _save(fig, path)
+
+
+def tradeoff_curves(sweep: dict, path: str | Path, title: str = "") -> Path:
+    """Accuracy vs MACs (% of static) for every policy, with the oracle and static network as references."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    markers = "os^vDPX*"
+    for (name, pts), mk in zip(sweep["curves"].items(), markers):
+        x = [100 * p["mac_fraction"] for p in pts]
+        y = [100 * p["accuracy"] for p in pts]
+        ax.plot(x, y, marker=mk, ms=3.5, lw=1.3, label=name)
+    o, s = sweep["oracle"], sweep["static"]
+    ax.scatter([100 * o["mac_fraction"]], [100 * o["accuracy"]], marker="*", s=160, color="gold", edgecolor="k",
+               zorder=5, label=f"oracle ({100 * o['mac_reduction']:.0f}% fewer MACs)")
+    ax.scatter([100 * s["mac_fraction"]], [100 * s["accuracy"]], marker="s", s=60, color="k", zorder=5,
+               label="static network")
+    for b in (25, 50, 75):
+        ax.axvline(b, color="grey", ls=":", lw=0.8)
+    lo = min(100 * s["accuracy"] - 10, min(100 * p["accuracy"] for pts in sweep["curves"].values() for p in pts))
+    ax.set_ylim(max(lo, 100 * s["accuracy"] - 15), 100 * max(o["accuracy"], s["accuracy"]) + 1)
+    ax.set_xlim(0, 105)
+    ax.set_xlabel("expected MACs per image (% of the static network)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "Accuracy vs compute (each point calibrated on the calibration split)")
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)

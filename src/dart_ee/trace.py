@@ -98,12 +98,14 @@ class Trace:
                      {k: v[idx] for k, v in self.extra.items()})
 
     def with_alpha(self, name: str) -> Trace:
-        """A copy whose ``alpha`` is the named score (``alpha_paper``, ``alpha_learned``) or none (``none``)."""
-        if name == "none":
-            return Trace(self.probs, self.labels, self.index, self.exit_macs, None, self.meta, self.extra)
+        """A copy whose ``alpha`` is the named score (``alpha_paper``, ``alpha_learned``), costs adjusted to match."""
         if name not in self.extra:
             raise ArtifactError(f"trace has no {name!r} scores; it holds {sorted(self.extra)}")
-        return Trace(self.probs, self.labels, self.index, self.exit_macs, self.extra[name], self.meta, self.extra)
+        source = name.removeprefix("alpha_")
+        est = self.meta.get("estimator_macs", {})
+        macs = self.exit_macs - est.get(self.meta.get("difficulty"), 0) + est.get(source, 0)
+        return Trace(self.probs, self.labels, self.index, macs, self.extra[name], dict(self.meta, difficulty=source),
+                     self.extra)
 
     def validate(self, where: str = "trace") -> None:
         p = self.probs

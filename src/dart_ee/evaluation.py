@@ -1,0 +1,77 @@
+"""Trace-based evaluation: apply a policy to cached exit outputs exactly as the runtime would.
+
+``simulate`` walks the exits with the same ``policy.decide`` calls, the same per-sample state and
+the same compaction of the active set as ``dart_ee.runtime.EarlyExitRunner``, so a policy's figures
+here are the decisions it makes live.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dart_ee.difficulty import oracle_depth
+from dart_ee.policies import ExitPolicy, StaticPolicy
+from dart_ee.trace import Trace
+
+
+def simulate(policy: ExitPolicy, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
+    """Return (exit index, 0-based; prediction) for every sample of the trace."""
+    n, n_exits = trace.n, trace.num_exits
+    probs = torch.from_numpy(trace.probs)
+    alpha = torch.from_numpy(trace.alpha) if (policy.uses_alpha and trace.alpha is not None) else None
+    exits = torch.full((n,), n_exits - 1, dtype=torch.long)
+    preds = probs[:, -1].argmax(1)
+    active = torch.arange(n)
+    state = policy.init_state(n)
+    for i in range(n_exits - 1):
+        if len(active) == 0:
+            break
+        p = probs[active, i]
+        leave = policy.decide(i, p, None if alpha is None else alpha[active], state)
+        exits[active[leave]] = i
+        preds[active[leave]] = p[leave].argmax(1)
+        active = active[~leave]
+        state = {k: v[~leave] for k, v in state.items()}
+    return exits.numpy(), preds.numpy()
+
+
+def exit_costs(policy: ExitPolicy, trace: Trace) -> np.ndarray:
+    """MACs to leave at each exit for this policy.
+
+    The trace's exit costs include the difficulty estimator; policies that ignore alpha do not pay
+    for it. The static policy runs the plain network, without exit heads.
+    """
+    if isinstance(policy, StaticPolicy):
+        return np.full(trace.num_exits, float(trace.meta.get("static_macs", trace.exit_macs[-1])))
+    return trace.exit_macs.astype(np.float64) - (0.0 if policy.uses_alpha else estimator_macs(trace))
+
+
+def estimator_macs(trace: Trace) -> float:
+    """MACs of the difficulty estimator included in the trace's exit costs."""
+    return float(trace.meta.get("estimator_macs", {}).get(trace.meta.get("difficulty", ""), 0))
+
+
+def summarize(trace: Trace, exits: np.ndarray, preds: np.ndarray, costs: np.ndarray) -> dict:
+    static = float(trace.meta.get("static_macs", trace.exit_macs[-1]))
+    acc = float((preds == trace.labels).mean())
+    final = float(trace.correct[:, -1].mean())
+    macs = float(costs[exits].mean())
+    return {"accuracy": acc, "final_exit_accuracy": final, "drop_points": 100 * (final - acc),
+            "macs_per_image": macs, "static_macs": static, "mac_fraction": macs / static,
+            "mac_reduction": 1 - macs / static,
+            "exit_histogram": np.bincount(exits, minlength=trace.num_exits).tolist(), "n": trace.n}
+
+
+def evaluate(policy: ExitPolicy, trace: Trace) -> dict:
+    """Accuracy, drop against the final exit, expected MACs per image and reduction, exit histogram."""
+    exits, preds = simulate(policy, trace)
+    return {"policy": policy.name, **summarize(trace, exits, preds, exit_costs(policy, trace))}
+
+
+def oracle(trace: Trace) -> dict:
+    """Upper bound: each sample leaves at the earliest exit that is right (the last one if none is)."""
+    exits = np.minimum(oracle_depth(trace.correct), trace.num_exits) - 1
+    preds = trace.preds[np.arange(trace.n), exits]
+    costs = trace.exit_macs.astype(np.float64) - estimator_macs(trace)
+    return {"policy": "oracle", **summarize(trace, exits, preds, costs)}

@@ -1,0 +1,362 @@
+"""Exit policies: plain objects fitted on a calibration trace, then deciding per sample.
+
+Every policy has the same small interface, modelled on scikit-learn estimators:
+
+- parameters in ``__init__``; ``knob`` names the one parameter that calibration searches;
+- ``fit(cal_trace)`` learns what the policy needs from the calibration split (never the test split);
+- ``decide(i, probs, alpha, state)`` takes exit i's softmax for the samples still active, their
+  alpha and their per-sample ``state`` (from ``init_state``), and returns a bool mask of the samples
+  that leave at exit i. It is called only for i < N-1; at the last exit everything leaves.
+
+``decide`` is pure vectorised torch, so the live runtime (``dart_ee.runtime``) and the trace
+evaluator (``dart_ee.evaluation``) run the very same code on live or cached outputs.
+``to_dict``/``policy_from_dict`` round-trip a fitted policy through JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from dart_ee import artifacts
+from dart_ee.errors import ArtifactError, ConfigError
+from dart_ee.trace import Trace
+
+FORMAT = "dart-ee-policy"
+VERSION = 1
+State = dict[str, torch.Tensor]
+
+
+class ExitPolicy:
+    """Base class. Subclasses set ``name``, ``knob`` (or None) and implement ``decide``."""
+
+    name: ClassVar[str] = ""
+    knob: ClassVar[str | None] = None  # the parameter calibration searches
+    knob_grid: ClassVar[tuple[float, ...]] = ()
+    uses_alpha: ClassVar[bool] = False
+
+    def get_params(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.endswith("_")}
+
+    def set_params(self, **params: Any) -> ExitPolicy:
+        for k, v in params.items():
+            if k not in self.get_params():
+                raise ConfigError(f"policy {self.name!r} has no parameter {k!r}; it has {sorted(self.get_params())}")
+            setattr(self, k, v)
+        return self
+
+    def fit(self, trace: Trace) -> ExitPolicy:
+        check_calibration_trace(trace)
+        self.num_exits_ = trace.num_exits
+        self.alpha_source_ = trace.meta.get("difficulty", "paper") if self.uses_alpha else None
+        return self
+
+    def init_state(self, n: int, device: torch.device | str = "cpu") -> State:
+        return {}
+
+    def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- persistence ---------------------------------------------------------------------------
+    def fitted_state(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k.endswith("_")}
+
+    def to_dict(self) -> dict[str, Any]:
+        fitted = {k: _jsonable(v) for k, v in self.fitted_state().items()}
+        return {"format": FORMAT, "version": VERSION, "policy": self.name, "params": self.get_params(), "fitted": fitted}
+
+    def save(self, path: str | Path, **extra: Any) -> Path:
+        return artifacts.write_json(path, {**self.to_dict(), **extra})
+
+
+def check_calibration_trace(trace: Trace) -> None:
+    """Calibration must never read the test split: the trace's split tag enforces it."""
+    if trace.split != "cal":
+        raise ArtifactError(f"policies are fitted on the calibration split only, but this trace is tagged "
+                            f"{trace.split!r}; pass RUN/trace_cal.npz")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.cpu().numpy()
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if isinstance(v, float) and math.isinf(v):
+        return None
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _conf(probs: torch.Tensor) -> torch.Tensor:
+    return probs.max(1).values
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines
+
+
+class StaticPolicy(ExitPolicy):
+    """No early exit: every sample runs the whole network (the runtime uses the plain forward)."""
+
+    name = "static"
+
+    def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
+        return torch.zeros(len(probs), dtype=torch.bool, device=probs.device)
+
+
+class ThresholdPolicy(ExitPolicy):
+    """One global max-softmax threshold for every exit."""
+
+    name = "threshold"
+    knob = "tau"
+    knob_grid = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 25), 1 - np.geomspace(0.1, 1e-4, 40)[1:]]), 6).tolist())
+
+    def __init__(self, tau: float = 0.9) -> None:
+        self.tau = float(tau)
+
+    def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
+        return _conf(probs) > self.tau
+
+
+class BranchyNetPolicy(ExitPolicy):
+    """Normalised-entropy thresholds per exit: leave when H(p)/log K <= T_i.
+
+    The per-exit T_i are the ``q``-quantile of each exit's entropy on the calibration split, so one
+    knob sets every exit's threshold without fitting N-1 free parameters.
+    """
+
+    name = "branchynet"
+    knob = "q"
+    knob_grid = tuple(np.round(np.linspace(0.0, 0.95, 39), 4).tolist())
+
+    def __init__(self, q: float = 0.5) -> None:
+        self.q = float(q)
+
+    @staticmethod
+    def entropy(probs: torch.Tensor) -> torch.Tensor:
+        return -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(probs.shape[1])
+
+    def fit(self, trace: Trace) -> BranchyNetPolicy:
+        super().fit(trace)
+        h = self.entropy(torch.from_numpy(trace.probs).flatten(0, 1)).view(trace.n, trace.num_exits)
+        self.thresholds_ = [float(torch.quantile(h[:, i], self.q)) if self.q > 0 else -1.0
+                            for i in range(trace.num_exits - 1)]
+        return self
+
+    def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
+        return self.entropy(probs) <= self.thresholds_[i]
+
+
+class PatiencePolicy(ExitPolicy):
+    """PABEE: leave once ``k`` consecutive exits agree on the prediction."""
+
+    name = "patience"
+    knob = "k"
+    knob_grid = (1, 2, 3, 4, 5, 6, 7, 8)
+
+    def __init__(self, k: int = 2) -> None:
+        self.k = int(k)
+
+    def init_state(self, n: int, device: torch.device | str = "cpu") -> State:
+        return {"prev": torch.full((n,), -1, dtype=torch.long, device=device),
+                "streak": torch.zeros(n, dtype=torch.long, device=device)}
+
+    def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
+        pred = probs.argmax(1)
+        state["streak"] = torch.where(pred == state["prev"], state["streak"] + 1, torch.ones_like(state["streak"]))
+        state["prev"] = pred
+        return state["streak"] >= int(self.k)
+
+
+class RLPolicy(ExitPolicy):
+    """Tabular Q-learning over (exit, confidence decile) with actions exit/continue (DDECS 2025).
+
+    Reward on exit: +1 if right, -1 if wrong, minus ``cost_weight`` * C_i / C_N. Hyperparameters
+    from METHOD.md: epsilon 0.1, learning rate 0.1, gamma 0.9. Trained on calibration samples.
+    """
+
+    name = "rl"
+    knob = "cost_weight"
+    knob_grid = tuple(np.round(np.concatenate([[0.0], np.geomspace(0.01, 3.0, 30)]), 5).tolist())
+
+    def __init__(self, cost_weight: float = 0.1, epsilon: float = 0.1, lr: float = 0.1, gamma: float = 0.9,
+                 episodes: int = 20000, seed: int = 0) -> None:
+        self.cost_weight, self.epsilon, self.lr, self.gamma = float(cost_weight), float(epsilon), float(lr), float(gamma)
+        self.episodes, self.seed = int(episodes), int(seed)
+
+    def fit(self, trace: Trace) -> RLPolicy:
+        super().fit(trace)
+        n_exits = trace.num_exits
+        conf, correct = trace.conf, trace.correct
+        self.edges_ = [np.quantile(conf[:, i], np.linspace(0.1, 0.9, 9)).tolist() for i in range(n_exits)]
+        bins = np.stack([np.searchsorted(self.edges_[i], conf[:, i], side="right") for i in range(n_exits)], 1)
+        cost = trace.exit_macs / trace.exit_macs[-1]
+        q = np.zeros((n_exits, 10, 2))  # action 0 = continue, 1 = exit
+        rng = np.random.default_rng(self.seed)
+        for j in rng.integers(0, trace.n, self.episodes):
+            for i in range(n_exits):
+                s = bins[j, i]
+                last = i == n_exits - 1
+                a = 1 if last else (int(rng.integers(2)) if rng.random() < self.epsilon else int(q[i, s].argmax()))
+                if a == 1:
+                    r = (1.0 if correct[j, i] else -1.0) - self.cost_weight * cost[i]
+                    q[i, s, 1] += self.lr * (r - q[i, s, 1])
+                    break
+                q[i, s, 0] += self.lr * (self.gamma * q[i + 1, bins[j, i + 1]].max() - q[i, s, 0])
+        self.q_table_ = q.tolist()
+        return self
+
+    def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
+        edges = torch.tensor(self.edges_[i], dtype=probs.dtype, device=probs.device)
+        s = torch.bucketize(_conf(probs), edges, right=True)
+        q = torch.tensor(self.q_table_[i], dtype=torch.float64, device=probs.device)[s]
+        return q[:, 1] > q[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# DART
+
+
+class DartPolicy(ExitPolicy):
+    """DART: joint thresholds by backward induction over (exit, alpha bin, confidence bin), Eqs 10-12 and 19.
+
+    ``fit`` estimates, on the calibration trace, each state's exit accuracy and its transition to the
+    next exit's confidence bin (alpha bin fixed), smoothing sparse cells towards pooled estimates with
+    ``prior`` pseudo-counts. Backward induction gives V(s) = max(R(s, exit), E[V(s')]); the
+    threshold tau_i(a) is the lowest confidence edge from which "exit" is optimal for every higher
+    bin (monotone by construction; see the comment in ``fit``).
+
+    At inference (Eq 19): leave at exit i if conf > clamp(c_i * c_{i,class} * tau_i(a) + beta_diff * alpha, 0, 1).
+    The two DART ingredients stay separable: ``alpha_bins=1`` gives alpha-free DP thresholds, and
+    ``beta_diff=0`` removes the margin.
+    """
+
+    name = "dart"
+    knob = "beta_opt"
+    knob_grid = tuple(np.round(np.concatenate([np.linspace(0.0, 0.1, 11)[1:], np.linspace(0.12, 1.0, 45)]), 4).tolist())
+
+    def __init__(self, beta_opt: float = 0.1, beta_diff: float = 0.0, alpha_bins: int = 3, conf_bins: int = 10,
+                 prior: float = 10.0) -> None:
+        self.beta_opt, self.beta_diff = float(beta_opt), float(beta_diff)
+        self.alpha_bins, self.conf_bins, self.prior = int(alpha_bins), int(conf_bins), float(prior)
+
+    @property
+    def uses_alpha(self) -> bool:  # type: ignore[override]
+        return self.alpha_bins > 1 or self.beta_diff != 0
+
+    def fit(self, trace: Trace) -> DartPolicy:
+        super().fit(trace)
+        n, n_exits, b = trace.n, trace.num_exits, self.conf_bins
+        if self.alpha_bins > 1 and trace.alpha is None:
+            raise ArtifactError("DART with alpha bins needs alpha in the trace; regenerate it with `dart-ee trace`"
+                                " or set alpha_bins=1")
+        alpha = trace.alpha if trace.alpha is not None else np.zeros(n, np.float32)
+        self.alpha_edges_ = (np.quantile(alpha, np.linspace(0, 1, self.alpha_bins + 1)[1:-1]).tolist()
+                             if self.alpha_bins > 1 else [])
+        abin = np.searchsorted(self.alpha_edges_, alpha, side="right")
+        conf, correct = trace.conf, trace.correct.astype(np.float64)
+        # Eq 12: candidate edges from quantiles of each exit's confidence (b bins; b=10 gives q = 0.1..0.9)
+        self.conf_edges_ = [np.quantile(conf[:, i], np.linspace(0, 1, b + 1)[1:-1]).tolist() for i in range(n_exits)]
+        cbin = np.stack([np.searchsorted(self.conf_edges_[i], conf[:, i], side="right") for i in range(n_exits)], 1)
+        cost = trace.exit_macs / trace.exit_macs[-1]
+        A, m = self.alpha_bins, self.prior
+
+        value = np.zeros((A, b))
+        self.tau_ = [[math.inf] * A for _ in range(n_exits - 1)]
+        for i in range(n_exits - 1, -1, -1):
+            # smoothed accuracy of exit i per (alpha bin, conf bin): pooled over alpha bins as the prior
+            cnt = np.zeros((A, b))
+            hit = np.zeros((A, b))
+            np.add.at(cnt, (abin, cbin[:, i]), 1)
+            np.add.at(hit, (abin, cbin[:, i]), correct[:, i])
+            pooled = (hit.sum(0) + m * correct[:, i].mean()) / (cnt.sum(0) + m)
+            acc = (hit + m * pooled[None]) / (cnt + m)
+            r_exit = acc - self.beta_opt * cost[i]
+            if i == n_exits - 1:
+                value = r_exit
+                continue
+            # transitions (a, c) -> c' at exit i+1, smoothed towards the alpha bin's marginal over c'
+            trans = np.zeros((A, b, b))
+            np.add.at(trans, (abin, cbin[:, i], cbin[:, i + 1]), 1)
+            marg = (trans.sum(1) + 1.0) / (trans.sum(1) + 1.0).sum(1, keepdims=True)  # (A, b')
+            p = (trans + m * marg[:, None, :]) / (trans.sum(2, keepdims=True) + m)
+            q_cont = np.einsum("acd,ad->ac", p, value)
+            # monotone in confidence: one threshold per (exit, alpha bin). Choose the first exiting bin f
+            # that maximises the count-weighted value of "exit in bins >= f, continue below"; when the
+            # unconstrained optimum is already monotone this is exactly it.
+            gain = (cnt + 1e-9) * (r_exit - q_cont)  # (A, b)
+            tail = np.concatenate([np.cumsum(gain[:, ::-1], 1)[:, ::-1], np.zeros((A, 1))], 1)  # sum over c >= f
+            first = tail.shape[1] - 1 - np.argmax(tail[:, ::-1], 1)  # ties: the most conservative threshold
+            for a in range(A):
+                if first[a] < b:
+                    self.tau_[i][a] = 0.0 if first[a] == 0 else float(self.conf_edges_[i][first[a] - 1])
+            # the value that earlier exits see follows the monotone policy actually used
+            value = np.where(np.arange(b)[None, :] >= first[:, None], r_exit, q_cont)
+        self.coef_exit_ = [1.0] * (n_exits - 1)
+        self.coef_class_ = [[1.0] * trace.num_classes for _ in range(n_exits - 1)]
+        return self
+
+    def thresholds(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+        """tau'_i for each sample (Eq 19), including the adaptive coefficients."""
+        dev = probs.device
+        tau_row = torch.tensor(self.tau_[i], dtype=torch.float32, device=dev)
+        if self.alpha_bins > 1 and alpha is not None:
+            a = torch.bucketize(alpha.float(), torch.tensor(self.alpha_edges_, dtype=torch.float32, device=dev),
+                                right=True)
+            tau = tau_row[a]
+        else:
+            tau = tau_row[0].expand(len(probs))
+        coef = self.coef_exit_[i] * torch.tensor(self.coef_class_[i], dtype=torch.float32, device=dev)[probs.argmax(1)]
+        margin = self.beta_diff * alpha.float() if (alpha is not None and self.beta_diff) else 0.0
+        return (coef * tau + margin).clamp(0, 1)
+
+    def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
+        return _conf(probs) > self.thresholds(i, probs, alpha)
+
+
+POLICIES: dict[str, type[ExitPolicy]] = {p.name: p for p in (StaticPolicy, ThresholdPolicy, BranchyNetPolicy,
+                                                             PatiencePolicy, RLPolicy, DartPolicy)}
+
+
+def make_policy(name: str, **params: Any) -> ExitPolicy:
+    if name not in POLICIES:
+        raise ConfigError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+    return POLICIES[name]().set_params(**params)
+
+
+def policy_from_dict(d: dict[str, Any], source: str = "policy") -> ExitPolicy:
+    """Rebuild a fitted policy from ``to_dict`` output, validating format, version and fields."""
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise ArtifactError(f"{source} is not a dart-ee policy (format={d.get('format') if isinstance(d, dict) else d!r})")
+    if d.get("version") != VERSION:
+        raise ArtifactError(f"{source}: policy version {d.get('version')} is not supported (expected {VERSION}); "
+                            "recalibrate it with `dart-ee calibrate`")
+    try:
+        pol = make_policy(d["policy"], **d.get("params", {}))
+    except KeyError as e:
+        raise ArtifactError(f"{source}: missing field {e}") from None
+    fitted = d.get("fitted", {})
+    if not fitted and pol.name != "static":
+        raise ArtifactError(f"{source}: policy {pol.name!r} is not fitted")
+    for k, v in fitted.items():
+        if not k.endswith("_"):
+            raise ArtifactError(f"{source}: unexpected fitted field {k!r}")
+        setattr(pol, k, _restore_inf(v) if k == "tau_" else v)
+    return pol
+
+
+def _restore_inf(v: Any) -> Any:
+    if v is None:
+        return math.inf
+    if isinstance(v, list):
+        return [_restore_inf(x) for x in v]
+    return v
+
+
+def load_policy(path: str | Path) -> ExitPolicy:
+    return policy_from_dict(artifacts.read_json(path, "policy file"), str(path))
