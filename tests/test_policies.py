@@ -76,7 +76,7 @@ def test_dp_matches_brute_force():
     for beta in (0.02, 0.1, 0.2, 0.4, 0.9):
         pol = make_policy("dart", beta_opt=beta, alpha_bins=1, conf_bins=4, prior=1e-9).fit(t)
 
-        def j(p):
+        def j(p, beta=beta):
             r = evaluate(p, t)
             return r["accuracy"] - beta * r["mac_fraction"]
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from dart_ee.data import get_spec
@@ -48,3 +52,219 @@ def difficulty_cost(model_name: str = "alexnet", dataset: str = "cifar10", repea
     return {"model": model_name, "dataset": dataset, "threads": n_threads, "torch": torch.__version__,
             "flops": est.flops(shape), "timing": timing,
             "note": "median of alternating runs after warm-up; model = static forward (no exit heads), fp32"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime benchmark: static network vs fitted policies, measured in one process
+
+
+def hardware_info(device: torch.device) -> dict:
+    import platform
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentile(v: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(v), q))
+
+
+def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: int = 256, n_images: int = 2560,
+              repeats: int = 5, latency_images: int = 100, threads: int | None = None, device: str = "cpu",
+              data_dir: str | Path | None = None, memory: bool = False) -> dict:
+    """Time the static network against each fitted policy on the run's test images (see ``dart-ee benchmark``)."""
+    from dart_ee.config import load_config
+    from dart_ee.data import to_float
+    from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
+    from dart_ee.energy import energy_meter
+    from dart_ee.policies import StaticPolicy, load_policy
+    from dart_ee.runtime import EarlyExitRunner
+    from dart_ee.training import MODEL, load_model, prepare_splits
+
+    run_dir = Path(run_dir)
+    n_threads = set_threads(threads)
+    dev = torch.device(device)
+    cfg = load_config(run_dir / "config.yaml")
+    model = load_model(run_dir / MODEL).to(dev)
+    est = load_estimators(run_dir / ESTIMATOR_FILE).to(dev)
+    test = prepare_splits(cfg, run_dir, data_dir).test
+    all_x, labels = torch.from_numpy(test.x), torch.from_numpy(test.y)
+    est_macs = est.macs(model)
+    exit_macs = np.asarray(model.exit_macs(), dtype=np.float64)
+    static_macs = float(model.static_macs())
+
+    methods = {"static": StaticPolicy()}
+    for p in policy_paths:
+        pol = load_policy(p)
+        methods[pol.name if pol.name not in methods else Path(p).stem] = pol
+    runners = {k: EarlyExitRunner(model, pol, est) for k, pol in methods.items()}
+
+    # accuracy, exits and MAC-predicted speedup over the whole test split
+    rows: dict[str, dict] = {}
+    for name, runner in runners.items():
+        res = runner.run(all_x, batch_size)
+        pol = methods[name]
+        costs = (np.full(len(exit_macs), static_macs) if isinstance(pol, StaticPolicy) else
+                 exit_macs + (est_macs[runner.alpha_source] if runner.alpha_source else 0))
+        exits = res.exit.cpu().numpy()
+        rows[name] = {"method": name, "accuracy": float((res.pred.cpu() == labels).float().mean()),
+                      "macs_per_image": float(costs[exits].mean()),
+                      "exit_histogram": np.bincount(exits, minlength=len(exit_macs)).tolist()}
+        rows[name]["mac_speedup"] = static_macs / rows[name]["macs_per_image"]
+    with torch.inference_mode():
+        mean_alpha = float(torch.cat([est.paper(to_float(all_x[s: s + 1000]).to(dev))
+                                      for s in range(0, len(all_x), 1000)]).mean())
+
+    # throughput at batch_size: alternating methods, R repetitions, energy integrated over each window
+    x = to_float(all_x[:n_images]).to(dev)
+    batches = [x[s: s + batch_size] for s in range(0, len(x), batch_size)]
+    meter = energy_meter(dev)
+    for runner in runners.values():  # warm-up
+        runner(batches[0])
+    t_per_img: dict[str, list[float]] = {k: [] for k in runners}
+    e_per_img: dict[str, list[float]] = {k: [] for k in runners}
+    order = list(runners)
+    for r in range(repeats):
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            _sync(dev)
+            e0, t0 = meter.read(), time.perf_counter()
+            for b in batches:
+                runners[name](b)
+            _sync(dev)
+            t1, e1 = time.perf_counter(), meter.read()
+            t_per_img[name].append((t1 - t0) / len(x))
+            if e0 is not None and e1 is not None:
+                e_per_img[name].append((e1 - e0) / len(x))
+
+    # latency at batch size 1: alternating per image
+    lat: dict[str, list[float]] = {k: [] for k in runners}
+    singles = x[:latency_images]
+    for name in order:
+        runners[name](singles[:1])
+    for j in range(len(singles)):
+        for name in order[j % len(order):] + order[: j % len(order)]:
+            _sync(dev)
+            t0 = time.perf_counter()
+            runners[name](singles[j: j + 1])
+            _sync(dev)
+            lat[name].append(time.perf_counter() - t0)
+
+    t_static = statistics.median(t_per_img["static"])
+    lat_static = statistics.median(lat["static"])
+    e_static = statistics.median(e_per_img["static"]) if e_per_img["static"] else None
+    for name, row in rows.items():
+        t = statistics.median(t_per_img[name])
+        e = statistics.median(e_per_img[name]) if e_per_img[name] else None
+        row.update({
+            "time_ms": 1e3 * t, "time_ms_min": 1e3 * min(t_per_img[name]), "time_ms_max": 1e3 * max(t_per_img[name]),
+            "speedup": t_static / t, "speedup_vs_mac_prediction": (t_static / t) / row["mac_speedup"],
+            "latency_p50_ms": 1e3 * statistics.median(lat[name]), "latency_p95_ms": 1e3 * _percentile(lat[name], 95),
+            "latency_speedup": lat_static / statistics.median(lat[name]),
+            "energy_mj": None if e is None else 1e3 * e, "power_w": None if e is None else e / t,
+            "power_efficiency": None if e is None or e_static is None else e_static / e,
+        })
+        row["latency_speedup_vs_mac_prediction"] = row["latency_speedup"] / row["mac_speedup"]
+        pe = row["power_efficiency"]
+        row["daes"] = row["accuracy"] * row["speedup"] * (pe if pe is not None else 1.0) / (1 + mean_alpha)
+        row["daes_note"] = "measured energy" if pe is not None else "energy unavailable: power efficiency taken as 1"
+    if memory:
+        _add_memory(rows, run_dir, policy_paths, methods, all_x, batch_size, n_threads, device)
+    return {
+        "hardware": hardware_info(dev), "threads": n_threads, "torch": torch.__version__, "git_revision": git_revision(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": str(run_dir), "config": cfg.model_dump(mode="json"),
+        "batch_size": batch_size, "timed_images": len(x), "accuracy_images": len(all_x), "repeats": repeats,
+        "latency_images": len(singles), "energy_source": meter.source, "mean_alpha_paper": mean_alpha,
+        "static_macs": static_macs, "rows": list(rows.values()),
+        "method": "throughput: median over R alternating repetitions of the per-image time at the given batch size, "
+                  "after warm-up; latency: batch size 1, methods alternating per image; speedup = T_static / T_m; "
+                  "MAC speedup = static MACs / expected MACs (heads and estimator included)",
+    }
+
+
+def _memory_child(run_dir: str, policy_path: str | None, images_path: str, batch_size: int, threads: int,
+                  device: str) -> dict:
+    """In a fresh process: peak RSS while running one method over the images (returned to the parent)."""
+    import resource
+
+    from dart_ee.data import to_float
+    from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
+    from dart_ee.policies import StaticPolicy, load_policy
+    from dart_ee.runtime import EarlyExitRunner
+    from dart_ee.training import MODEL, load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(Path(run_dir) / MODEL).to(device)
+    pol = load_policy(policy_path) if policy_path else StaticPolicy()
+    runner = EarlyExitRunner(model, pol, load_estimators(Path(run_dir) / ESTIMATOR_FILE).to(device))
+    images = torch.from_numpy(np.load(images_path))
+    page = os.sysconf("SC_PAGE_SIZE")
+    base = int(open("/proc/self/statm").read().split()[1]) * page
+    for s in range(0, len(images), batch_size):
+        runner(to_float(images[s: s + batch_size]).to(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_rss_mb": peak / 2**20, "rss_before_mb": base / 2**20, "increase_mb": (peak - base) / 2**20}
+
+
+def _add_memory(rows: dict, run_dir: Path, policy_paths: list, methods: dict, images: torch.Tensor, batch_size: int,
+                threads: int, device: str) -> None:
+    """Peak memory of each method on the images, each in its own process so peaks don't mix."""
+    import multiprocessing as mp
+    import tempfile
+
+    paths = {"static": None, **{n: str(p) for n, p in zip(list(methods)[1:], policy_paths)}}
+    with tempfile.TemporaryDirectory() as tmp:
+        img_path = os.path.join(tmp, "images.npy")
+        np.save(img_path, images.numpy())
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(1, maxtasksperchild=1) as pool:
+            for name, pp in paths.items():
+                rows[name]["memory"] = pool.apply(_memory_child, (str(run_dir), pp, img_path, batch_size, threads, device))
+    static = rows["static"]["memory"]
+    for row in rows.values():
+        m = row["memory"]
+        m["peak_ratio_vs_static"] = m["peak_rss_mb"] / static["peak_rss_mb"]
+        m["increase_ratio_vs_static"] = m["increase_mb"] / max(static["increase_mb"], 1e-9)
+        m["images"] = len(images)
+
+
+def table_markdown(rec: dict) -> str:
+    """The paper's Table I columns, plus the MAC-predicted speedup and batch-1 latency."""
+    def fmt(v: float | None, spec: str) -> str:
+        return "unavailable" if v is None else format(v, spec)
+
+    lines = ["| Method | Accuracy | Time (ms/img) | Energy (mJ/img) | Power (W) | Speedup | MAC-predicted speedup "
+             "| Power efficiency | DAES | Latency p50 / p95 (ms, bs=1) | Latency speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        daes = f"{r['daes']:.3f}" + ("" if r["power_efficiency"] is not None else " (PE=1: energy unavailable)")
+        lines.append(f"| {r['method']} | {100 * r['accuracy']:.2f}% | {r['time_ms']:.3f} | {fmt(r['energy_mj'], '.2f')} | "
+                     f"{fmt(r['power_w'], '.1f')} | {r['speedup']:.2f}x | {r['mac_speedup']:.2f}x | "
+                     f"{fmt(r['power_efficiency'], '.2f')} | {daes} | {r['latency_p50_ms']:.2f} / {r['latency_p95_ms']:.2f} | "
+                     f"{r['latency_speedup']:.2f}x |")
+    return "\n".join(lines)

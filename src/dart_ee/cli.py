@@ -48,6 +48,21 @@ def train(config: ConfigOpt = None, data_dir: DataDirOpt = None,
 
 
 @app.command()
+def run(config: ConfigOpt = None, data_dir: DataDirOpt = None,
+        out: Annotated[Optional[Path], typer.Option("--out", help="Output directory; default runs/<config name>.")] = None,
+        set_: SetOpt = None) -> None:
+    """The whole pipeline from one config: train, trace, calibrate every policy, sweep, benchmark (resumable)."""
+    from dart_ee.config import load_config
+    from dart_ee.pipeline import run_pipeline
+
+    try:
+        cfg = load_config(config, set_ or [])
+        run_pipeline(cfg, out or Path("runs") / cfg.name, data_dir)
+    except DartError as e:
+        _fail(e)
+
+
+@app.command()
 def trace(run: RunOpt, data_dir: DataDirOpt = None) -> None:
     """Write RUN/trace_cal.npz and RUN/trace_test.npz: every exit's softmax for every sample (+ JSON metadata)."""
     from dart_ee.trace import load, trace_run
@@ -370,6 +385,45 @@ def guarantee(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace
                f"mean drop {res['mean_test_drop']:+.2f}, mean MAC reduction {100 * res['mean_mac_reduction']:.1f}%")
     if out:
         artifacts.write_json(out, res)
+
+
+@app.command()
+def benchmark(run: RunOpt,
+              policy: Annotated[list[Path], typer.Option("--policy", help="Fitted policy JSON. Repeatable.")],
+              batch_size: int = typer.Option(256, help="Batch size for the throughput measurement."),
+              images: int = typer.Option(2560, help="Test images timed per repetition (accuracy uses all)."),
+              repeats: int = typer.Option(5, help="Alternating repetitions; the median is reported."),
+              latency_images: int = typer.Option(100, help="Images timed one by one for p50/p95 latency."),
+              threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")] = None,
+              device: str = typer.Option("cpu", help="cpu or cuda."),
+              memory: Annotated[bool, typer.Option("--memory", help="Also measure peak memory per method "
+                                                                      "(one process each, whole test split).")] = False,
+              data_dir: DataDirOpt = None,
+              out: Annotated[Optional[Path], typer.Option("--out", help="Write the JSON record here.")] = None,
+              as_json: Annotated[bool, typer.Option("--json", help="Print the JSON record.")] = False) -> None:
+    """Measured wall-clock speedup (batch 256 and batch 1), energy where readable, and DAES: static vs policies."""
+    from dart_ee import artifacts
+    from dart_ee.bench import benchmark as run_bench
+    from dart_ee.bench import table_markdown
+
+    try:
+        rec = run_bench(run, policy, batch_size, images, repeats, latency_images, threads, device, data_dir, memory)
+    except DartError as e:
+        _fail(e)
+    if out:
+        artifacts.write_json(out, rec)
+    if as_json:
+        typer.echo(json.dumps(rec, indent=2))
+        return
+    typer.echo(f"{rec['hardware']['cpu']} ({rec['hardware']['device']}), {rec['threads']} threads, torch {rec['torch']}, "
+               f"git {rec['git_revision']}; batch {rec['batch_size']} x {rec['timed_images']} images, "
+               f"{rec['repeats']} repeats; energy: {rec['energy_source']}")
+    typer.echo(table_markdown(rec))
+    if memory:
+        for r in rec["rows"]:
+            m = r["memory"]
+            typer.echo(f"memory {r['method']}: peak RSS {m['peak_rss_mb']:.0f} MB ({m['peak_ratio_vs_static']:.2f}x static), "
+                       f"increase during the run {m['increase_mb']:.0f} MB ({m['increase_ratio_vs_static']:.2f}x static)")
 
 
 def main() -> None:

@@ -54,6 +54,20 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(500, ge=1)
 
 
+class CalibrationConfig(_Strict):
+    max_drop: float = Field(0.5, gt=0)  # accuracy budget, points below the final exit
+    confidence: float | None = Field(None, ge=0.5, lt=1)  # guarantee level, e.g. 0.95
+
+
+class BenchmarkConfig(_Strict):
+    enabled: bool = True
+    batch_size: int = Field(256, ge=1)
+    images: int = Field(2560, ge=1)
+    repeats: int = Field(5, ge=1)
+    latency_images: int = Field(100, ge=1)
+    threads: int | None = Field(None, ge=1)
+
+
 class Config(_Strict):
     name: str = "experiment"
     seed: int = 0
@@ -61,6 +75,8 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     difficulty: Literal["paper", "learned"] = "paper"
+    calibration: CalibrationConfig = CalibrationConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
 
 
 def _format_errors(e: ValidationError, source: str) -> str:

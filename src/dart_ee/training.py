@@ -47,19 +47,22 @@ class Splits:
 def prepare_splits(cfg: Config, run_dir: Path, data_dir: str | Path | None = None) -> Splits:
     """Load the dataset and the run's calibration split (created once, then read from ``split.json``)."""
     spec = data.get_spec(cfg.data.dataset)
-    train, test = data.load_dataset(cfg.data.dataset, data_dir or cfg.data.data_dir)
+    path = run_dir / SPLIT
+    manifest = artifacts.read_json(path, "split manifest") if path.is_file() else None
+    # the run remembers where its data was, so later steps need no --data-dir
+    data_dir = data_dir or cfg.data.data_dir or os.environ.get("DART_DATA") or (manifest or {}).get("data_dir")
+    root = data.resolve_data_dir(data_dir)
+    train, test = data.load_dataset(cfg.data.dataset, root)
     # Subsets are seeded random draws: the files are often sorted by class.
     if cfg.data.train_subset:
         train = train.subset(_draw(len(train), cfg.data.train_subset, cfg.data.split_seed))
     if cfg.data.test_subset:
         test = test.subset(_draw(len(test), cfg.data.test_subset, cfg.data.split_seed))
-    path = run_dir / SPLIT
-    if path.is_file():
-        manifest = artifacts.read_json(path, "split manifest")
+    if manifest is not None:
         data.check_split(manifest, len(train))
     else:
         manifest = data.make_split(len(train), cfg.data.cal_fraction, cfg.data.split_seed)
-        manifest["dataset"] = cfg.data.dataset
+        manifest.update(dataset=cfg.data.dataset, data_dir=str(root.resolve()))
         artifacts.write_json(path, manifest)
     return Splits(train.subset(np.asarray(manifest["train_indices"])), train.subset(np.asarray(manifest["cal_indices"])),
                   test, spec, manifest)

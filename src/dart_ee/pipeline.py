@@ -1,0 +1,84 @@
+"""``dart-ee run``: one config to every figure. Each step is skipped when its validated output exists,
+so a killed run started again resumes where it stopped."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from dart_ee import artifacts, plots
+from dart_ee.config import Config
+from dart_ee.console import log
+from dart_ee.errors import ArtifactError
+
+
+def _valid(loader, path: Path) -> bool:  # noqa: ANN001
+    try:
+        loader(path)
+        return True
+    except ArtifactError:
+        return False
+
+
+def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> dict:
+    """Train, trace (with difficulty), calibrate every policy, sweep, benchmark; write results.json."""
+    import torch
+
+    from dart_ee import trace as trace_mod
+    from dart_ee.analysis import difficulty_report
+    from dart_ee.bench import benchmark, git_revision, hardware_info
+    from dart_ee.calibration import compare, dart_ablation, sweep
+    from dart_ee.training import METRICS, MODEL, train
+
+    out = Path(out)
+    steps: dict[str, float] = {}
+
+    def step(name: str) -> float:
+        log(f"[bold]== {name}[/bold]")
+        return time.perf_counter()
+
+    t0 = step("1/5 train")
+    done = (out / MODEL).is_file() and (out / METRICS).is_file()
+    metrics = train(cfg, out, data_dir, resume=True) if not done else artifacts.read_json(out / METRICS, "metrics")
+    steps["train"] = time.perf_counter() - t0
+
+    t0 = step("2/5 difficulty + trace")
+    cal_p, test_p = out / "trace_cal.npz", out / "trace_test.npz"
+    if not (_valid(trace_mod.load, cal_p) and _valid(trace_mod.load, test_p) and (out / "difficulty.pt").is_file()):
+        trace_mod.trace_run(out, data_dir)
+    cal, test = trace_mod.load(cal_p, expect_split="cal"), trace_mod.load(test_p, expect_split="test")
+    diff = difficulty_report(test)
+    plots.alpha_histogram({k: test.extra[k] for k in ("alpha_paper", "alpha_learned")}, out / "alpha_histogram.png")
+    plots.exit_distribution_plot(list(diff["exit_distribution"].values()), out / "exit_by_difficulty_oracle.png",
+                                 "Exit distribution by difficulty (oracle exits, test split)")
+    steps["trace"] = time.perf_counter() - t0
+
+    t0 = step(f"3/5 calibrate every policy at --max-drop {cfg.calibration.max_drop}")
+    pol_dir = out / "policies"
+    comp = compare(cal, test, cfg.calibration.max_drop, cfg.calibration.confidence)
+    for name, (pol, rec) in comp.pop("fitted").items():
+        pol.save(pol_dir / f"{name}.json", calibration=rec)
+    ablation = dart_ablation(cal, test, cfg.calibration.max_drop)
+    steps["calibrate"] = time.perf_counter() - t0
+
+    t0 = step("4/5 sweep")
+    sw = sweep(cal, test)
+    plots.tradeoff_curves(sw, out / "tradeoff_curves.png")
+    steps["sweep"] = time.perf_counter() - t0
+
+    bench = None
+    if cfg.benchmark.enabled:
+        t0 = step("5/5 benchmark")
+        b = cfg.benchmark
+        policies = [pol_dir / f"{n}.json" for n in ("threshold", "branchynet", "rl", "patience", "dart")]
+        bench = benchmark(out, policies, b.batch_size, b.images, b.repeats, b.latency_images, b.threads, "cpu", data_dir)
+        steps["benchmark"] = time.perf_counter() - t0
+
+    results = {"config": cfg.model_dump(mode="json"), "seed": cfg.seed, "git_revision": git_revision(),
+               "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "training": metrics,
+               "difficulty": diff, "compare": comp, "ablation": ablation, "sweep": sw, "benchmark": bench,
+               "step_seconds": steps}
+    artifacts.write_json(out / "results.json", results)
+    log(f"wrote {out / 'results.json'}")
+    return results

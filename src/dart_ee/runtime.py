@@ -1,0 +1,101 @@
+"""The early-exit runtime: real compute skipping, in batches too.
+
+``EarlyExitRunner(model, policy, estimator)`` computes alpha once per image, then runs stage by
+stage. After each stage it runs that exit's head on the samples still active, asks the policy which
+of them leave, records their prediction, confidence, exit and alpha, and compacts the batch so
+that only the rest run the next stage. A batch of one simply stops. There are no per-sample Python
+loops and no ``.item()`` calls; results come back in input order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dart_ee.difficulty import LearnedDifficulty
+from dart_ee.errors import ConfigError
+from dart_ee.models import MultiExitNet
+from dart_ee.policies import ExitPolicy, StaticPolicy
+
+
+@dataclass
+class ExitResult:
+    """Per-sample outputs, in input order."""
+
+    pred: torch.Tensor  # (N,) predicted class
+    conf: torch.Tensor  # (N,) max softmax at the exit taken
+    exit: torch.Tensor  # (N,) exit index, 0-based
+    alpha: torch.Tensor | None  # (N,) difficulty, when the policy uses it
+
+
+class EarlyExitRunner:
+    """Run a multi-exit model under a fitted exit policy, skipping the stages that exited samples don't need."""
+
+    def __init__(self, model: MultiExitNet, policy: ExitPolicy, estimator: LearnedDifficulty | None = None,
+                 channels_last: bool = False) -> None:
+        self.model = model.eval()
+        self.policy = policy
+        self.estimator = estimator.eval() if estimator is not None else None
+        self.alpha_source = getattr(policy, "alpha_source_", None) if policy.uses_alpha else None
+        if self.alpha_source and estimator is None:
+            raise ConfigError(f"policy {policy.name!r} uses the {self.alpha_source} difficulty score: pass the run's "
+                              "fitted estimator (dart_ee.difficulty.load_estimators(RUN/difficulty.pt))")
+        n_fit = getattr(policy, "num_exits_", model.num_exits)
+        if n_fit != model.num_exits:
+            raise ConfigError(f"policy was fitted for {n_fit} exits but the model has {model.num_exits}")
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> ExitResult:
+        model, policy = self.model, self.policy
+        model.check_input(x)
+        n, dev = x.shape[0], x.device
+        if isinstance(policy, StaticPolicy):  # the plain network: no heads, no estimator
+            p = F.softmax(model.forward_static(x.contiguous(memory_format=self.memory_format)).float(), 1)
+            conf, pred = p.max(1)
+            return ExitResult(pred, conf, torch.full((n,), model.num_exits - 1, dtype=torch.long, device=dev), None)
+
+        alpha_all = self.estimator.paper(x) if self.alpha_source == "paper" else None
+        pred = torch.empty(n, dtype=torch.long, device=dev)
+        conf = torch.empty(n, device=dev)
+        exit_idx = torch.empty(n, dtype=torch.long, device=dev)
+        active = torch.arange(n, device=dev)
+        alpha = alpha_all
+        state = policy.init_state(n, dev)
+        h = x.contiguous(memory_format=self.memory_format)
+        last = model.num_exits - 1
+        for i in range(model.num_exits):
+            h = model.stages[i](h)
+            logits = model.heads[i](h)
+            if i == 0 and self.alpha_source == "learned":
+                alpha_all = self.estimator(x, h, logits)
+                alpha = alpha_all
+            probs = F.softmax(logits.float(), 1)
+            c, p = probs.max(1)
+            if i == last:
+                pred[active], conf[active], exit_idx[active] = p, c, i
+                break
+            leave = policy.decide(i, probs, alpha, state)
+            gone = active[leave]
+            pred[gone], conf[gone], exit_idx[gone] = p[leave], c[leave], i
+            stay = ~leave
+            active, h = active[stay], h[stay]
+            if alpha is not None:
+                alpha = alpha[stay]
+            state = {k: v[stay] for k, v in state.items()}
+            if active.numel() == 0:  # a shape, not a value: no device sync
+                break
+        return ExitResult(pred, conf, exit_idx, alpha_all)
+
+    def run(self, images: torch.Tensor, batch_size: int = 256) -> ExitResult:
+        """Run over many images (uint8 or float in [0, 1]) in batches; results concatenated in order."""
+        from dart_ee.data import to_float
+
+        dev = next(self.model.parameters()).device
+        parts = [self(to_float(images[s: s + batch_size]).to(dev)) for s in range(0, len(images), batch_size)]
+        alpha = None if parts[0].alpha is None else torch.cat([r.alpha for r in parts])
+        return ExitResult(*(torch.cat([getattr(r, f) for r in parts]) for f in ("pred", "conf", "exit")), alpha)

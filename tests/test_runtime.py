@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+from conftest import make_idx_dataset, tiny_config
+
+from dart_ee import trace as trace_mod
+from dart_ee.calibration import calibrate
+from dart_ee.config import parse_config
+from dart_ee.difficulty import load_estimators
+from dart_ee.errors import ConfigError, InputError
+from dart_ee.evaluation import simulate
+from dart_ee.policies import POLICIES, make_policy
+from dart_ee.runtime import EarlyExitRunner
+from dart_ee.training import load_model, prepare_splits, train
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt")
+    make_idx_dataset(root / "data" / "mnist", n_train=400, n_test=300)
+    raw = tiny_config(root / "data", epochs=4, batch_size=16)
+    raw["data"]["cal_fraction"] = 0.5
+    cfg = parse_config(raw)
+    train(cfg, root / "run")
+    paths = trace_mod.trace_run(root / "run")
+    splits = prepare_splits(cfg, root / "run")
+    return {"run": root / "run", "cal": trace_mod.load(paths["cal"]), "test": trace_mod.load(paths["test"]),
+            "images": torch.from_numpy(splits.test.x)}
+
+
+def _fitted(name, cal):
+    if name in ("static",):
+        return make_policy(name).fit(cal)
+    return calibrate(name, cal, max_drop=2.0, tune_beta_diff=name == "dart")[0]
+
+
+CASES = [(name, "paper") for name in sorted(POLICIES)] + [("dart", "learned")]
+
+
+@pytest.mark.parametrize("name,alpha", CASES)
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+def test_runtime_matches_trace_evaluation(trained_run, name, alpha, batch_size):
+    cal = trained_run["cal"].with_alpha(f"alpha_{alpha}")
+    test = trained_run["test"].with_alpha(f"alpha_{alpha}")
+    policy = _fitted(name, cal)
+    exits, preds = simulate(policy, test)
+    runner = EarlyExitRunner(load_model(trained_run["run"] / "model.pt"), policy,
+                             load_estimators(trained_run["run"] / "difficulty.pt"))
+    out = runner.run(trained_run["images"], batch_size)
+    np.testing.assert_array_equal(out.exit.numpy(), exits)
+    np.testing.assert_array_equal(out.pred.numpy(), preds)
+    if name != "static":
+        assert len(np.unique(exits)) > 1 or name in ("patience",)  # the test exercises real early exits
+
+
+def test_runtime_bad_input(trained_run):
+    model = load_model(trained_run["run"] / "model.pt")
+    runner = EarlyExitRunner(model, make_policy("threshold", tau=0.5).fit(trained_run["cal"]))
+    for bad, match in ((torch.rand(2, 3, 28, 28), "shape"), (torch.rand(0, 1, 28, 28), "empty"),
+                       (torch.full((2, 1, 28, 28), float("nan")), "NaN"), (torch.rand(1, 28, 28), "shape")):
+        with pytest.raises(InputError, match=match):
+            runner(bad)
+    dart = calibrate("dart", trained_run["cal"], max_drop=1.0, beta_diff=0.3)[0]
+    with pytest.raises(ConfigError, match="estimator"):
+        EarlyExitRunner(model, dart)
