@@ -268,3 +268,37 @@ def table_markdown(rec: dict) -> str:
                      f"{fmt(r['power_efficiency'], '.2f')} | {daes} | {r['latency_p50_ms']:.2f} / {r['latency_p95_ms']:.2f} | "
                      f"{r['latency_speedup']:.2f}x |")
     return "\n".join(lines)
+
+
+def training_speed(model_name: str = "alexnet", dataset: str = "cifar10", batch_size: int = 256, steps: int = 6,
+                   threads: int | None = None) -> dict:
+    """ms per training step for fp32 / bf16 autocast x NCHW / channels_last (median after 2 warm-up steps)."""
+    import torch.nn.functional as F
+
+    n_threads = set_threads(threads)
+    spec = get_spec(dataset)
+    rows = []
+    for channels_last in (False, True):
+        for bf16 in (False, True):
+            torch.manual_seed(0)
+            model = create_model(model_name, spec.num_classes, spec.in_channels, spec.image_size).train()
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            model = model.to(memory_format=fmt)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+            x = torch.rand(batch_size, spec.in_channels, spec.image_size, spec.image_size).to(memory_format=fmt)
+            y = torch.randint(0, spec.num_classes, (batch_size,))
+            times = []
+            for _ in range(steps + 2):
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = sum(F.cross_entropy(z.float(), y) for z in model(x))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                times.append(time.perf_counter() - t0)
+            rows.append({"bf16": bf16, "channels_last": channels_last, "ms_per_step": 1e3 * statistics.median(times[2:])})
+    base = rows[0]["ms_per_step"]
+    for r in rows:
+        r["speedup_vs_fp32_nchw"] = base / r["ms_per_step"]
+    return {"model": model_name, "dataset": dataset, "batch_size": batch_size, "threads": n_threads,
+            "torch": torch.__version__, "rows": rows}

@@ -209,8 +209,9 @@ def difficulty_cost(model: str = typer.Option("alexnet", help="Model to compare 
         typer.echo(json.dumps(rec, indent=2))
         return
     f = rec["flops"]
-    typer.echo(f"estimator FLOPs per image: {f['total']:,} ({f['flop_counter']:,} counted by FlopCounterMode for "
-               f"the convolutions + {sum(f['by_hand'].values()):,} element-wise FLOPs counted by hand)")
+    typer.echo(f"estimator FLOPs per image: {f['total']:,} ({f['method']})")
+    for k, v in f["by_hand"].items():
+        typer.echo(f"  {k}: {v:,}")
     for r in rec["timing"]:
         typer.echo(f"batch {r['batch_size']:4d}: estimator {r['estimator_ms']:.3f} ms, {model} forward "
                    f"{r['model_ms']:.3f} ms -> share {100 * r['share']:.2f}% ({rec['threads']} threads)")
@@ -424,6 +425,20 @@ def benchmark(run: RunOpt,
             m = r["memory"]
             typer.echo(f"memory {r['method']}: peak RSS {m['peak_rss_mb']:.0f} MB ({m['peak_ratio_vs_static']:.2f}x static), "
                        f"increase during the run {m['increase_mb']:.0f} MB ({m['increase_ratio_vs_static']:.2f}x static)")
+
+
+@app.command("train-speed")
+def train_speed(model: str = typer.Option("alexnet"), dataset: str = typer.Option("cifar10"),
+                batch_size: int = typer.Option(256), steps: int = typer.Option(6),
+                threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")] = None) -> None:
+    """Measure training-step time for fp32 vs bf16 autocast and NCHW vs channels_last on this machine."""
+    from dart_ee.bench import training_speed
+
+    rec = training_speed(model, dataset, batch_size, steps, threads)
+    typer.echo(f"{model} on {dataset}, batch {batch_size}, {rec['threads']} threads, torch {rec['torch']}:")
+    for r in rec["rows"]:
+        typer.echo(f"  bf16={str(r['bf16']):5} channels_last={str(r['channels_last']):5} {r['ms_per_step']:7.0f} ms/step "
+                   f"({r['speedup_vs_fp32_nchw']:.2f}x vs fp32 NCHW)")
 
 
 def main() -> None:
