@@ -90,3 +90,24 @@ def tiny_config(data_dir: Path, **train_overrides) -> dict:
     train.update(train_overrides)
     return {"name": "tiny", "seed": 0, "data": {"dataset": "mnist", "data_dir": str(data_dir), "cal_fraction": 0.2},
             "model": {"name": "alexnet", "width_mult": 0.125, "head_width": 16}, "train": train}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny AlexNet trained for a few seconds on generated digits, traced with both difficulty scores."""
+    import torch
+
+    from dart_ee import trace as trace_mod
+    from dart_ee.config import parse_config
+    from dart_ee.training import prepare_splits, train
+
+    root = tmp_path_factory.mktemp("rt")
+    make_idx_dataset(root / "data" / "mnist", n_train=400, n_test=300)
+    raw = tiny_config(root / "data", epochs=4, batch_size=16)
+    raw["data"]["cal_fraction"] = 0.5
+    cfg = parse_config(raw)
+    train(cfg, root / "run")
+    paths = trace_mod.trace_run(root / "run")
+    splits = prepare_splits(cfg, root / "run")
+    return {"run": root / "run", "cal": trace_mod.load(paths["cal"]), "test": trace_mod.load(paths["test"]),
+            "images": torch.from_numpy(splits.test.x), "cal_path": paths["cal"], "test_path": paths["test"]}

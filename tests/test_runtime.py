@@ -1,31 +1,14 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_idx_dataset, tiny_config
 
-from dart_ee import trace as trace_mod
 from dart_ee.calibration import calibrate
-from dart_ee.config import parse_config
 from dart_ee.difficulty import load_estimators
 from dart_ee.errors import ConfigError, InputError
 from dart_ee.evaluation import simulate
 from dart_ee.policies import POLICIES, make_policy
 from dart_ee.runtime import EarlyExitRunner
-from dart_ee.training import load_model, prepare_splits, train
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rt")
-    make_idx_dataset(root / "data" / "mnist", n_train=400, n_test=300)
-    raw = tiny_config(root / "data", epochs=4, batch_size=16)
-    raw["data"]["cal_fraction"] = 0.5
-    cfg = parse_config(raw)
-    train(cfg, root / "run")
-    paths = trace_mod.trace_run(root / "run")
-    splits = prepare_splits(cfg, root / "run")
-    return {"run": root / "run", "cal": trace_mod.load(paths["cal"]), "test": trace_mod.load(paths["test"]),
-            "images": torch.from_numpy(splits.test.x)}
+from dart_ee.training import load_model
 
 
 def _fitted(name, cal):

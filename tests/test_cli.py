@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+from dart_ee import create_model
+from dart_ee.cli import app
+
+cli = CliRunner()
+
+
+def invoke(*args):
+    res = cli.invoke(app, [str(a) for a in args])
+    return res.exit_code, res.output
+
+
+def test_info_json():
+    code, out = invoke("info", "--model", "alexnet", "--dataset", "cifar10", "--json")
+    assert code == 0, out
+    rec = json.loads(out)
+    macs = [e["cumulative_macs"] for e in rec["exits"]]
+    assert len(macs) == 6 and all(b > a for a, b in zip(macs, macs[1:]))
+    m = create_model("alexnet").eval()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m(torch.zeros(1, 3, 32, 32))
+    assert macs[-1] == fc.get_total_flops() // 2 == rec["full_forward_macs"]
+
+
+def test_config_errors_are_clean(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  epocs: 3\n")
+    code, out = invoke("train", "--config", cfg, "--out", tmp_path / "r")
+    assert code == 2 and "train.epocs: unknown key" in out and "Traceback" not in out
+    code, out = invoke("train", "--set", "model.head_width=-1", "--out", tmp_path / "r")
+    assert code == 2 and "model.head_width" in out
+
+
+def test_policy_commands(trained_run, tmp_path):
+    cal, test = trained_run["cal_path"], trained_run["test_path"]
+    code, out = invoke("calibrate", "--trace", cal, "--policy", "dart", "--max-drop", "1", "--out", tmp_path / "d.json")
+    assert code == 0, out
+    code, out = invoke("calibrate", "--trace", test, "--policy", "dart", "--max-drop", "1", "--out", tmp_path / "x.json")
+    assert code == 2 and "never calibrate on the test split" in out
+    code, out = invoke("evaluate", "--trace", test, "--policy", tmp_path / "d.json", "--json")
+    assert code == 0, out
+    rows = json.loads(out)
+    assert rows[0]["policy"] == "dart" and rows[-1]["policy"] == "oracle"
+    code, out = invoke("sweep", "--cal", cal, "--test", test, "--out", tmp_path / "sw")
+    assert code == 0 and (tmp_path / "sw" / "tradeoff_curves.png").stat().st_size > 10_000, out
+    assert "Acc @25% MACs" in out
+    code, out = invoke("compare", "--cal", cal, "--test", test, "--max-drop", "1", "--out", tmp_path / "cmp")
+    assert code == 0 and "DART ablation" in out, out
+    code, out = invoke("guarantee", "--cal", cal, "--test", test, "--max-drop", "1", "--resplits", "2")
+    assert code == 0 and "of 2 re-splits" in out, out
+
+
+def test_difficulty_commands(trained_run, tmp_path):
+    code, out = invoke("difficulty", "fit-weights", "--trace", trained_run["cal_path"], "--test",
+                       trained_run["test_path"], "--trials", "20")
+    assert code == 0 and "fitted  weights" in out and "alpha_learned" in out, out
+    code, out = invoke("difficulty", "report", "--trace", trained_run["test_path"], "--out", tmp_path / "rep")
+    assert code == 0 and "exit 1-2" in out, out
+    assert (tmp_path / "rep" / "exit_by_difficulty.png").is_file() and (tmp_path / "rep" / "alpha_histogram.png").is_file()
+    code, out = invoke("difficulty", "cost", "--repeats", "2", "--threads", "1")
+    assert code == 0 and "share" in out
+
+
+@pytest.mark.slow
+def test_benchmark_command(trained_run, tmp_path):
+    code, out = invoke("calibrate", "--trace", trained_run["cal_path"], "--policy", "threshold", "--max-drop", "1",
+                       "--out", tmp_path / "t.json")
+    assert code == 0, out
+    code, out = invoke("benchmark", "--run", trained_run["run"], "--policy", tmp_path / "t.json", "--images", "64",
+                       "--repeats", "2", "--latency-images", "4", "--threads", "1", "--out", tmp_path / "b.json")
+    assert code == 0, out
+    from dart_ee.energy import energy_meter
+
+    if not energy_meter().available:
+        assert "unavailable" in out  # no energy counter readable: never a made-up number
+    rec = json.loads((tmp_path / "b.json").read_text())
+    assert [r["method"] for r in rec["rows"]] == ["static", "threshold"]
+    assert rec["rows"][0]["speedup"] == pytest.approx(1.0)
