@@ -78,3 +78,45 @@ def tradeoff_curves(sweep: dict, path: str | Path, title: str = "") -> Path:
     ax.set_title(title or "Accuracy vs compute (each point calibrated on the calibration split)")
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
+
+
+def adaptation_over_time(res: dict, path: str | Path) -> Path:
+    """Accuracy and MACs per window for the full network, frozen DART and adaptive DART, shift marked."""
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 5.6), sharex=True)
+    styles = {"full": ("k", "-", "full network"), "frozen": ("tab:red", "--", "frozen DART"),
+              "adaptive": ("tab:blue", "-", "adaptive DART")}
+    for name, s in res["series"].items():
+        c, ls, label = styles[name]
+        x = [w + res["report_window"] / 2 for w in s["window_start"]]
+        a1.plot(x, [100 * v for v in s["accuracy"]], color=c, ls=ls, marker="o", ms=3, label=label)
+        a2.plot(x, [100 * v for v in s["mac_fraction"]], color=c, ls=ls, marker="o", ms=3, label=label)
+    for ax in (a1, a2):
+        ax.axvline(res["shift_start"], color="grey", lw=1.5, ls=":")
+        ax.legend(fontsize=8, loc="lower left")
+    a1.text(res["shift_start"], a1.get_ylim()[1], f" shift: {res['scenario']} (severity {res['severity']})",
+            va="top", fontsize=8)
+    a1.set_ylabel(f"accuracy per {res['report_window']} images (%)")
+    a2.set_ylabel("MACs per image (% of static)")
+    a2.set_xlabel("position in the stream (images)")
+    a1.set_title(f"Adaptation under a {res['scenario']} shift ({res['audited_samples']} samples audited)")
+    return _save(fig, path)
+
+
+def coefficient_evolution(res: dict, path: str | Path) -> Path:
+    """The paper's Fig. 2: per-exit and per-class threshold coefficients over the stream."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    xs = [c["image"] for c in res["coefficients"]]
+    n_exits = len(res["coefficients"][0]["c_exit"])
+    for i in range(n_exits):
+        a1.plot(xs, [c["c_exit"][i] for c in res["coefficients"]], label=f"exit {i + 1}")
+    n_cls = len(res["coefficients"][0]["c_class_mean"])
+    cmap = plt.cm.tab10
+    for k in range(n_cls):
+        a2.plot(xs, [c["c_class_mean"][k] for c in res["coefficients"]], color=cmap(k % 10), label=f"class {k}")
+    for ax, t in ((a1, "per-exit coefficient c_i"), (a2, "per-class coefficient (mean over exits)")):
+        ax.axvline(res["shift_start"], color="grey", ls=":", lw=1.5)
+        ax.set_xlabel("position in the stream (images)")
+        ax.set_ylabel("coefficient (1 = as calibrated)")
+        ax.set_title(t)
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)

@@ -265,6 +265,7 @@ class DartPolicy(ExitPolicy):
         cbin = np.stack([np.searchsorted(self.conf_edges_[i], conf[:, i], side="right") for i in range(n_exits)], 1)
         cost = trace.exit_macs / trace.exit_macs[-1]
         A, m = self.alpha_bins, self.prior
+        floor = np.maximum(1.0 / trace.num_classes, conf.min(0) - 1e-6).tolist()
 
         value = np.zeros((A, b))
         self.tau_ = [[math.inf] * A for _ in range(n_exits - 1)]
@@ -294,7 +295,10 @@ class DartPolicy(ExitPolicy):
             first = tail.shape[1] - 1 - np.argmax(tail[:, ::-1], 1)  # ties: the most conservative threshold
             for a in range(A):
                 if first[a] < b:
-                    self.tau_[i][a] = 0.0 if first[a] == 0 else float(self.conf_edges_[i][first[a] - 1])
+                    # "exit from the lowest bin" becomes the lowest confidence seen there on calibration
+                    # (at least 1/K): the same decisions as tau = 0, but a threshold that the adaptive
+                    # coefficients can still scale.
+                    self.tau_[i][a] = (floor[i] if first[a] == 0 else float(self.conf_edges_[i][first[a] - 1]))
             # the value that earlier exits see follows the monotone policy actually used
             value = np.where(np.arange(b)[None, :] >= first[:, None], r_exit, q_cont)
         self.coef_exit_ = [1.0] * (n_exits - 1)

@@ -1,0 +1,318 @@
+"""Online adaptation of DART's threshold coefficients at deployment (METHOD.md section 5, Eqs 13-15).
+
+``AdaptiveController`` wraps an ``EarlyExitRunner`` running a ``DartPolicy`` over a stream of batches.
+It keeps a sliding window of the last ``window`` inferences and, every ``update_every`` batches,
+moves the per-exit and per-class coefficients c that scale the thresholds (Eq 19).
+
+Label-free accuracy: a random ``audit_share`` of early-exited samples also runs the full network;
+agreement of the early prediction with the final one (when the final exit is confident, i.e. a
+pseudo-label) estimates each exit's and each class's accuracy. True labels passed to
+``update(labels)`` later replace the estimate for those samples. Audit compute is counted.
+
+Updates, with A_target_i the agreement that exit i showed on the calibration split, and acted on only
+when the window's evidence is significant (|A_target - A| > ``z_gate`` binomial standard errors), so a
+stationary stream leaves the coefficients where they are:
+- temporal (Eq 13): c_i <- a_decay * c_i + (1 - a_decay) * f_i, with the proposal
+  f_i = c_i * (1 + gain * (A_target_i - A_i)): an integrator, so c holds still when exits meet target
+  (an exit with too few audits uses the audits pooled over all early exits);
+- class-aware (Eq 14): c_{i,k} += eta * (A_target_i - A_{i,k}), with A_{i,k} shrunk towards A_i
+  by ``prior`` pseudo-counts because per-class audits are few;
+- UCB1 (Eq 15, optional): picks a global scale (conservative / balanced / aggressive) rewarded by
+  the windowed Eq 10 trade-off, estimated accuracy - beta_opt * MACs / static MACs.
+Every coefficient stays within ``bounds``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dart_ee import artifacts
+from dart_ee.errors import ArtifactError, ConfigError
+from dart_ee.policies import DartPolicy
+from dart_ee.runtime import EarlyExitRunner, ExitResult
+
+STATE_FORMAT = "dart-ee-adapt-state"
+
+
+class UCB1:
+    """UCB1 bandit (Eq 15): choose argmax mean_i + sqrt(2 ln t / n_i); every arm is tried once first."""
+
+    def __init__(self, n_arms: int) -> None:
+        self.counts = [0] * n_arms
+        self.values = [0.0] * n_arms
+
+    def select(self) -> int:
+        for a, n in enumerate(self.counts):
+            if n == 0:
+                return a
+        t = sum(self.counts)
+        return int(np.argmax([v + math.sqrt(2 * math.log(t) / n) for v, n in zip(self.values, self.counts)]))
+
+    def reward(self, arm: int, r: float) -> None:
+        self.counts[arm] += 1
+        self.values[arm] += (r - self.values[arm]) / self.counts[arm]
+
+
+def agreement_targets(policy: DartPolicy, cal_trace) -> list[float]:  # noqa: ANN001
+    """Per exit, how often early exits agree with the final exit on the calibration split (A_target)."""
+    from dart_ee.evaluation import simulate
+
+    exits, preds = simulate(policy, cal_trace)
+    final = cal_trace.preds[:, -1]
+    out = []
+    for i in range(cal_trace.num_exits - 1):
+        m = exits == i
+        out.append(float((preds[m] == final[m]).mean()) if m.any() else 1.0)
+    return out
+
+
+class AdaptiveController:
+    """Adapt a DART policy's coefficients online from audits (and labels when they arrive)."""
+
+    FIELDS = {"exit": torch.long, "pred": torch.long, "macs": torch.float64, "audited": torch.bool,
+              "agree": torch.bool, "label": torch.long}
+
+    def __init__(self, runner: EarlyExitRunner, targets: Sequence[float] | float = 0.85, window: int = 1000,
+                 audit_share: float = 0.02, update_every: int = 4, a_decay: float = 0.95, gain: float = 10.0,
+                 eta: float = 0.2, prior: float = 20.0, bounds: tuple[float, float] = (0.5, 3.0),
+                 pseudo_conf: float = 0.5, min_audits: int = 5, z_gate: float = 2.0, ucb: bool = False,
+                 arm_scales: Sequence[float] = (1.05, 1.0, 0.95), beta_opt: float | None = None, seed: int = 0) -> None:
+        if not isinstance(runner.policy, DartPolicy):
+            raise ConfigError("AdaptiveController adapts a DART policy's coefficients; the runner's policy is "
+                              f"{runner.policy.name!r}")
+        if not 0 <= audit_share <= 1:
+            raise ConfigError(f"audit_share must lie in [0, 1], got {audit_share}")
+        self.runner, self.policy = runner, runner.policy
+        n_exits = runner.model.num_exits
+        self.targets = [float(targets)] * (n_exits - 1) if isinstance(targets, (int, float)) else list(targets)
+        if len(self.targets) != n_exits - 1:
+            raise ConfigError(f"targets has {len(self.targets)} entries; give one per early exit ({n_exits - 1})")
+        self.window, self.audit_share, self.update_every = window, audit_share, update_every
+        self.a_decay, self.gain, self.eta, self.prior = a_decay, gain, eta, prior
+        self.bounds, self.pseudo_conf, self.min_audits, self.z_gate = bounds, pseudo_conf, min_audits, z_gate
+        self.arm_scales = list(arm_scales)
+        self.bandit = UCB1(len(self.arm_scales)) if ucb else None
+        self.beta_opt = self.policy.beta_opt if beta_opt is None else beta_opt
+        self.gen = torch.Generator().manual_seed(seed)
+        macs = np.asarray(runner.model.exit_macs(), dtype=np.float64)
+        est = runner.estimator.macs(runner.model)[runner.alpha_source] if runner.alpha_source else 0
+        self.exit_costs = torch.tensor(macs + est)
+        self.static_macs = float(runner.model.static_macs())
+        self.c_exit = [float(c) for c in self.policy.coef_exit_]
+        self.c_class = [[float(c) for c in row] for row in self.policy.coef_class_]
+        self.arm = self.arm_scales.index(1.0) if 1.0 in self.arm_scales else 0
+        self.buf = {k: torch.zeros(window, dtype=t) for k, t in self.FIELDS.items()}
+        self.buf["label"].fill_(-1)
+        self.pos, self.filled, self.batches, self.audits_total = 0, 0, 0, 0
+        self.history: list[dict] = []
+        self._last_slots = torch.zeros(0, dtype=torch.long)
+        self._apply()
+
+    # -- the hot path ------------------------------------------------------------------------------
+    def process(self, x: torch.Tensor) -> tuple[ExitResult, torch.Tensor]:
+        """Run one batch; returns the runner's result and each sample's MACs (audits included)."""
+        res = self.runner(x)
+        n_exits = self.runner.model.num_exits
+        early = res.exit < n_exits - 1
+        audit = early & (torch.rand(len(x), generator=self.gen) < self.audit_share)
+        macs = self.exit_costs[res.exit].clone()
+        agree = torch.zeros(len(x), dtype=torch.bool)
+        idx = audit.nonzero().flatten()
+        if idx.numel():
+            with torch.inference_mode():
+                probs = torch.softmax(self.runner.model.forward_static(x[idx]).float(), 1)
+            conf, final = probs.max(1)
+            confident = conf >= self.pseudo_conf  # only confident final predictions serve as pseudo-labels
+            audit[idx[~confident]] = False
+            agree[idx] = final == res.pred[idx]
+            macs[idx] += self.static_macs
+            self.audits_total += int(idx.numel())
+        self._record(res, macs, audit, agree)
+        self.batches += 1
+        if self.batches % self.update_every == 0:
+            self.step()
+        return res, macs
+
+    def _record(self, res: ExitResult, macs: torch.Tensor, audit: torch.Tensor, agree: torch.Tensor) -> None:
+        n = len(macs)
+        slots = (self.pos + torch.arange(n)) % self.window
+        for k, v in (("exit", res.exit), ("pred", res.pred), ("macs", macs), ("audited", audit), ("agree", agree),
+                     ("label", torch.full((n,), -1, dtype=torch.long))):
+            self.buf[k][slots] = v.to(self.buf[k].dtype)
+        self._last_slots = slots[-self.window:]
+        self.pos = (self.pos + n) % self.window
+        self.filled = min(self.window, self.filled + n)
+
+    def update(self, labels: torch.Tensor) -> None:
+        """True labels for the most recent batch: they replace the audit estimate for those samples."""
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if len(labels) < len(self._last_slots):
+            raise ConfigError(f"update() got {len(labels)} labels for a batch of {len(self._last_slots)}")
+        self.buf["label"][self._last_slots] = labels[-len(self._last_slots):]
+
+    # -- coefficient updates -------------------------------------------------------------------
+    def _window_evidence(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        b = {k: v[: self.filled] for k, v in self.buf.items()}
+        labelled = b["label"] >= 0
+        known = labelled | b["audited"]
+        right = torch.where(labelled, b["pred"] == b["label"], b["agree"])
+        return b["exit"], b["pred"], known, right
+
+    def _significant(self, target: float, acc: float, n: int) -> bool:
+        """Act only on evidence: |A_target - A| beyond ``z_gate`` binomial standard errors."""
+        se = math.sqrt(max(target * (1 - target), 0.01) / max(n, 1))
+        return abs(target - acc) > self.z_gate * se
+
+    def step(self) -> None:
+        """One update of every coefficient (called every ``update_every`` batches)."""
+        exits, preds, known, right = self._window_evidence()
+        lo, hi = self.bounds
+        n_classes = len(self.c_class[0])
+        early = known & (exits < len(self.targets))
+        n_all = int(early.sum())
+        if n_all >= self.min_audits:
+            acc_all = float(right[early].float().mean())
+            w = torch.bincount(exits[early], minlength=len(self.targets)).double()
+            target_all = float((w * torch.tensor(self.targets, dtype=torch.float64)).sum() / w.sum())
+        for i, target in enumerate(self.targets):
+            m = known & (exits == i)
+            n = int(m.sum())
+            if n >= self.min_audits:  # this exit's own evidence
+                acc, tgt = float(right[m].float().mean()), target
+            elif n_all >= self.min_audits:  # too few audits at this exit: pool over early exits
+                acc, tgt, n = acc_all, target_all, n_all
+            else:
+                continue
+            if self._significant(tgt, acc, n):
+                proposal = self.c_exit[i] * (1 + self.gain * (tgt - acc))  # Eq 13's f(performance)
+                self.c_exit[i] = min(hi, max(lo, self.a_decay * self.c_exit[i] + (1 - self.a_decay) * proposal))
+            if not m.any():
+                continue
+            counts = torch.bincount(preds[m], minlength=n_classes).double()
+            hits = torch.bincount(preds[m], weights=right[m].double(), minlength=n_classes)
+            acc_k = (hits + self.prior * acc) / (counts + self.prior)
+            for k in torch.nonzero(counts).flatten().tolist():  # Eq 14, where the class has evidence
+                if self._significant(target, float(acc_k[k]), int(counts[k])):
+                    self.c_class[i][k] = min(hi, max(lo, self.c_class[i][k] + self.eta * (target - float(acc_k[k]))))
+        if self.bandit is not None:
+            self.bandit.reward(self.arm, self.tradeoff())
+            self.arm = self.bandit.select()
+        self._apply()
+        self.history.append({"batch": self.batches, "c_exit": list(self.c_exit), "c_class": [list(r) for r in self.c_class],
+                             "arm": self.arm})
+
+    def tradeoff(self) -> float:
+        """Windowed Eq 10: estimated accuracy (relative to the final exit) - beta_opt * MACs / static MACs."""
+        exits, _, known, right = self._window_evidence()
+        n_exits = self.runner.model.num_exits
+        early = exits < n_exits - 1
+        k = known & early
+        agree_rate = float(right[k].float().mean()) if k.any() else 1.0
+        acc = 1 - float(early.float().mean()) * (1 - agree_rate)
+        return acc - self.beta_opt * float(self.buf["macs"][: self.filled].mean()) / self.static_macs
+
+    def _apply(self) -> None:
+        scale = self.arm_scales[self.arm] if self.bandit is not None else 1.0
+        self.policy.coef_exit_ = [c * scale for c in self.c_exit]
+        self.policy.coef_class_ = [list(r) for r in self.c_class]
+
+    # -- persistence ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "version": 1, "buf": dict(self.buf), "pos": self.pos, "filled": self.filled,
+                "batches": self.batches, "audits_total": self.audits_total, "c_exit": self.c_exit,
+                "c_class": self.c_class, "arm": self.arm, "targets": self.targets,
+                "bandit": None if self.bandit is None else {"counts": self.bandit.counts, "values": self.bandit.values},
+                "rng": self.gen.get_state(), "history": self.history, "last_slots": self._last_slots}
+
+    def load_state_dict(self, s: dict) -> None:
+        if s.get("format") != STATE_FORMAT:
+            raise ArtifactError("not a dart-ee adaptation state")
+        if len(s["c_exit"]) != len(self.c_exit) or s["buf"]["exit"].numel() != self.window:
+            raise ArtifactError("adaptation state was saved for a different model or window size")
+        self.buf = {k: v.clone() for k, v in s["buf"].items()}
+        self.pos, self.filled, self.batches, self.audits_total = s["pos"], s["filled"], s["batches"], s["audits_total"]
+        self.c_exit, self.c_class, self.arm, self.targets = list(s["c_exit"]), [list(r) for r in s["c_class"]], s["arm"], \
+            list(s["targets"])
+        if self.bandit is not None and s["bandit"] is not None:
+            self.bandit.counts, self.bandit.values = list(s["bandit"]["counts"]), list(s["bandit"]["values"])
+        self.gen.set_state(s["rng"])
+        self.history = list(s["history"])
+        self._last_slots = s["last_slots"]
+        self._apply()
+
+    def save(self, path: str | Path) -> None:
+        artifacts.save_torch(path, self.state_dict())
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(artifacts.load_torch(path, "adaptation state"))
+
+
+def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, severity: float, n_clean: int = 3000,
+                 n_shift: int = 3000, batch_size: int = 256, report_window: int = 500, seed: int = 0,
+                 data_dir: str | Path | None = None, **controller_kw) -> dict:
+    """Full network, frozen DART and adaptive DART on the same shifted stream; per-window and total figures."""
+    from dart_ee.config import load_config
+    from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
+    from dart_ee.policies import StaticPolicy, load_policy
+    from dart_ee.shift import make_stream
+    from dart_ee.trace import load
+    from dart_ee.training import MODEL, load_model, prepare_splits
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    model, est = load_model(run_dir / MODEL), load_estimators(run_dir / ESTIMATOR_FILE)
+    test = prepare_splits(cfg, run_dir, data_dir).test
+    stream = make_stream(test.x, test.y, scenario, severity, n_clean, n_shift, seed)
+    frozen_pol, adapt_pol = load_policy(policy_path), load_policy(policy_path)
+    if not isinstance(adapt_pol, DartPolicy):
+        raise ConfigError(f"{policy_path} is a {adapt_pol.name!r} policy; adaptation needs a DART policy")
+    cal = load(run_dir / "trace_cal.npz", expect_split="cal")
+    if adapt_pol.alpha_source_:
+        cal = cal.with_alpha(f"alpha_{adapt_pol.alpha_source_}")
+    ctrl = AdaptiveController(EarlyExitRunner(model, adapt_pol, est), agreement_targets(adapt_pol, cal),
+                              seed=seed, **controller_kw)
+    full, frozen = EarlyExitRunner(model, StaticPolicy(), est), EarlyExitRunner(model, frozen_pol, est)
+    static_macs = ctrl.static_macs
+    out: dict[str, dict[str, list]] = {k: {"correct": [], "macs": [], "exit": []} for k in ("full", "frozen", "adaptive")}
+    coef_trace = []
+    for s in range(0, len(stream.y), batch_size):
+        x, y = stream.x[s: s + batch_size], stream.y[s: s + batch_size]
+        for name, runner in (("full", full), ("frozen", frozen)):
+            r = runner(x)
+            out[name]["correct"].append(r.pred == y)
+            out[name]["exit"].append(r.exit)
+            out[name]["macs"].append(torch.full((len(y),), static_macs, dtype=torch.float64) if name == "full"
+                                     else ctrl.exit_costs[r.exit])
+        r, macs = ctrl.process(x)
+        out["adaptive"]["correct"].append(r.pred == y)
+        out["adaptive"]["exit"].append(r.exit)
+        out["adaptive"]["macs"].append(macs)
+        coef_trace.append({"image": s + len(y), "c_exit": list(ctrl.c_exit),
+                           "c_class_mean": [float(np.mean([row[k] for row in ctrl.c_class]))
+                                            for k in range(len(ctrl.c_class[0]))]})
+    series = {}
+    parts = {"clean": slice(0, stream.shift_start), "shifted": slice(stream.shift_start, len(stream.y))}
+    totals = {}
+    for name, d in out.items():
+        correct, macs = torch.cat(d["correct"]).double(), torch.cat(d["macs"])
+        w = [(a, min(a + report_window, len(correct))) for a in range(0, len(correct), report_window)]
+        series[name] = {"window_start": [a for a, _ in w], "accuracy": [float(correct[a:b].mean()) for a, b in w],
+                        "mac_fraction": [float(macs[a:b].mean()) / static_macs for a, b in w]}
+        totals[name] = {p: {"accuracy": float(correct[sl].mean()), "mac_fraction": float(macs[sl].mean()) / static_macs}
+                        for p, sl in parts.items()}
+    f, z, a = (totals[k]["shifted"]["accuracy"] for k in ("full", "frozen", "adaptive"))
+    lost = f - z
+    summary = {"accuracy_lost_by_frozen": lost, "accuracy_recovered": a - z,
+               "recovered_share": (a - z) / lost if lost > 0 else float("nan"),
+               "adaptive_macs_vs_full_shifted": totals["adaptive"]["shifted"]["mac_fraction"],
+               "clean_savings_gap_points": 100 * (totals["adaptive"]["clean"]["mac_fraction"]
+                                                  - totals["frozen"]["clean"]["mac_fraction"])}
+    return {"scenario": scenario, "severity": severity, "n_clean": n_clean, "n_shift": n_shift, "shift_start": stream.shift_start,
+            "batch_size": batch_size, "report_window": report_window, "audit_share": ctrl.audit_share,
+            "audited_samples": ctrl.audits_total, "targets": ctrl.targets, "series": series, "totals": totals,
+            "summary": summary, "coefficients": coef_trace, "final_c_class": ctrl.c_class}

@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dart_ee.adapt import UCB1, AdaptiveController, agreement_targets
+from dart_ee.calibration import calibrate
+from dart_ee.difficulty import load_estimators
+from dart_ee.errors import ConfigError
+from dart_ee.policies import make_policy
+from dart_ee.runtime import EarlyExitRunner
+from dart_ee.shift import SCENARIOS, make_stream
+from dart_ee.training import load_model
+
+
+class Switchable(nn.Module):
+    """Wraps an exit head; when ``wrong`` is set it shifts every prediction to the next class (same confidence)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head, self.wrong = head, False
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.head(h)
+        return z.roll(1, dims=1) if self.wrong else z
+
+
+def _setup(trained_run, **kw):
+    cal = trained_run["cal"]
+    policy = calibrate("dart", cal, max_drop=3.0, beta_diff=0.0)[0]
+    model = load_model(trained_run["run"] / "model.pt")
+    runner = EarlyExitRunner(model, policy, load_estimators(trained_run["run"] / "difficulty.pt"))
+    ctrl = AdaptiveController(runner, agreement_targets(policy, cal), **kw)
+    frozen = EarlyExitRunner(model, make_policy("dart").set_params(**policy.get_params()), runner.estimator)
+    frozen.policy.__dict__.update({k: v for k, v in policy.__dict__.items() if k.endswith("_")})
+    return ctrl, frozen, model
+
+
+def _stream(images, n, seed=0):
+    idx = np.random.default_rng(seed).integers(0, len(images), n)
+    return images[idx].float() / 255
+
+
+def test_stationary_stream_keeps_coefficients_and_savings(trained_run):
+    ctrl, frozen, _ = _setup(trained_run, audit_share=0.05, update_every=2, window=500)
+    x = _stream(trained_run["images"], 4096)
+    macs_frozen, macs_adapt = [], []
+    for s in range(0, len(x), 64):
+        b = x[s: s + 64]
+        macs_frozen.append(ctrl.exit_costs[frozen(b).exit])
+        macs_adapt.append(ctrl.exit_costs[ctrl.process(b)[0].exit])  # exit compute, audits excluded
+    assert ctrl.history, "the controller never updated"
+    for h in ctrl.history:
+        assert np.all(np.abs(np.array(h["c_exit"]) - 1) <= 0.1)
+        assert np.all(np.abs(np.array(h["c_class"]) - 1) <= 0.1)
+    sf, sa = (1 - float(torch.cat(m).mean()) / ctrl.static_macs for m in (macs_frozen, macs_adapt))
+    assert abs(sa - sf) <= 0.02
+
+
+def test_early_exits_fall_when_they_become_wrong(trained_run):
+    ctrl, _, model = _setup(trained_run, audit_share=0.2, update_every=1, window=400)
+    for i in range(model.num_exits - 1):
+        model.heads[i] = Switchable(model.heads[i])
+    x = _stream(trained_run["images"], 4000)
+    early_share = []
+    for s in range(0, len(x), 100):
+        if s == 1000:
+            for h in model.heads[:-1]:
+                h.wrong = True
+        r, _ = ctrl.process(x[s: s + 100])
+        early_share.append(float((r.exit < model.num_exits - 1).float().mean()))
+    before, after = np.mean(early_share[5:10]), np.mean(early_share[-5:])
+    assert before > 0.3
+    assert after < 0.5 * before
+    assert max(ctrl.c_exit) > 1.2
+
+
+def test_ucb1_finds_the_best_arm():
+    rng = np.random.default_rng(0)
+    means = [0.3, 0.5, 0.7, 0.4]
+    bandit = UCB1(len(means))
+    for _ in range(2000):
+        a = bandit.select()
+        bandit.reward(a, float(rng.random() < means[a]))
+    assert int(np.argmax(bandit.counts)) == 2
+    assert bandit.counts[2] > 0.5 * sum(bandit.counts)
+
+
+def test_state_round_trip(trained_run, tmp_path):
+    ctrl, _, _ = _setup(trained_run, audit_share=0.3, update_every=1, window=300, ucb=True)
+    x = _stream(trained_run["images"], 1200, seed=1)
+    for s in range(0, 600, 100):
+        ctrl.process(x[s: s + 100])
+    ctrl.update(torch.zeros(100, dtype=torch.long))
+    ctrl.save(tmp_path / "state.pt")
+    twin, _, _ = _setup(trained_run, audit_share=0.3, update_every=1, window=300, ucb=True)
+    twin.load(tmp_path / "state.pt")
+    for s in range(600, 1200, 100):  # the restored controller goes on exactly where the first one is
+        a, b = ctrl.process(x[s: s + 100])[0], twin.process(x[s: s + 100])[0]
+        assert torch.equal(a.exit, b.exit)
+    assert ctrl.c_exit == twin.c_exit and ctrl.bandit.counts == twin.bandit.counts
+
+
+def test_controller_validation(trained_run):
+    model = load_model(trained_run["run"] / "model.pt")
+    with pytest.raises(ConfigError, match="DART"):
+        AdaptiveController(EarlyExitRunner(model, make_policy("threshold").fit(trained_run["cal"])))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_shift_streams_are_deterministic(scenario, trained_run):
+    imgs = trained_run["images"].numpy()
+    labels = np.arange(len(imgs)) % 10
+    a = make_stream(imgs, labels, scenario, 0.5, 100, 120, seed=3)
+    b = make_stream(imgs, labels, scenario, 0.5, 100, 120, seed=3)
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.shift_start == 100 and len(a.y) == 220
+    assert a.x.min() >= 0 and a.x.max() <= 1
+    if scenario != "class-prior":
+        assert not torch.equal(a.x[100:], make_stream(imgs, labels, scenario, 0.0, 100, 120, seed=3).x[100:])
