@@ -300,8 +300,11 @@ def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, se
     totals = {}
     for name, d in out.items():
         correct, macs = torch.cat(d["correct"]).double(), torch.cat(d["macs"])
-        w = [(a, min(a + report_window, len(correct))) for a in range(0, len(correct), report_window)]
-        series[name] = {"window_start": [a for a, _ in w], "accuracy": [float(correct[a:b].mean()) for a, b in w],
+        cut, n = stream.shift_start, len(correct)  # windows never straddle the shift
+        w = [(a, min(a + report_window, cut)) for a in range(0, cut, report_window)] + \
+            [(a, min(a + report_window, n)) for a in range(cut, n, report_window)]
+        series[name] = {"window_start": [a for a, _ in w], "window_end": [b for _, b in w],
+                        "accuracy": [float(correct[a:b].mean()) for a, b in w],
                         "mac_fraction": [float(macs[a:b].mean()) / static_macs for a, b in w]}
         totals[name] = {p: {"accuracy": float(correct[sl].mean()), "mac_fraction": float(macs[sl].mean()) / static_macs}
                         for p, sl in parts.items()}

@@ -87,12 +87,12 @@ def adaptation_over_time(res: dict, path: str | Path) -> Path:
               "adaptive": ("tab:blue", "-", "adaptive DART")}
     for name, s in res["series"].items():
         c, ls, label = styles[name]
-        x = [w + res["report_window"] / 2 for w in s["window_start"]]
+        x = [(a + b) / 2 for a, b in zip(s["window_start"], s["window_end"])]
         a1.plot(x, [100 * v for v in s["accuracy"]], color=c, ls=ls, marker="o", ms=3, label=label)
         a2.plot(x, [100 * v for v in s["mac_fraction"]], color=c, ls=ls, marker="o", ms=3, label=label)
     for ax in (a1, a2):
         ax.axvline(res["shift_start"], color="grey", lw=1.5, ls=":")
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="best")
     a1.text(res["shift_start"], a1.get_ylim()[1], f" shift: {res['scenario']} (severity {res['severity']})",
             va="top", fontsize=8)
     a1.set_ylabel(f"accuracy per {res['report_window']} images (%)")
