@@ -32,7 +32,7 @@ def _setup(trained_run, **kw):
     runner = EarlyExitRunner(model, policy, load_estimators(trained_run["run"] / "difficulty.pt"))
     ctrl = AdaptiveController(runner, agreement_targets(policy, cal), **kw)
     frozen = EarlyExitRunner(model, make_policy("dart").set_params(**policy.get_params()), runner.estimator)
-    frozen.policy.__dict__.update({k: v for k, v in policy.__dict__.items() if k.endswith("_")})
+    frozen.policy.__dict__.update(policy.fitted_state())
     return ctrl, frozen, model
 
 

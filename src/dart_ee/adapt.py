@@ -218,8 +218,7 @@ class AdaptiveController:
 
     def _apply(self) -> None:
         scale = self.arm_scales[self.arm] if self.bandit is not None else 1.0
-        self.policy.coef_exit_ = [c * scale for c in self.c_exit]
-        self.policy.coef_class_ = [list(r) for r in self.c_class]
+        self.policy.set_coefficients([c * scale for c in self.c_exit], self.c_class)
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

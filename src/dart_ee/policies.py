@@ -40,7 +40,7 @@ class ExitPolicy:
     uses_alpha: ClassVar[bool] = False
 
     def get_params(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if not k.endswith("_")}
+        return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
 
     def set_params(self, **params: Any) -> ExitPolicy:
         for k, v in params.items():
@@ -63,7 +63,7 @@ class ExitPolicy:
 
     # -- persistence ---------------------------------------------------------------------------
     def fitted_state(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if k.endswith("_")}
+        return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
 
     def to_dict(self) -> dict[str, Any]:
         fitted = {k: _jsonable(v) for k, v in self.fitted_state().items()}
@@ -301,21 +301,32 @@ class DartPolicy(ExitPolicy):
                     self.tau_[i][a] = (floor[i] if first[a] == 0 else float(self.conf_edges_[i][first[a] - 1]))
             # the value that earlier exits see follows the monotone policy actually used
             value = np.where(np.arange(b)[None, :] >= first[:, None], r_exit, q_cont)
-        self.coef_exit_ = [1.0] * (n_exits - 1)
-        self.coef_class_ = [[1.0] * trace.num_classes for _ in range(n_exits - 1)]
+        self.set_coefficients([1.0] * (n_exits - 1), [[1.0] * trace.num_classes for _ in range(n_exits - 1)])
         return self
+
+    def set_coefficients(self, coef_exit: list[float], coef_class: list[list[float]]) -> None:
+        """Replace the adaptive coefficients c (per exit, and per exit and predicted class)."""
+        self.coef_exit_, self.coef_class_ = list(coef_exit), [list(r) for r in coef_class]
+        self._tables = {}
+
+    def _table(self, i: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Exit i's thresholds, alpha edges and class coefficients as tensors, built once per device."""
+        cache = self.__dict__.setdefault("_tables", {})
+        key = (i, dev, id(self.tau_), id(self.coef_exit_), id(self.coef_class_))  # reassignment invalidates
+        if key not in cache:
+            f32 = {"dtype": torch.float32, "device": dev}
+            cache[key] = (torch.tensor(self.tau_[i], **f32), torch.tensor(self.alpha_edges_, **f32),
+                          self.coef_exit_[i] * torch.tensor(self.coef_class_[i], **f32))
+        return cache[key]
 
     def thresholds(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
         """tau'_i for each sample (Eq 19), including the adaptive coefficients."""
-        dev = probs.device
-        tau_row = torch.tensor(self.tau_[i], dtype=torch.float32, device=dev)
+        tau_row, edges, coef_class = self._table(i, probs.device)
         if self.alpha_bins > 1 and alpha is not None:
-            a = torch.bucketize(alpha.float(), torch.tensor(self.alpha_edges_, dtype=torch.float32, device=dev),
-                                right=True)
-            tau = tau_row[a]
+            tau = tau_row[torch.bucketize(alpha.float(), edges, right=True)]
         else:
             tau = tau_row[0].expand(len(probs))
-        coef = self.coef_exit_[i] * torch.tensor(self.coef_class_[i], dtype=torch.float32, device=dev)[probs.argmax(1)]
+        coef = coef_class[probs.argmax(1)]
         margin = self.beta_diff * alpha.float() if (alpha is not None and self.beta_diff) else 0.0
         return (coef * tau + margin).clamp(0, 1)
 
