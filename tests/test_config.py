@@ -37,3 +37,8 @@ def test_overrides(tmp_path):
         load_config(p, ["train.epochs"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_adapt_lists_must_match():
+    with pytest.raises(ConfigError, match="adapt: Value error, severities has 1 entries for 3 scenarios"):
+        parse_config({"adapt": {"severities": [0.1]}})

@@ -270,14 +270,6 @@ def calibrate(
     typer.echo(f"wrote {out}")
 
 
-def _policy_table(rows: list[dict]) -> str:
-    lines = ["| Policy | Accuracy | Drop (points) | MAC reduction | Exit histogram |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['policy']} | {100 * r['accuracy']:.2f}% | {r['drop_points']:+.2f} | "
-                     f"{100 * r['mac_reduction']:.1f}% | {' / '.join(map(str, r['exit_histogram']))} |")
-    return "\n".join(lines)
-
-
 @app.command()
 def evaluate(trace: TraceOpt,
              policy: Annotated[list[Path], typer.Option("--policy", help="Fitted policy JSON. Repeatable.")],
@@ -286,6 +278,7 @@ def evaluate(trace: TraceOpt,
     from dart_ee.evaluation import evaluate as run_eval
     from dart_ee.evaluation import oracle
     from dart_ee.policies import load_policy
+    from dart_ee.report import policy_table
 
     try:
         rows = []
@@ -299,7 +292,7 @@ def evaluate(trace: TraceOpt,
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
-        typer.echo(_policy_table(rows))
+        typer.echo(policy_table(rows))
 
 
 @app.command()
@@ -310,6 +303,7 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
     """Every policy's accuracy-vs-MACs curve on the test trace (fitted on the calibration trace), with the oracle."""
     from dart_ee import artifacts, plots
     from dart_ee.calibration import sweep as run_sweep
+    from dart_ee.report import grid_markdown
 
     try:
         res = run_sweep(_load_trace(cal, "cal", alpha), _load_trace(test, "test", alpha))
@@ -320,15 +314,6 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
     typer.echo(grid_markdown(res))
     typer.echo(f"oracle: {100 * res['oracle']['accuracy']:.2f}% at {100 * res['oracle']['mac_fraction']:.1f}% of static MACs")
     typer.echo(f"wrote {out}/sweep.json and {out}/tradeoff_curves.png")
-
-
-def grid_markdown(res: dict) -> str:
-    lines = ["| Policy | Acc @25% MACs | Acc @50% MACs | Acc @75% MACs | AUC (25-100%) |", "|---|---|---|---|---|"]
-    fmt = lambda v: "n/a" if v != v else f"{100 * v:.2f}%"  # noqa: E731
-    for name, g in res["grid"].items():
-        lines.append(f"| {name} | {fmt(g['acc_at_25'])} | {fmt(g['acc_at_50'])} | {fmt(g['acc_at_75'])} | "
-                     f"{fmt(g['auc_25_100'])} |")
-    return "\n".join(lines)
 
 
 @app.command()
@@ -342,6 +327,7 @@ def compare(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace."
     from dart_ee import artifacts
     from dart_ee.calibration import compare as run_compare
     from dart_ee.calibration import dart_ablation
+    from dart_ee.report import policy_table
 
     try:
         c, t = _load_trace(cal, "cal"), _load_trace(test, "test")
@@ -354,10 +340,10 @@ def compare(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace."
         pol.save(out / f"{name}.json", calibration=rec)
     typer.echo(f"Every policy calibrated at --max-drop {max_drop}" + (f" --confidence {confidence}" if confidence else "")
                + f" on {cal}, measured on {test}:")
-    typer.echo(_policy_table([r["test"] for r in res["rows"]] + [res["oracle"]]))
+    typer.echo(policy_table([r["test"] for r in res["rows"]] + [res["oracle"]]))
     if abl:
         typer.echo("\nDART ablation (same budget):")
-        typer.echo(_policy_table([{**r["test"], "policy": r["variant"]} for r in abl]))
+        typer.echo(policy_table([{**r["test"], "policy": r["variant"]} for r in abl]))
     artifacts.write_json(out / "compare.json", {**res, "ablation": abl})
     typer.echo(f"wrote {out}/compare.json and one fitted policy JSON per method")
 

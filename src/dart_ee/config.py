@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dart_ee.errors import ConfigError
 
@@ -68,6 +68,23 @@ class BenchmarkConfig(_Strict):
     threads: int | None = Field(None, ge=1)
 
 
+class AdaptConfig(_Strict):
+    enabled: bool = True
+    scenarios: list[Literal["noise", "blur", "contrast", "class-prior", "ramp"]] = ["noise", "blur", "contrast"]
+    severities: list[float] = [0.1, 1.0, 0.7]  # one per scenario (see dart_ee.shift.SEVERITY_HELP)
+    clean: int = Field(3000, ge=1)
+    shifted: int = Field(3000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    audit_share: float = Field(0.02, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_severity_per_scenario(self) -> AdaptConfig:
+        if len(self.severities) != len(self.scenarios):
+            raise ValueError(f"severities has {len(self.severities)} entries for {len(self.scenarios)} scenarios; "
+                             "give one severity per scenario")
+        return self
+
+
 class Config(_Strict):
     name: str = "experiment"
     seed: int = 0
@@ -77,6 +94,7 @@ class Config(_Strict):
     difficulty: Literal["paper", "learned"] = "paper"
     calibration: CalibrationConfig = CalibrationConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
+    adapt: AdaptConfig = AdaptConfig()
 
 
 def _format_errors(e: ValidationError, source: str) -> str:

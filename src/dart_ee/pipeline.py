@@ -21,13 +21,17 @@ def _valid(loader, path: Path) -> bool:  # noqa: ANN001
 
 
 def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> dict:
-    """Train, trace (with difficulty), calibrate every policy, sweep, benchmark; write results.json."""
+    """Train, trace (with difficulty), calibrate every policy, sweep, benchmark, adapt; write results.json and report.md."""
     import torch
 
     from dart_ee import trace as trace_mod
+    from dart_ee.adapt import run_scenario
     from dart_ee.analysis import difficulty_report
     from dart_ee.bench import benchmark, git_revision, hardware_info
     from dart_ee.calibration import compare, dart_ablation, sweep
+    from dart_ee.evaluation import simulate
+    from dart_ee.policies import load_policy
+    from dart_ee.report import write_report
     from dart_ee.training import METRICS, MODEL, train
 
     out = Path(out)
@@ -37,12 +41,12 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
         log(f"[bold]== {name}[/bold]")
         return time.perf_counter()
 
-    t0 = step("1/5 train")
+    t0 = step("1/6 train")
     done = (out / MODEL).is_file() and (out / METRICS).is_file()
     metrics = train(cfg, out, data_dir, resume=True) if not done else artifacts.read_json(out / METRICS, "metrics")
     steps["train"] = time.perf_counter() - t0
 
-    t0 = step("2/5 difficulty + trace")
+    t0 = step("2/6 difficulty + trace")
     cal_p, test_p = out / "trace_cal.npz", out / "trace_test.npz"
     if not (_valid(trace_mod.load, cal_p) and _valid(trace_mod.load, test_p) and (out / "difficulty.pt").is_file()):
         trace_mod.trace_run(out, data_dir)
@@ -53,7 +57,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
                                  "Exit distribution by difficulty (oracle exits, test split)")
     steps["trace"] = time.perf_counter() - t0
 
-    t0 = step(f"3/5 calibrate every policy at --max-drop {cfg.calibration.max_drop}")
+    t0 = step(f"3/6 calibrate every policy at --max-drop {cfg.calibration.max_drop}")
     pol_dir = out / "policies"
     comp = compare(cal, test, cfg.calibration.max_drop, cfg.calibration.confidence)
     for name, (pol, rec) in comp.pop("fitted").items():
@@ -61,24 +65,43 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     ablation = dart_ablation(cal, test, cfg.calibration.max_drop)
     steps["calibrate"] = time.perf_counter() - t0
 
-    t0 = step("4/5 sweep")
+    t0 = step("4/6 sweep")
     sw = sweep(cal, test)
     plots.tradeoff_curves(sw, out / "tradeoff_curves.png")
     steps["sweep"] = time.perf_counter() - t0
 
+    exits, _ = simulate(load_policy(pol_dir / "dart.json"), test)
+    dart_diff = difficulty_report(test, exits + 1, "DART")["exit_distribution"]
+    plots.exit_distribution_plot(list(dart_diff.values()), out / "exit_by_difficulty_dart.png",
+                                 f"Exit distribution by difficulty (DART at --max-drop {cfg.calibration.max_drop}, test split)")
+
     bench = None
     if cfg.benchmark.enabled:
-        t0 = step("5/5 benchmark")
+        t0 = step("5/6 benchmark")
         b = cfg.benchmark
         policies = [pol_dir / f"{n}.json" for n in ("threshold", "branchynet", "rl", "patience", "dart")]
         bench = benchmark(out, policies, b.batch_size, b.images, b.repeats, b.latency_images, b.threads, "cpu", data_dir)
         steps["benchmark"] = time.perf_counter() - t0
 
+    adaptation = []
+    if cfg.adapt.enabled:
+        t0 = step("6/6 adaptation scenarios")
+        a = cfg.adapt
+        for sc, sv in zip(a.scenarios, a.severities):
+            res = run_scenario(out, pol_dir / "dart.json", sc, sv, a.clean, a.shifted, a.batch_size, seed=cfg.seed,
+                               data_dir=data_dir, audit_share=a.audit_share)
+            artifacts.write_json(out / "adapt" / f"{sc}.json", res)
+            plots.adaptation_over_time(res, out / f"{sc}_over_time.png")
+            plots.coefficient_evolution(res, out / f"{sc}_coefficients.png")
+            adaptation.append({k: v for k, v in res.items() if k not in ("coefficients", "series")})
+        steps["adapt"] = time.perf_counter() - t0
+
     results = {"config": cfg.model_dump(mode="json"), "seed": cfg.seed, "git_revision": git_revision(),
                "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "training": metrics,
-               "difficulty": diff, "compare": comp, "ablation": ablation, "sweep": sw, "benchmark": bench,
-               "step_seconds": steps}
+               "difficulty": diff, "dart_exit_distribution": dart_diff, "compare": comp, "ablation": ablation,
+               "sweep": sw, "benchmark": bench, "adaptation": adaptation, "step_seconds": steps}
     artifacts.write_json(out / "results.json", results)
-    log(f"wrote {out / 'results.json'}")
+    write_report(results, out)
+    log(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     return results
