@@ -28,7 +28,7 @@ class Switchable(nn.Module):
 def _setup(trained_run, **kw):
     cal = trained_run["cal"]
     policy = calibrate("dart", cal, max_drop=3.0, beta_diff=0.0)[0]
-    model = load_model(trained_run["run"] / "model.pt")
+    model = load_model(trained_run["run"] / "model.pt", optimize=True)
     runner = EarlyExitRunner(model, policy, load_estimators(trained_run["run"] / "difficulty.pt"))
     ctrl = AdaptiveController(runner, agreement_targets(policy, cal), **kw)
     frozen = EarlyExitRunner(model, make_policy("dart").set_params(**policy.get_params()), runner.estimator)
@@ -102,7 +102,7 @@ def test_state_round_trip(trained_run, tmp_path):
 
 
 def test_controller_validation(trained_run):
-    model = load_model(trained_run["run"] / "model.pt")
+    model = load_model(trained_run["run"] / "model.pt", optimize=True)
     with pytest.raises(ConfigError, match="DART"):
         AdaptiveController(EarlyExitRunner(model, make_policy("threshold").fit(trained_run["cal"])))
 

@@ -79,3 +79,22 @@ def test_attach_exits_errors():
         attach_exits(_plain_backbone(), ["nope"], (1, 28, 28), 10)
     with pytest.raises(ConfigError, match="logits"):
         attach_exits(_plain_backbone()[:-1], [2], (1, 28, 28), 10)
+
+
+@pytest.mark.parametrize("name", sorted(EXITS))
+def test_optimize_for_inference_computes_the_same_function(name):
+    from dart_ee.models import optimize_for_inference
+
+    torch.manual_seed(0)
+    m = create_model(name, width_mult=0.25)
+    m.train()
+    for _ in range(3):  # give BatchNorm non-trivial running statistics
+        m(torch.rand(16, 3, 32, 32))
+    m.eval()
+    fast = optimize_for_inference(m)
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in fast.modules())
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(m(x), fast(x)):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert fast.exit_macs() == m.exit_macs()

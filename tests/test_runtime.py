@@ -27,7 +27,7 @@ def test_runtime_matches_trace_evaluation(trained_run, name, alpha, batch_size):
     test = trained_run["test"].with_alpha(f"alpha_{alpha}")
     policy = _fitted(name, cal)
     exits, preds = simulate(policy, test)
-    runner = EarlyExitRunner(load_model(trained_run["run"] / "model.pt"), policy,
+    runner = EarlyExitRunner(load_model(trained_run["run"] / "model.pt", optimize=True), policy,
                              load_estimators(trained_run["run"] / "difficulty.pt"))
     out = runner.run(trained_run["images"], batch_size)
     np.testing.assert_array_equal(out.exit.numpy(), exits)
@@ -37,7 +37,7 @@ def test_runtime_matches_trace_evaluation(trained_run, name, alpha, batch_size):
 
 
 def test_runtime_bad_input(trained_run):
-    model = load_model(trained_run["run"] / "model.pt")
+    model = load_model(trained_run["run"] / "model.pt", optimize=True)
     runner = EarlyExitRunner(model, make_policy("threshold", tau=0.5).fit(trained_run["cal"]))
     for bad, match in ((torch.rand(2, 3, 28, 28), "shape"), (torch.rand(0, 1, 28, 28), "empty"),
                        (torch.full((2, 1, 28, 28), float("nan")), "NaN"), (torch.rand(1, 28, 28), "shape")):

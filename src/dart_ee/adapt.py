@@ -264,7 +264,7 @@ def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, se
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    model, est = load_model(run_dir / MODEL), load_estimators(run_dir / ESTIMATOR_FILE)
+    model, est = load_model(run_dir / MODEL, optimize=True), load_estimators(run_dir / ESTIMATOR_FILE)
     test = prepare_splits(cfg, run_dir, data_dir).test
     stream = make_stream(test.x, test.y, scenario, severity, n_clean, n_shift, seed)
     frozen_pol, adapt_pol = load_policy(policy_path), load_policy(policy_path)

@@ -111,7 +111,7 @@ def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: i
     n_threads = set_threads(threads)
     dev = torch.device(device)
     cfg = load_config(run_dir / "config.yaml")
-    model = load_model(run_dir / MODEL).to(dev)
+    model = load_model(run_dir / MODEL, optimize=True).to(dev)
     est = load_estimators(run_dir / ESTIMATOR_FILE).to(dev)
     test = prepare_splits(cfg, run_dir, data_dir).test
     all_x, labels = torch.from_numpy(test.x), torch.from_numpy(test.y)
@@ -219,7 +219,7 @@ def _memory_child(run_dir: str, policy_path: str | None, images_path: str, batch
     from dart_ee.training import MODEL, load_model
 
     torch.set_num_threads(threads)
-    model = load_model(Path(run_dir) / MODEL).to(device)
+    model = load_model(Path(run_dir) / MODEL, optimize=True).to(device)
     pol = load_policy(policy_path) if policy_path else StaticPolicy()
     runner = EarlyExitRunner(model, pol, load_estimators(Path(run_dir) / ESTIMATOR_FILE).to(device))
     images = torch.from_numpy(np.load(images_path))

@@ -304,6 +304,70 @@ def vgg16(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, hea
 
 
 # ----------------------------------------------------------------------------------------------
+# Inference: fold BatchNorm, pool before ReLU, channels_last
+
+
+class ChannelsLast(nn.Module):
+    """Put the input in channels_last layout, which oneDNN's CPU convolutions run fastest in."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+def _flatten_sequential(mod: nn.Sequential) -> list[nn.Module]:
+    out: list[nn.Module] = []
+    for m in mod:
+        out.extend(_flatten_sequential(m) if isinstance(m, nn.Sequential) else [m])
+    return out
+
+
+def _optimize_sequential(mod: nn.Sequential) -> nn.Sequential:
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    layers = _flatten_sequential(mod)
+    out: list[nn.Module] = []
+    for m in layers:
+        if isinstance(m, nn.BatchNorm2d) and out and isinstance(out[-1], nn.Conv2d):
+            out[-1] = fuse_conv_bn_eval(out[-1], m)  # conv(x) * scale + shift, folded into the weights
+        elif isinstance(m, nn.MaxPool2d) and out and isinstance(out[-1], nn.ReLU):
+            out.insert(len(out) - 1, m)  # max-pool then ReLU: equal (ReLU is monotone), on 4x fewer values
+        else:
+            out.append(m)
+    for m in out:
+        if isinstance(m, nn.ReLU):
+            m.inplace = True
+    return nn.Sequential(*out)
+
+
+def _optimize_children(mod: nn.Module) -> None:
+    for name, child in mod.named_children():
+        if isinstance(child, nn.Sequential):
+            child = _optimize_sequential(child)
+            setattr(mod, name, child)
+        _optimize_children(child)
+
+
+@torch.no_grad()
+def optimize_for_inference(model: MultiExitNet, channels_last: bool = True) -> MultiExitNet:
+    """An eval-mode copy that computes the same function faster on CPU.
+
+    BatchNorm is folded into the preceding convolution, ReLU moves after max-pooling, and activations
+    are kept in channels_last layout. The static baseline, the traces and the early-exit runtime all
+    use the same optimised model, so comparisons stay fair and decisions stay identical.
+    """
+    import copy
+
+    opt = copy.deepcopy(model).eval()
+    _optimize_children(opt)
+    if channels_last:
+        opt.stages[0] = nn.Sequential(ChannelsLast(), *_flatten_sequential(opt.stages[0]))
+        opt = opt.to(memory_format=torch.channels_last)
+    opt.arch = dict(model.arch)
+    opt.optimized = True
+    return opt
+
+
+# ----------------------------------------------------------------------------------------------
 # Bring your own model
 
 

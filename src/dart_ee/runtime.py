@@ -31,10 +31,12 @@ class ExitResult:
 
 
 class EarlyExitRunner:
-    """Run a multi-exit model under a fitted exit policy, skipping the stages that exited samples don't need."""
+    """Run a multi-exit model under a fitted exit policy, skipping the stages that exited samples don't need.
 
-    def __init__(self, model: MultiExitNet, policy: ExitPolicy, estimator: LearnedDifficulty | None = None,
-                 channels_last: bool = False) -> None:
+    Pass the inference-optimised model (``load_model(path, optimize=True)``), the one traces are made with.
+    """
+
+    def __init__(self, model: MultiExitNet, policy: ExitPolicy, estimator: LearnedDifficulty | None = None) -> None:
         self.model = model.eval()
         self.policy = policy
         self.estimator = estimator.eval() if estimator is not None else None
@@ -45,9 +47,6 @@ class EarlyExitRunner:
         n_fit = getattr(policy, "num_exits_", model.num_exits)
         if n_fit != model.num_exits:
             raise ConfigError(f"policy was fitted for {n_fit} exits but the model has {model.num_exits}")
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> ExitResult:
@@ -55,7 +54,7 @@ class EarlyExitRunner:
         model.check_input(x)
         n, dev = x.shape[0], x.device
         if isinstance(policy, StaticPolicy):  # the plain network: no heads, no estimator
-            p = F.softmax(model.forward_static(x.contiguous(memory_format=self.memory_format)).float(), 1)
+            p = F.softmax(model.forward_static(x).float(), 1)
             conf, pred = p.max(1)
             return ExitResult(pred, conf, torch.full((n,), model.num_exits - 1, dtype=torch.long, device=dev), None)
 
@@ -66,7 +65,7 @@ class EarlyExitRunner:
         active = torch.arange(n, device=dev)
         alpha = alpha_all
         state = policy.init_state(n, dev)
-        h = x.contiguous(memory_format=self.memory_format)
+        h = x
         last = model.num_exits - 1
         for i in range(model.num_exits):
             h = model.stages[i](h)
@@ -83,7 +82,7 @@ class EarlyExitRunner:
             gone = active[leave]
             pred[gone], conf[gone], exit_idx[gone] = p[leave], c[leave], i
             stay = ~leave
-            active, h = active[stay], h[stay]
+            active, h = active[stay], _keep_layout(h[stay], h)
             if alpha is not None:
                 alpha = alpha[stay]
             state = {k: v[stay] for k, v in state.items()}
@@ -99,3 +98,10 @@ class EarlyExitRunner:
         parts = [self(to_float(images[s: s + batch_size]).to(dev)) for s in range(0, len(images), batch_size)]
         alpha = None if parts[0].alpha is None else torch.cat([r.alpha for r in parts])
         return ExitResult(*(torch.cat([getattr(r, f) for r in parts]) for f in ("pred", "conf", "exit")), alpha)
+
+
+def _keep_layout(sub: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Indexing may drop channels_last; restore it so later stages run the same kernels as in the trace."""
+    if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last):
+        return sub.contiguous(memory_format=torch.channels_last)
+    return sub

@@ -198,7 +198,7 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    model = load_model(run_dir / MODEL)
+    model = load_model(run_dir / MODEL, optimize=True)
     splits = prepare_splits(cfg, run_dir, data_dir)
     est = difficulty_mod.fit_estimators(splits.train.x, seed=cfg.seed)
 

@@ -25,7 +25,7 @@ from dart_ee import artifacts, data
 from dart_ee.config import Config, check_exit_lists, dump_config
 from dart_ee.console import log, progress
 from dart_ee.errors import ArtifactError, ConfigError
-from dart_ee.models import MultiExitNet, create_model
+from dart_ee.models import MultiExitNet, create_model, optimize_for_inference
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -251,12 +251,16 @@ def save_model(model: MultiExitNet, path: Path, config_fingerprint: str = "") ->
                                 "state_dict": model.state_dict(), "config_fingerprint": config_fingerprint})
 
 
-def load_model(path: str | Path) -> MultiExitNet:
-    """Rebuild a trained model from ``model.pt`` (weights only; no code is unpickled)."""
+def load_model(path: str | Path, optimize: bool = False) -> MultiExitNet:
+    """Rebuild a trained model from ``model.pt`` (weights only; no code is unpickled).
+
+    ``optimize=True`` returns the inference-optimised copy (``models.optimize_for_inference``) that
+    traces, the runtime and benchmarks share.
+    """
     ck = artifacts.load_torch(path, "model file")
     if not isinstance(ck, dict) or ck.get("format") != "dart-ee-model":
         raise ArtifactError(f"{path} is not a dart-ee model file")
     arch = dict(ck["arch"])
     model = create_model(arch.pop("name"), **arch)
     model.load_state_dict(ck["state_dict"])
-    return model.eval()
+    return optimize_for_inference(model) if optimize else model.eval()
