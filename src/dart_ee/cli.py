@@ -437,6 +437,9 @@ def adapt(run: RunOpt,
           shifted: int = typer.Option(3000, help="Shifted images after it."),
           batch_size: int = typer.Option(256), audit_share: float = typer.Option(0.02, help="Share of early exits audited."),
           ucb: bool = typer.Option(False, "--ucb", help="Let UCB1 choose a conservative/balanced/aggressive scale."),
+          window: int = typer.Option(1000, help="Sliding window of recent inferences."),
+          update_every: int = typer.Option(4, help="Update the coefficients every k batches."),
+          z_gate: float = typer.Option(2.0, help="Act only on accuracy gaps beyond this many standard errors."),
           seed: int = 0, data_dir: DataDirOpt = None, out: OutOpt = None) -> None:
     """Frozen vs adaptive DART on a stream that shifts part-way: accuracy/MACs over time and coefficient plots."""
     from dart_ee import artifacts, plots
@@ -451,7 +454,8 @@ def adapt(run: RunOpt,
     for sc, sv in zip(scenario, sev):
         try:
             res = run_scenario(run, policy, sc, sv, clean, shifted, batch_size, seed=seed, data_dir=data_dir,
-                               audit_share=audit_share, ucb=ucb)
+                               audit_share=audit_share, ucb=ucb, window=window, update_every=update_every,
+                               z_gate=z_gate)
         except DartError as e:
             _fail(e)
         artifacts.write_json(out / f"{sc}.json", res)
