@@ -20,7 +20,7 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    dataset: Literal["cifar10", "mnist", "fashion-mnist", "kmnist"] = "cifar10"
+    dataset: Literal["cifar10", "mnist", "fashion-mnist", "kmnist", "digits"] = "cifar10"
     data_dir: str | None = None  # else --data-dir, else $DART_DATA
     cal_fraction: float = Field(0.1, gt=0, lt=1)  # share of the training set held out for calibration
     split_seed: int = 0

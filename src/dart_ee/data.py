@@ -54,6 +54,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "fashion-mnist": DatasetSpec("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,), False, 2,
                                  ("fashion-mnist", "FashionMNIST/raw", ".")),
     "kmnist": DatasetSpec("kmnist", 1, 28, 10, (0.1918,), (0.3483,), False, 2, ("kmnist", "KMNIST/raw", ".")),
+    # 1,797 real 8x8 handwritten digits (UCI), shipped inside scikit-learn: the zero-download demo data
+    "digits": DatasetSpec("digits", 1, 8, 10, (0.305,), (0.375,), False, 1, ()),
 }
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -332,9 +334,35 @@ def _source_key(kind: str, path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def read_sklearn_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """The UCI 8x8 digits that scikit-learn ships (``sklearn/datasets/data/digits.csv.gz``), read without
+    importing scikit-learn, split 80/20 with a fixed seed (the data has no official split)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise DataError("the digits dataset ships with scikit-learn, which is not installed: "
+                        "pip install -e '.[demo]' (or pip install scikit-learn)")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    try:
+        raw = np.loadtxt(path, delimiter=",")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the digits data ({e}); reinstall scikit-learn") from e
+    if raw.ndim != 2 or raw.shape[1] != 65:
+        raise DataError(f"{path}: expected 65 columns (8x8 pixels and a label), got shape {raw.shape}")
+    x = np.round(raw[:, :64] * (255 / 16)).astype(np.uint8).reshape(-1, 1, 8, 8)
+    y = raw[:, 64].astype(np.int64)
+    perm = np.random.default_rng(seed).permutation(len(y))
+    n_test = round(test_fraction * len(y))
+    classes = tuple(str(i) for i in range(10))
+    return (ImageSet(x[perm[n_test:]], y[perm[n_test:]], classes), ImageSet(x[perm[:n_test]], y[perm[:n_test]], classes))
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, use_cache: bool = True) -> tuple[ImageSet, ImageSet]:
     """Return the (train, test) image sets of a named dataset, decoding once and caching as npz."""
     spec = get_spec(name)
+    if name == "digits":  # ships with an installed package: no data directory, nothing to cache
+        return read_sklearn_digits()
     kind, path = _locate(spec, resolve_data_dir(data_dir))
     cache = cache_dir() / f"{spec.name}-{_source_key(kind, path)}.npz"
     if use_cache and cache.is_file():

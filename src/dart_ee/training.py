@@ -51,7 +51,7 @@ def prepare_splits(cfg: Config, run_dir: Path, data_dir: str | Path | None = Non
     manifest = artifacts.read_json(path, "split manifest") if path.is_file() else None
     # the run remembers where its data was, so later steps need no --data-dir
     data_dir = data_dir or cfg.data.data_dir or os.environ.get("DART_DATA") or (manifest or {}).get("data_dir")
-    root = data.resolve_data_dir(data_dir)
+    root = None if not spec.folders else data.resolve_data_dir(data_dir)  # packaged data needs no folder
     train, test = data.load_dataset(cfg.data.dataset, root)
     # Subsets are seeded random draws: the files are often sorted by class.
     if cfg.data.train_subset:
@@ -62,7 +62,7 @@ def prepare_splits(cfg: Config, run_dir: Path, data_dir: str | Path | None = Non
         data.check_split(manifest, len(train))
     else:
         manifest = data.make_split(len(train), cfg.data.cal_fraction, cfg.data.split_seed)
-        manifest.update(dataset=cfg.data.dataset, data_dir=str(root.resolve()))
+        manifest.update(dataset=cfg.data.dataset, data_dir=str(root.resolve()) if root else None)
         artifacts.write_json(path, manifest)
     return Splits(train.subset(np.asarray(manifest["train_indices"])), train.subset(np.asarray(manifest["cal_indices"])),
                   test, spec, manifest)
