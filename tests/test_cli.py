@@ -26,6 +26,7 @@ def test_info_json():
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         m(torch.zeros(1, 3, 32, 32))
     assert macs[-1] == fc.get_total_flops() // 2 == rec["full_forward_macs"]
+    assert 0 < rec["difficulty_estimator"]["total"] <= 100_000
 
 
 def test_config_errors_are_clean(tmp_path):

@@ -116,12 +116,14 @@ def info(model: Annotated[str, typer.Option("--model", help="Registered model na
          as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
     """Per-exit cumulative MACs (measured with torch.utils.flop_counter) and parameter counts of a model."""
     from dart_ee.data import get_spec
+    from dart_ee.difficulty import DifficultyEstimator
     from dart_ee.models import create_model
 
     try:
         spec = get_spec(dataset)
         rec = create_model(model, spec.num_classes, spec.in_channels, spec.image_size, width_mult=width_mult,
                            mean=spec.mean, std=spec.std).describe()
+        rec["difficulty_estimator"] = DifficultyEstimator().flops(rec["input_shape"])
     except DartError as e:
         _fail(e)
     if as_json:
@@ -139,6 +141,8 @@ def info(model: Annotated[str, typer.Option("--model", help="Registered model na
     Console().print(tab)
     typer.echo(f"static network (no exit heads): {rec['static_macs'] / 1e6:.2f} MMACs; parameters: "
                f"{rec['params']['total']:,} ({rec['params']['heads']:,} in exit heads)")
+    est = rec["difficulty_estimator"]
+    typer.echo(f"paper difficulty estimator: {est['total']:,} FLOPs per image ({est['method']})")
 
 
 difficulty_app = typer.Typer(no_args_is_help=True, help="Difficulty score alpha: weight search, reports and cost.")
