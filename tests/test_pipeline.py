@@ -29,3 +29,44 @@ def test_run_pipeline_end_to_end(tmp_path):
     # a second run finds every step's output and resumes without retraining
     again = run_pipeline(cfg, tmp_path / "run")
     assert again["training"] == res["training"]
+
+
+@pytest.mark.slow
+def test_run_killed_mid_pipeline_resumes_to_the_same_results(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    make_idx_dataset(tmp_path / "data" / "mnist", n_train=400, n_test=300)
+    raw = tiny_config(tmp_path / "data", epochs=3, batch_size=16)
+    raw["data"]["cal_fraction"] = 0.5
+    raw["benchmark"] = {"enabled": False}
+    raw["adapt"] = {"scenarios": ["noise"], "severities": [0.2], "clean": 150, "shifted": 150, "batch_size": 50}
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+
+    def start(out):
+        return subprocess.Popen([sys.executable, "-m", "dart_ee.cli", "run", "-c", str(cfg_path), "--out", str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+
+    ref = start(tmp_path / "ref")
+    assert ref.wait(timeout=600) == 0, ref.stdout.read().decode()
+    victim = start(tmp_path / "killed")
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "trace_test.npz").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)  # after training and tracing, during calibration
+    victim.wait()
+    again = start(tmp_path / "killed")
+    out = again.communicate(timeout=600)[0].decode()
+    assert again.returncode == 0, out
+    a = json.loads((tmp_path / "ref" / "results.json").read_text())
+    b = json.loads((tmp_path / "killed" / "results.json").read_text())
+    for key in ("exit_test_accuracy", "exit_cal_accuracy", "exit_macs"):
+        assert a["training"][key] == b["training"][key], key
+    for key in ("compare", "ablation", "sweep", "difficulty", "adaptation"):  # every figure but wall times
+        assert a[key] == b[key], key
