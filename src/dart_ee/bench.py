@@ -304,3 +304,31 @@ def training_speed(model_name: str = "alexnet", dataset: str = "cifar10", batch_
         r["speedup_vs_fp32_nchw"] = base / r["ms_per_step"]
     return {"model": model_name, "dataset": dataset, "batch_size": batch_size, "threads": n_threads,
             "torch": torch.__version__, "rows": rows}
+
+
+@torch.inference_mode()
+def stage_times(model_name: str = "alexnet", dataset: str = "cifar10", batch_sizes: tuple[int, ...] = (256, 1),
+                repeats: int = 10, threads: int | None = None) -> dict:
+    """Median time of each stage and each exit head of the inference-optimised model, against its MACs."""
+    n_threads = set_threads(threads)
+    spec = get_spec(dataset)
+    model = optimize_for_inference(create_model(model_name, spec.num_classes, spec.in_channels, spec.image_size))
+    cost = model.cost_breakdown()
+    total_macs = sum(cost["stage_macs"])
+    out = {"model": model_name, "dataset": dataset, "threads": n_threads, "rows": {}}
+    for bs in batch_sizes:
+        x = torch.rand(bs, spec.in_channels, spec.image_size, spec.image_size)
+        feats, h = [], x
+        for stage in model.stages:  # each stage's input, computed once
+            feats.append(h)
+            h = stage(h)
+        fns = {}
+        for i, (stage, head) in enumerate(zip(model.stages, model.heads)):
+            fns[f"stage{i}"] = lambda s=stage, f=feats[i]: s(f)
+            fns[f"head{i}"] = lambda hd=head, f=(stage(feats[i])): hd(f)
+        t = {k: statistics.median(v) for k, v in time_alternating(fns, repeats if bs > 1 else 10 * repeats).items()}
+        static = sum(t[f"stage{i}"] for i in range(model.num_exits))
+        out["rows"][bs] = [{"exit": i + 1, "stage_ms": 1e3 * t[f"stage{i}"], "head_ms": 1e3 * t[f"head{i}"],
+                            "stage_time_share": t[f"stage{i}"] / static,
+                            "stage_mac_share": cost["stage_macs"][i] / total_macs} for i in range(model.num_exits)]
+    return out

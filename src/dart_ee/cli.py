@@ -113,7 +113,9 @@ def trace(run: RunOpt, data_dir: DataDirOpt = None) -> None:
 def info(model: Annotated[str, typer.Option("--model", help="Registered model name (alexnet, resnet18, vgg16).")] = "alexnet",
          dataset: Annotated[str, typer.Option("--dataset", help="Dataset whose input shape to use.")] = "cifar10",
          width_mult: Annotated[float, typer.Option("--width-mult", help="Channel width multiplier.")] = 1.0,
-         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+         timing: Annotated[bool, typer.Option("--timing", help="Also time every stage and head (batch 256 and 1) "
+                                                               "against its share of the MACs.")] = False) -> None:
     """Per-exit cumulative MACs (measured with torch.utils.flop_counter) and parameter counts of a model."""
     from dart_ee.data import get_spec
     from dart_ee.difficulty import DifficultyEstimator
@@ -143,6 +145,14 @@ def info(model: Annotated[str, typer.Option("--model", help="Registered model na
                f"{rec['params']['total']:,} ({rec['params']['heads']:,} in exit heads)")
     est = rec["difficulty_estimator"]
     typer.echo(f"paper difficulty estimator: {est['total']:,} FLOPs per image ({est['method']})")
+    if timing:
+        from dart_ee.bench import stage_times
+
+        st = stage_times(model, dataset)
+        for bs, rows in st["rows"].items():
+            typer.echo(f"batch {bs} ({st['threads']} threads, inference-optimised, median): " + "; ".join(
+                f"stage {r['exit']} {r['stage_ms']:.2f} ms ({100 * r['stage_time_share']:.1f}% of time, "
+                f"{100 * r['stage_mac_share']:.1f}% of MACs), head {r['head_ms']:.2f} ms" for r in rows))
 
 
 difficulty_app = typer.Typer(no_args_is_help=True, help="Difficulty score alpha: weight search, reports and cost.")
