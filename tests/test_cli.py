@@ -83,3 +83,9 @@ def test_benchmark_command(trained_run, tmp_path):
     rec = json.loads((tmp_path / "b.json").read_text())
     assert [r["method"] for r in rec["rows"]] == ["static", "threshold"]
     assert rec["rows"][0]["speedup"] == pytest.approx(1.0)
+
+
+def test_info_timing():
+    code, out = invoke("info", "--model", "alexnet", "--dataset", "mnist", "--timing")
+    assert code == 0, out
+    assert "batch 256" in out and "batch 1 " in out and "% of MACs" in out
