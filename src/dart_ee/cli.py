@@ -51,7 +51,7 @@ def train(config: ConfigOpt = None, data_dir: DataDirOpt = None,
 def run(config: ConfigOpt = None, data_dir: DataDirOpt = None,
         out: Annotated[Optional[Path], typer.Option("--out", help="Output directory; default runs/<config name>.")] = None,
         set_: SetOpt = None) -> None:
-    """The whole pipeline from one config: train, trace, calibrate every policy, sweep, benchmark (resumable)."""
+    """The whole pipeline from one config: train, trace, calibrate, sweep, benchmark, adapt, report (resumable)."""
     from dart_ee.config import load_config
     from dart_ee.pipeline import run_pipeline
 
