@@ -15,6 +15,7 @@ def test_run_pipeline_end_to_end(tmp_path):
     raw["benchmark"] = {"images": 64, "repeats": 1, "latency_images": 4, "threads": 1}
     raw["adapt"] = {"scenarios": ["noise", "class-prior"], "severities": [0.2, 0.9], "clean": 150, "shifted": 150,
                     "batch_size": 50}
+    raw["single_exit_baseline"] = True
     cfg = parse_config(raw)
     res = run_pipeline(cfg, tmp_path / "run")
     out = tmp_path / "run"
@@ -26,6 +27,7 @@ def test_run_pipeline_end_to_end(tmp_path):
     assert rec["git_revision"] and rec["torch"] and rec["config"]["name"] == "tiny"
     report = (out / "report.md").read_text()
     assert "Accuracy vs. computational savings" in report and "Table I" in report
+    assert "Baseline (No EE" in report and rec["single_exit_baseline"]["exit_test_accuracy"]
     # a second run finds every step's output and resumes without retraining
     again = run_pipeline(cfg, tmp_path / "run")
     assert again["training"] == res["training"]

@@ -95,6 +95,9 @@ class Config(_Strict):
     calibration: CalibrationConfig = CalibrationConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     adapt: AdaptConfig = AdaptConfig()
+    # also train the same network on its final exit only (same recipe and budget) to show what joint
+    # training costs the final exit; `dart-ee run` writes it to OUT/single_exit
+    single_exit_baseline: bool = False
 
 
 def _format_errors(e: ValidationError, source: str) -> str:

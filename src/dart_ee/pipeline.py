@@ -44,6 +44,13 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     t0 = step("1/6 train")
     done = (out / MODEL).is_file() and (out / METRICS).is_file()
     metrics = train(cfg, out, data_dir, resume=True) if not done else artifacts.read_json(out / METRICS, "metrics")
+    baseline = None
+    if cfg.single_exit_baseline:
+        n = len(metrics["exit_macs"])
+        solo = cfg.model_copy(deep=True)
+        solo.name = f"{cfg.name}_single_exit"
+        solo.train.exit_weights, solo.train.distill, solo.train.policy_lambda = [0.0] * (n - 1) + [1.0], 0.0, 0.0
+        baseline = train(solo, out / "single_exit", data_dir, resume=True)
     steps["train"] = time.perf_counter() - t0
 
     t0 = step("2/6 difficulty + trace")
@@ -99,6 +106,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     results = {"config": cfg.model_dump(mode="json"), "seed": cfg.seed, "git_revision": git_revision(),
                "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "training": metrics,
+               "single_exit_baseline": baseline,
                "difficulty": diff, "dart_exit_distribution": dart_diff, "compare": comp, "ablation": ablation,
                "sweep": sw, "benchmark": bench, "adaptation": adaptation, "step_seconds": steps}
     artifacts.write_json(out / "results.json", results)

@@ -33,6 +33,10 @@ def savings_table(res: dict) -> str:
                      f"{100 * t['mac_reduction']:.1f}% | {gain} |")
     o = res["compare"]["oracle"]
     lines.append(f"| Oracle (upper bound, not a policy) | {_pct(o['accuracy'])} | {100 * o['mac_reduction']:.1f}% | - |")
+    if res.get("single_exit_baseline"):
+        b = res["single_exit_baseline"]
+        lines.insert(2, f"| Baseline (No EE: single-exit training, same recipe and budget) | "
+                        f"{_pct(b['exit_test_accuracy'][-1])} | 0% | 1.00x |")
     return "\n".join(lines)
 
 
