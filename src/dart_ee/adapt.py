@@ -35,6 +35,7 @@ from dart_ee import artifacts
 from dart_ee.errors import ArtifactError, ConfigError
 from dart_ee.policies import DartPolicy
 from dart_ee.runtime import EarlyExitRunner, ExitResult
+from dart_ee.trace import Trace
 
 STATE_FORMAT = "dart-ee-adapt-state"
 
@@ -58,7 +59,7 @@ class UCB1:
         self.values[arm] += (r - self.values[arm]) / self.counts[arm]
 
 
-def agreement_targets(policy: DartPolicy, cal_trace) -> list[float]:  # noqa: ANN001
+def agreement_targets(policy: DartPolicy, cal_trace: Trace) -> list[float]:
     """Per exit, how often early exits agree with the final exit on the calibration split (A_target)."""
     from dart_ee.evaluation import simulate
 

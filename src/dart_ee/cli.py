@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import numpy as np
 import typer
 
 from dart_ee.errors import DartError
+
+if TYPE_CHECKING:
+    from dart_ee.trace import Trace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="DART: difficulty-aware adaptive thresholds for early-exit networks.")
@@ -267,7 +270,7 @@ def difficulty_cost(model: str = typer.Option("alexnet", help="Model to compare 
 # ----------------------------------------------------------------------------------------------
 # Policies: calibrate, evaluate, sweep, compare
 
-def _load_trace(path: Path, split: str | None, alpha: str | None = None):  # noqa: ANN202
+def _load_trace(path: Path, split: str | None, alpha: str | None = None) -> Trace:
     from dart_ee.trace import load
 
     t = load(path, expect_split=split)

@@ -236,7 +236,7 @@ class LearnedDifficulty(nn.Module):
         self.scale = torch.tensor(float(np.log(num_exits + 1)))  # log(N+1) maps the deepest depth to 1
         return np.clip(best_oof / float(self.scale), 0, 1)
 
-    def load_state_dict(self, state, strict: bool = True, assign: bool = False):  # noqa: ANN001, ANN201
+    def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False) -> object:
         n = state["coef"].numel()  # fitted buffers are sized by the data; resize before loading
         for name in ("mu", "sd", "coef"):
             setattr(self, name, torch.zeros(n))

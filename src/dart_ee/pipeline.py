@@ -4,6 +4,7 @@ so a killed run started again resumes where it stopped."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dart_ee import artifacts, plots
@@ -12,7 +13,7 @@ from dart_ee.console import log
 from dart_ee.errors import ArtifactError
 
 
-def _valid(loader, path: Path) -> bool:  # noqa: ANN001
+def _valid(loader: Callable[[Path], object], path: Path) -> bool:
     try:
         loader(path)
         return True

@@ -50,7 +50,10 @@ def policy_table(rows: list[dict]) -> str:
 
 def grid_markdown(res: dict) -> str:
     lines = ["| Policy | Acc @25% MACs | Acc @50% MACs | Acc @75% MACs | AUC (25-100%) |", "|---|---|---|---|---|"]
-    fmt = lambda v: "n/a" if v != v else f"{100 * v:.2f}%"  # noqa: E731
+
+    def fmt(v: float) -> str:
+        return "n/a" if v != v else f"{100 * v:.2f}%"
+
     for name, g in res["grid"].items():
         lines.append(f"| {name} | {fmt(g['acc_at_25'])} | {fmt(g['acc_at_50'])} | {fmt(g['acc_at_75'])} | "
                      f"{fmt(g['auc_25_100'])} |")

@@ -206,7 +206,8 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
     for split, images in (("cal", splits.cal), ("test", splits.test)):
         feats, terms = [], []
 
-        def collect(x, h1, logits1, feats=feats, terms=terms):  # noqa: ANN001, ANN202
+        def collect(x: torch.Tensor, h1: torch.Tensor, logits1: torch.Tensor, feats: list = feats,
+                    terms: list = terms) -> None:
             t = est.paper.terms(x)
             terms.append(t.numpy())
             feats.append(est.features(t, h1, logits1).numpy())
