@@ -117,3 +117,13 @@ def test_shift_streams_are_deterministic(scenario, trained_run):
     assert a.x.min() >= 0 and a.x.max() <= 1
     if scenario != "class-prior":
         assert not torch.equal(a.x[100:], make_stream(imgs, labels, scenario, 0.0, 100, 120, seed=3).x[100:])
+
+
+def test_controller_overhead_measurement(trained_run, tmp_path):
+    from dart_ee.bench import controller_overhead
+
+    policy = calibrate("dart", trained_run["cal"], max_drop=3.0)[0]
+    policy.save(tmp_path / "dart.json")
+    rec = controller_overhead(trained_run["run"], tmp_path / "dart.json", batch_size=64, n_images=128, repeats=1,
+                              threads=1)
+    assert rec["images"] == 128 and rec["runner_ms_per_image"] > 0 and rec["controller_ms_per_image"] > 0

@@ -332,3 +332,39 @@ def stage_times(model_name: str = "alexnet", dataset: str = "cifar10", batch_siz
                             "stage_time_share": t[f"stage{i}"] / static,
                             "stage_mac_share": cost["stage_macs"][i] / total_macs} for i in range(model.num_exits)]
     return out
+
+
+def controller_overhead(run_dir: str | Path, policy_path: str | Path, batch_size: int = 256, n_images: int = 2560,
+                        repeats: int = 5, threads: int | None = None, data_dir: str | Path | None = None) -> dict:
+    """Wall-clock cost of the adaptive controller over the runner alone, on a stationary stream, audits off."""
+    from dart_ee.adapt import AdaptiveController
+    from dart_ee.config import load_config
+    from dart_ee.data import to_float
+    from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
+    from dart_ee.policies import load_policy
+    from dart_ee.runtime import EarlyExitRunner
+    from dart_ee.training import MODEL, load_model, prepare_splits
+
+    run_dir = Path(run_dir)
+    n_threads = set_threads(threads)
+    model = load_model(run_dir / MODEL, optimize=True)
+    est = load_estimators(run_dir / ESTIMATOR_FILE)
+    test = prepare_splits(load_config(run_dir / "config.yaml"), run_dir, data_dir).test
+    x = to_float(torch.from_numpy(test.x[:n_images]))
+    batches = [x[s: s + batch_size] for s in range(0, len(x), batch_size)]
+    runner = EarlyExitRunner(model, load_policy(policy_path), est)
+    ctrl = AdaptiveController(EarlyExitRunner(model, load_policy(policy_path), est), audit_share=0.0)
+
+    def run_plain() -> None:
+        for b in batches:
+            runner(b)
+
+    def run_ctrl() -> None:
+        for b in batches:
+            ctrl.process(b)
+
+    t = time_alternating({"runner": run_plain, "controller": run_ctrl}, repeats, warmup=1)
+    r, c = statistics.median(t["runner"]), statistics.median(t["controller"])
+    return {"threads": n_threads, "batch_size": batch_size, "images": len(x), "repeats": repeats,
+            "runner_ms_per_image": 1e3 * r / len(x), "controller_ms_per_image": 1e3 * c / len(x),
+            "overhead": c / r - 1, "updates": len(ctrl.history)}

@@ -490,6 +490,8 @@ def adapt(run: RunOpt,
           window: int = typer.Option(1000, help="Sliding window of recent inferences."),
           update_every: int = typer.Option(4, help="Update the coefficients every k batches."),
           z_gate: float = typer.Option(2.0, help="Act only on accuracy gaps beyond this many standard errors."),
+          overhead: bool = typer.Option(False, "--overhead", help="Also time the controller against the runner alone "
+                                                                  "(stationary stream, batch 256, audits off)."),
           seed: int = 0, data_dir: DataDirOpt = None, out: OutOpt = None) -> None:
     """Frozen vs adaptive DART on a stream that shifts part-way: accuracy/MACs over time and coefficient plots."""
     from dart_ee import artifacts, plots
@@ -519,6 +521,14 @@ def adapt(run: RunOpt,
             typer.echo(f"  {part:8}" + "".join(cells))
         typer.echo(f"  recovered {100 * sm['accuracy_recovered']:.2f} of {100 * sm['accuracy_lost_by_frozen']:.2f} points lost "
                    f"({100 * sm['recovered_share']:.0f}%); clean MAC gap {sm['clean_savings_gap_points']:+.2f} points")
+    if overhead:
+        from dart_ee.bench import controller_overhead
+
+        ov = controller_overhead(run, policy, data_dir=data_dir)
+        artifacts.write_json(out / "controller_overhead.json", ov)
+        typer.echo(f"controller overhead: {ov['controller_ms_per_image']:.4f} vs {ov['runner_ms_per_image']:.4f} ms per "
+                   f"image = {100 * ov['overhead']:+.2f}% ({ov['images']} stationary images, batch {ov['batch_size']}, "
+                   f"audits off, {ov['updates']} updates, median of {ov['repeats']} alternating runs)")
     typer.echo(f"wrote {out}")
 
 
