@@ -58,6 +58,17 @@ class ExitPolicy:
     def init_state(self, n: int, device: torch.device | str = "cpu") -> State:
         return {}
 
+    def _tensor(self, values: Any, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A fitted list as a tensor on ``device``, built once: ``decide`` runs on the hot path.
+
+        Keyed by the list's identity, so reassigning a fitted attribute (or new coefficients) rebuilds it.
+        """
+        cache = self.__dict__.setdefault("_tensors", {})
+        key = (id(values), device, dtype)
+        if key not in cache:
+            cache[key] = (values, torch.tensor(values, dtype=dtype, device=device))  # keep values alive
+        return cache[key][1]
+
     def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
         raise NotImplementedError
 
@@ -212,9 +223,8 @@ class RLPolicy(ExitPolicy):
         return self
 
     def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
-        edges = torch.tensor(self.edges_[i], dtype=probs.dtype, device=probs.device)
-        s = torch.bucketize(_conf(probs), edges, right=True)
-        q = torch.tensor(self.q_table_[i], dtype=torch.float64, device=probs.device)[s]
+        s = torch.bucketize(_conf(probs), self._tensor(self.edges_[i], probs.device, probs.dtype), right=True)
+        q = self._tensor(self.q_table_[i], probs.device, torch.float64)[s]
         return q[:, 1] > q[:, 0]
 
 
@@ -307,21 +317,13 @@ class DartPolicy(ExitPolicy):
     def set_coefficients(self, coef_exit: list[float], coef_class: list[list[float]]) -> None:
         """Replace the adaptive coefficients c (per exit, and per exit and predicted class)."""
         self.coef_exit_, self.coef_class_ = list(coef_exit), [list(r) for r in coef_class]
-        self._tables = {}
-
-    def _table(self, i: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Exit i's thresholds, alpha edges and class coefficients as tensors, built once per device."""
-        cache = self.__dict__.setdefault("_tables", {})
-        key = (i, dev, id(self.tau_), id(self.coef_exit_), id(self.coef_class_))  # reassignment invalidates
-        if key not in cache:
-            f32 = {"dtype": torch.float32, "device": dev}
-            cache[key] = (torch.tensor(self.tau_[i], **f32), torch.tensor(self.alpha_edges_, **f32),
-                          self.coef_exit_[i] * torch.tensor(self.coef_class_[i], **f32))
-        return cache[key]
+        self._tensors = {}
 
     def thresholds(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
         """tau'_i for each sample (Eq 19), including the adaptive coefficients."""
-        tau_row, edges, coef_class = self._table(i, probs.device)
+        dev = probs.device
+        tau_row, edges = self._tensor(self.tau_[i], dev), self._tensor(self.alpha_edges_, dev)
+        coef_class = self.coef_exit_[i] * self._tensor(self.coef_class_[i], dev)
         if self.alpha_bins > 1 and alpha is not None:
             tau = tau_row[torch.bucketize(alpha.float(), edges, right=True)]
         else:
