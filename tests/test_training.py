@@ -69,6 +69,20 @@ def test_existing_run_needs_resume(tmp_path, mnist_like):
         train(cfg, tmp_path / "run")
 
 
+def test_training_device_choice(monkeypatch):
+    from dart_ee.config import config_fingerprint
+    from dart_ee.training import training_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device("auto").type == "cpu"
+    with pytest.raises(ConfigError, match="train.device"):
+        training_device("cuda")
+    # where a run trains is not part of its recipe: a CPU run can resume on a GPU and back
+    cfg = parse_config({"train": {"device": "cpu"}})
+    assert config_fingerprint(cfg) == config_fingerprint(parse_config({"train": {"device": "cuda"}}))
+    assert config_fingerprint(cfg) != config_fingerprint(parse_config({"train": {"device": "cpu", "epochs": 3}}))
+
+
 def _cli_train(cfg_path: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "dart_ee.cli", "train", "-c", str(cfg_path), "--out", str(out),

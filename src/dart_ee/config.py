@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dart_ee.artifacts import fingerprint
 from dart_ee.errors import ConfigError
 
 
@@ -52,6 +53,7 @@ class TrainConfig(_Strict):
     flip: bool | None = None  # default: the dataset's
     num_threads: int | None = Field(None, ge=1)
     eval_batch_size: int = Field(500, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when torch sees one
 
 
 class CalibrationConfig(_Strict):
@@ -152,6 +154,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """Identifies a training recipe; where it runs (``train.device``) is not part of it, so a run can resume elsewhere."""
+    return fingerprint(cfg.model_dump(mode="json", exclude={"train": {"device"}}))
 
 
 def check_exit_lists(cfg: Config, num_exits: int) -> None:

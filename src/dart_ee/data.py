@@ -420,12 +420,13 @@ def augment(x: torch.Tensor, crop_pad: int, flip: bool, gen: torch.Generator) ->
     n, _, h, w = x.shape
     if crop_pad > 0:
         xp = torch.nn.functional.pad(x, (crop_pad,) * 4, mode="reflect")
-        oy = torch.randint(0, 2 * crop_pad + 1, (n, 1), generator=gen)
-        ox = torch.randint(0, 2 * crop_pad + 1, (n, 1), generator=gen)
-        rows = (oy + torch.arange(h))[:, :, None]  # (n, h, 1)
-        cols = (ox + torch.arange(w))[:, None, :]  # (n, 1, w)
-        x = xp[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+        dev = x.device  # ``gen`` must live there too
+        oy = torch.randint(0, 2 * crop_pad + 1, (n, 1), generator=gen, device=dev)
+        ox = torch.randint(0, 2 * crop_pad + 1, (n, 1), generator=gen, device=dev)
+        rows = (oy + torch.arange(h, device=dev))[:, :, None]  # (n, h, 1)
+        cols = (ox + torch.arange(w, device=dev))[:, None, :]  # (n, 1, w)
+        x = xp[torch.arange(n, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
     if flip:
-        mask = torch.rand(n, generator=gen) < 0.5
+        mask = torch.rand(n, generator=gen, device=x.device) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x.contiguous()

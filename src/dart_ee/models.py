@@ -191,7 +191,8 @@ class MultiExitNet(nn.Module):
 
 @torch.no_grad()
 def _feature_shapes(stages: Sequence[nn.Module], input_shape: Sequence[int]) -> list[tuple[int, ...]]:
-    x = torch.zeros(2, *input_shape)
+    p = next((q for s in stages for q in s.parameters()), None)
+    x = torch.zeros(2, *input_shape, device=p.device if p is not None else "cpu")
     shapes = []
     for s in stages:
         was = s.training

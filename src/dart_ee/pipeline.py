@@ -33,7 +33,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     from dart_ee.evaluation import simulate
     from dart_ee.policies import load_policy
     from dart_ee.report import write_report
-    from dart_ee.training import METRICS, MODEL, train
+    from dart_ee.training import METRICS, MODEL, SINGLE_EXIT_DIR, single_exit_config, train
 
     out = Path(out)
     steps: dict[str, float] = {}
@@ -46,12 +46,10 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     done = (out / MODEL).is_file() and (out / METRICS).is_file()
     metrics = train(cfg, out, data_dir, resume=True) if not done else artifacts.read_json(out / METRICS, "metrics")
     baseline = None
-    if cfg.single_exit_baseline:
-        n = len(metrics["exit_macs"])
-        solo = cfg.model_copy(deep=True)
-        solo.name = f"{cfg.name}_single_exit"
-        solo.train.exit_weights, solo.train.distill, solo.train.policy_lambda = [0.0] * (n - 1) + [1.0], 0.0, 0.0
-        baseline = train(solo, out / "single_exit", data_dir, resume=True)
+    if cfg.single_exit_baseline:  # only its metrics are reported, so they are its step's output
+        solo_dir = out / SINGLE_EXIT_DIR
+        baseline = (artifacts.read_json(solo_dir / METRICS, "metrics") if (solo_dir / METRICS).is_file() else
+                    train(single_exit_config(cfg, len(metrics["exit_macs"])), solo_dir, data_dir, resume=True))
     steps["train"] = time.perf_counter() - t0
 
     t0 = step("2/6 difficulty + trace")

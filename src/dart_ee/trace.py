@@ -192,7 +192,7 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
     by cross-validation on the calibration split), saves them to ``RUN/difficulty.pt`` and stores
     every sample's alpha in the traces.
     """
-    from dart_ee.config import load_config
+    from dart_ee.config import config_fingerprint, load_config
     from dart_ee.difficulty import oracle_depth
     from dart_ee.training import MODEL, load_model, predict_exits, prepare_splits
 
@@ -223,7 +223,7 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
     selected = f"alpha_{cfg.difficulty}"
     exit_macs = np.asarray(model.exit_macs()) + est_macs[cfg.difficulty]
     base = {"model": model.arch, "dataset": cfg.data.dataset, "config_name": cfg.name,
-            "config_fingerprint": artifacts.fingerprint(cfg.model_dump(mode="json")), "run": str(run_dir),
+            "config_fingerprint": config_fingerprint(cfg), "run": str(run_dir),
             "static_macs": model.static_macs(), "difficulty": cfg.difficulty, "estimator_macs": est_macs,
             "exit_macs_include": "stages, exit heads passed, and the configured difficulty estimator"}
     out = {}

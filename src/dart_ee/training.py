@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dart_ee import artifacts, data
-from dart_ee.config import Config, check_exit_lists, dump_config
+from dart_ee.config import Config, check_exit_lists, config_fingerprint, dump_config
 from dart_ee.console import log, progress
 from dart_ee.errors import ArtifactError, ConfigError
 from dart_ee.models import MultiExitNet, create_model, optimize_for_inference
@@ -31,6 +31,7 @@ CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 METRICS = "metrics.json"
 SPLIT = "split.json"
+SINGLE_EXIT_DIR = "single_exit"  # inside a run: the "Baseline (No EE)" network
 
 
 @dataclass
@@ -80,6 +81,14 @@ def build_model(cfg: Config, spec: data.DatasetSpec) -> MultiExitNet:
     return model
 
 
+def single_exit_config(cfg: Config, num_exits: int) -> Config:
+    """The same recipe and budget with every loss weight on the final exit: the cost-of-joint-training baseline."""
+    solo = cfg.model_copy(deep=True)
+    solo.name = f"{cfg.name}_single_exit"
+    solo.train.exit_weights, solo.train.distill, solo.train.policy_lambda = [0.0] * (num_exits - 1) + [1.0], 0.0, 0.0
+    return solo
+
+
 def exit_weights(cfg: Config, num_exits: int) -> list[float]:
     return cfg.train.exit_weights or [(i + 1) / num_exits for i in range(num_exits)]
 
@@ -114,16 +123,17 @@ def predict_exits(model: MultiExitNet, images: np.ndarray | torch.Tensor, batch_
     difficulty estimator reads it).
     """
     model.eval()
+    dev = next(model.parameters()).device
     out = []
     for s in range(0, len(images), batch_size):
-        x = data.to_float(images[s: s + batch_size])
+        x = data.to_float(torch.as_tensor(images[s: s + batch_size]).to(dev))
         h, logits = x, []
         for i, (stage, head) in enumerate(zip(model.stages, model.heads)):
             h = stage(h)
             logits.append(head(h))
             if i == 0 and stage1_hook is not None:
                 stage1_hook(x, h, logits[0])
-        out.append(torch.stack([F.softmax(z.float(), 1) for z in logits], 1).numpy())
+        out.append(torch.stack([F.softmax(z.float(), 1) for z in logits], 1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.num_exits, 0), np.float32)
 
 
@@ -133,6 +143,15 @@ def exit_accuracies(probs: np.ndarray, labels: np.ndarray) -> list[float]:
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
+
+
+def training_device(name: str) -> torch.device:
+    """``auto`` picks the GPU when torch sees one; ``cuda`` without one is a config error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but torch sees no GPU; set train.device: cpu (or auto)")
+    return torch.device(name)
 
 
 def set_threads(n: int | None) -> int:
@@ -154,7 +173,8 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     threads = set_threads(cfg.train.num_threads)
     run_dir.mkdir(parents=True, exist_ok=True)
     artifacts.write_text(run_dir / "config.yaml", dump_config(cfg))
-    fp = artifacts.fingerprint(cfg.model_dump(mode="json"))
+    fp = config_fingerprint(cfg)
+    dev = training_device(cfg.train.device)
 
     splits = prepare_splits(cfg, run_dir, data_dir)
     torch.manual_seed(cfg.seed)
@@ -165,7 +185,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     weights = exit_weights(cfg, n_exits)
     t = cfg.train
     mem = torch.channels_last if t.channels_last else torch.contiguous_format
-    model = model.to(memory_format=mem)
+    model = model.to(dev, memory_format=mem)
 
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0,
                           weight_decay=t.weight_decay)
@@ -188,36 +208,42 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
 
     crop_pad = splits.spec.crop_pad if t.crop_pad is None else t.crop_pad
     flip = splits.spec.flip if t.flip is None else t.flip
-    x_train, y_train = torch.from_numpy(splits.train.x), torch.from_numpy(splits.train.y)
+    # The uint8 training set lives on the training device (138 MB for CIFAR-10), so a GPU step never
+    # waits for a host copy; batches are cast and augmented there.
+    x_train, y_train = torch.from_numpy(splits.train.x).to(dev), torch.from_numpy(splits.train.y).to(dev)
     log(f"training {cfg.model.name} on {cfg.data.dataset}: {len(splits.train)} train / {len(splits.cal)} cal / "
-        f"{len(splits.test)} test images, {n_exits} exits, {t.epochs} epochs, {threads} threads, "
+        f"{len(splits.test)} test images, {n_exits} exits, {t.epochs} epochs, device {dev}, {threads} threads, "
         f"bf16={t.bf16}, channels_last={t.channels_last}")
     with progress() as bar:
         task = bar.add_task("train", total=(t.epochs - start_epoch) * steps)
         for epoch in range(start_epoch, t.epochs):
             t0 = time.perf_counter()
-            gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
+            gen = torch.Generator(dev).manual_seed(_epoch_seed(cfg.seed, epoch))
             torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout
-            perm = torch.randperm(len(x_train), generator=gen)
+            perm = torch.randperm(len(x_train), generator=gen, device=dev)
             model.train()
-            loss_sum, correct, seen = 0.0, torch.zeros(n_exits), 0
+            # running sums stay on the device: reading them every step would stall a GPU
+            loss_sum, correct, seen = torch.zeros((), device=dev), torch.zeros(n_exits, device=dev), 0
             for b in range(steps):
                 idx = perm[b * t.batch_size: (b + 1) * t.batch_size]
                 x = data.augment(data.to_float(x_train[idx]), crop_pad, flip, gen).to(memory_format=mem)
                 y = y_train[idx]
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16):
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16):
                     logits = model(x)
                 loss = multi_exit_loss(logits, y, weights, cfg, cost_frac)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
-                loss_sum += float(loss.detach()) * len(y)
+                loss_sum += loss.detach() * len(y)
                 correct += torch.stack([(z.argmax(1) == y).sum() for z in logits]).detach().float()
                 seen += len(y)
-                accs = " ".join(f"{100 * c / seen:.0f}" for c in correct.tolist())
-                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{t.epochs} loss {loss_sum / seen:.3f} "
-                                                        f"exit acc% {accs}")
+                if b % 20 == 19 or b == steps - 1:
+                    accs = " ".join(f"{100 * c / seen:.0f}" for c in correct.tolist())
+                    bar.update(task, description=f"epoch {epoch + 1}/{t.epochs} loss {float(loss_sum) / seen:.3f} "
+                                                 f"exit acc% {accs}")
+                bar.update(task, advance=1)
+            loss_sum = float(loss_sum)
             wall += time.perf_counter() - t0
             artifacts.save_torch(ckpt_path, {"epoch": epoch + 1, "model": model.state_dict(),
                                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -227,19 +253,19 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
                 f"{time.perf_counter() - t0:.0f}s")
 
     model = model.to(memory_format=torch.contiguous_format)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # evaluated in fp32 on the training device
     test_acc = exit_accuracies(predict_exits(model, splits.test.x, t.eval_batch_size), splits.test.y)
     cal_acc = exit_accuracies(predict_exits(model, splits.cal.x, t.eval_batch_size), splits.cal.y)
     metrics = {
         "name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.dataset, "epochs": t.epochs,
         "train_wall_time_s": round(wall, 1), "eval_wall_time_s": round(time.perf_counter() - t0, 1),
-        "threads": threads, "torch": torch.__version__,
+        "threads": threads, "device": str(dev), "torch": torch.__version__,
         "exit_test_accuracy": test_acc, "exit_cal_accuracy": cal_acc,
         "exit_macs": macs, "exit_macs_fraction": cost_frac, "static_macs": model.static_macs(),
         "n_train": len(splits.train), "n_cal": len(splits.cal), "n_test": len(splits.test),
         "config_fingerprint": fp,
     }
-    save_model(model, run_dir / MODEL, fp)
+    save_model(model.cpu(), run_dir / MODEL, fp)
     artifacts.write_json(run_dir / METRICS, metrics)
     log("test accuracy per exit: " + ", ".join(
         f"exit {i + 1} {100 * a:.2f}% @ {100 * f:.1f}% MACs" for i, (a, f) in enumerate(zip(test_acc, cost_frac))))
