@@ -40,6 +40,55 @@ def savings_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def paper_tables(res: dict) -> list[str]:
+    """This run next to the paper's Table I row for the same model and dataset, and the README's table (CIFAR-10)."""
+    from dart_ee.reference import PAPER_TABLE_I, README_SAVINGS, TABLE_I_COLUMNS
+
+    cfg = res["config"]
+    key = (cfg["data"]["dataset"], cfg["model"]["name"])
+    test = {r["policy"]: r["test"] for r in res["compare"]["rows"]}
+    bench = {r["method"]: r for r in (res.get("benchmark") or {}).get("rows", [])}
+
+    def ours(method: str, field: str) -> str:
+        if field == "accuracy":
+            return _pct(test[method]["accuracy"]) if method in test else "-"
+        if field == "mac_reduction":
+            return f"{100 * test[method]['mac_reduction']:.1f}%" if method in test else "-"
+        row = bench.get(method, {})
+        v = row.get(field)
+        if v is None:
+            return "-"
+        return f"{v:.2f}x" if field == "speedup" else f"{v:.3f}" + (f" ({row['daes_note']})" if row.get("daes_note") else "")
+
+    out = []
+    if key in PAPER_TABLE_I:
+        col = {c: i for i, c in enumerate(TABLE_I_COLUMNS)}
+        lines = ["| Method | Accuracy: paper | Accuracy: this run | Speedup: paper (modelled) | "
+                 "Speedup: this run (measured, batch 256) | MAC reduction: this run | DAES: paper | DAES: this run |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for method, p in PAPER_TABLE_I[key].items():
+            lines.append(f"| {method} | {p[col['accuracy']]:.2f}% | {ours(method, 'accuracy')} | {p[col['speedup']]:.2f}x | "
+                         f"{ours(method, 'speedup')} | {ours(method, 'mac_reduction')} | {p[col['daes']]:.3f} | "
+                         f"{ours(method, 'daes')} |")
+        out += [f"## Side by side with the paper's Table I ({key[1]} on {key[0]})",
+                "The paper's figures are its published claims (A100, modelled latency, its own training budget); "
+                "this run's are measured here.", "\n".join(lines)]
+    if key[0] == "cifar10":
+        base = res.get("single_exit_baseline")
+        lines = ["| Method | Accuracy: README | Accuracy: this run | FLOPs reduction: README | MAC reduction: this run | "
+                 "Throughput: README | Throughput: this run (measured, batch 256) |", "|---|---|---|---|---|---|---|"]
+        for method, p in README_SAVINGS.items():
+            if method == "baseline":
+                acc = _pct(base["exit_test_accuracy"][-1]) + " (single-exit)" if base else ours("static", "accuracy")
+                red, thr = "0%", "1.00x"
+            else:
+                acc, red, thr = ours(method, "accuracy"), ours(method, "mac_reduction"), ours(method, "speedup")
+            lines.append(f"| {method} | {p['accuracy']:.1f}% | {acc} | {p['flops_reduction']:.0f}% | {red} | "
+                         f"{p['throughput']:.1f}x | {thr} |")
+        out += ["## Side by side with the original README's CIFAR-10 table", "\n".join(lines)]
+    return out
+
+
 def policy_table(rows: list[dict]) -> str:
     lines = ["| Policy | Accuracy | Drop (points) | MAC reduction | Exit histogram |", "|---|---|---|---|---|"]
     for r in rows:
@@ -69,7 +118,8 @@ def write_report(res: dict, out: Path) -> Path:
         f"# DART report: {cfg['name']}",
         f"Model `{cfg['model']['name']}` on `{cfg['data']['dataset']}`, seed {res['seed']}, git {res['git_revision']}, "
         f"torch {res['torch']}, {res['hardware']['cpu']} ({res['hardware']['cpu_count']} cores), {res['date']}. "
-        f"Training: {tr['epochs']} epochs, {tr['train_wall_time_s'] / 60:.1f} min. Every policy is calibrated on the "
+        f"Training: {tr['epochs']} epochs, {tr['train_wall_time_s'] / 60:.1f} min on {tr.get('device', 'cpu')}. "
+        "Every policy is calibrated on the "
         f"calibration split ({tr['n_cal']} images held out from training) and measured on the test split "
         f"({tr['n_test']} images).",
         "## Exits: accuracy against cumulative cost", training_table(tr),
@@ -89,6 +139,7 @@ def write_report(res: dict, out: Path) -> Path:
         parts += ["## Table I (measured on this machine)",
                   f"{b['hardware']['cpu']}, {b['threads']} threads, batch {b['batch_size']}, {b['repeats']} repeats; "
                   f"energy: {b['energy_source']}.", table_markdown(b)]
+    parts += paper_tables(res)
     parts += ["## Accuracy at 25 / 50 / 75% of static MACs", grid_markdown(res["sweep"]),
               "![trade-off curves](tradeoff_curves.png)",
               "## Ablation (same budget)", policy_table([{**r["test"], "policy": r["variant"]} for r in res["ablation"]])]
