@@ -3,13 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from dart_ee.adapt import UCB1, AdaptiveController, agreement_targets
+from dart_ee.adapt import UCB1, AdaptiveController, AlphaReference, agreement_targets
 from dart_ee.calibration import calibrate
 from dart_ee.difficulty import load_estimators
 from dart_ee.errors import ConfigError
 from dart_ee.policies import make_policy
 from dart_ee.runtime import EarlyExitRunner
-from dart_ee.shift import SCENARIOS, make_stream
+from dart_ee.shift import SCENARIOS, gaussian_blur, make_stream
 from dart_ee.training import load_model
 
 
@@ -42,7 +42,8 @@ def _stream(images, n, seed=0):
 
 
 def test_stationary_stream_keeps_coefficients_and_savings(trained_run):
-    ctrl, frozen, _ = _setup(trained_run, audit_share=0.05, update_every=2, window=500)
+    ref = AlphaReference.from_alpha(trained_run["cal"].alpha)
+    ctrl, frozen, _ = _setup(trained_run, audit_share=0.05, update_every=2, window=500, alpha_ref=ref)
     x = _stream(trained_run["images"], 4096)
     macs_frozen, macs_adapt = [], []
     for s in range(0, len(x), 64):
@@ -53,8 +54,30 @@ def test_stationary_stream_keeps_coefficients_and_savings(trained_run):
     for h in ctrl.history:
         assert np.all(np.abs(np.array(h["c_exit"]) - 1) <= 0.1)
         assert np.all(np.abs(np.array(h["c_class"]) - 1) <= 0.1)
+        assert not ctrl.shifted, "the shift guard fired on an in-domain stream"
     sf, sa = (1 - float(torch.cat(m).mean()) / ctrl.static_macs for m in (macs_frozen, macs_adapt))
     assert abs(sa - sf) <= 0.02
+
+
+def test_shift_guard_treats_out_of_domain_inputs_as_hard(trained_run):
+    ref = AlphaReference.from_alpha(trained_run["cal"].alpha)
+    ctrl, frozen, model = _setup(trained_run, audit_share=0.0, alpha_ref=ref)
+    clean = _stream(trained_run["images"], 768)
+    blurred = gaussian_blur(clean, 0.5)  # alpha collapses: blurred images look "easy" to the paper's score
+    for s in range(0, 768, 128):
+        ctrl.process(clean[s: s + 128])
+        assert not ctrl.shifted and ctrl.policy.alpha_floor is None
+    depth_adaptive, depth_frozen = [], []
+    for s in range(0, 768, 128):
+        r = ctrl.process(blurred[s: s + 128])[0]
+        if s >= 256:  # the guard sees the shift within a batch or two
+            assert ctrl.shifted and ctrl.shift_score() < -1 and ctrl.policy.alpha_floor == ref.hard
+            depth_adaptive.append(float(r.exit.float().mean()))
+            depth_frozen.append(float(frozen(blurred[s: s + 128]).exit.float().mean()))
+    assert np.mean(depth_adaptive) > np.mean(depth_frozen)  # treated as hard: more confidence needed, deeper exits
+    for s in range(0, 768, 128):
+        ctrl.process(clean[s: s + 128])
+    assert not ctrl.shifted and ctrl.policy.alpha_floor is None  # back in domain: the guard lets go
 
 
 def test_early_exits_fall_when_they_become_wrong(trained_run):

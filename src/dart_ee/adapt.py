@@ -19,6 +19,14 @@ stationary stream leaves the coefficients where they are:
   by ``prior`` pseudo-counts because per-class audits are few;
 - UCB1 (Eq 15, optional): picks a global scale (conservative / balanced / aggressive) rewarded by
   the windowed Eq 10 trade-off, estimated accuracy - beta_opt * MACs / static MACs.
+- shift guard (label-free, per batch): an exponentially weighted mean of the policy's alpha, with a
+  memory of ``shift_memory`` samples, is compared with alpha's mean on the calibration split
+  (``alpha_ref``, in calibration standard deviations). Beyond ``shift_gate`` the inputs have left the
+  domain the thresholds were calibrated on. Until alpha comes back, every input is then treated as
+  hard (its alpha is floored at the calibration split's hardest decile, ``alpha_ref.hard``; noise
+  raises alpha, but blur and lost contrast lower it, which would otherwise pass corrupted images as
+  easy) and every exit coefficient is scaled by ``shift_scale``. Audits need hundreds of samples to
+  see a drop of a few points; alpha sees a corrupted camera within one batch.
 Every coefficient stays within ``bounds``.
 """
 
@@ -27,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +47,18 @@ from dart_ee.runtime import EarlyExitRunner, ExitResult
 from dart_ee.trace import Trace
 
 STATE_FORMAT = "dart-ee-adapt-state"
+
+
+class AlphaReference(NamedTuple):
+    """Alpha on the calibration split: what in-domain inputs look like to the shift guard."""
+
+    mean: float
+    sd: float
+    hard: float  # the hardest decile's lower edge: out-of-domain inputs count as at least this hard
+
+    @classmethod
+    def from_alpha(cls, alpha: np.ndarray, hard_quantile: float = 0.9) -> AlphaReference:
+        return cls(float(np.mean(alpha)), float(np.std(alpha)), float(np.quantile(alpha, hard_quantile)))
 
 
 class UCB1:
@@ -82,7 +103,9 @@ class AdaptiveController:
                  audit_share: float = 0.02, update_every: int = 4, a_decay: float = 0.95, gain: float = 10.0,
                  eta: float = 0.2, prior: float = 20.0, bounds: tuple[float, float] = (0.5, 3.0),
                  pseudo_conf: float = 0.5, min_audits: int = 5, z_gate: float = 2.0, ucb: bool = False,
-                 arm_scales: Sequence[float] = (1.05, 1.0, 0.95), beta_opt: float | None = None, seed: int = 0) -> None:
+                 arm_scales: Sequence[float] = (1.05, 1.0, 0.95), beta_opt: float | None = None,
+                 alpha_ref: AlphaReference | None = None, shift_gate: float = 0.5, shift_scale: float = 1.2,
+                 shift_memory: int = 256, seed: int = 0) -> None:
         if not isinstance(runner.policy, DartPolicy):
             raise ConfigError("AdaptiveController adapts a DART policy's coefficients; the runner's policy is "
                               f"{runner.policy.name!r}")
@@ -99,6 +122,12 @@ class AdaptiveController:
         self.arm_scales = list(arm_scales)
         self.bandit = UCB1(len(self.arm_scales)) if ucb else None
         self.beta_opt = self.policy.beta_opt if beta_opt is None else beta_opt
+        if alpha_ref is not None and (runner.alpha_source is None or not alpha_ref.sd > 0):
+            raise ConfigError("alpha_ref needs a policy that uses alpha and a positive standard deviation; "
+                              "pass alpha_ref=None to run without the shift guard")
+        self.alpha_ref, self.shift_gate, self.shift_scale, self.shift_memory = alpha_ref, shift_gate, shift_scale, shift_memory
+        self.alpha_ema = alpha_ref.mean if alpha_ref else 0.0
+        self.shifted = False
         self.gen = torch.Generator().manual_seed(seed)
         macs = np.asarray(runner.model.exit_macs(), dtype=np.float64)
         est = runner.estimator.macs(runner.model)[runner.alpha_source] if runner.alpha_source else 0
@@ -118,6 +147,8 @@ class AdaptiveController:
     def process(self, x: torch.Tensor) -> tuple[ExitResult, torch.Tensor]:
         """Run one batch; returns the runner's result and each sample's MACs (audits included)."""
         res = self.runner(x)
+        if self.alpha_ref is not None:
+            self._watch_shift(res.alpha)
         n_exits = self.runner.model.num_exits
         early = res.exit < n_exits - 1
         audit = early & (torch.rand(len(x), generator=self.gen) < self.audit_share)
@@ -138,6 +169,19 @@ class AdaptiveController:
         if self.batches % self.update_every == 0:
             self.step()
         return res, macs
+
+    def _watch_shift(self, alpha: torch.Tensor) -> None:
+        """Shift guard: update alpha's running mean and switch the guard when it crosses ``shift_gate``."""
+        w = 1 - (1 - 1 / self.shift_memory) ** len(alpha)  # a batch of n counts as n samples of memory
+        self.alpha_ema += w * (float(alpha.float().mean()) - self.alpha_ema)
+        shifted = abs(self.shift_score()) > self.shift_gate
+        if shifted != self.shifted:
+            self.shifted = shifted
+            self._apply()
+
+    def shift_score(self) -> float:
+        """How far recent inputs' alpha is from calibration, in calibration standard deviations (0 without a guard)."""
+        return 0.0 if self.alpha_ref is None else (self.alpha_ema - self.alpha_ref.mean) / self.alpha_ref.sd
 
     def _record(self, res: ExitResult, macs: torch.Tensor, audit: torch.Tensor, agree: torch.Tensor) -> None:
         n = len(macs)
@@ -217,21 +261,31 @@ class AdaptiveController:
         acc = 1 - float(early.float().mean()) * (1 - agree_rate)
         return acc - self.beta_opt * float(self.buf["macs"][: self.filled].mean()) / self.static_macs
 
-    def _apply(self) -> None:
+    def exit_coefficients(self) -> list[float]:
+        """The per-exit coefficients in force: c_i times the bandit's arm and the shift guard's scale."""
         scale = self.arm_scales[self.arm] if self.bandit is not None else 1.0
-        self.policy.set_coefficients([c * scale for c in self.c_exit], self.c_class)
+        scale *= self.shift_scale if self.shifted else 1.0
+        return [c * scale for c in self.c_exit]
+
+    def _apply(self) -> None:
+        floor = self.alpha_ref.hard if self.shifted and self.alpha_ref is not None else None
+        self.policy.set_coefficients(self.exit_coefficients(), self.c_class, alpha_floor=floor)
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "version": 1, "buf": dict(self.buf), "pos": self.pos, "filled": self.filled,
+        return {"format": STATE_FORMAT, "version": 2, "buf": dict(self.buf), "pos": self.pos, "filled": self.filled,
                 "batches": self.batches, "audits_total": self.audits_total, "c_exit": self.c_exit,
                 "c_class": self.c_class, "arm": self.arm, "targets": self.targets,
                 "bandit": None if self.bandit is None else {"counts": self.bandit.counts, "values": self.bandit.values},
-                "rng": self.gen.get_state(), "history": self.history, "last_slots": self._last_slots}
+                "rng": self.gen.get_state(), "history": self.history, "last_slots": self._last_slots,
+                "alpha_ema": self.alpha_ema, "shifted": self.shifted}
 
     def load_state_dict(self, s: dict) -> None:
         if s.get("format") != STATE_FORMAT:
             raise ArtifactError("not a dart-ee adaptation state")
+        if s.get("version") != 2:
+            raise ArtifactError(f"adaptation state version {s.get('version')} is not supported (expected 2); "
+                                "start the controller afresh")
         if len(s["c_exit"]) != len(self.c_exit) or s["buf"]["exit"].numel() != self.window:
             raise ArtifactError("adaptation state was saved for a different model or window size")
         self.buf = {k: v.clone() for k, v in s["buf"].items()}
@@ -243,6 +297,7 @@ class AdaptiveController:
         self.gen.set_state(s["rng"])
         self.history = list(s["history"])
         self._last_slots = s["last_slots"]
+        self.alpha_ema, self.shifted = s["alpha_ema"], s["shifted"]
         self._apply()
 
     def save(self, path: str | Path) -> None:
@@ -254,8 +309,11 @@ class AdaptiveController:
 
 def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, severity: float, n_clean: int = 3000,
                  n_shift: int = 3000, batch_size: int = 256, report_window: int = 500, seed: int = 0,
-                 data_dir: str | Path | None = None, **controller_kw) -> dict:
-    """Full network, frozen DART and adaptive DART on the same shifted stream; per-window and total figures."""
+                 data_dir: str | Path | None = None, shift_guard: bool = True, **controller_kw) -> dict:
+    """Full network, frozen DART and adaptive DART on the same shifted stream; per-window and total figures.
+
+    ``shift_guard`` references alpha on the calibration split (when the policy uses alpha).
+    """
     from dart_ee.config import load_config
     from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
     from dart_ee.policies import StaticPolicy, load_policy
@@ -274,8 +332,9 @@ def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, se
     cal = load(run_dir / "trace_cal.npz", expect_split="cal")
     if adapt_pol.alpha_source_:
         cal = cal.with_alpha(f"alpha_{adapt_pol.alpha_source_}")
-    ctrl = AdaptiveController(EarlyExitRunner(model, adapt_pol, est), agreement_targets(adapt_pol, cal),
-                              seed=seed, **controller_kw)
+    runner = EarlyExitRunner(model, adapt_pol, est)
+    alpha_ref = AlphaReference.from_alpha(cal.alpha) if shift_guard and runner.alpha_source else None
+    ctrl = AdaptiveController(runner, agreement_targets(adapt_pol, cal), alpha_ref=alpha_ref, seed=seed, **controller_kw)
     full, frozen = EarlyExitRunner(model, StaticPolicy(), est), EarlyExitRunner(model, frozen_pol, est)
     static_macs = ctrl.static_macs
     out: dict[str, dict[str, list]] = {k: {"correct": [], "macs": [], "exit": []} for k in ("full", "frozen", "adaptive")}
@@ -292,7 +351,8 @@ def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, se
         out["adaptive"]["correct"].append(r.pred == y)
         out["adaptive"]["exit"].append(r.exit)
         out["adaptive"]["macs"].append(macs)
-        coef_trace.append({"image": s + len(y), "c_exit": list(ctrl.c_exit),
+        coef_trace.append({"image": s + len(y), "c_exit": ctrl.exit_coefficients(), "shift_score": ctrl.shift_score(),
+                           "shifted": ctrl.shifted,
                            "c_class_mean": [float(np.mean([row[k] for row in ctrl.c_class]))
                                             for k in range(len(ctrl.c_class[0]))]})
     series = {}
@@ -315,7 +375,9 @@ def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, se
                "adaptive_macs_vs_full_shifted": totals["adaptive"]["shifted"]["mac_fraction"],
                "clean_savings_gap_points": 100 * (totals["adaptive"]["clean"]["mac_fraction"]
                                                   - totals["frozen"]["clean"]["mac_fraction"])}
+    guard = None if alpha_ref is None else {**alpha_ref._asdict(), "gate": ctrl.shift_gate, "scale": ctrl.shift_scale,
+                                            "batches_guarded": sum(c["shifted"] for c in coef_trace)}
     return {"scenario": scenario, "severity": severity, "n_clean": n_clean, "n_shift": n_shift, "shift_start": stream.shift_start,
             "batch_size": batch_size, "report_window": report_window, "audit_share": ctrl.audit_share,
-            "audited_samples": ctrl.audits_total, "targets": ctrl.targets, "series": series, "totals": totals,
-            "summary": summary, "coefficients": coef_trace, "final_c_class": ctrl.c_class}
+            "audited_samples": ctrl.audits_total, "targets": ctrl.targets, "shift_guard": guard, "series": series,
+            "totals": totals, "summary": summary, "coefficients": coef_trace, "final_c_class": ctrl.c_class}

@@ -490,6 +490,10 @@ def adapt(run: RunOpt,
           window: int = typer.Option(1000, help="Sliding window of recent inferences."),
           update_every: int = typer.Option(4, help="Update the coefficients every k batches."),
           z_gate: float = typer.Option(2.0, help="Act only on accuracy gaps beyond this many standard errors."),
+          shift_guard: bool = typer.Option(True, "--shift-guard/--no-shift-guard",
+                                           help="Scale thresholds up while alpha has left its calibration range."),
+          shift_gate: float = typer.Option(0.5, help="Shift guard trigger, in calibration standard deviations of alpha."),
+          shift_scale: float = typer.Option(1.2, help="Factor on every exit coefficient while the guard is on."),
           overhead: bool = typer.Option(False, "--overhead", help="Also time the controller against the runner alone "
                                                                   "(stationary stream, batch 256, audits off)."),
           seed: int = 0, data_dir: DataDirOpt = None, out: OutOpt = None) -> None:
@@ -507,14 +511,16 @@ def adapt(run: RunOpt,
         try:
             res = run_scenario(run, policy, sc, sv, clean, shifted, batch_size, seed=seed, data_dir=data_dir,
                                audit_share=audit_share, ucb=ucb, window=window, update_every=update_every,
-                               z_gate=z_gate)
+                               z_gate=z_gate, shift_guard=shift_guard, shift_gate=shift_gate, shift_scale=shift_scale)
         except DartError as e:
             _fail(e)
         artifacts.write_json(out / f"{sc}.json", res)
         plots.adaptation_over_time(res, out / f"{sc}_over_time.png")
         plots.coefficient_evolution(res, out / f"{sc}_coefficients.png")
         t, sm = res["totals"], res["summary"]
-        typer.echo(f"{sc} (severity {sv}: {SEVERITY_HELP.get(sc, '')}), {res['audited_samples']} audited samples")
+        guard = res["shift_guard"]
+        typer.echo(f"{sc} (severity {sv}: {SEVERITY_HELP.get(sc, '')}), {res['audited_samples']} audited samples, "
+                   + (f"shift guard on for {guard['batches_guarded']} batches" if guard else "no shift guard"))
         for part in ("clean", "shifted"):
             cells = [f"  {k}: acc {100 * t[k][part]['accuracy']:.2f}% MACs {100 * t[k][part]['mac_fraction']:.1f}%"
                      for k in ("full", "frozen", "adaptive")]

@@ -78,6 +78,9 @@ class AdaptConfig(_Strict):
     shifted: int = Field(3000, ge=1)
     batch_size: int = Field(256, ge=1)
     audit_share: float = Field(0.02, ge=0, le=1)
+    shift_guard: bool = True  # scale thresholds up while alpha has left its calibration range
+    shift_gate: float = Field(0.5, gt=0)  # in calibration standard deviations of alpha
+    shift_scale: float = Field(1.2, ge=1)
 
     @model_validator(mode="after")
     def _one_severity_per_scenario(self) -> AdaptConfig:

@@ -95,7 +95,8 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
         a = cfg.adapt
         for sc, sv in zip(a.scenarios, a.severities):
             res = run_scenario(out, pol_dir / "dart.json", sc, sv, a.clean, a.shifted, a.batch_size, seed=cfg.seed,
-                               data_dir=data_dir, audit_share=a.audit_share)
+                               data_dir=data_dir, audit_share=a.audit_share, shift_guard=a.shift_guard,
+                               shift_gate=a.shift_gate, shift_scale=a.shift_scale)
             artifacts.write_json(out / "adapt" / f"{sc}.json", res)
             plots.adaptation_over_time(res, out / f"{sc}_over_time.png")
             plots.coefficient_evolution(res, out / f"{sc}_coefficients.png")

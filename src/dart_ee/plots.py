@@ -103,20 +103,30 @@ def adaptation_over_time(res: dict, path: str | Path) -> Path:
 
 
 def coefficient_evolution(res: dict, path: str | Path) -> Path:
-    """The paper's Fig. 2: per-exit and per-class threshold coefficients over the stream."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    xs = [c["image"] for c in res["coefficients"]]
-    n_exits = len(res["coefficients"][0]["c_exit"])
-    for i in range(n_exits):
-        a1.plot(xs, [c["c_exit"][i] for c in res["coefficients"]], label=f"exit {i + 1}")
-    n_cls = len(res["coefficients"][0]["c_class_mean"])
+    """The paper's Fig. 2: per-exit and per-class threshold coefficients over the stream (and the shift guard's score)."""
+    coefs = res["coefficients"]
+    guard = res.get("shift_guard")
+    fig, axes = plt.subplots(1, 3 if guard else 2, figsize=(15 if guard else 10, 3.8))
+    xs = [c["image"] for c in coefs]
+    a1, a2 = axes[0], axes[1]
+    for i in range(len(coefs[0]["c_exit"])):
+        a1.plot(xs, [c["c_exit"][i] for c in coefs], label=f"exit {i + 1}")
     cmap = plt.cm.tab10
-    for k in range(n_cls):
-        a2.plot(xs, [c["c_class_mean"][k] for c in res["coefficients"]], color=cmap(k % 10), label=f"class {k}")
-    for ax, t in ((a1, "per-exit coefficient c_i"), (a2, "per-class coefficient (mean over exits)")):
-        ax.axvline(res["shift_start"], color="grey", ls=":", lw=1.5)
+    for k in range(len(coefs[0]["c_class_mean"])):
+        a2.plot(xs, [c["c_class_mean"][k] for c in coefs], color=cmap(k % 10), label=f"class {k}")
+    titles = [(a1, "per-exit coefficient in force", "coefficient (1 = as calibrated)"),
+              (a2, "per-class coefficient (mean over exits)", "coefficient (1 = as calibrated)")]
+    if guard:
+        a3 = axes[2]
+        a3.plot(xs, [c["shift_score"] for c in coefs], color="tab:purple", label="alpha shift score")
+        for g in (guard["gate"], -guard["gate"]):
+            a3.axhline(g, color="tab:red", ls="--", lw=1, label="guard trigger" if g > 0 else None)
+        titles.append((a3, f"shift guard: beyond the trigger, alpha >= {guard['hard']:.2f}, coefficients x{guard['scale']}",
+                       "alpha vs calibration (standard deviations)"))
+    for ax, t, ylabel in titles:
+        ax.axvline(res["shift_start"], color="grey", ls=":", lw=1.5, label="shift starts")
         ax.set_xlabel("position in the stream (images)")
-        ax.set_ylabel("coefficient (1 = as calibrated)")
-        ax.set_title(t)
+        ax.set_ylabel(ylabel)
+        ax.set_title(t, fontsize=10)
         ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)

@@ -248,6 +248,7 @@ class DartPolicy(ExitPolicy):
 
     name = "dart"
     knob = "beta_opt"
+    _alpha_floor: float | None = None  # run-time state, not a parameter: see set_coefficients
     knob_grid = tuple(np.round(np.concatenate([np.linspace(0.0, 0.1, 11)[1:], np.linspace(0.12, 1.0, 45)]), 4).tolist())
 
     def __init__(self, beta_opt: float = 0.1, beta_diff: float = 0.0, alpha_bins: int = 3, conf_bins: int = 10,
@@ -314,14 +315,26 @@ class DartPolicy(ExitPolicy):
         self.set_coefficients([1.0] * (n_exits - 1), [[1.0] * trace.num_classes for _ in range(n_exits - 1)])
         return self
 
-    def set_coefficients(self, coef_exit: list[float], coef_class: list[list[float]]) -> None:
-        """Replace the adaptive coefficients c (per exit, and per exit and predicted class)."""
+    @property
+    def alpha_floor(self) -> float | None:
+        return self._alpha_floor
+
+    def set_coefficients(self, coef_exit: list[float], coef_class: list[list[float]],
+                         alpha_floor: float | None = None) -> None:
+        """Replace the adaptive coefficients c (per exit, and per exit and predicted class).
+
+        ``alpha_floor`` (run-time only, not saved): every sample's alpha counts as at least this much.
+        The adaptive controller's shift guard sets it to treat out-of-domain inputs as hard.
+        """
         self.coef_exit_, self.coef_class_ = list(coef_exit), [list(r) for r in coef_class]
+        self._alpha_floor = alpha_floor
         self._tensors = {}
 
     def thresholds(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
         """tau'_i for each sample (Eq 19), including the adaptive coefficients."""
         dev = probs.device
+        if alpha is not None and self._alpha_floor is not None:
+            alpha = alpha.clamp(min=self._alpha_floor)
         tau_row, edges = self._tensor(self.tau_[i], dev), self._tensor(self.alpha_edges_, dev)
         coef_class = self.coef_exit_[i] * self._tensor(self.coef_class_[i], dev)
         if self.alpha_bins > 1 and alpha is not None:
