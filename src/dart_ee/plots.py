@@ -109,11 +109,14 @@ def coefficient_evolution(res: dict, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, 3 if guard else 2, figsize=(15 if guard else 10, 3.8))
     xs = [c["image"] for c in coefs]
     a1, a2 = axes[0], axes[1]
+    # equal coefficients draw on top of each other: dashes and widths keep every line visible
+    styles = ["-", "--", "-.", ":"]
     for i in range(len(coefs[0]["c_exit"])):
-        a1.plot(xs, [c["c_exit"][i] for c in coefs], label=f"exit {i + 1}")
+        a1.plot(xs, [c["c_exit"][i] for c in coefs], ls=styles[i % 4], lw=3 - 0.4 * (i % 5), label=f"exit {i + 1}")
     cmap = plt.cm.tab10
     for k in range(len(coefs[0]["c_class_mean"])):
-        a2.plot(xs, [c["c_class_mean"][k] for c in coefs], color=cmap(k % 10), label=f"class {k}")
+        a2.plot(xs, [c["c_class_mean"][k] for c in coefs], color=cmap(k % 10), ls=styles[k % 4], lw=3 - 0.2 * k,
+                label=f"class {k}")
     titles = [(a1, "per-exit coefficient in force", "coefficient (1 = as calibrated)"),
               (a2, "per-class coefficient (mean over exits)", "coefficient (1 = as calibrated)")]
     if guard:
