@@ -307,6 +307,24 @@ class AdaptiveController:
         self.load_state_dict(artifacts.load_torch(path, "adaptation state"))
 
 
+def controller_for_run(run_dir: str | Path, policy_path: str | Path, model: torch.nn.Module, estimator: torch.nn.Module,
+                       shift_guard: bool = True, **controller_kw) -> AdaptiveController:
+    """A controller for a run's fitted DART policy: agreement targets and the shift guard's alpha reference
+    both come from the run's calibration trace."""
+    from dart_ee.policies import load_policy
+    from dart_ee.trace import load
+
+    policy = load_policy(policy_path)
+    if not isinstance(policy, DartPolicy):
+        raise ConfigError(f"{policy_path} is a {policy.name!r} policy; adaptation needs a DART policy")
+    cal = load(Path(run_dir) / "trace_cal.npz", expect_split="cal")
+    if policy.alpha_source_:
+        cal = cal.with_alpha(f"alpha_{policy.alpha_source_}")
+    runner = EarlyExitRunner(model, policy, estimator)
+    alpha_ref = AlphaReference.from_alpha(cal.alpha) if shift_guard and runner.alpha_source else None
+    return AdaptiveController(runner, agreement_targets(policy, cal), alpha_ref=alpha_ref, **controller_kw)
+
+
 def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, severity: float, n_clean: int = 3000,
                  n_shift: int = 3000, batch_size: int = 256, report_window: int = 500, seed: int = 0,
                  data_dir: str | Path | None = None, shift_guard: bool = True, **controller_kw) -> dict:
@@ -318,7 +336,6 @@ def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, se
     from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
     from dart_ee.policies import StaticPolicy, load_policy
     from dart_ee.shift import make_stream
-    from dart_ee.trace import load
     from dart_ee.training import MODEL, load_model, prepare_splits
 
     run_dir = Path(run_dir)
@@ -326,16 +343,9 @@ def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, se
     model, est = load_model(run_dir / MODEL, optimize=True), load_estimators(run_dir / ESTIMATOR_FILE)
     test = prepare_splits(cfg, run_dir, data_dir).test
     stream = make_stream(test.x, test.y, scenario, severity, n_clean, n_shift, seed)
-    frozen_pol, adapt_pol = load_policy(policy_path), load_policy(policy_path)
-    if not isinstance(adapt_pol, DartPolicy):
-        raise ConfigError(f"{policy_path} is a {adapt_pol.name!r} policy; adaptation needs a DART policy")
-    cal = load(run_dir / "trace_cal.npz", expect_split="cal")
-    if adapt_pol.alpha_source_:
-        cal = cal.with_alpha(f"alpha_{adapt_pol.alpha_source_}")
-    runner = EarlyExitRunner(model, adapt_pol, est)
-    alpha_ref = AlphaReference.from_alpha(cal.alpha) if shift_guard and runner.alpha_source else None
-    ctrl = AdaptiveController(runner, agreement_targets(adapt_pol, cal), alpha_ref=alpha_ref, seed=seed, **controller_kw)
-    full, frozen = EarlyExitRunner(model, StaticPolicy(), est), EarlyExitRunner(model, frozen_pol, est)
+    ctrl = controller_for_run(run_dir, policy_path, model, est, shift_guard, seed=seed, **controller_kw)
+    full, frozen = EarlyExitRunner(model, StaticPolicy(), est), EarlyExitRunner(model, load_policy(policy_path), est)
+    alpha_ref = ctrl.alpha_ref
     static_macs = ctrl.static_macs
     out: dict[str, dict[str, list]] = {k: {"correct": [], "macs": [], "exit": []} for k in ("full", "frozen", "adaptive")}
     coef_trace = []

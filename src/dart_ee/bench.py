@@ -337,7 +337,7 @@ def stage_times(model_name: str = "alexnet", dataset: str = "cifar10", batch_siz
 def controller_overhead(run_dir: str | Path, policy_path: str | Path, batch_size: int = 256, n_images: int = 2560,
                         repeats: int = 5, threads: int | None = None, data_dir: str | Path | None = None) -> dict:
     """Wall-clock cost of the adaptive controller over the runner alone, on a stationary stream, audits off."""
-    from dart_ee.adapt import AdaptiveController
+    from dart_ee.adapt import controller_for_run
     from dart_ee.config import load_config
     from dart_ee.data import to_float
     from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
@@ -353,7 +353,7 @@ def controller_overhead(run_dir: str | Path, policy_path: str | Path, batch_size
     x = to_float(torch.from_numpy(test.x[:n_images]))
     batches = [x[s: s + batch_size] for s in range(0, len(x), batch_size)]
     runner = EarlyExitRunner(model, load_policy(policy_path), est)
-    ctrl = AdaptiveController(EarlyExitRunner(model, load_policy(policy_path), est), audit_share=0.0)
+    ctrl = controller_for_run(run_dir, policy_path, model, est, audit_share=0.0)  # shift guard on, as deployed
 
     def run_plain() -> None:
         for b in batches:
@@ -367,4 +367,4 @@ def controller_overhead(run_dir: str | Path, policy_path: str | Path, batch_size
     r, c = statistics.median(t["runner"]), statistics.median(t["controller"])
     return {"threads": n_threads, "batch_size": batch_size, "images": len(x), "repeats": repeats,
             "runner_ms_per_image": 1e3 * r / len(x), "controller_ms_per_image": 1e3 * c / len(x),
-            "overhead": c / r - 1, "updates": len(ctrl.history)}
+            "overhead": c / r - 1, "updates": len(ctrl.history), "shift_guard": ctrl.alpha_ref is not None}
