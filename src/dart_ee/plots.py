@@ -69,7 +69,7 @@ def tradeoff_curves(sweep: dict, path: str | Path, title: str = "") -> Path:
     ax.scatter([100 * s["mac_fraction"]], [100 * s["accuracy"]], marker="s", s=60, color="k", zorder=5,
                label="static network")
     for b in (25, 50, 75):
-        ax.axvline(b, color="grey", ls=":", lw=0.8)
+        ax.axvline(b, color="grey", ls=":", lw=0.8, label="25 / 50 / 75% grid (report table)" if b == 25 else None)
     lo = min(100 * s["accuracy"] - 10, min(100 * p["accuracy"] for pts in sweep["curves"].values() for p in pts))
     ax.set_ylim(max(lo, 100 * s["accuracy"] - 15), 100 * max(o["accuracy"], s["accuracy"]) + 1)
     ax.set_xlim(0, 105)
