@@ -66,6 +66,17 @@ def run(config: ConfigOpt = None, data_dir: DataDirOpt = None,
 
 
 @app.command()
+def report(run: RunOpt) -> None:
+    """Redraw every figure and rewrite report.md of a finished `dart-ee run` from its results.json (no recomputing)."""
+    from dart_ee.pipeline import render
+
+    try:
+        typer.echo(f"wrote {render(run)} and the figures beside it")
+    except DartError as e:
+        _fail(e)
+
+
+@app.command()
 def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("runs/demo"),
          set_: SetOpt = None) -> None:
     """DART end to end in minutes, with no data to download: real 8x8 digits shipped with scikit-learn.
@@ -515,8 +526,7 @@ def adapt(run: RunOpt,
         except DartError as e:
             _fail(e)
         artifacts.write_json(out / f"{sc}.json", res)
-        plots.adaptation_over_time(res, out / f"{sc}_over_time.png")
-        plots.coefficient_evolution(res, out / f"{sc}_coefficients.png")
+        plots.adaptation_figures(res, out)
         t, sm = res["totals"], res["summary"]
         guard = res["shift_guard"]
         typer.echo(f"{sc} (severity {sv}: {SEVERITY_HELP.get(sc, '')}), {res['audited_samples']} audited samples, "

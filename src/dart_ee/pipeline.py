@@ -32,7 +32,6 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     from dart_ee.calibration import compare, dart_ablation, sweep
     from dart_ee.evaluation import simulate
     from dart_ee.policies import load_policy
-    from dart_ee.report import write_report
     from dart_ee.training import METRICS, MODEL, SINGLE_EXIT_DIR, single_exit_config, train
 
     out = Path(out)
@@ -58,9 +57,6 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
         trace_mod.trace_run(out, data_dir)
     cal, test = trace_mod.load(cal_p, expect_split="cal"), trace_mod.load(test_p, expect_split="test")
     diff = difficulty_report(test)
-    plots.alpha_histogram({k: test.extra[k] for k in ("alpha_paper", "alpha_learned")}, out / "alpha_histogram.png")
-    plots.exit_distribution_plot(list(diff["exit_distribution"].values()), out / "exit_by_difficulty_oracle.png",
-                                 "Exit distribution by difficulty (oracle exits, test split)")
     steps["trace"] = time.perf_counter() - t0
 
     t0 = step(f"3/6 calibrate every policy at --max-drop {cfg.calibration.max_drop}")
@@ -73,13 +69,10 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
 
     t0 = step("4/6 sweep")
     sw = sweep(cal, test)
-    plots.tradeoff_curves(sw, out / "tradeoff_curves.png")
     steps["sweep"] = time.perf_counter() - t0
 
     exits, _ = simulate(load_policy(pol_dir / "dart.json"), test)
     dart_diff = difficulty_report(test, exits + 1, "DART")["exit_distribution"]
-    plots.exit_distribution_plot(list(dart_diff.values()), out / "exit_by_difficulty_dart.png",
-                                 f"Exit distribution by difficulty (DART at --max-drop {cfg.calibration.max_drop}, test split)")
 
     bench = None
     if cfg.benchmark.enabled:
@@ -98,8 +91,6 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
                                data_dir=data_dir, audit_share=a.audit_share, shift_guard=a.shift_guard,
                                shift_gate=a.shift_gate, shift_scale=a.shift_scale)
             artifacts.write_json(out / "adapt" / f"{sc}.json", res)
-            plots.adaptation_over_time(res, out / f"{sc}_over_time.png")
-            plots.coefficient_evolution(res, out / f"{sc}_coefficients.png")
             adaptation.append({k: v for k, v in res.items() if k not in ("coefficients", "series")})
         steps["adapt"] = time.perf_counter() - t0
 
@@ -110,6 +101,27 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
                "difficulty": diff, "dart_exit_distribution": dart_diff, "compare": comp, "ablation": ablation,
                "sweep": sw, "benchmark": bench, "adaptation": adaptation, "step_seconds": steps}
     artifacts.write_json(out / "results.json", results)
-    write_report(results, out)
-    log(f"wrote {out / 'results.json'} and {out / 'report.md'}")
+    render(out)
+    log(f"wrote {out / 'results.json'}, {out / 'report.md'} and the figures")
     return results
+
+
+def render(out: Path) -> Path:
+    """Draw every figure and write ``report.md`` from ``RUN/results.json`` (plus the test trace's alpha and
+    ``RUN/adapt/*.json``), so a finished run can be re-rendered without recomputing (``dart-ee report``)."""
+    from dart_ee import trace as trace_mod
+    from dart_ee.report import write_report
+
+    out = Path(out)
+    res = artifacts.read_json(out / "results.json", "results")
+    test = trace_mod.load(out / "trace_test.npz", expect_split="test")
+    plots.alpha_histogram({k: test.extra[k] for k in ("alpha_paper", "alpha_learned")}, out / "alpha_histogram.png")
+    plots.exit_distribution_plot(list(res["difficulty"]["exit_distribution"].values()), out / "exit_by_difficulty_oracle.png",
+                                 "Exit distribution by difficulty (oracle exits, test split)")
+    plots.exit_distribution_plot(list(res["dart_exit_distribution"].values()), out / "exit_by_difficulty_dart.png",
+                                 f"Exit distribution by difficulty (DART at --max-drop "
+                                 f"{res['config']['calibration']['max_drop']}, test split)")
+    plots.tradeoff_curves(res["sweep"], out / "tradeoff_curves.png")
+    for sc in res.get("adaptation") or []:
+        plots.adaptation_figures(artifacts.read_json(out / "adapt" / f"{sc['scenario']}.json", "adaptation record"), out)
+    return write_report(res, out)

@@ -133,3 +133,9 @@ def coefficient_evolution(res: dict, path: str | Path) -> Path:
         ax.set_title(t, fontsize=10)
         ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
+
+
+def adaptation_figures(res: dict, out: str | Path) -> None:
+    """Both adaptation figures of one scenario: ``SCENARIO_over_time.png`` and ``SCENARIO_coefficients.png``."""
+    adaptation_over_time(res, Path(out) / f"{res['scenario']}_over_time.png")
+    coefficient_evolution(res, Path(out) / f"{res['scenario']}_coefficients.png")
