@@ -61,6 +61,12 @@ def test_state_round_trip(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(ArtifactError, match="bad.pt"):
         load_estimators(tmp_path / "bad.pt")
+    # a file from an older version (a buffer missing) is a clear error that says how to regenerate it
+    ck = torch.load(tmp_path / "d.pt", weights_only=True)
+    del ck["state_dict"]["scale"]
+    torch.save(ck, tmp_path / "old.pt")
+    with pytest.raises(ArtifactError, match="old.pt.*dart-ee trace"):
+        load_estimators(tmp_path / "old.pt")
 
 
 def test_bad_input():

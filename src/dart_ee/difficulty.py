@@ -302,5 +302,9 @@ def load_estimators(path: str | Path) -> LearnedDifficulty:
     if not isinstance(ck, dict) or ck.get("format") != "dart-ee-difficulty":
         raise ArtifactError(f"{path} is not a dart-ee difficulty estimator file")
     est = LearnedDifficulty(DifficultyEstimator(edge_quantile=ck["edge_quantile"]))
-    est.load_state_dict(ck["state_dict"])
+    try:
+        est.load_state_dict(ck["state_dict"])
+    except (RuntimeError, KeyError) as e:  # fields added or renamed since the file was written
+        raise ArtifactError(f"{path} does not match this version's difficulty estimators ({str(e).splitlines()[0]}); "
+                            "regenerate it with `dart-ee trace --run RUN`") from None
     return est.eval()

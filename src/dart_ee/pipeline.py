@@ -30,6 +30,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     from dart_ee.analysis import difficulty_report
     from dart_ee.bench import benchmark, git_revision, hardware_info
     from dart_ee.calibration import compare, dart_ablation, sweep
+    from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
     from dart_ee.evaluation import simulate
     from dart_ee.policies import load_policy
     from dart_ee.training import METRICS, MODEL, SINGLE_EXIT_DIR, single_exit_config, train
@@ -53,7 +54,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
 
     t0 = step("2/6 difficulty + trace")
     cal_p, test_p = out / "trace_cal.npz", out / "trace_test.npz"
-    if not (_valid(trace_mod.load, cal_p) and _valid(trace_mod.load, test_p) and (out / "difficulty.pt").is_file()):
+    if not (_valid(trace_mod.load, cal_p) and _valid(trace_mod.load, test_p) and _valid(load_estimators, out / ESTIMATOR_FILE)):
         trace_mod.trace_run(out, data_dir)
     cal, test = trace_mod.load(cal_p, expect_split="cal"), trace_mod.load(test_p, expect_split="test")
     diff = difficulty_report(test)
