@@ -142,6 +142,14 @@ def test_shift_streams_are_deterministic(scenario, trained_run):
         assert not torch.equal(a.x[100:], make_stream(imgs, labels, scenario, 0.0, 100, 120, seed=3).x[100:])
 
 
+def test_stream_longer_than_the_split_keeps_its_clean_part_clean(trained_run):
+    imgs = trained_run["images"].numpy()  # 300 test images
+    st = make_stream(imgs, np.arange(len(imgs)) % 10, "noise", 0.1, 500, 400, seed=0)
+    assert len(st.y) == 900 and st.shift_start == 500
+    on_grid = lambda x: torch.all(((x * 255) - (x * 255).round()).abs() < 1e-3)  # noqa: E731 (unshifted uint8 pixels)
+    assert on_grid(st.x[:500]) and not on_grid(st.x[500:])
+
+
 def test_controller_overhead_measurement(trained_run, tmp_path):
     from dart_ee.bench import controller_overhead
 

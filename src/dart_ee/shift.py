@@ -66,7 +66,8 @@ def make_stream(images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
     y_all = np.asarray(labels)
     n = len(y_all)
     order = rng.permutation(n)
-    clean_idx = order[:n_clean]
+    # a test split smaller than the stream is drawn with replacement (the shift still starts at n_clean)
+    clean_idx = order[:n_clean] if n >= n_clean else rng.choice(n, n_clean)
     rest = order[n_clean:] if n - n_clean >= n_shift else rng.permutation(n)
     if scenario == "class-prior":
         dominant = rng.choice(np.unique(y_all), size=3, replace=False)
