@@ -248,7 +248,8 @@ class AdaptiveController:
             self.bandit.reward(self.arm, self.tradeoff())
             self.arm = self.bandit.select()
         self._apply()
-        self.history.append({"batch": self.batches, "c_exit": list(self.c_exit), "c_class": [list(r) for r in self.c_class],
+        self.history.append({"batch": self.batches, "shifted": self.shifted, "c_exit": list(self.c_exit),
+                             "c_class": [list(r) for r in self.c_class],
                              "arm": self.arm})
 
     def tradeoff(self) -> float:

@@ -350,7 +350,10 @@ def controller_overhead(run_dir: str | Path, policy_path: str | Path, batch_size
     model = load_model(run_dir / MODEL, optimize=True)
     est = load_estimators(run_dir / ESTIMATOR_FILE)
     test = prepare_splits(load_config(run_dir / "config.yaml"), run_dir, data_dir).test
-    x = to_float(torch.from_numpy(test.x[:n_images]))
+    # a stationary stream is a random draw: the test files are often sorted by class, and a run of one
+    # class is a class-prior shift (which the shift guard may rightly react to)
+    pick = np.random.default_rng(0).permutation(len(test.x))[:n_images]
+    x = to_float(torch.from_numpy(test.x[pick]))
     batches = [x[s: s + batch_size] for s in range(0, len(x), batch_size)]
     runner = EarlyExitRunner(model, load_policy(policy_path), est)
     ctrl = controller_for_run(run_dir, policy_path, model, est, audit_share=0.0)  # shift guard on, as deployed
@@ -367,4 +370,5 @@ def controller_overhead(run_dir: str | Path, policy_path: str | Path, batch_size
     r, c = statistics.median(t["runner"]), statistics.median(t["controller"])
     return {"threads": n_threads, "batch_size": batch_size, "images": len(x), "repeats": repeats,
             "runner_ms_per_image": 1e3 * r / len(x), "controller_ms_per_image": 1e3 * c / len(x),
-            "overhead": c / r - 1, "updates": len(ctrl.history), "shift_guard": ctrl.alpha_ref is not None}
+            "overhead": c / r - 1, "updates": len(ctrl.history), "shift_guard": ctrl.alpha_ref is not None,
+            "guard_fired": ctrl.shifted or any(h["shifted"] for h in ctrl.history)}
