@@ -23,9 +23,10 @@ stationary stream leaves the coefficients where they are:
   memory of ``shift_memory`` samples, is compared with alpha's mean on the calibration split
   (``alpha_ref``, in calibration standard deviations). Beyond ``shift_gate`` the inputs have left the
   domain the thresholds were calibrated on. Until alpha comes back, every input is then treated as
-  hard (its alpha is floored at the calibration split's hardest decile, ``alpha_ref.hard``; noise
-  raises alpha, but blur and lost contrast lower it, which would otherwise pass corrupted images as
-  easy) and every exit coefficient is scaled by ``shift_scale``. Audits need hundreds of samples to
+  hard: it gets the most demanding alpha bin's threshold at each exit and at least the calibration
+  split's hardest-decile alpha (``alpha_ref.hard``) in the margin (noise raises alpha, but blur and
+  lost contrast lower it, which would otherwise pass corrupted images as easy), and every exit
+  coefficient is scaled by ``shift_scale``. Audits need hundreds of samples to
   see a drop of a few points; alpha sees a corrupted camera within one batch.
 Every coefficient stays within ``bounds``.
 """

@@ -323,8 +323,9 @@ class DartPolicy(ExitPolicy):
                          alpha_floor: float | None = None) -> None:
         """Replace the adaptive coefficients c (per exit, and per exit and predicted class).
 
-        ``alpha_floor`` (run-time only, not saved): every sample's alpha counts as at least this much.
-        The adaptive controller's shift guard sets it to treat out-of-domain inputs as hard.
+        ``alpha_floor`` (run-time only, not saved): out-of-domain mode, set by the adaptive controller's
+        shift guard. Every sample then gets the most demanding alpha bin's threshold, and its alpha
+        counts as at least ``alpha_floor`` in the beta_diff margin.
         """
         self.coef_exit_, self.coef_class_ = list(coef_exit), [list(r) for r in coef_class]
         self._alpha_floor = alpha_floor
@@ -333,11 +334,14 @@ class DartPolicy(ExitPolicy):
     def thresholds(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
         """tau'_i for each sample (Eq 19), including the adaptive coefficients."""
         dev = probs.device
-        if alpha is not None and self._alpha_floor is not None:
-            alpha = alpha.clamp(min=self._alpha_floor)
         tau_row, edges = self._tensor(self.tau_[i], dev), self._tensor(self.alpha_edges_, dev)
         coef_class = self.coef_exit_[i] * self._tensor(self.coef_class_[i], dev)
-        if self.alpha_bins > 1 and alpha is not None:
+        if alpha is not None and self._alpha_floor is not None:
+            # out of domain: the most demanding alpha bin's threshold for everyone (the DP does not
+            # promise that the hardest bin is the most demanding one), and at least the floor's margin
+            alpha = alpha.clamp(min=self._alpha_floor)
+            tau = tau_row.max().expand(len(probs))
+        elif self.alpha_bins > 1 and alpha is not None:
             tau = tau_row[torch.bucketize(alpha.float(), edges, right=True)]
         else:
             tau = tau_row[0].expand(len(probs))
