@@ -347,7 +347,6 @@ def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, se
     stream = make_stream(test.x, test.y, scenario, severity, n_clean, n_shift, seed)
     ctrl = controller_for_run(run_dir, policy_path, model, est, shift_guard, seed=seed, **controller_kw)
     full, frozen = EarlyExitRunner(model, StaticPolicy(), est), EarlyExitRunner(model, load_policy(policy_path), est)
-    alpha_ref = ctrl.alpha_ref
     static_macs = ctrl.static_macs
     out: dict[str, dict[str, list]] = {k: {"correct": [], "macs": [], "exit": []} for k in ("full", "frozen", "adaptive")}
     coef_trace = []
@@ -387,8 +386,9 @@ def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, se
                "adaptive_macs_vs_full_shifted": totals["adaptive"]["shifted"]["mac_fraction"],
                "clean_savings_gap_points": 100 * (totals["adaptive"]["clean"]["mac_fraction"]
                                                   - totals["frozen"]["clean"]["mac_fraction"])}
-    guard = None if alpha_ref is None else {**alpha_ref._asdict(), "gate": ctrl.shift_gate, "scale": ctrl.shift_scale,
-                                            "batches_guarded": sum(c["shifted"] for c in coef_trace)}
+    guard = None if ctrl.alpha_ref is None else {**ctrl.alpha_ref._asdict(), "gate": ctrl.shift_gate,
+                                                 "scale": ctrl.shift_scale,
+                                                 "batches_guarded": sum(c["shifted"] for c in coef_trace)}
     return {"scenario": scenario, "severity": severity, "n_clean": n_clean, "n_shift": n_shift, "shift_start": stream.shift_start,
             "batch_size": batch_size, "report_window": report_window, "audit_share": ctrl.audit_share,
             "audited_samples": ctrl.audits_total, "targets": ctrl.targets, "shift_guard": guard, "series": series,
