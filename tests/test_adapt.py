@@ -31,8 +31,9 @@ def _setup(trained_run, **kw):
     model = load_model(trained_run["run"] / "model.pt", optimize=True)
     runner = EarlyExitRunner(model, policy, load_estimators(trained_run["run"] / "difficulty.pt"))
     ctrl = AdaptiveController(runner, agreement_targets(policy, cal), **kw)
-    frozen = EarlyExitRunner(model, make_policy("dart").set_params(**policy.get_params()), runner.estimator)
-    frozen.policy.__dict__.update(policy.fitted_state())
+    twin = make_policy("dart").set_params(**policy.get_params())
+    twin.__dict__.update(policy.fitted_state())  # before the runner reads which alpha the policy uses
+    frozen = EarlyExitRunner(model, twin, runner.estimator)
     return ctrl, frozen, model
 
 

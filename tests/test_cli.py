@@ -41,7 +41,14 @@ def test_config_errors_are_clean(tmp_path):
 def test_policy_commands(trained_run, tmp_path):
     cal, test = trained_run["cal_path"], trained_run["test_path"]
     code, out = invoke("calibrate", "--trace", cal, "--policy", "dart", "--max-drop", "1", "--out", tmp_path / "d.json")
-    assert code == 0, out
+    assert code == 0 and "UNCERTIFIED" in out, out
+    code, out = invoke("calibrate", "--trace", cal, "--policy", "dart", "--max-drop", "1", "--confidence", "0.95",
+                       "--out", tmp_path / "c.json")
+    assert code == 2 and "needs at least 299 certification samples" in out and "Traceback" not in out, out
+    code, out = invoke("calibrate", "--trace", cal, "--policy", "threshold", "--max-drop", "20", "--confidence", "0.95",
+                       "--risk", "new-errors", "--out", tmp_path / "c.json")
+    assert code == 0 and ("CERTIFIED" in out) and "not guaranteed" in out, out
+    assert json.loads((tmp_path / "c.json").read_text())["calibration"]["guarantee"]["risk"] == "new-errors"
     code, out = invoke("calibrate", "--trace", test, "--policy", "dart", "--max-drop", "1", "--out", tmp_path / "x.json")
     assert code == 2 and "never calibrate on the test split" in out
     code, out = invoke("evaluate", "--trace", test, "--policy", tmp_path / "d.json", "--json")
@@ -50,11 +57,17 @@ def test_policy_commands(trained_run, tmp_path):
     assert rows[0]["policy"] == "dart" and rows[-1]["policy"] == "oracle"
     code, out = invoke("sweep", "--cal", cal, "--test", test, "--out", tmp_path / "sw")
     assert code == 0 and (tmp_path / "sw" / "tradeoff_curves.png").stat().st_size > 10_000, out
-    assert "Acc @25% MACs" in out
+    assert "@25% MACs" in out
+    code, out = invoke("sweep", "--cal", cal, "--test", test, "--out", tmp_path / "sw", "--resplits", "2")
+    assert code == 0 and "AUC difference DART - threshold over 2 re-splits" in out and "D = 0.5 points" in out, out
     code, out = invoke("compare", "--cal", cal, "--test", test, "--max-drop", "1", "--out", tmp_path / "cmp")
-    assert code == 0 and "DART ablation" in out, out
-    code, out = invoke("guarantee", "--cal", cal, "--test", test, "--max-drop", "1", "--resplits", "2")
-    assert code == 0 and "of 2 re-splits" in out, out
+    assert code == 0 and "DART ablation" in out and "static network instead" in out, out  # 200 samples: too few
+    code, out = invoke("guarantee", "--cal", cal, "--test", test, "--max-drop", "20", "--resplits", "2", "--json")
+    assert code == 0, out
+    rec = json.loads(out)
+    assert [r["policy"] for r in rec] == ["dart", "threshold"] and rec[0]["split"]["draws"] == 2
+    code, out = invoke("guarantee", "--synthetic", "nested", "--policy", "threshold", "--resplits", "3")
+    assert code == 0 and "threshold (generator 'nested'):" in out, out
 
 
 def test_difficulty_commands(trained_run, tmp_path):

@@ -5,9 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from dart_ee.calibration import calibrate, compare, drop_upper_bound, sweep
+from dart_ee.calibration import calibrate, compare
 from dart_ee.errors import ArtifactError, ConfigError
 from dart_ee.evaluation import evaluate, oracle, simulate
+from dart_ee.frontier import sweep
 from dart_ee.policies import POLICIES, make_policy, policy_from_dict
 from dart_ee.trace import Trace
 
@@ -74,7 +75,7 @@ def test_dp_matches_brute_force():
     t = Trace(probs_from(conf, np.where(correct, 0, 1), k), np.zeros(n, int), np.arange(n), [100, 250, 400],
               meta={"split": "cal", "static_macs": 400})
     for beta in (0.02, 0.1, 0.2, 0.4, 0.9):
-        pol = make_policy("dart", beta_opt=beta, alpha_bins=1, conf_bins=4, prior=1e-9).fit(t)
+        pol = make_policy("dart", beta_opt=beta, alpha_bins=1, conf_bins=4, prior=1e-9, refine=False).fit(t)
 
         def j(p, beta=beta):
             r = evaluate(p, t)
@@ -120,19 +121,37 @@ def test_calibration_never_reads_the_test_trace():
         sweep(test, test)
 
 
-def test_budget_and_guarantee():
+def test_budget_certified_and_uncertified():
     cal, test = realistic_trace(3000), realistic_trace(3000, seed=5, split="test")
     pol, rec = calibrate("dart", cal, max_drop=1.0, tune_beta_diff=True)
     assert rec["budget_met"] and rec["calibration"]["drop_points"] <= 1.0 + 1e-9
-    assert rec["calibration"]["mac_reduction"] > 0.2
-    gpol, grec = calibrate("dart", cal, max_drop=1.0, confidence=0.95, n_test=3000)
-    assert grec["calibration"]["drop_bound_points"] <= 1.0 + 1e-9
-    assert drop_upper_bound(cal, gpol, 0.95) >= grec["calibration"]["drop_points"]
-    assert grec["calibration"]["mac_reduction"] <= rec["calibration"]["mac_reduction"] + 1e-9
-    res = compare(cal, test, max_drop=1.0)
-    assert {r["policy"] for r in res["rows"]} == set(POLICIES)
+    assert rec["calibration"]["mac_reduction"] > 0.2 and rec["target"]["mode"] == "uncertified budget"
+    gpol, grec = calibrate("dart", cal, max_drop=1.0, confidence=0.95)
+    assert grec["guarantee"]["certified"] and grec["target"]["mode"] == "certified"
+    res = compare(cal, test, max_drop=1.0, policies=("static", "threshold", "patience", "dart"))
+    assert [r["policy"] for r in res["rows"]] == ["static", "threshold", "patience", "dart"] and res["mode"] == "certified"
+    assert all(r["certified"] for r in res["rows"])
     static = next(r for r in res["rows"] if r["policy"] == "static")
     assert static["test"]["mac_reduction"] == 0 and static["test"]["drop_points"] == 0
+    assert compare(cal, test, max_drop=1.0, confidence=None, policies=("threshold",))["rows"][0]["certified"] is None
+
+
+def test_sweep_chooses_on_calibration():
+    cal, test = realistic_trace(1500), realistic_trace(1500, seed=5, split="test")
+    res = sweep(cal, test, policies=("threshold", "dart"))
+    for name, g in res["grid"].items():
+        for b in (25, 50, 75):
+            e = g[f"at_{b}"]
+            if e["feasible"]:  # chosen by its calibration MACs; the test MACs may overshoot, and say so
+                assert e["cal_mac_fraction"] <= b / 100 + 1e-12
+                assert e["overshoot"] == pytest.approx(max(0.0, e["mac_fraction"] - b / 100))
+                best = max(p["cal_accuracy"] for p in res["curves"][name] if p["cal_mac_fraction"] <= b / 100 + 1e-12)
+                assert e["cal_accuracy"] == best
+        assert 0 < g["auc"] <= 1
+    # a budget nothing meets is infeasible, never 0% accuracy
+    cal.exit_macs, test.exit_macs = np.array([150, 200, 300, 400]), np.array([150, 200, 300, 400])
+    res = sweep(cal, test, policies=("patience",))
+    assert res["grid"]["patience"]["at_25"] == {"budget": 0.25, "feasible": False}
 
 
 def test_tradeoff_target_and_oracle():

@@ -292,6 +292,13 @@ AlphaOpt = Annotated[Optional[str], typer.Option("--alpha", help="Difficulty sco
                                                                     "(default: the run's configured one).")]
 
 
+ConfidenceOpt = Annotated[Optional[float], typer.Option(
+    "--confidence", help="Certify the budget with this probability (e.g. 0.95): Learn-then-Test on a fit / cert split. "
+                         "Without it the budget is an uncertified in-sample search.")]
+RiskOpt = Annotated[str, typer.Option("--risk", help="What the budget bounds: drop (accuracy drop against the final exit), "
+                                                     "new-errors, or disagree (label-free).")]
+
+
 @app.command()
 def calibrate(
         trace: Annotated[Path, typer.Option("--trace", help="Calibration trace (RUN/trace_cal.npz); never the test trace.")],
@@ -301,14 +308,23 @@ def calibrate(
             "--max-drop", help="Accuracy budget: at most X points below the final exit.")] = None,
         beta_opt: Annotated[Optional[float], typer.Option(
             "--beta-opt", help="Trade-off target instead of a budget (Eq 10).")] = None,
-        confidence: Annotated[Optional[float], typer.Option(
-            "--confidence", help="Guarantee the budget with this probability, e.g. 0.95.")] = None,
+        confidence: ConfidenceOpt = None,
+        risk: RiskOpt = "drop",
+        fit_share: Annotated[float, typer.Option("--fit-share", help="Share of the calibration split that fits "
+                                                                     "(certified only); the rest certifies.")] = 0.4,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the fit / cert split (recorded).")] = 0,
+        bound: Annotated[str, typer.Option("--bound", help="p-values: exact (binomial / McNemar) or hb "
+                                                           "(Hoeffding-Bentkus).")] = "exact",
+        in_expectation: Annotated[bool, typer.Option(
+            "--in-expectation", help="Conformal risk control instead: the budget holds in expectation over "
+                                     "calibration and test draws, not for this draw.")] = False,
         beta_diff: Annotated[str, typer.Option(
             "--beta-diff", help="DART margin: a number, or 'tune' to search it on the calibration split.")] = "tune",
         alpha: AlphaOpt = None,
         set_: SetOpt = None,
 ) -> None:
-    """Fit a policy on the calibration trace for an accuracy budget (--max-drop) or a trade-off (--beta-opt)."""
+    """Fit a policy on the calibration trace for an accuracy budget (--max-drop, certified with --confidence) or a
+    trade-off (--beta-opt)."""
     import yaml
 
     from dart_ee.calibration import calibrate as run_calibration
@@ -319,6 +335,10 @@ def calibrate(
         tune = policy == "dart" and beta_diff == "tune"
         if policy == "dart" and not tune:
             params["beta_diff"] = float(beta_diff)
+        if confidence is not None:
+            params.update(risk=risk, seed=seed, fit_share=fit_share, bound=bound, in_expectation=in_expectation)
+        elif in_expectation or risk != "drop" or bound != "exact":
+            raise DartError("--risk, --bound and --in-expectation apply to certified budgets: give --confidence too")
         pol, rec = run_calibration(policy, cal, beta_opt=beta_opt, max_drop=max_drop, confidence=confidence,
                                    tune_beta_diff=tune, **params)
         pol.save(out, calibration=rec)
@@ -326,8 +346,15 @@ def calibrate(
         _fail(e if isinstance(e, DartError) else DartError(str(e)))
     c = rec["calibration"]
     typer.echo(f"{policy}: {rec['params']} -> calibration accuracy {100 * c['accuracy']:.2f}% "
-               f"(drop {c['drop_points']:+.2f} points), MAC reduction {100 * c['mac_reduction']:.1f}%"
-               + ("" if rec["budget_met"] else "  [budget NOT met on calibration: most accurate point kept]"))
+               f"(drop {c['drop_points']:+.2f} points), MAC reduction {100 * c['mac_reduction']:.1f}%")
+    g = rec.get("guarantee")
+    if g:
+        p = "" if g.get("p_value") is None else f" (p = {g['p_value']:.4g}, n_cert = {g['n_cert']:,}, fit n = {g['n_fit']:,})"
+        typer.echo(("CERTIFIED: " if g["certified"] else "NOT CERTIFIED: ") + g["statement"] + p)
+        typer.echo(g["not_guaranteed"])
+    elif max_drop is not None:
+        typer.echo("UNCERTIFIED: " + rec["target"]["note"] + "; add --confidence 0.95 for a certified budget"
+                   + ("" if rec["budget_met"] else " [budget NOT met on calibration: most accurate point kept]"))
     typer.echo(f"wrote {out}")
 
 
@@ -360,14 +387,23 @@ def evaluate(trace: TraceOpt,
 def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")],
           test: Annotated[Path, typer.Option("--test", help="Test trace.")],
           out: Annotated[Path, typer.Option("--out", help="Output directory.")],
+          resplits: Annotated[int, typer.Option("--resplits", min=0, help="Also compare over this many random "
+                                                "calibration / test re-splits of the pooled traces (paired AUC "
+                                                "difference DART - threshold, certified frontier). 0: none.")] = 0,
+          confidence: Annotated[float, typer.Option("--confidence", help="Certified frontier confidence.")] = 0.95,
+          risk: RiskOpt = "drop",
+          seed: int = 0,
           alpha: AlphaOpt = None) -> None:
-    """Every policy's accuracy-vs-MACs curve on the test trace (fitted on the calibration trace), with the oracle."""
+    """Every policy's accuracy-vs-MACs curve: each point chosen on the calibration trace, measured on the test trace."""
     from dart_ee import artifacts, plots
-    from dart_ee.calibration import sweep as run_sweep
-    from dart_ee.report import grid_markdown
+    from dart_ee.frontier import resplit_frontier
+    from dart_ee.frontier import sweep as run_sweep
+    from dart_ee.report import frontier_markdown, grid_markdown
 
     try:
-        res = run_sweep(_load_trace(cal, "cal", alpha), _load_trace(test, "test", alpha))
+        c, t = _load_trace(cal, "cal", alpha), _load_trace(test, "test", alpha)
+        res = run_sweep(c, t)
+        rs = resplit_frontier(c, t, resplits, seed, confidence=confidence, risk=risk) if resplits else None
     except DartError as e:
         _fail(e)
     artifacts.write_json(out / "sweep.json", res)
@@ -375,64 +411,110 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
     typer.echo(grid_markdown(res))
     typer.echo(f"oracle: {100 * res['oracle']['accuracy']:.2f}% at {100 * res['oracle']['mac_fraction']:.1f}% of static MACs")
     typer.echo(f"wrote {out}/sweep.json and {out}/tradeoff_curves.png")
+    if rs:
+        artifacts.write_json(out / "resplits.json", rs)
+        d = rs.get("auc_difference_dart_minus_threshold")
+        if d:
+            verdict = "DART beats the threshold" if d["low"] > 0 else "DART loses to the threshold" if d["high"] < 0 \
+                else "no significant difference (tie)"
+            typer.echo(f"\nAUC difference DART - threshold over {resplits} re-splits: {100 * d['mean']:+.3f} points, "
+                       f"95% interval [{100 * d['low']:+.3f}, {100 * d['high']:+.3f}] (corrected resampled t): {verdict}")
+        typer.echo(f"\nCertified frontier (mean over {resplits} re-splits, confidence {confidence}, risk {risk}): "
+                   "MAC reduction on test (realised test drop)")
+        typer.echo(frontier_markdown(rs["certified_frontier"]))
+        typer.echo(f"wrote {out}/resplits.json")
 
 
 @app.command()
 def compare(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")],
             test: Annotated[Path, typer.Option("--test", help="Test trace.")],
             max_drop: Annotated[float, typer.Option("--max-drop", help="Accuracy budget in points.")] = 0.5,
-            confidence: Annotated[Optional[float], typer.Option("--confidence")] = None,
+            confidence: Annotated[Optional[float], typer.Option(
+                "--confidence", help="Certify at this confidence; --uncertified for the in-sample search.")] = 0.95,
+            uncertified: Annotated[bool, typer.Option("--uncertified", help="Uncertified in-sample budget search.")] = False,
+            risk: RiskOpt = "drop",
+            seed: int = 0,
             out: OutOpt = None, ablation: Annotated[bool, typer.Option(help="Also run the DART ablation.")] = True,
             ) -> None:
     """Calibrate every policy at one budget on the calibration split and measure it on the test split."""
     from dart_ee import artifacts
     from dart_ee.calibration import compare as run_compare
     from dart_ee.calibration import dart_ablation
-    from dart_ee.report import policy_table
+    from dart_ee.report import ablation_table, budget_words, certified_table
 
+    conf = None if uncertified else confidence
     try:
         c, t = _load_trace(cal, "cal"), _load_trace(test, "test")
-        res = run_compare(c, t, max_drop, confidence)
-        abl = dart_ablation(c, t, max_drop) if ablation else []
+        res = run_compare(c, t, max_drop, conf, risk, seed)
+        abl = dart_ablation(c, t, max_drop, conf, seed) if ablation else []
     except DartError as e:
         _fail(e)
     out = out or Path(cal).parent / "policies"
     for name, (pol, rec) in res.pop("fitted").items():
         pol.save(out / f"{name}.json", calibration=rec)
-    typer.echo(f"Every policy calibrated at --max-drop {max_drop}" + (f" --confidence {confidence}" if confidence else "")
-               + f" on {cal}, measured on {test}:")
-    typer.echo(policy_table([r["test"] for r in res["rows"]] + [res["oracle"]]))
+    typer.echo(f"Every policy calibrated on {cal} ({budget_words(res)}), measured on {test}:")
+    typer.echo(certified_table(res))
     if abl:
-        typer.echo("\nDART ablation (same budget):")
-        typer.echo(policy_table([{**r["test"], "policy": r["variant"]} for r in abl]))
+        typer.echo("\nDART ablation (same budget, same calibration):")
+        typer.echo(ablation_table(abl))
     artifacts.write_json(out / "compare.json", {**res, "ablation": abl})
     typer.echo(f"wrote {out}/compare.json and one fitted policy JSON per method")
 
 
 @app.command()
-def guarantee(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")],
-              test: Annotated[Path, typer.Option("--test", help="Test trace.")],
-              policy: str = typer.Option("dart", help="Policy to check."),
-              max_drop: float = typer.Option(0.5, "--max-drop"), confidence: float = typer.Option(0.95, "--confidence"),
-              resplits: int = typer.Option(20, help="Random calibration/test re-splits."), seed: int = 0,
-              out: Annotated[Optional[Path], typer.Option("--out", help="Write the result as JSON.")] = None) -> None:
-    """Check the guarantee option: pool both traces, re-split at random, calibrate with --confidence, count test misses."""
-    from dart_ee import artifacts
-    from dart_ee.calibration import resplit_check
+def guarantee(cal: Annotated[Optional[Path], typer.Option("--cal", help="Calibration trace.")] = None,
+              test: Annotated[Optional[Path], typer.Option("--test", help="Test trace.")] = None,
+              policy: Annotated[list[str], typer.Option("--policy", help="Policy to check. Repeatable.")] = None,
+              max_drop: Annotated[float, typer.Option("--max-drop")] = 0.5,
+              confidence: Annotated[float, typer.Option("--confidence")] = 0.95,
+              risk: RiskOpt = "drop",
+              resplits: Annotated[int, typer.Option("--resplits", min=1, help="Re-splits (or generator draws).")] = 200,
+              synthetic: Annotated[Optional[str], typer.Option(
+                  "--synthetic", help="Instead of traces: a generator with known truth (nested, independent, two-type).")] = None,
+              seed: int = 0,
+              as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+              out: Annotated[Optional[Path], typer.Option("--out", help="Write every draw as JSON.")] = None) -> None:
+    """Check that certified budgets hold: re-splits of the pooled traces (both designs), or a generator with known truth.
 
+    Pass: at most 15 of 200 draws exceed the budget (P(Bin(200, 0.05) >= 16) = 0.044).
+    """
+    from dart_ee import artifacts
+    from dart_ee.coverage import population_coverage, resplit_coverage
+
+    policies = policy or ["dart", "threshold"]
+    results = []
     try:
-        res = resplit_check(_load_trace(cal, "cal"), _load_trace(test, "test"), policy, max_drop, confidence,
-                            resplits, seed)
+        if synthetic:
+            for p in policies:
+                results.append(population_coverage(p, synthetic, max_drop, confidence, risk, draws=resplits, seed=seed))
+        else:
+            if cal is None or test is None:
+                raise DartError("give --cal and --test traces, or --synthetic KIND for the generator with known truth")
+            c, t = _load_trace(cal, "cal"), _load_trace(test, "test")
+            for p in policies:
+                results.append(resplit_coverage(c, t, p, max_drop, confidence, risk, resplits, seed))
     except DartError as e:
         _fail(e)
-    for r in res["runs"]:
-        typer.echo(f"re-split {r['resplit']:2d}: test drop {r['test_drop_points']:+.2f} points, "
-                   f"MAC reduction {100 * r['test_mac_reduction']:.1f}%" + ("  EXCEEDS" if r["exceeds"] else ""))
-    typer.echo(f"{policy} at --max-drop {max_drop} --confidence {confidence}: test drop exceeded {max_drop} points in "
-               f"{res['exceed_count']} of {resplits} re-splits (n_cal={res['n_cal']}, n_test={res['n_test']}); "
-               f"mean drop {res['mean_test_drop']:+.2f}, mean MAC reduction {100 * res['mean_mac_reduction']:.1f}%")
+    summary = [{k: v for k, v in r.items() if k != "rows"} | {d: {k: v for k, v in r[d].items() if k != "rows"}
+                                                            for d in ("replacement", "split") if d in r} for r in results]
     if out:
-        artifacts.write_json(out, res)
+        artifacts.write_json(out, results)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for r in summary:
+        parts = [r] if synthetic else [r["replacement"], r["split"]]
+        for d in parts:
+            where = f"generator '{synthetic}'" if synthetic else f"design '{d['design']}'"
+            verdict = "PASS" if d["passed"] else "FAIL"
+            line = (f"{r['policy']} ({where}): {d['exceed']} of {d['draws']} exceed {max_drop} points of {risk} "
+                    f"[{verdict}: at most {15 * d['draws'] // 200}]; certified in {d['certified']}; reference risk mean "
+                    f"{d['mean_reference_risk_points']:.3f}, max {d['max_reference_risk_points']:.3f} points; MAC reduction "
+                    f"mean {100 * d['mean_mac_reduction']:.1f}% (sd {100 * d['sd_mac_reduction']:.1f})")
+            if "mean_test_drop_points" in d:
+                line += (f"; realised test drop mean {d['mean_test_drop_points']:+.3f}, "
+                         f"95th percentile {d['p95_test_drop_points']:+.3f} points")
+            typer.echo(line)
 
 
 @app.command()

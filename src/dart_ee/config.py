@@ -57,8 +57,11 @@ class TrainConfig(_Strict):
 
 
 class CalibrationConfig(_Strict):
-    max_drop: float = Field(0.5, gt=0)  # accuracy budget, points below the final exit
-    confidence: float | None = Field(None, ge=0.5, lt=1)  # guarantee level, e.g. 0.95
+    max_drop: float = Field(0.5, gt=0, lt=100, allow_inf_nan=False)  # accuracy budget, points below the final exit
+    # certify the budget with this probability (Learn-then-Test, dart_ee.certify); null: uncertified search
+    confidence: float | None = Field(0.95, ge=0.5, lt=1)
+    risk: Literal["drop", "new-errors", "disagree"] = "drop"  # what the budget bounds
+    fit_share: float = Field(0.4, gt=0, lt=1)  # share of the calibration split that fits; the rest certifies
 
 
 class BenchmarkConfig(_Strict):

@@ -7,6 +7,9 @@ here are the decisions it makes live.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -15,6 +18,19 @@ from dart_ee.policies import ExitPolicy, StaticPolicy
 from dart_ee.trace import Trace
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: trace evaluation is thousands of tiny ops, where intra-op threads cost more
+    than they give (several-fold when another process holds the other core)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@one_thread()
 def simulate(policy: ExitPolicy, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     """Return (exit index, 0-based; prediction) for every sample of the trace."""
     n, n_exits = trace.n, trace.num_exits

@@ -29,9 +29,10 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     from dart_ee.adapt import run_scenario
     from dart_ee.analysis import difficulty_report
     from dart_ee.bench import benchmark, git_revision, hardware_info
-    from dart_ee.calibration import compare, dart_ablation, sweep
+    from dart_ee.calibration import compare, dart_ablation
     from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
     from dart_ee.evaluation import simulate
+    from dart_ee.frontier import CERT_BUDGETS, POLICIES, certified_points, summarize_frontier, sweep
     from dart_ee.policies import load_policy
     from dart_ee.training import METRICS, MODEL, SINGLE_EXIT_DIR, single_exit_config, train
 
@@ -60,15 +61,24 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     diff = difficulty_report(test)
     steps["trace"] = time.perf_counter() - t0
 
-    t0 = step(f"3/6 calibrate every policy at --max-drop {cfg.calibration.max_drop}")
+    cc = cfg.calibration
+    how = f"--confidence {cc.confidence} --risk {cc.risk}" if cc.confidence else "(uncertified)"
+    t0 = step(f"3/6 calibrate every policy at --max-drop {cc.max_drop} {how}")
     pol_dir = out / "policies"
-    comp = compare(cal, test, cfg.calibration.max_drop, cfg.calibration.confidence)
+    comp = compare(cal, test, cc.max_drop, cc.confidence, cc.risk, cfg.seed, fit_share=cc.fit_share)
     for name, (pol, rec) in comp.pop("fitted").items():
         pol.save(pol_dir / f"{name}.json", calibration=rec)
-    ablation = dart_ablation(cal, test, cfg.calibration.max_drop)
+    uncertified = frontier = None
+    if cc.confidence:  # the uncertified search beside it, labelled, and the certified frontier
+        uncertified = compare(cal, test, cc.max_drop, None)
+        for name, (pol, rec) in uncertified.pop("fitted").items():
+            pol.save(pol_dir / "uncertified" / f"{name}.json", calibration=rec)
+        frontier = summarize_frontier(certified_points(cal, test, POLICIES, CERT_BUDGETS, cc.confidence, cc.risk,
+                                                       cc.fit_share, cfg.seed), cc.confidence, cc.risk)
+    ablation = dart_ablation(cal, test, cc.max_drop, cc.confidence, cfg.seed, cc.fit_share)
     steps["calibrate"] = time.perf_counter() - t0
 
-    t0 = step("4/6 sweep")
+    t0 = step("4/6 sweep (operating points chosen on calibration, measured on test)")
     sw = sweep(cal, test)
     steps["sweep"] = time.perf_counter() - t0
 
@@ -87,19 +97,26 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     if cfg.adapt.enabled:
         t0 = step("6/6 adaptation scenarios")
         a = cfg.adapt
+        # adaptation changes the thresholds, which voids any certificate; where DART could not be
+        # certified (the static network stands in), adapt the uncertified DART and say so in the report
+        dart_path = pol_dir / "dart.json"
+        if load_policy(dart_path).name != "dart":
+            dart_path = pol_dir / "uncertified" / "dart.json"
         for sc, sv in zip(a.scenarios, a.severities):
-            res = run_scenario(out, pol_dir / "dart.json", sc, sv, a.clean, a.shifted, a.batch_size, seed=cfg.seed,
+            res = run_scenario(out, dart_path, sc, sv, a.clean, a.shifted, a.batch_size, seed=cfg.seed,
                                data_dir=data_dir, audit_share=a.audit_share, shift_guard=a.shift_guard,
                                shift_gate=a.shift_gate, shift_scale=a.shift_scale)
             artifacts.write_json(out / "adapt" / f"{sc}.json", res)
-            adaptation.append({k: v for k, v in res.items() if k not in ("coefficients", "series")})
+            adaptation.append({**{k: v for k, v in res.items() if k not in ("coefficients", "series")},
+                               "policy_file": str(dart_path.relative_to(out))})
         steps["adapt"] = time.perf_counter() - t0
 
     results = {"config": cfg.model_dump(mode="json"), "seed": cfg.seed, "git_revision": git_revision(),
                "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "training": metrics,
                "single_exit_baseline": baseline,
-               "difficulty": diff, "dart_exit_distribution": dart_diff, "compare": comp, "ablation": ablation,
+               "difficulty": diff, "dart_exit_distribution": dart_diff, "compare": comp,
+               "compare_uncertified": uncertified, "certified_frontier": frontier, "ablation": ablation,
                "sweep": sw, "benchmark": bench, "adaptation": adaptation, "step_seconds": steps}
     artifacts.write_json(out / "results.json", results)
     render(out)

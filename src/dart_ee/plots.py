@@ -60,6 +60,7 @@ def tradeoff_curves(sweep: dict, path: str | Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(6.8, 4.4))
     markers = "os^vDPX*"
     for (name, pts), mk in zip(sweep["curves"].items(), markers):
+        pts = sorted(pts, key=lambda p: p["mac_fraction"])
         x = [100 * p["mac_fraction"] for p in pts]
         y = [100 * p["accuracy"] for p in pts]
         ax.plot(x, y, marker=mk, ms=3.5, lw=1.3, label=name)
@@ -75,7 +76,7 @@ def tradeoff_curves(sweep: dict, path: str | Path, title: str = "") -> Path:
     ax.set_xlim(0, 105)
     ax.set_xlabel("expected MACs per image (% of the static network)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title or "Accuracy vs compute (each point calibrated on the calibration split)")
+    ax.set_title(title or "Accuracy vs compute on the test split (each candidate fitted on the calibration split)")
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 

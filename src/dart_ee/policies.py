@@ -27,7 +27,7 @@ from dart_ee.errors import ArtifactError, ConfigError
 from dart_ee.trace import Trace
 
 FORMAT = "dart-ee-policy"
-VERSION = 1
+VERSION = 2  # 2: DART leaves at conf >= tau (the read-off's bins), path-refined DP, -inf thresholds
 State = dict[str, torch.Tensor]
 
 
@@ -38,6 +38,10 @@ class ExitPolicy:
     knob: ClassVar[str | None] = None  # the parameter calibration searches
     knob_grid: ClassVar[tuple[float, ...]] = ()
     uses_alpha: ClassVar[bool] = False
+    # certification walks the knob from the most conservative value: is that the highest one?
+    knob_conservative_high: ClassVar[bool] = False
+    # the knob's candidates need no data (certify on the whole calibration split, no fit split)
+    data_free_knob: ClassVar[bool] = False
 
     def get_params(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
@@ -72,6 +76,10 @@ class ExitPolicy:
     def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
         raise NotImplementedError
 
+    def never_leaves_early(self) -> bool:
+        """True when no input can leave before the last exit (so the policy's risk is 0 by construction)."""
+        return False
+
     # -- persistence ---------------------------------------------------------------------------
     def fitted_state(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
@@ -97,7 +105,7 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         v = v.tolist()
     if isinstance(v, float) and math.isinf(v):
-        return None
+        return None if v > 0 else "-inf"  # JSON has no infinities: None is "never leave", "-inf" "always leave"
     if isinstance(v, list):
         return [_jsonable(x) for x in v]
     return v
@@ -119,19 +127,26 @@ class StaticPolicy(ExitPolicy):
     def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
         return torch.zeros(len(probs), dtype=torch.bool, device=probs.device)
 
+    def never_leaves_early(self) -> bool:
+        return True
+
 
 class ThresholdPolicy(ExitPolicy):
     """One global max-softmax threshold for every exit."""
 
     name = "threshold"
     knob = "tau"
-    knob_grid = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 25), 1 - np.geomspace(0.1, 1e-4, 40)[1:]]), 6).tolist())
+    knob_conservative_high = data_free_knob = True
+    knob_grid = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 61), 1 - np.geomspace(0.1, 1e-4, 60)[1:]]), 6).tolist())
 
     def __init__(self, tau: float = 0.9) -> None:
         self.tau = float(tau)
 
     def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
         return _conf(probs) > self.tau
+
+    def never_leaves_early(self) -> bool:
+        return self.tau >= 1
 
 
 class BranchyNetPolicy(ExitPolicy):
@@ -162,12 +177,16 @@ class BranchyNetPolicy(ExitPolicy):
     def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
         return self.entropy(probs) <= self.thresholds_[i]
 
+    def never_leaves_early(self) -> bool:
+        return all(t < 0 for t in self.thresholds_)  # normalised entropy is never negative
+
 
 class PatiencePolicy(ExitPolicy):
     """PABEE: leave once ``k`` consecutive exits agree on the prediction."""
 
     name = "patience"
     knob = "k"
+    knob_conservative_high = data_free_knob = True
     knob_grid = (1, 2, 3, 4, 5, 6, 7, 8)
 
     def __init__(self, k: int = 2) -> None:
@@ -182,6 +201,9 @@ class PatiencePolicy(ExitPolicy):
         state["streak"] = torch.where(pred == state["prev"], state["streak"] + 1, torch.ones_like(state["streak"]))
         state["prev"] = pred
         return state["streak"] >= int(self.k)
+
+    def never_leaves_early(self) -> bool:
+        return self.k >= self.num_exits_  # the streak at exit i (0-based) is at most i + 1 <= N - 1
 
 
 class RLPolicy(ExitPolicy):
@@ -233,7 +255,8 @@ class RLPolicy(ExitPolicy):
 
 
 class DartPolicy(ExitPolicy):
-    """DART: joint thresholds by backward induction over (exit, alpha bin, confidence bin), Eqs 10-12 and 19.
+    """DART: joint thresholds by backward induction over (exit, alpha bin, confidence bin), Eqs 10-12 and 19,
+    then refined on the calibration samples' real paths.
 
     ``fit`` estimates, on the calibration trace, each state's exit accuracy and its transition to the
     next exit's confidence bin (alpha bin fixed), smoothing sparse cells towards pooled estimates with
@@ -241,9 +264,17 @@ class DartPolicy(ExitPolicy):
     threshold tau_i(a) is the lowest confidence edge from which "exit" is optimal for every higher
     bin (monotone by construction; see the comment in ``fit``).
 
-    At inference (Eq 19): leave at exit i if conf > clamp(c_i * c_{i,class} * tau_i(a) + beta_diff * alpha, 0, 1).
-    The two DART ingredients stay separable: ``alpha_bins=1`` gives alpha-free DP thresholds, and
-    ``beta_diff=0`` removes the margin.
+    The DP's state forgets how a sample got there: the samples that continue are the harder ones, so
+    it over-rates continuing and exits too early. ``refine=True`` (the default) fixes that on the same
+    fit data: coordinate sweeps over (exit, alpha bin) that score each candidate threshold on the
+    samples that really reach it, with their real payoff downstream (``_refine``). The plain DP stays
+    available (``refine=False``) for the ablation.
+
+    At inference (Eq 19): leave at exit i if conf >= clamp(c_i * c_{i,class} * tau_i(a) + beta_diff * alpha, 0, 1);
+    tau = +inf never leaves and tau = -inf always does. ``>=`` is the read-off's own semantics: the
+    confidence bin whose lower edge is tau includes the edge, so saturated confidences (exactly 1.0)
+    leave where the DP said they should. ``alpha_bins=1`` gives alpha-free thresholds, ``beta_diff=0``
+    removes the margin.
     """
 
     name = "dart"
@@ -252,9 +283,10 @@ class DartPolicy(ExitPolicy):
     knob_grid = tuple(np.round(np.concatenate([np.linspace(0.0, 0.1, 11)[1:], np.linspace(0.12, 1.0, 45)]), 4).tolist())
 
     def __init__(self, beta_opt: float = 0.1, beta_diff: float = 0.0, alpha_bins: int = 3, conf_bins: int = 10,
-                 prior: float = 10.0) -> None:
+                 prior: float = 10.0, refine: bool = True) -> None:
         self.beta_opt, self.beta_diff = float(beta_opt), float(beta_diff)
         self.alpha_bins, self.conf_bins, self.prior = int(alpha_bins), int(conf_bins), float(prior)
+        self.refine = bool(refine)
 
     @property
     def uses_alpha(self) -> bool:  # type: ignore[override]
@@ -269,14 +301,16 @@ class DartPolicy(ExitPolicy):
         alpha = trace.alpha if trace.alpha is not None else np.zeros(n, np.float32)
         self.alpha_edges_ = (np.quantile(alpha, np.linspace(0, 1, self.alpha_bins + 1)[1:-1]).tolist()
                              if self.alpha_bins > 1 else [])
-        abin = np.searchsorted(self.alpha_edges_, alpha, side="right")
+        abin = self.alpha_bin(alpha)
         conf, correct = trace.conf, trace.correct.astype(np.float64)
         # Eq 12: candidate edges from quantiles of each exit's confidence (b bins; b=10 gives q = 0.1..0.9)
         self.conf_edges_ = [np.quantile(conf[:, i], np.linspace(0, 1, b + 1)[1:-1]).tolist() for i in range(n_exits)]
         cbin = np.stack([np.searchsorted(self.conf_edges_[i], conf[:, i], side="right") for i in range(n_exits)], 1)
         cost = trace.exit_macs / trace.exit_macs[-1]
         A, m = self.alpha_bins, self.prior
-        floor = np.maximum(1.0 / trace.num_classes, conf.min(0) - 1e-6).tolist()
+        # "exit from the lowest bin" is the lowest confidence seen on calibration (at least 1/K): the same
+        # decisions as tau = -inf there, but a threshold that the adaptive coefficients can still scale
+        floor = np.maximum(1.0 / trace.num_classes, conf.min(0)).tolist()
 
         value = np.zeros((A, b))
         self.tau_ = [[math.inf] * A for _ in range(n_exits - 1)]
@@ -306,14 +340,65 @@ class DartPolicy(ExitPolicy):
             first = tail.shape[1] - 1 - np.argmax(tail[:, ::-1], 1)  # ties: the most conservative threshold
             for a in range(A):
                 if first[a] < b:
-                    # "exit from the lowest bin" becomes the lowest confidence seen there on calibration
-                    # (at least 1/K): the same decisions as tau = 0, but a threshold that the adaptive
-                    # coefficients can still scale.
-                    self.tau_[i][a] = (floor[i] if first[a] == 0 else float(self.conf_edges_[i][first[a] - 1]))
+                    self.tau_[i][a] = floor[i] if first[a] == 0 else float(self.conf_edges_[i][first[a] - 1])
             # the value that earlier exits see follows the monotone policy actually used
             value = np.where(np.arange(b)[None, :] >= first[:, None], r_exit, q_cont)
         self.set_coefficients([1.0] * (n_exits - 1), [[1.0] * trace.num_classes for _ in range(n_exits - 1)])
+        if self.refine:
+            self._refine(trace, abin, correct - self.beta_opt * cost[None], floor)
         return self
+
+    def alpha_bin(self, alpha: np.ndarray) -> np.ndarray:
+        """Each sample's alpha bin, computed in float32 exactly as ``thresholds`` does at run time."""
+        edges = torch.tensor(self.alpha_edges_, dtype=torch.float32)
+        return torch.bucketize(torch.from_numpy(np.asarray(alpha, np.float32)), edges, right=True).numpy()
+
+    def _refine(self, trace: Trace, abin: np.ndarray, payoff: np.ndarray, floor: list[float], max_sweeps: int = 50) -> None:
+        """Coordinate ascent of the empirical objective mean(correct - beta_opt * cost) on real sample paths.
+
+        Sweep exits from the last-but-one down; for each alpha bin, score every candidate threshold
+        ({lowest seen, the Eq 12 edges, +inf, the current one}) on the samples that reach that exit
+        under the current table: leaving pays their payoff here, staying their real payoff under the
+        current later thresholds. Keep the best (the larger threshold on ties). The current value is a
+        candidate, so the objective never decreases; stop when a sweep changes nothing. Decisions are
+        computed by the same formula as ``decide``, in float32, so the fit and the runtime agree exactly.
+        """
+        n, n_exits = trace.n, trace.num_exits
+        conf = torch.from_numpy(trace.conf)
+        alpha = torch.from_numpy(trace.alpha) if (trace.alpha is not None and self.uses_alpha) else None
+        abin_t = torch.from_numpy(abin)
+
+        def leaves(i: int, idx: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+            """(len(taus), len(idx)) bool: would each sample leave exit i under each threshold."""
+            a = None if alpha is None else alpha[idx][None]
+            return conf[idx, i][None] >= self._effective(taus[:, None], 1.0, a)
+
+        def leaves_now(i: int) -> np.ndarray:
+            tau = torch.tensor(self.tau_[i], dtype=torch.float32)[abin_t]
+            return (conf[:, i] >= self._effective(tau, 1.0, alpha)).numpy()
+
+        leave = [leaves_now(k) for k in range(n_exits - 1)]  # kept current as thresholds change
+        for _ in range(max_sweeps):
+            changed = False
+            for i in range(n_exits - 2, -1, -1):
+                reach = ~np.any(leave[:i], axis=0) if i else np.ones(n, bool)  # under the current earlier thresholds
+                stay = payoff[:, -1].copy()  # real payoff from exit i+1 on, under the current later thresholds
+                for k in range(n_exits - 2, i, -1):
+                    stay = np.where(leave[k], payoff[:, k], stay)
+                for a in range(self.alpha_bins):
+                    idx = np.flatnonzero(reach & (abin == a))
+                    if len(idx) == 0:
+                        continue
+                    cands = sorted({floor[i], *self.conf_edges_[i], math.inf, self.tau_[i][a]})
+                    L = leaves(i, torch.from_numpy(idx), torch.tensor(cands, dtype=torch.float32)).numpy()
+                    obj = np.where(L, payoff[idx, i][None], stay[idx][None]).sum(1)
+                    best = cands[int(np.flatnonzero(obj >= obj.max() - 1e-9)[-1])]
+                    if best != self.tau_[i][a]:
+                        self.tau_[i][a], changed = best, True
+                        leave[i] = leaves_now(i)
+            if not changed:
+                break
+        self._tensors = {}
 
     @property
     def alpha_floor(self) -> float | None:
@@ -331,6 +416,12 @@ class DartPolicy(ExitPolicy):
         self._alpha_floor = alpha_floor
         self._tensors = {}
 
+    def _effective(self, tau: torch.Tensor, coef: torch.Tensor | float, alpha: torch.Tensor | None) -> torch.Tensor:
+        """Eq 19's threshold from the table value: clamp(coef * tau + beta_diff * alpha, 0, 1); +inf stays +inf."""
+        margin = self.beta_diff * alpha.float() if (alpha is not None and self.beta_diff) else 0.0
+        thr = (coef * tau + margin).clamp(0, 1)
+        return torch.where(torch.isposinf(tau), tau, thr)  # a clamp to 1 would let saturated confidences leave
+
     def thresholds(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
         """tau'_i for each sample (Eq 19), including the adaptive coefficients."""
         dev = probs.device
@@ -345,12 +436,13 @@ class DartPolicy(ExitPolicy):
             tau = tau_row[torch.bucketize(alpha.float(), edges, right=True)]
         else:
             tau = tau_row[0].expand(len(probs))
-        coef = coef_class[probs.argmax(1)]
-        margin = self.beta_diff * alpha.float() if (alpha is not None and self.beta_diff) else 0.0
-        return (coef * tau + margin).clamp(0, 1)
+        return self._effective(tau, coef_class[probs.argmax(1)], alpha)
 
     def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
-        return _conf(probs) > self.thresholds(i, probs, alpha)
+        return _conf(probs) >= self.thresholds(i, probs, alpha)
+
+    def never_leaves_early(self) -> bool:
+        return all(t == math.inf for row in self.tau_ for t in row)
 
 
 POLICIES: dict[str, type[ExitPolicy]] = {p.name: p for p in (StaticPolicy, ThresholdPolicy, BranchyNetPolicy,
@@ -387,6 +479,8 @@ def policy_from_dict(d: dict[str, Any], source: str = "policy") -> ExitPolicy:
 def _restore_inf(v: Any) -> Any:
     if v is None:
         return math.inf
+    if v == "-inf":
+        return -math.inf
     if isinstance(v, list):
         return [_restore_inf(x) for x in v]
     return v

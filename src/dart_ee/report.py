@@ -99,16 +99,114 @@ def policy_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def grid_markdown(res: dict) -> str:
-    lines = ["| Policy | Acc @25% MACs | Acc @50% MACs | Acc @75% MACs | AUC (25-100%) |", "|---|---|---|---|---|"]
+def ablation_table(rows: list[dict]) -> str:
+    lines = ["| Variant | Certified | Test accuracy | Test drop (points) | MAC reduction (test) |", "|---|---|---|---|---|"]
+    for r in rows:
+        ok = {True: "yes", False: "no: static network", None: "uncertified search"}[r.get("certified")]
+        t = r["test"]
+        lines.append(f"| {r['variant']} | {ok} | {100 * t['accuracy']:.2f}% | {t['drop_points']:+.2f} | "
+                     f"{100 * t['mac_reduction']:.1f}% |")
+    return "\n".join(lines)
 
-    def fmt(v: float) -> str:
-        return "n/a" if v != v else f"{100 * v:.2f}%"
+
+def budget_words(comp: dict) -> str:
+    if comp.get("confidence"):
+        return (f"budget: at most {comp['max_drop']} points of expected {comp['risk']}, certified at confidence "
+                f"{comp['confidence']}")
+    return f"budget: at most {comp['max_drop']} points below the final exit, uncertified (in-sample search)"
+
+
+def certification_parts(res: dict) -> list[str]:
+    """What the certificate promises, each policy's certified figures, and the certified frontier."""
+    comp = res["compare"]
+    if not comp.get("confidence"):
+        return ["These figures are **uncertified**: the budget search judged each candidate on the calibration split "
+                "it was fitted on, so the drop on unseen data is typically larger than the budget."]
+    dart = next((r for r in comp["rows"] if r["policy"] == "dart"), None)
+    g = (dart or {}).get("guarantee") or {}
+    parts = ["## What the budget promises",
+             f"Certified calibration (Learn-then-Test, fixed-sequence testing, `dart_ee.certify`): {g.get('statement', '')}. "
+             f"Policies with a learned candidate sequence fit on {100 * res['config']['calibration']['fit_share']:.0f}% of "
+             "the calibration split and certify on the rest; the global threshold and patience need no fit and certify on "
+             f"all of it. {g.get('not_guaranteed', '').capitalize()}.",
+             certified_table(comp, res.get("compare_uncertified"))]
+    fr = res.get("certified_frontier")
+    if fr:
+        parts += [f"### Certified frontier (confidence {fr['confidence']}, risk {fr['risk']}): MAC reduction on the "
+                  "test split, with its realised test drop", frontier_markdown(fr)]
+        missing = [r["policy"] for r in comp["rows"] if r["policy"] != "static" and not r.get("certified")]
+        for name in missing:
+            b = smallest_certified(fr, name)
+            parts.append(f"{name} cannot be certified at {comp['max_drop']} points with this calibration split; "
+                         + (f"the smallest budget it certifies in the frontier is {b} points." if b else
+                            "it certifies none of the frontier's budgets."))
+    return parts
+
+
+def grid_markdown(res: dict) -> str:
+    """The 25 / 50 / 75% grid: each point chosen on calibration, its test accuracy, test MACs and overshoot."""
+    lines = ["| Policy | @25% MACs | @50% MACs | @75% MACs | AUC (feasible budgets) |", "|---|---|---|---|---|"]
+
+    def cell(g: dict) -> str:
+        if not g["feasible"]:
+            return "infeasible"
+        over = f", over by {100 * g['overshoot']:.1f}" if g["overshoot"] > 0 else ""
+        return f"{100 * g['accuracy']:.2f}% at {100 * g['mac_fraction']:.1f}%{over}"
 
     for name, g in res["grid"].items():
-        lines.append(f"| {name} | {fmt(g['acc_at_25'])} | {fmt(g['acc_at_50'])} | {fmt(g['acc_at_75'])} | "
-                     f"{fmt(g['auc_25_100'])} |")
+        auc = "n/a" if g["auc"] != g["auc"] else f"{100 * g['auc']:.2f}% (from {100 * g['auc_from']:.0f}%)"
+        lines.append(f"| {name} | {cell(g['at_25'])} | {cell(g['at_50'])} | {cell(g['at_75'])} | {auc} |")
     return "\n".join(lines)
+
+
+def certified_table(comp: dict, uncertified: dict | None = None) -> str:
+    """Every policy at one budget: certified or not, the realised test drop and MAC reduction, and the
+    uncertified search's figures beside them (labelled)."""
+    unc = {r["policy"]: r["test"] for r in (uncertified or {}).get("rows", [])}
+    head = "| Policy | Certified | Test drop (points) | MAC reduction (test) | p-value | n_cert |"
+    if unc:
+        head += " Uncertified search: test drop | Uncertified: MAC reduction |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in comp["rows"]:
+        g, t = r.get("guarantee") or {}, r["test"]
+        ok = ("yes (risk 0)" if r["policy"] == "static" else "yes" if r.get("certified") else
+              "uncertified search" if r.get("certified") is None else "**no**: static network instead")
+        p = g.get("p_value")
+        row = (f"| {r['policy']} | {ok} | {t['drop_points']:+.2f} | {100 * t['mac_reduction']:.1f}% | "
+               f"{'-' if p is None else f'{p:.4f}'} | {g.get('n_cert', '-')} |")
+        if unc:
+            u = unc.get(r["policy"])
+            row += f" {u['drop_points']:+.2f} | {100 * u['mac_reduction']:.1f}% |" if u else " - | - |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def frontier_markdown(frontier: dict) -> str:
+    """Certified MAC reduction (and the test drop) of every policy at every budget."""
+    table = frontier["table"]
+    budgets = list(next(iter(table.values())))
+    lines = ["| Policy | " + " | ".join(f"D = {b} points" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for name, row in table.items():
+        cells = []
+        for b in budgets:
+            c = row[b]
+            if c["errors"] and not c["certified"]:
+                cells.append("too little data")
+            elif c["certified"] == 0:
+                cells.append("not certifiable")
+            else:
+                share = f" ({c['certified']}/{c['splits']} certified)" if c["certified"] < c["splits"] else ""
+                cells.append(f"{100 * c['mean_mac_reduction']:.1f}% (drop {c['mean_test_drop_points']:+.2f}){share}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def smallest_certified(frontier: dict, policy: str) -> str | None:
+    """The smallest budget in the frontier at which ``policy`` was certified (None: none)."""
+    for b, c in frontier["table"].get(policy, {}).items():
+        if c["certified"]:
+            return b
+    return None
 
 
 def write_report(res: dict, out: Path) -> Path:
@@ -125,10 +223,12 @@ def write_report(res: dict, out: Path) -> Path:
         f"calibration split ({tr['n_cal']} images held out from training) and measured on the test split "
         f"({tr['n_test']} images).",
         "## Exits: accuracy against cumulative cost", training_table(tr),
-        f"## Accuracy vs. computational savings (budget: at most {res['compare']['max_drop']} points below the final exit)",
+        f"## Accuracy vs. computational savings ({budget_words(res['compare'])})",
         savings_table(res),
-        "Exit histograms (exits 1..N):", policy_table([r["test"] for r in res["compare"]["rows"]] + [res["compare"]["oracle"]]),
     ]
+    parts += certification_parts(res)
+    parts += ["Exit histograms (exits 1..N):",
+              policy_table([r["test"] for r in res["compare"]["rows"]] + [res["compare"]["oracle"]])]
     if res.get("dart_exit_distribution"):
         for kind, dist in res["dart_exit_distribution"].items():
             parts += [f"## Exit distribution by difficulty (DART's exits, {kind} alpha bins)", distribution_markdown(dist)]
@@ -144,14 +244,19 @@ def write_report(res: dict, out: Path) -> Path:
     parts += paper_tables(res)
     parts += ["## Accuracy at 25 / 50 / 75% of static MACs", grid_markdown(res["sweep"]),
               "![trade-off curves](tradeoff_curves.png)",
-              "## Ablation (same budget)", policy_table([{**r["test"], "policy": r["variant"]} for r in res["ablation"]])]
+              f"## Ablation ({budget_words(res['compare'])}, every variant calibrated the same way)",
+              ablation_table(res["ablation"])]
     for sc in res.get("adaptation") or []:
         t = sc["totals"]
-        parts += [f"## Adaptation: {sc['scenario']} (severity {sc['severity']})",
-                  "| Part | Full network | Frozen DART | Adaptive DART |", "|---|---|---|---|"]
+        rows = ["| Part | Full network | Frozen DART | Adaptive DART |", "|---|---|---|---|"]
         for part in ("clean", "shifted"):
-            parts.append(f"| {part} | " + " | ".join(
+            rows.append(f"| {part} | " + " | ".join(
                 f"{_pct(t[k][part]['accuracy'])}, {100 * t[k][part]['mac_fraction']:.1f}% MACs"
                 for k in ("full", "frozen", "adaptive")) + " |")
+        source = "" if sc.get("policy_file", "policies/dart.json") == "policies/dart.json" else (
+            f" DART could not be certified at this budget, so the uncertified DART ({sc['policy_file']}) adapts.")
+        parts += [f"## Adaptation: {sc['scenario']} (severity {sc['severity']})",
+                  "Adaptation changes the thresholds at deployment, so no certificate covers it." + source,
+                  "\n".join(rows)]
         parts += [f"![over time]({sc['scenario']}_over_time.png)", f"![coefficients]({sc['scenario']}_coefficients.png)"]
     return artifacts.write_text(out / "report.md", "\n\n".join(parts) + "\n")

@@ -1,0 +1,353 @@
+"""Certified accuracy budgets: Learn-then-Test with fixed-sequence testing (``shared/docs/CALIBRATION.md``).
+
+A budget ``--max-drop D --confidence 1-delta`` is a promise about data the calibration never saw:
+
+    with probability at least 1 - delta over the draw of the certification samples, the expected
+    accuracy drop against the final exit (or the expected rate of new errors, or of disagreements)
+    on data from the same distribution is at most D.
+
+How it is kept:
+
+1. the calibration split is cut, with a recorded seed, into **fit** (40%) and **cert** (60%);
+   everything learned (edges, the beta / beta_diff search, the DP and its refinement, the quantile
+   maps) sees fit only;
+2. fit yields one **sequence of candidates fixed in advance**, from the most conservative (the
+   static network) to more and more aggressive: for DART, the fit-split winner's thresholds shifted
+   per exit in quantile space by lambda = 1.00, 0.99, ..., -0.30 (``shift_family``); for the other
+   policies their knob in order. Policies whose sequence needs no data (the global threshold,
+   patience) certify on the whole calibration split;
+3. cert tests H_lambda: risk > D for each candidate in order and stops at the first p-value above
+   delta (``fixed_sequence``); no multiplicity correction is needed. The last accepted candidate is
+   the certified policy; if none is, the answer is the static network, "not certifiable at this budget".
+
+Not guaranteed: the savings, per-class drops, behaviour under shift or adaptation, and the drop on
+one finite test set (which scatters around the expectation: a policy whose true drop is exactly D
+exceeds D on about half of all test sets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from dart_ee.errors import ConfigError
+from dart_ee.evaluation import evaluate, simulate
+from dart_ee.policies import POLICIES, DartPolicy, ExitPolicy, check_calibration_trace, make_policy
+from dart_ee.trace import Trace
+
+RISKS = ("drop", "new-errors", "disagree")
+BOUNDS = ("exact", "hb")
+FIT_SHARE = 0.4
+LAMBDAS = tuple(np.round(np.arange(100, -31, -1) / 100, 2).tolist())  # 1.00 (static) down to -0.30
+# The fit-split search only has to seed the lambda family, which sets the aggressiveness on cert: a
+# third of the budget search's beta grid and three margins keep certification fast (fixed a priori).
+CERT_BETA_DIFFS = (0.0, 0.1, 0.3)
+
+GUARANTEED = ("with probability at least {conf} over the draw of the {n} certification samples, the expected {what} "
+              "on data from the same distribution is at most {d} points")
+NOT_GUARANTEED = ("not guaranteed: the MAC savings, per-class drops, behaviour under distribution shift or online "
+                  "adaptation, or the drop on any one finite test set (it scatters around the expectation)")
+RISK_WORDS = {"drop": "accuracy drop against the final exit", "new-errors": "rate of new errors (final exit right, "
+              "chosen exit wrong)", "disagree": "rate of disagreement with the final exit"}
+
+
+# -- p-values ----------------------------------------------------------------------------------
+def min_cert_samples(max_drop: float, delta: float) -> int:
+    """Smallest n at which zero losses pass the exact binomial test: (1 - D)^n <= delta. ``max_drop`` in points."""
+    d = max_drop / 100
+    return int(math.ceil(math.log(delta) / math.log1p(-d) - 1e-9))
+
+
+def binomial_p(k: int, n: int, d: float) -> float:
+    """Exact binomial p-value for H: rate > d, having seen k losses in n: P(Bin(n, d) <= k)."""
+    return float(stats.binom.cdf(k, n, d))
+
+
+def mcnemar_p(n_plus: int, n_minus: int, n: int, d: float, delta: float) -> float:
+    """Conditional McNemar p-value for H: E[drop] > d with a Berger-Boos bound on the disagreement rate.
+
+    n_plus samples where only the final exit is right, n_minus where only the chosen exit is. On the
+    event that the disagreement rate is at most its Clopper-Pearson upper bound U (level gamma =
+    delta / 10), the null forces the share of n_plus among the m disagreements to be at least
+    (1 + d / U) / 2; the p-value adds gamma for the event's complement.
+    """
+    m, gamma = n_plus + n_minus, delta / 10
+    upper = 1.0 if m >= n else float(stats.beta.ppf(1 - gamma, m + 1, n - m))
+    if upper < d:
+        return gamma
+    return min(1.0, gamma + float(stats.binom.cdf(n_plus, m, (1 + d / upper) / 2)))
+
+
+def hoeffding_bentkus_p(risk: float, n: int, d: float) -> float:
+    """Hoeffding-Bentkus p-value for H: E[loss] > d, any loss in [0, 1] with empirical mean ``risk``."""
+
+    def h(a: float, b: float) -> float:
+        first = a * math.log(a / b) if a > 0 else 0.0
+        return first + (1 - a) * math.log((1 - a) / (1 - b)) if a < 1 else first
+
+    hoeffding = math.exp(-n * h(min(risk, d), d))
+    bentkus = math.e * float(stats.binom.cdf(math.ceil(n * risk - 1e-9), n, d))
+    return min(1.0, hoeffding, bentkus)
+
+
+def losses(risk: str, trace: Trace, preds: np.ndarray) -> np.ndarray:
+    """Per-sample loss of choosing ``preds`` instead of the final exit's prediction."""
+    final_pred = trace.preds[:, -1]
+    final_right, right = final_pred == trace.labels, preds == trace.labels
+    if risk == "drop":
+        return final_right.astype(np.int8) - right.astype(np.int8)
+    if risk == "new-errors":
+        return (final_right & ~right).astype(np.int8)
+    if risk == "disagree":
+        return (preds != final_pred).astype(np.int8)
+    raise ConfigError(f"--risk must be one of {', '.join(RISKS)}, got {risk!r}")
+
+
+def p_value(loss: np.ndarray, max_drop: float, delta: float, risk: str = "drop", bound: str = "exact") -> float:
+    """p-value for H: E[loss] > D (D = ``max_drop`` points) from per-sample losses (drop: -1/0/1, else 0/1)."""
+    n, d = len(loss), max_drop / 100
+    if bound == "hb":  # a drop in [-1, 1] maps affinely to [0, 1]
+        return (hoeffding_bentkus_p((loss.mean() + 1) / 2, n, (d + 1) / 2) if risk == "drop"
+                else hoeffding_bentkus_p(float(loss.mean()), n, d))
+    if risk == "drop":
+        return mcnemar_p(int((loss > 0).sum()), int((loss < 0).sum()), n, d, delta)
+    return binomial_p(int(loss.sum()), n, d)
+
+
+def fixed_sequence(pvalues: Iterable[float], delta: float) -> tuple[int, list[float]]:
+    """Test hypotheses in order, accepting while p <= delta; returns (last accepted index or -1, p-values seen).
+
+    The iterable is consumed lazily, so candidates after the first rejection are never evaluated.
+    """
+    seen: list[float] = []
+    for p in pvalues:
+        seen.append(float(p))
+        if p > delta:
+            return len(seen) - 2, seen
+    return len(seen) - 1, seen
+
+
+# -- the fit / cert split and the candidate sequence ------------------------------------------
+def split_fit_cert(cal: Trace, fit_share: float = FIT_SHARE, seed: int = 0) -> tuple[Trace, Trace]:
+    """Disjoint fit and cert parts of the calibration split, drawn with ``seed`` (both keep split "cal")."""
+    if not 0 < fit_share < 1:
+        raise ConfigError(f"fit_share must lie in (0, 1), got {fit_share}")
+    perm = np.random.default_rng(seed).permutation(cal.n)
+    k = int(round(fit_share * cal.n))
+    return cal.subset(np.sort(perm[:k])), cal.subset(np.sort(perm[k:]))
+
+
+def _quantile_maps(fit: Trace) -> list[np.ndarray]:
+    return [np.sort(fit.conf[:, i]) for i in range(fit.num_exits - 1)]
+
+
+def shift_thresholds(tau: list[list[float]], sorted_conf: list[np.ndarray], lam: float) -> list[list[float]]:
+    """tau_i(a; lambda) = Q_i(F_i(tau_i(a)) + lambda): +inf when the argument is >= 1, -inf when <= 0.
+
+    F_i(t) is the share of fit samples whose exit-i confidence is below t, Q_i its inverse on the
+    same sorted confidences, so lambda = 0 keeps every fit decision and a larger lambda raises every
+    threshold: a sample can only leave later.
+    """
+    out = []
+    for row, s in zip(tau, sorted_conf):
+        n = len(s)
+        new = []
+        for t in row:
+            u = np.searchsorted(s, t, side="left") / n + lam
+            new.append(math.inf if u >= 1 else -math.inf if u <= 0 else float(s[min(n - 1, int(math.floor(u * n + 1e-9)))]))
+        out.append(new)
+    return out
+
+
+def shift_family(policy: DartPolicy, fit: Trace, lambdas: Iterable[float] = LAMBDAS) -> list[tuple[dict, DartPolicy]]:
+    """The monotone quantile-shift family of a fitted DART policy: one (label, policy) per lambda."""
+    maps = _quantile_maps(fit)
+    fam = []
+    for lam in lambdas:
+        p = make_policy("dart", **policy.get_params())
+        for k, v in policy.fitted_state().items():
+            setattr(p, k, v)
+        p.tau_ = shift_thresholds(policy.tau_, maps, lam)
+        p.set_coefficients(policy.coef_exit_, policy.coef_class_)
+        fam.append(({"lambda": lam}, p))
+    return fam
+
+
+def uses_fit_split(name: str) -> bool:
+    """Whether the policy's candidate sequence is learned (needs a fit split) or data-free."""
+    return not POLICIES[name].data_free_knob
+
+
+def knob_sequence(name: str, fit: Trace, params: dict[str, Any]) -> list[tuple[dict, ExitPolicy]]:
+    """Candidates in the policy's knob order, most conservative first, each fitted on ``fit``."""
+    cls = POLICIES[name]
+    grid = sorted(cls.knob_grid, reverse=cls.knob_conservative_high)
+    return [({cls.knob: v}, make_policy(name, **{**params, cls.knob: v}).fit(fit)) for v in grid]
+
+
+def dart_fit_search(fit: Trace, params: dict[str, Any], tune_beta_diff: bool) -> list[tuple[dict, DartPolicy, dict]]:
+    """Every (beta_opt, beta_diff) candidate fitted and evaluated on the fit split (reused across budgets)."""
+    betas = DartPolicy.knob_grid[::3]
+    diffs = CERT_BETA_DIFFS if tune_beta_diff else (params.get("beta_diff", 0.0),)
+    out = []
+    for bd in diffs:
+        for b in betas:
+            p = {**params, "beta_opt": b, "beta_diff": bd}
+            pol = make_policy("dart", **p).fit(fit)
+            out.append((p, pol, evaluate(pol, fit)))
+    return out
+
+
+def fit_winner(search: list[tuple[dict, DartPolicy, dict]], max_drop: float) -> tuple[dict, DartPolicy]:
+    """The in-sample budget winner on the fit split: fewest MACs with fit drop <= D, else the most accurate."""
+    ok = [s for s in search if s[2]["drop_points"] <= max_drop + 1e-9]
+    best = (min(ok, key=lambda s: (s[2]["macs_per_image"], -s[2]["accuracy"])) if ok
+            else max(search, key=lambda s: s[2]["accuracy"]))
+    return best[0], best[1]
+
+
+# -- certification -----------------------------------------------------------------------------
+def certify_sequence(family: list[tuple[dict, ExitPolicy]], cert: Trace, max_drop: float, delta: float, risk: str = "drop",
+                     bound: str = "exact", in_expectation: bool = False) -> dict:
+    """Fixed-sequence test (or, ``in_expectation``, conformal risk control) over ``family`` on ``cert``.
+
+    Returns {"index": accepted candidate or -1, "pvalues" or "crc_risks": what was computed, "risk_hat"}.
+    """
+    def loss_of(pol: ExitPolicy) -> np.ndarray:
+        return losses(risk, cert, simulate(pol, cert)[1])
+
+    def p_of(pol: ExitPolicy) -> float:  # a policy that can never leave early has risk 0 by construction
+        return 0.0 if pol.never_leaves_early() else p_value(loss_of(pol), max_drop, delta, risk, bound)
+
+    if in_expectation:
+        # Conformal risk control: the loss made monotone along the sequence (running max from the
+        # conservative end), bound B = 1; accept while (n/(n+1)) R_n + 1/(n+1) <= D
+        n, d, run, idx, seen = cert.n, max_drop / 100, np.zeros(cert.n), -1, []
+        for k, (_, pol) in enumerate(family):
+            run = np.maximum(run, loss_of(pol))
+            adj = n / (n + 1) * run.mean() + 1 / (n + 1)
+            seen.append(float(adj))
+            if adj > d:
+                break
+            idx = k
+        return {"index": idx, "crc_risks": seen}
+    idx, ps = fixed_sequence((p_of(pol) for _, pol in family), delta)
+    return {"index": idx, "pvalues": ps}
+
+
+def certify(name: str, cal: Trace, max_drop: float, confidence: float = 0.95, *, risk: str = "drop",
+            fit_share: float = FIT_SHARE, seed: int = 0, bound: str = "exact", in_expectation: bool = False,
+            tune_beta_diff: bool = True, **params: Any) -> tuple[ExitPolicy, dict]:
+    """Calibrate ``name`` so that its budget holds on unseen data; returns (policy, record).
+
+    Learned candidate sequences (DART, BranchyNet, RL) fit on ``fit_share`` of ``cal`` and certify on
+    the rest, split with ``seed``; data-free ones (threshold, patience) certify on all of ``cal``.
+    Raises ConfigError when the certification part is too small to ever pass.
+    """
+    check_calibration_trace(cal)
+    share = fit_share if uses_fit_split(name) and name != "static" else 0.0
+    fit, cert = split_fit_cert(cal, fit_share, seed) if share else (cal, cal)
+    pol, rec = certify_split(name, fit, cert, max_drop, confidence, risk=risk, bound=bound, in_expectation=in_expectation,
+                             tune_beta_diff=tune_beta_diff, data_free=not share, **params)
+    rec["guarantee"].update(fit_share=share, split_seed=seed, cal_fingerprint=_fingerprint(cal))
+    rec["calibration"] = evaluate(pol, cal)
+    return pol, rec
+
+
+def certify_split(name: str, fit: Trace, cert: Trace, max_drop: float, confidence: float = 0.95, *, risk: str = "drop",
+                  bound: str = "exact", in_expectation: bool = False, tune_beta_diff: bool = True,
+                  search: list | None = None, family: list | None = None, data_free: bool = False,
+                  **params: Any) -> tuple[ExitPolicy, dict]:
+    """``certify`` on a given fit / cert pair (``data_free``: the sequence ignores ``fit``, which may be ``cert``).
+
+    Reused across budgets on the same fit split: ``search`` (DART: a precomputed ``dart_fit_search``)
+    or ``family`` (the other policies: a precomputed ``knob_sequence``).
+    """
+    check_calibration_trace(cert)
+    _check_target(max_drop, confidence, risk, bound)
+    delta, winner = 1 - confidence, None
+    if name == "static":  # its risk is 0 by definition: nothing to test
+        res: dict = {"index": -1, "pvalues": []}
+        family = []
+    else:
+        n_min = min_cert_samples(max_drop, delta)
+        if cert.n < n_min and not in_expectation:
+            raise ConfigError(
+                f"certifying --max-drop {max_drop} at --confidence {confidence} needs at least {n_min} certification "
+                f"samples (the smallest n at which zero losses pass: ln(1/delta) / -ln(1 - D)); {name} gets {cert.n}"
+                + ("" if data_free else f" (the calibration split less the {fit.n} that fit the policy)")
+                + ". Hold out more calibration data (data.cal_fraction), raise --max-drop or lower --confidence.")
+        if family is None or name == "dart":
+            family, winner = family_for(name, fit, max_drop, params, tune_beta_diff, search)
+        res = certify_sequence(family, cert, max_drop, delta, risk, bound, in_expectation)
+        if res["index"] >= 0 and family[res["index"]][1].never_leaves_early():
+            res["index"] = -1  # nothing that exits early was certified: the plain network is cheaper than its twin
+    label, pol = family[res["index"]] if res["index"] >= 0 else ({}, make_policy("static").fit(cert))
+    certified = name == "static" or res["index"] >= 0
+    return pol, _record(name, cert, max_drop, confidence, risk, bound, in_expectation, pol, label, certified, winner, res,
+                        0 if data_free else fit.n)
+
+
+def _check_target(max_drop: float, confidence: float, risk: str, bound: str) -> None:
+    if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and 0 < max_drop < 100):
+        raise ConfigError(f"--max-drop must be a number of points in (0, 100), got {max_drop}")
+    if not (isinstance(confidence, (int, float)) and 0.5 <= confidence < 1):
+        raise ConfigError(f"--confidence must lie in [0.5, 1), got {confidence}")
+    if risk not in RISKS:
+        raise ConfigError(f"--risk must be one of {', '.join(RISKS)}, got {risk!r}")
+    if bound not in BOUNDS:
+        raise ConfigError(f"--bound must be one of {', '.join(BOUNDS)}, got {bound!r}")
+
+
+def _fingerprint(trace: Trace) -> str:
+    return hashlib.sha256(np.sort(trace.index).tobytes()).hexdigest()[:16]
+
+
+def _record(name: str, cert: Trace, max_drop: float, confidence: float, risk: str, bound: str, in_expectation: bool,
+            pol: ExitPolicy, label: dict, certified: bool, winner: dict | None, res: dict, n_fit: int) -> dict:
+    idx = res["index"]
+    if in_expectation:
+        stat = {"method": "conformal risk control (in expectation over calibration and test draws; no per-draw "
+                          "guarantee)", "adjusted_risk": res["crc_risks"][idx] if idx >= 0 else None}
+    else:
+        ps = res["pvalues"]
+        stat = {"method": "fixed-sequence Learn-then-Test, " + ("Hoeffding-Bentkus" if bound == "hb" else
+                          "conditional McNemar (Berger-Boos)" if risk == "drop" else "exact binomial"),
+                "p_value": ps[idx] if idx >= 0 else None,
+                "p_value_first_rejected": ps[idx + 1] if idx + 1 < len(ps) else None,
+                "candidates_tested": len(ps)}
+    what = RISK_WORDS[risk]
+    statement = (GUARANTEED.format(conf=confidence, n=f"{cert.n:,}", what=what, d=max_drop) if not in_expectation else
+                 f"in expectation over the calibration and test draws, the {what} is at most {max_drop} points "
+                 "(conformal risk control; says nothing about any single draw)")
+    if not certified:
+        statement = "not certifiable at this budget: the static network is returned instead (its risk is 0)"
+    guarantee = {"certified": certified, "max_drop": max_drop, "confidence": confidence, "delta": 1 - confidence,
+                 "risk": risk, "in_expectation": in_expectation, "n_cert": cert.n, "n_fit": n_fit,
+                 "cert_fingerprint": _fingerprint(cert), "candidate": label, "candidate_index": idx, **stat,
+                 "cert_risk_points": 100 * float(losses(risk, cert, simulate(pol, cert)[1]).mean()),
+                 "statement": statement, "not_guaranteed": NOT_GUARANTEED}
+    rec = {"target": {"mode": "certified", "max_drop": max_drop, "confidence": confidence, "risk": risk},
+           "params": {**pol.get_params(), **label} if pol.name != "static" else {}, "policy": pol.name,
+           "calibration": evaluate(pol, cert), "budget_met": certified, "guarantee": guarantee,
+           "trace": {k: cert.meta.get(k) for k in ("run", "config_fingerprint", "dataset", "split")}}
+    if winner is not None:
+        rec["fit_split_winner"] = winner
+    return rec
+
+
+def family_for(name: str, fit: Trace, max_drop: float, params: dict[str, Any], tune_beta_diff: bool = True,
+               search: list | None = None) -> tuple[list[tuple[dict, ExitPolicy]], dict | None]:
+    """The candidate sequence that ``certify`` tests, most conservative first, and (DART) the fit-split winner.
+
+    Not certifying any of them leaves the static network, whose risk is 0 by definition.
+    """
+    if name != "dart":
+        return knob_sequence(name, fit, params), None
+    wparams, wpol = fit_winner(search if search is not None else dart_fit_search(fit, params, tune_beta_diff), max_drop)
+    return [({**wparams, **lab}, p) for lab, p in shift_family(wpol, fit)], {"params": wparams, "fit": evaluate(wpol, fit)}

@@ -1,0 +1,224 @@
+"""Certified budgets (dart_ee.certify), the refined DP, and coverage on a generator with known truth."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from test_policies import probs_from
+
+from dart_ee.calibration import calibrate
+from dart_ee.certify import (
+    binomial_p,
+    certify,
+    fixed_sequence,
+    hoeffding_bentkus_p,
+    losses,
+    mcnemar_p,
+    min_cert_samples,
+    shift_thresholds,
+    split_fit_cert,
+)
+from dart_ee.coverage import MAX_EXCEED, population_coverage, synthetic_trace, true_risk
+from dart_ee.errors import ConfigError
+from dart_ee.evaluation import evaluate, simulate
+from dart_ee.policies import make_policy, policy_from_dict
+from dart_ee.trace import Trace
+
+
+# -- p-values -------------------------------------------------------------------------------------
+def test_binomial_units():
+    # CALIBRATION.md: n = 3,000, D = 0.5 points, delta = 0.05: 8 losses pass (0.037), 9 fail (0.069)
+    assert binomial_p(8, 3000, 0.005) == pytest.approx(0.037, abs=5e-4) and binomial_p(8, 3000, 0.005) <= 0.05
+    assert binomial_p(9, 3000, 0.005) == pytest.approx(0.069, abs=5e-4) and binomial_p(9, 3000, 0.005) > 0.05
+    assert binomial_p(0, 598, 0.005) <= 0.05 < binomial_p(0, 597, 0.005)
+    assert min_cert_samples(0.5, 0.05) == 598
+
+
+def test_mcnemar_and_hoeffding_bentkus():
+    delta = 0.05
+    # no disagreements on plenty of data: the Clopper-Pearson bound is below D, p = gamma
+    assert mcnemar_p(0, 0, 3000, 0.005, delta) == pytest.approx(delta / 10)
+    # no disagreements on too little data: nothing can be concluded
+    assert mcnemar_p(0, 0, 500, 0.005, delta) > delta
+    # the early exit gains more often than it loses (negative drop): certifiable
+    assert mcnemar_p(10, 30, 3000, 0.005, delta) <= delta
+    # as often, at a 10% disagreement rate: the drop's noise (sd 0.58 points) is larger than D
+    assert mcnemar_p(150, 150, 3000, 0.005, delta) > delta
+    # it loses 2 points net: not certifiable at 0.5
+    assert mcnemar_p(180, 120, 3000, 0.005, delta) > delta
+    for k in (0, 5, 9, 20):  # Hoeffding-Bentkus is never below the exact binomial p-value
+        assert hoeffding_bentkus_p(k / 3000, 3000, 0.005) >= binomial_p(k, 3000, 0.005) - 1e-12
+    assert hoeffding_bentkus_p(0.0, 3000, 0.005) <= 0.05 < hoeffding_bentkus_p(0.01, 3000, 0.005)
+
+
+def test_fixed_sequence_stops_at_the_first_rejection():
+    evaluated = []
+
+    def ps():
+        for p in (0.01, 0.02, 0.2, 0.001):
+            evaluated.append(p)
+            yield p
+
+    idx, seen = fixed_sequence(ps(), 0.05)
+    assert idx == 1 and seen == [0.01, 0.02, 0.2] and evaluated == [0.01, 0.02, 0.2]
+    assert fixed_sequence(iter([0.5]), 0.05)[0] == -1
+    assert fixed_sequence(iter([0.0, 0.0]), 0.05)[0] == 1
+
+
+def test_losses():
+    t = synthetic_trace(300, "independent", seed=1)
+    preds = t.preds[:, 0]
+    d, ne, dis = (losses(r, t, preds) for r in ("drop", "new-errors", "disagree"))
+    assert d.mean() == pytest.approx(t.correct[:, -1].mean() - t.correct[:, 0].mean())
+    assert (ne >= d).all() and (dis >= ne).all()
+    with pytest.raises(ConfigError, match="risk"):
+        losses("typo", t, preds)
+
+
+# -- the split and the candidate sequence ---------------------------------------------------------
+def test_fit_and_cert_are_disjoint_and_recorded():
+    cal = synthetic_trace(5000, "nested", seed=2)
+    fit, cert = split_fit_cert(cal, 0.4, seed=7)
+    assert fit.n == 2000 and cert.n == 3000
+    assert not set(fit.index) & set(cert.index) and set(fit.index) | set(cert.index) == set(cal.index)
+    again = split_fit_cert(cal, 0.4, seed=7)[0]
+    np.testing.assert_array_equal(fit.index, again.index)
+    pol, rec = certify("dart", cal, 0.5, 0.95, seed=7)
+    g = rec["guarantee"]
+    assert g["n_fit"] == 2000 and g["n_cert"] == 3000 and g["split_seed"] == 7 and g["fit_share"] == 0.4
+    assert g["risk"] == "drop" and g["delta"] == pytest.approx(0.05) and g["max_drop"] == 0.5
+    assert g["certified"] and g["p_value"] <= 0.05 and "at most 0.5 points" in g["statement"]
+    # the policy JSON carries the guarantee, and the reloaded policy makes the same decisions
+    d = json.loads(json.dumps({**pol.to_dict(), "calibration": rec}))
+    assert d["calibration"]["guarantee"]["p_value"] == g["p_value"]
+    np.testing.assert_array_equal(simulate(policy_from_dict(d), cal)[0], simulate(pol, cal)[0])
+    # data-free sequences (global threshold) certify on the whole calibration split
+    _, rec_t = certify("threshold", cal, 0.5, 0.95)
+    assert rec_t["guarantee"]["n_cert"] == 5000 and rec_t["guarantee"]["n_fit"] == 0
+
+
+def test_quantile_shift_is_monotone():
+    s = [np.sort(np.random.default_rng(0).random(1000).astype(np.float32))]
+    tau = [[0.3, 0.7, math.inf]]
+    prev = None
+    for lam in np.arange(-0.3, 1.01, 0.05):
+        row = shift_thresholds(tau, s, float(lam))[0]
+        if prev is not None:
+            assert all(a >= b for a, b in zip(row, prev))
+        prev = row
+    assert shift_thresholds(tau, s, 0.0)[0][:2] == [float(s[0][s[0] >= 0.3][0]), float(s[0][s[0] >= 0.7][0])]
+    assert shift_thresholds(tau, s, 1.0)[0] == [math.inf] * 3
+    assert shift_thresholds(tau, s, -1.0)[0] == [-math.inf] * 3
+
+
+def test_too_little_data_and_nothing_certifiable():
+    small = synthetic_trace(800, "nested", seed=3)
+    with pytest.raises(ConfigError, match="at least 598 certification samples"):
+        certify("dart", small, 0.5, 0.95)
+    with pytest.raises(ConfigError, match="at least 598"):
+        calibrate("threshold", small.subset(np.arange(500)), max_drop=0.5, confidence=0.95)
+    # every early exit is wrong where the final one is right: nothing but the static network is certifiable
+    n, k = 3000, 3
+    labels = np.arange(n) % k
+    pred = np.stack([(labels + 1) % k, labels], 1)
+    t = Trace(probs_from(np.full((n, 2), 0.9), pred, k), labels, np.arange(n), [10, 20], alpha=np.linspace(0, 1, n),
+              meta={"split": "cal", "static_macs": 20})
+    pol, rec = certify("dart", t, 0.5, 0.95)
+    assert pol.name == "static" and not rec["guarantee"]["certified"]
+    assert "not certifiable at this budget" in rec["guarantee"]["statement"]
+    pol, rec = certify("threshold", t, 0.5, 0.95)  # certified, but only thresholds above every confidence seen
+    assert (simulate(pol, t)[0] == 1).all()
+
+
+def test_options_and_bad_targets():
+    cal = synthetic_trace(3000, "independent", seed=4)
+    _, hb = certify("threshold", cal, 1.0, 0.95, risk="new-errors", bound="hb")
+    _, ex = certify("threshold", cal, 1.0, 0.95, risk="new-errors")
+    assert "Hoeffding-Bentkus" in hb["guarantee"]["method"] and "binomial" in ex["guarantee"]["method"]
+    assert evaluate(make_policy("threshold", **hb["params"]), cal)["mac_fraction"] >= \
+        evaluate(make_policy("threshold", **ex["params"]), cal)["mac_fraction"] - 1e-12  # HB is the more cautious
+    _, crc = certify("dart", cal, 1.0, 0.95, in_expectation=True)
+    assert "conformal risk control" in crc["guarantee"]["method"] and "in expectation" in crc["guarantee"]["statement"]
+    for bad in (dict(max_drop=-1), dict(max_drop=math.nan), dict(confidence=1.2), dict(risk="x"), dict(bound="y")):
+        args = {"max_drop": 1.0, "confidence": 0.95, **bad}
+        with pytest.raises(ConfigError):
+            certify("threshold", cal, args.pop("max_drop"), args.pop("confidence"), **args)
+    with pytest.raises(ConfigError, match="--max-drop"):
+        calibrate("threshold", cal, max_drop=math.nan)
+
+
+# -- threshold semantics --------------------------------------------------------------------------
+def test_saturated_confidences_leave():
+    """Exits whose softmax saturates at exactly 1.0: the DP's read-off (bins include their lower edge)
+    and the decision rule (conf >= tau) agree, so the exits it chose do fire."""
+    n, k = 1000, 10
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, k, n)
+    easy = np.arange(n) < 700
+    conf0 = np.where(easy, 1.0, rng.uniform(0.3, 0.6, n))
+    pred0 = np.where(easy, labels, (labels + 1) % k)
+    probs = np.stack([probs_from(conf0, pred0, k), probs_from(np.full(n, 1.0), labels, k)], 1)
+    assert (probs[easy, 0].max(1) == 1.0).all()
+    t = Trace(probs, labels, np.arange(n), [10, 100], alpha=rng.random(n), meta={"split": "cal", "static_macs": 100})
+    for refine in (False, True):
+        pol = make_policy("dart", beta_opt=0.1, refine=refine).fit(t)
+        exits, _ = simulate(pol, t)
+        assert (exits[easy] == 0).all() and (exits[~easy] == 1).all()
+    pol.tau_ = [[math.inf] * pol.alpha_bins]  # +inf never leaves, not even at confidence 1.0
+    assert (simulate(pol, t)[0] == 1).all()
+
+
+# -- the refined DP -------------------------------------------------------------------------------
+def _objective(pol, t, beta):
+    r = evaluate(pol, t)
+    return r["accuracy"] - beta * r["mac_fraction"]
+
+
+@pytest.mark.parametrize("kind", ["two-type", "nested"])
+@pytest.mark.parametrize("seed", range(4))
+def test_refined_objective_at_least_the_dp(kind, seed):
+    t = synthetic_trace(1500, kind, seed=seed)
+    for beta in (0.0, 0.05, 0.2, 0.5):
+        for bd in (0.0, 0.1):
+            dp = make_policy("dart", beta_opt=beta, beta_diff=bd, refine=False).fit(t)
+            ref = make_policy("dart", beta_opt=beta, beta_diff=bd).fit(t)
+            assert _objective(ref, t, beta) >= _objective(dp, t, beta) - 1e-12
+
+
+def test_refined_dp_meets_a_budget_the_plain_dp_misses():
+    t = synthetic_trace(3000, "nested", seed=1)
+    _, plain = calibrate("dart", t, max_drop=0.5, refine=False)
+    _, refined = calibrate("dart", t, max_drop=0.5)
+    assert not plain["budget_met"] and plain["calibration"]["drop_points"] > 0.5
+    assert refined["budget_met"] and refined["calibration"]["drop_points"] <= 0.5
+
+
+# -- coverage on the generator ---------------------------------------------------------------------
+def test_generator_truths():
+    for kind in ("nested", "independent", "two-type"):
+        t = synthetic_trace(20000, kind, seed=0)
+        acc = t.exit_accuracy()
+        assert acc[-1] >= acc[0] and 0.6 < acc[-1] < 0.95
+    nested = synthetic_trace(5000, "nested", seed=0).correct
+    assert (nested[:, 1:] >= nested[:, :-1]).all()  # right once, right deeper
+    indep = synthetic_trace(5000, "independent", seed=0).correct
+    assert (indep[:, 1:] < indep[:, :-1]).any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("risk", ["drop", "new-errors"])
+def test_population_coverage_threshold(risk):
+    """200 calibration draws, truth on 100,000 fresh samples: at most 15 may exceed the budget."""
+    res = population_coverage("threshold", "nested", 0.5, 0.95, risk, draws=200, n_truth=100_000)
+    assert res["exceed"] <= MAX_EXCEED and res["certified"] >= 150
+
+
+@pytest.mark.slow
+def test_population_coverage_dart_short():
+    """DART on 30 draws (the full 200-draw check is `dart-ee guarantee --synthetic nested`, in BENCHMARKS.md):
+    P(Bin(30, 0.05) >= 5) = 0.016."""
+    res = population_coverage("dart", "nested", 0.5, 0.95, "drop", draws=30, n_truth=50_000)
+    assert res["exceed"] <= 4 and res["certified"] >= 20
+    truth = synthetic_trace(50_000, "nested", seed=10**6, split="test")
+    assert true_risk(make_policy("static").fit(synthetic_trace(10, "nested")), truth, "drop") == 0
