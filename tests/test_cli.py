@@ -54,7 +54,9 @@ def test_policy_commands(trained_run, tmp_path):
     code, out = invoke("evaluate", "--trace", test, "--policy", tmp_path / "d.json", "--json")
     assert code == 0, out
     rows = json.loads(out)
-    assert rows[0]["policy"] == "dart" and rows[-1]["policy"] == "oracle"
+    assert rows[0]["policy"] == "dart" and rows[-1]["policy"] == "oracle" and rows[0]["budget"].startswith("UNCERTIFIED")
+    code, out = invoke("evaluate", "--trace", test, "--policy", tmp_path / "c.json")
+    assert code == 0 and "c.json: certified: with probability at least 0.95" in out, out
     code, out = invoke("sweep", "--cal", cal, "--test", test, "--out", tmp_path / "sw")
     assert code == 0 and (tmp_path / "sw" / "tradeoff_curves.png").stat().st_size > 10_000, out
     assert "@25% MACs" in out

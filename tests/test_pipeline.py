@@ -29,6 +29,10 @@ def test_run_pipeline_end_to_end(tmp_path):
     assert rec["git_revision"] and rec["torch"] and rec["config"]["name"] == "tiny"
     report = (out / "report.md").read_text()
     assert "Accuracy vs. computational savings" in report and "Table I" in report
+    # 200 calibration digits cannot certify the 0.5-point budget: the report says so, and falls back
+    assert rec["compare"]["mode"] == "certified" and "What the budget promises" in report
+    assert "not certifiable with this calibration split" in json.dumps(rec["compare"]) and "Certified frontier" in report
+    assert rec["compare_uncertified"]["mode"] == "uncertified" and (out / "policies" / "uncertified" / "dart.json").is_file()
     assert "Baseline (No EE" in report and rec["single_exit_baseline"]["exit_test_accuracy"]
     assert "Side by side with the paper's Table I (alexnet on mnist)" in report  # the paper's MNIST AlexNet row
     assert "original README's CIFAR-10 table" not in report  # that table is CIFAR-10 only

@@ -88,6 +88,16 @@ def git_revision() -> str:
         return "unknown"
 
 
+def provenance() -> dict:
+    """Where and when a record was made: the command line, git revision, hardware, torch and date (UTC)."""
+    import sys
+    import time
+
+    return {"command": " ".join(["dart-ee", *sys.argv[1:]]), "git_revision": git_revision(),
+            "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -147,11 +147,13 @@ def _quantile_maps(fit: Trace) -> list[np.ndarray]:
 
 
 def shift_thresholds(tau: list[list[float]], sorted_conf: list[np.ndarray], lam: float) -> list[list[float]]:
-    """tau_i(a; lambda) = Q_i(F_i(tau_i(a)) + lambda): +inf when the argument is >= 1, -inf when <= 0.
+    """tau_i(a; lambda) = Q_i(F_i(tau_i(a)) + lambda): +inf when the argument is >= 1.
 
     F_i(t) is the share of fit samples whose exit-i confidence is below t, Q_i its inverse on the
     same sorted confidences, so lambda = 0 keeps every fit decision and a larger lambda raises every
-    threshold: a sample can only leave later.
+    threshold: a sample can only leave later. At or below 0 the threshold is the lowest confidence
+    seen (every fit sample leaves), like the DP's lowest bin: unlike -inf, a threshold that the
+    adaptive coefficients can still raise.
     """
     out = []
     for row, s in zip(tau, sorted_conf):
@@ -159,7 +161,7 @@ def shift_thresholds(tau: list[list[float]], sorted_conf: list[np.ndarray], lam:
         new = []
         for t in row:
             u = np.searchsorted(s, t, side="left") / n + lam
-            new.append(math.inf if u >= 1 else -math.inf if u <= 0 else float(s[min(n - 1, int(math.floor(u * n + 1e-9)))]))
+            new.append(math.inf if u >= 1 else float(s[min(n - 1, max(0, int(math.floor(u * n + 1e-9))))]))
         out.append(new)
     return out
 
@@ -216,7 +218,7 @@ def certify_sequence(family: list[tuple[dict, ExitPolicy]], cert: Trace, max_dro
                      bound: str = "exact", in_expectation: bool = False) -> dict:
     """Fixed-sequence test (or, ``in_expectation``, conformal risk control) over ``family`` on ``cert``.
 
-    Returns {"index": accepted candidate or -1, "pvalues" or "crc_risks": what was computed, "risk_hat"}.
+    Returns {"index": the accepted candidate or -1, and "pvalues" (or "crc_risks"): what was computed, in order}.
     """
     def loss_of(pol: ExitPolicy) -> np.ndarray:
         return losses(risk, cert, simulate(pol, cert)[1])

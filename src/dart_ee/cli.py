@@ -89,7 +89,7 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] =
 
     from dart_ee.config import load_config
     from dart_ee.pipeline import run_pipeline
-    from dart_ee.report import policy_table
+    from dart_ee.report import budget_words, certified_table, policy_table
 
     try:
         with resources.as_file(resources.files("dart_ee") / "configs" / "demo.yaml") as cfg_path:
@@ -98,9 +98,10 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] =
     except DartError as e:
         _fail(e)
     c = res["compare"]
-    typer.echo(f"\nDART demo: {cfg.data.dataset} ({res['training']['n_test']} test images), every policy calibrated at "
-               f"--max-drop {c['max_drop']} on the calibration split, measured on the test split:")
+    typer.echo(f"\nDART demo: {cfg.data.dataset} ({res['training']['n_test']} test images), every policy calibrated on the "
+               f"calibration split ({budget_words(c)}), measured on the test split:")
     typer.echo(policy_table([r["test"] for r in c["rows"]] + [c["oracle"]]))
+    typer.echo("\n" + certified_table(c, res.get("compare_uncertified")))
     if res.get("benchmark"):
         from dart_ee.bench import table_markdown
 
@@ -373,7 +374,7 @@ def evaluate(trace: TraceOpt,
         for p in policy:
             pol = load_policy(p)
             src = getattr(pol, "alpha_source_", None)
-            rows.append({**run_eval(pol, _load_trace(trace, None, src)), "file": str(p)})
+            rows.append({**run_eval(pol, _load_trace(trace, None, src)), "file": str(p), "budget": _budget_note(p)})
         rows.append(oracle(_load_trace(trace, None)))
     except DartError as e:
         _fail(e)
@@ -381,6 +382,21 @@ def evaluate(trace: TraceOpt,
         typer.echo(json.dumps(rows, indent=2))
     else:
         typer.echo(policy_table(rows))
+        for r in rows[:-1]:
+            typer.echo(f"{r['file']}: {r['budget']}")
+
+
+def _budget_note(path: Path) -> str:
+    """What a policy file's budget promises: its certificate, or the word uncertified."""
+    from dart_ee import artifacts
+
+    cal = artifacts.read_json(path, "policy file").get("calibration") or {}
+    g = cal.get("guarantee")
+    if g:
+        return ("certified: " if g["certified"] else "NOT certified: ") + g["statement"]
+    if cal.get("target", {}).get("mode") == "uncertified budget":
+        return f"UNCERTIFIED budget of {cal['target']['max_drop']} points (in-sample search)"
+    return "no budget (trade-off or hand-set parameters): nothing certified"
 
 
 @app.command()
@@ -396,6 +412,7 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
           alpha: AlphaOpt = None) -> None:
     """Every policy's accuracy-vs-MACs curve: each point chosen on the calibration trace, measured on the test trace."""
     from dart_ee import artifacts, plots
+    from dart_ee.bench import provenance
     from dart_ee.frontier import resplit_frontier
     from dart_ee.frontier import sweep as run_sweep
     from dart_ee.report import frontier_markdown, grid_markdown
@@ -412,7 +429,7 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
     typer.echo(f"oracle: {100 * res['oracle']['accuracy']:.2f}% at {100 * res['oracle']['mac_fraction']:.1f}% of static MACs")
     typer.echo(f"wrote {out}/sweep.json and {out}/tradeoff_curves.png")
     if rs:
-        artifacts.write_json(out / "resplits.json", rs)
+        artifacts.write_json(out / "resplits.json", {"provenance": provenance(), **rs})
         d = rs.get("auc_difference_dart_minus_threshold")
         if d:
             verdict = "DART beats the threshold" if d["low"] > 0 else "DART loses to the threshold" if d["high"] < 0 \
@@ -479,6 +496,7 @@ def guarantee(cal: Annotated[Optional[Path], typer.Option("--cal", help="Calibra
     Pass: at most 15 of 200 draws exceed the budget (P(Bin(200, 0.05) >= 16) = 0.044).
     """
     from dart_ee import artifacts
+    from dart_ee.bench import provenance
     from dart_ee.coverage import population_coverage, resplit_coverage
 
     policies = policy or ["dart", "threshold"]
@@ -498,7 +516,7 @@ def guarantee(cal: Annotated[Optional[Path], typer.Option("--cal", help="Calibra
     summary = [{k: v for k, v in r.items() if k != "rows"} | {d: {k: v for k, v in r[d].items() if k != "rows"}
                                                             for d in ("replacement", "split") if d in r} for r in results]
     if out:
-        artifacts.write_json(out, results)
+        artifacts.write_json(out, {"provenance": provenance(), "results": results})
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -515,6 +533,25 @@ def guarantee(cal: Annotated[Optional[Path], typer.Option("--cal", help="Calibra
                 line += (f"; realised test drop mean {d['mean_test_drop_points']:+.3f}, "
                          f"95th percentile {d['p95_test_drop_points']:+.3f} points")
             typer.echo(line)
+
+
+@app.command()
+def publish(file: Annotated[Path, typer.Option("--file", help="The document to regenerate.")] = Path("BENCHMARKS.md"),
+            records: Annotated[Path, typer.Option("--records", help="Folder of committed JSON records.")] = Path("benchmarks"),
+            check: Annotated[bool, typer.Option("--check", help="Only check: exit 1 when the document differs "
+                                                               "from its records.")] = False) -> None:
+    """Regenerate BENCHMARKS.md's generated sections (tables and the sentences that quote figures) from benchmarks/."""
+    from dart_ee.publish import publish as run_publish
+
+    try:
+        same = run_publish(file, records, check)
+    except DartError as e:
+        _fail(e)
+    if check and not same:
+        typer.secho(f"{file} differs from the records in {records}: run `dart-ee publish` (and never edit generated "
+                    "sections by hand)", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{file}: " + ("up to date with " if same else "regenerated from ") + str(records))
 
 
 @app.command()
