@@ -38,6 +38,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
 
     out = Path(out)
     steps: dict[str, float] = {}
+    revision = git_revision()  # the code that computes the figures, read before any of them is
 
     def step(name: str) -> float:
         log(f"[bold]== {name}[/bold]")
@@ -111,7 +112,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
                                "policy_file": str(dart_path.relative_to(out))})
         steps["adapt"] = time.perf_counter() - t0
 
-    results = {"config": cfg.model_dump(mode="json"), "seed": cfg.seed, "git_revision": git_revision(),
+    results = {"config": cfg.model_dump(mode="json"), "seed": cfg.seed, "git_revision": revision,
                "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "training": metrics,
                "single_exit_baseline": baseline,
