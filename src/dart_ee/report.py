@@ -128,7 +128,7 @@ def certification_parts(res: dict) -> list[str]:
              f"Certified calibration (Learn-then-Test, fixed-sequence testing, `dart_ee.certify`): {g.get('statement', '')}. "
              f"Policies with a learned candidate sequence fit on {100 * res['config']['calibration']['fit_share']:.0f}% of "
              "the calibration split and certify on the rest; the global threshold and patience need no fit and certify on "
-             f"all of it. {g.get('not_guaranteed', '').capitalize()}.",
+             f"all of it. {g.get('not_guaranteed', '')[:1].upper()}{g.get('not_guaranteed', '')[1:]}.",
              certified_table(comp, res.get("compare_uncertified"))]
     fr = res.get("certified_frontier")
     if fr:
