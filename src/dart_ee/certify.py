@@ -185,6 +185,14 @@ def uses_fit_split(name: str) -> bool:
     return not POLICIES[name].data_free_knob
 
 
+def fit_cert_for(name: str, cal: Trace, fit_share: float = FIT_SHARE, seed: int = 0) -> tuple[Trace, Trace, bool]:
+    """(fit, cert, data_free): a learned sequence splits ``cal``; a data-free one certifies on all of it."""
+    if not uses_fit_split(name):
+        return cal, cal, True
+    fit, cert = split_fit_cert(cal, fit_share, seed)
+    return fit, cert, False
+
+
 def knob_sequence(name: str, fit: Trace, params: dict[str, Any]) -> list[tuple[dict, ExitPolicy]]:
     """Candidates in the policy's knob order, most conservative first, each fitted on ``fit``."""
     cls = POLICIES[name]
@@ -252,11 +260,10 @@ def certify(name: str, cal: Trace, max_drop: float, confidence: float = 0.95, *,
     Raises ConfigError when the certification part is too small to ever pass.
     """
     check_calibration_trace(cal)
-    share = fit_share if uses_fit_split(name) and name != "static" else 0.0
-    fit, cert = split_fit_cert(cal, fit_share, seed) if share else (cal, cal)
+    fit, cert, data_free = fit_cert_for(name, cal, fit_share, seed)
     pol, rec = certify_split(name, fit, cert, max_drop, confidence, risk=risk, bound=bound, in_expectation=in_expectation,
-                             tune_beta_diff=tune_beta_diff, data_free=not share, **params)
-    rec["guarantee"].update(fit_share=share, split_seed=seed, cal_fingerprint=_fingerprint(cal))
+                             tune_beta_diff=tune_beta_diff, data_free=data_free, **params)
+    rec["guarantee"].update(fit_share=0.0 if data_free else fit_share, split_seed=seed, cal_fingerprint=_fingerprint(cal))
     rec["calibration"] = evaluate(pol, cal)
     return pol, rec
 

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import stats
 
 from dart_ee.calibration import candidates
-from dart_ee.certify import FIT_SHARE, certify_split, dart_fit_search, knob_sequence, split_fit_cert, uses_fit_split
+from dart_ee.certify import FIT_SHARE, certify_split, dart_fit_search, fit_cert_for, knob_sequence
 from dart_ee.coverage import pool_traces
 from dart_ee.errors import ConfigError
 from dart_ee.evaluation import evaluate, oracle
@@ -140,16 +140,14 @@ def resplit_frontier(cal: Trace, test: Trace, resplits: int = 50, seed: int = 0,
 
 def certified_points(cal: Trace, test: Trace, policies: tuple[str, ...], budgets: tuple[float, ...], confidence: float,
                      risk: str, fit_share: float = FIT_SHARE, seed: int = 0) -> list[dict]:
-    """Every policy certified at every budget on ``cal`` (one fit / cert split, shared), measured on ``test``."""
-    fit, cert = split_fit_cert(cal, fit_share, seed)
+    """Every policy certified at every budget on ``cal`` (the same fit / cert split for all), measured on ``test``."""
     rows = []
     for name in policies:
-        learned = uses_fit_split(name)
-        f, ce = (fit, cert) if learned else (cal, cal)
+        f, ce, data_free = fit_cert_for(name, cal, fit_share, seed)
         reuse = ({"search": dart_fit_search(f, {}, True)} if name == "dart" else {"family": knob_sequence(name, f, {})})
         for d in budgets:
             try:
-                pol, rec = certify_split(name, f, ce, d, confidence, risk=risk, data_free=not learned, **reuse)
+                pol, rec = certify_split(name, f, ce, d, confidence, risk=risk, data_free=data_free, **reuse)
             except ConfigError as e:  # too few certification samples for this budget
                 rows.append({"policy": name, "max_drop": d, "certified": False, "error": str(e)})
                 continue

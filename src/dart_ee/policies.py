@@ -123,6 +123,7 @@ class StaticPolicy(ExitPolicy):
     """No early exit: every sample runs the whole network (the runtime uses the plain forward)."""
 
     name = "static"
+    data_free_knob = True  # nothing to fit: its risk is 0 by definition
 
     def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
         return torch.zeros(len(probs), dtype=torch.bool, device=probs.device)
