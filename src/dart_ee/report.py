@@ -185,7 +185,8 @@ def frontier_markdown(frontier: dict) -> str:
     """Certified MAC reduction (and the test drop) of every policy at every budget."""
     table = frontier["table"]
     budgets = list(next(iter(table.values())))
-    lines = ["| Policy | " + " | ".join(f"D = {b} points" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    lines = ["| Policy | " + " | ".join(f"D = {b} point{'' if b == '1' else 's'}" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
     for name, row in table.items():
         cells = []
         for b in budgets:
