@@ -417,6 +417,7 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
     from dart_ee.frontier import sweep as run_sweep
     from dart_ee.report import frontier_markdown, grid_markdown
 
+    prov = provenance()
     try:
         c, t = _load_trace(cal, "cal", alpha), _load_trace(test, "test", alpha)
         res = run_sweep(c, t)
@@ -429,7 +430,7 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
     typer.echo(f"oracle: {100 * res['oracle']['accuracy']:.2f}% at {100 * res['oracle']['mac_fraction']:.1f}% of static MACs")
     typer.echo(f"wrote {out}/sweep.json and {out}/tradeoff_curves.png")
     if rs:
-        artifacts.write_json(out / "resplits.json", {"provenance": provenance(), **rs})
+        artifacts.write_json(out / "resplits.json", {"provenance": prov, **rs})
         d = rs.get("auc_difference_dart_minus_threshold")
         if d:
             verdict = "DART beats the threshold" if d["low"] > 0 else "DART loses to the threshold" if d["high"] < 0 \
@@ -500,7 +501,7 @@ def guarantee(cal: Annotated[Optional[Path], typer.Option("--cal", help="Calibra
     from dart_ee.coverage import population_coverage, resplit_coverage
 
     policies = policy or ["dart", "threshold"]
-    results = []
+    results, prov = [], provenance()  # the code that computes the figures, read before any of them is
     try:
         if synthetic:
             for p in policies:
@@ -516,7 +517,7 @@ def guarantee(cal: Annotated[Optional[Path], typer.Option("--cal", help="Calibra
     summary = [{k: v for k, v in r.items() if k != "rows"} | {d: {k: v for k, v in r[d].items() if k != "rows"}
                                                             for d in ("replacement", "split") if d in r} for r in results]
     if out:
-        artifacts.write_json(out, {"provenance": provenance(), "results": results})
+        artifacts.write_json(out, {"provenance": prov, "results": results})
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
