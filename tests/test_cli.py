@@ -71,6 +71,10 @@ def test_policy_commands(trained_run, tmp_path):
     assert [r["policy"] for r in rec] == ["dart", "threshold"] and rec[0]["split"]["draws"] == 2
     code, out = invoke("guarantee", "--synthetic", "nested", "--policy", "threshold", "--resplits", "3")
     assert code == 0 and "threshold (generator 'nested'):" in out, out
+    for bad in (["--synthetic", "nestd"], ["--synthetic", "nested", "--policy", "dartt"], ["--resplits", "0"]):
+        code, out = invoke("guarantee", "--cal", cal, "--test", test, *bad)
+        assert code == 2 and "Traceback" not in out and ("must be" in out or "unknown policy" in out
+                                                         or "Invalid value" in out), out
 
 
 def test_difficulty_commands(trained_run, tmp_path):

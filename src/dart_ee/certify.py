@@ -182,6 +182,8 @@ def shift_family(policy: DartPolicy, fit: Trace, lambdas: Iterable[float] = LAMB
 
 def uses_fit_split(name: str) -> bool:
     """Whether the policy's candidate sequence is learned (needs a fit split) or data-free."""
+    if name not in POLICIES:
+        raise ConfigError(f"unknown policy {name!r}; choose one of {', '.join(sorted(POLICIES))}")
     return not POLICIES[name].data_free_knob
 
 
@@ -279,6 +281,7 @@ def certify_split(name: str, fit: Trace, cert: Trace, max_drop: float, confidenc
     """
     check_calibration_trace(cert)
     _check_target(max_drop, confidence, risk, bound)
+    uses_fit_split(name)  # a clear error for an unknown policy
     delta, winner = 1 - confidence, None
     if name == "static":  # its risk is 0 by definition: nothing to test
         res: dict = {"index": -1, "pvalues": []}

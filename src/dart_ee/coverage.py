@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from dart_ee.certify import FIT_SHARE, certify, certify_split, losses, uses_fit_split
+from dart_ee.errors import ConfigError
 from dart_ee.evaluation import evaluate, simulate
 from dart_ee.policies import ExitPolicy
 from dart_ee.trace import Trace
@@ -32,7 +33,7 @@ def synthetic_trace(n: int, kind: str = "nested", exits: int = 6, k: int = 10, s
     Confidence tracks correctness with noise; alpha is a noisy view of u.
     """
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise ConfigError(f"--synthetic must be one of {', '.join(KINDS)}, got {kind!r}")
     rng = np.random.default_rng(seed)
     u = rng.random(n)
     labels = rng.integers(0, k, n)
