@@ -42,3 +42,13 @@ def test_overrides(tmp_path):
 def test_adapt_lists_must_match():
     with pytest.raises(ConfigError, match="adapt: Value error, severities has 1 entries for 3 scenarios"):
         parse_config({"adapt": {"severities": [0.1]}})
+
+
+@pytest.mark.parametrize("override, field", [("train.lr=.inf", "train.lr"), ("train.weight_decay=.nan", "train.weight_decay"),
+                                             ("train.distill_temperature=.inf", "train.distill_temperature"),
+                                             ("train.exit_weights=[1, .nan]", "train.exit_weights.1"),
+                                             ("train.exit_weights=[1, -1]", "train.exit_weights.1"),
+                                             ("calibration.max_drop=.nan", "calibration.max_drop")])
+def test_non_finite_and_negative_numbers_named(override, field):
+    with pytest.raises(ConfigError, match=rf"{field.replace('.', chr(92) + '.')}:"):
+        load_config(None, [override])

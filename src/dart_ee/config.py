@@ -7,7 +7,7 @@ the offending field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,7 +17,8 @@ from dart_ee.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a sensible setting: `lr: .inf` would train a NaN model and exit 0
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -43,7 +44,7 @@ class TrainConfig(_Strict):
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    exit_weights: list[float] | None = None  # one per exit; default w_i = i/N
+    exit_weights: list[Annotated[float, Field(ge=0)]] | None = None  # one per exit; default w_i = i/N
     distill: float = Field(0.0, ge=0, le=1)  # share of self-distillation from the final exit
     distill_temperature: float = Field(3.0, gt=0)
     policy_lambda: float = Field(0.0, ge=0)  # weight of L_policy (METHOD.md section 1)
@@ -57,7 +58,7 @@ class TrainConfig(_Strict):
 
 
 class CalibrationConfig(_Strict):
-    max_drop: float = Field(0.5, gt=0, lt=100, allow_inf_nan=False)  # accuracy budget, points below the final exit
+    max_drop: float = Field(0.5, gt=0, lt=100)  # accuracy budget, points below the final exit
     # certify the budget with this probability (Learn-then-Test, dart_ee.certify); null: uncertified search
     confidence: float | None = Field(0.95, ge=0.5, lt=1)
     risk: Literal["drop", "new-errors", "disagree"] = "drop"  # what the budget bounds
