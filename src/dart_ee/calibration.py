@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dart_ee.certify import FIT_SHARE, certify
+from dart_ee.certify import FIT_SHARE, certify, check_max_drop
 from dart_ee.errors import ConfigError
 from dart_ee.evaluation import evaluate, oracle
 from dart_ee.policies import POLICIES, ExitPolicy, check_calibration_trace, make_policy
@@ -52,8 +52,8 @@ def calibrate(name: str, cal: Trace, *, beta_opt: float | None = None, max_drop:
         raise ConfigError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
     if (beta_opt is None) == (max_drop is None):
         raise ConfigError("calibrate with exactly one target: --beta-opt B (trade-off) or --max-drop X (budget)")
-    if max_drop is not None and not (math.isfinite(max_drop) and 0 < max_drop < 100):
-        raise ConfigError(f"--max-drop must be a number of points in (0, 100), got {max_drop}")
+    if max_drop is not None:
+        check_max_drop(max_drop)
     if confidence is not None:
         if max_drop is None:
             raise ConfigError("--confidence certifies an accuracy budget: give --max-drop too")

@@ -266,7 +266,8 @@ def certify(name: str, cal: Trace, max_drop: float, confidence: float = 0.95, *,
     pol, rec = certify_split(name, fit, cert, max_drop, confidence, risk=risk, bound=bound, in_expectation=in_expectation,
                              tune_beta_diff=tune_beta_diff, data_free=data_free, **params)
     rec["guarantee"].update(fit_share=0.0 if data_free else fit_share, split_seed=seed, cal_fingerprint=_fingerprint(cal))
-    rec["calibration"] = evaluate(pol, cal)
+    if not data_free:  # certify_split measured it on cert; a data-free policy's cert is all of cal already
+        rec["calibration"] = evaluate(pol, cal)
     return pol, rec
 
 
@@ -305,9 +306,14 @@ def certify_split(name: str, fit: Trace, cert: Trace, max_drop: float, confidenc
                         0 if data_free else fit.n)
 
 
-def _check_target(max_drop: float, confidence: float, risk: str, bound: str) -> None:
+def check_max_drop(max_drop: float) -> None:
+    """An accuracy budget is a finite number of points in (0, 100)."""
     if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and 0 < max_drop < 100):
         raise ConfigError(f"--max-drop must be a number of points in (0, 100), got {max_drop}")
+
+
+def _check_target(max_drop: float, confidence: float, risk: str, bound: str) -> None:
+    check_max_drop(max_drop)
     if not (isinstance(confidence, (int, float)) and 0.5 <= confidence < 1):
         raise ConfigError(f"--confidence must lie in [0.5, 1), got {confidence}")
     if risk not in RISKS:
