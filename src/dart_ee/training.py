@@ -162,6 +162,7 @@ def set_threads(n: int | None) -> int:
 
 def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, resume: bool = False) -> dict:
     """Train a multi-exit model into ``run_dir`` and return its metrics (see ``metrics.json``)."""
+    from dart_ee.bench import hardware_info
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT
     if (run_dir / MODEL).is_file() and (run_dir / METRICS).is_file() and resume:
@@ -259,7 +260,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     metrics = {
         "name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.dataset, "epochs": t.epochs,
         "train_wall_time_s": round(wall, 1), "eval_wall_time_s": round(time.perf_counter() - t0, 1),
-        "threads": threads, "device": str(dev), "torch": torch.__version__,
+        "threads": threads, "device": str(dev), "hardware": hardware_info(dev), "torch": torch.__version__,
         "exit_test_accuracy": test_acc, "exit_cal_accuracy": cal_acc,
         "exit_macs": macs, "exit_macs_fraction": cost_frac, "static_macs": model.static_macs(),
         "n_train": len(splits.train), "n_cal": len(splits.cal), "n_test": len(splits.test),
