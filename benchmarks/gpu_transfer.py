@@ -8,6 +8,11 @@ gives; the GPU's own fp32 evaluation is kept beside them for comparison.
 
     python benchmarks/gpu_transfer.py pack runs/cifar10_resnet18 $OUT        # on the GPU machine
     python benchmarks/gpu_transfer.py unpack FILES_AT runs/cifar10_resnet18   # here
+
+The other way, for a GPU benchmark of runs made here (``ship`` here, ``rebuild`` there, no re-evaluation):
+
+    python benchmarks/gpu_transfer.py ship runs/cifar10_resnet18 .gpub
+    python benchmarks/gpu_transfer.py rebuild .gpub runs/cifar10_resnet18
 """
 
 from __future__ import annotations
@@ -24,10 +29,18 @@ from dart_ee.training import METRICS, MODEL, SINGLE_EXIT_DIR, exit_accuracies, l
 
 PIECE = 15 * 2**20  # under the 16 MiB a returned file may hold
 SMALL = ("config.yaml", "split.json", METRICS, f"{SINGLE_EXIT_DIR}/{METRICS}", f"{SINGLE_EXIT_DIR}/config.yaml")
+# what a benchmark needs besides the weights
+BENCH = ("config.yaml", "split.json", METRICS, "difficulty.pt", "policies/dart.json", "policies/threshold.json")
 
 
-def pack(run: Path, out: Path) -> None:
+def ship(run: Path, out: Path) -> None:
+    """``pack`` with the files a benchmark of the run needs (estimator and fitted policies)."""
+    pack(run, out, BENCH)
+
+
+def pack(run: Path, out: Path, files: tuple[str, ...] = SMALL) -> None:
     """Write ``<name>.fp16.NN`` pieces of the weights and ``<name>.small.tar`` of the run's small files."""
+    out.mkdir(parents=True, exist_ok=True)
     ck = artifacts.load_torch(run / MODEL, "model file")
     ck["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
     buf = io.BytesIO()
@@ -36,15 +49,14 @@ def pack(run: Path, out: Path) -> None:
     for i in range(0, len(blob), PIECE):
         (out / f"{run.name}.fp16.{i // PIECE:02d}").write_bytes(blob[i:i + PIECE])
     with tarfile.open(out / f"{run.name}.small.tar", "w") as tar:
-        for name in SMALL:
+        for name in files:
             if (run / name).is_file():
                 tar.add(run / name, arcname=name)
 
 
-def unpack(src: Path, run: Path) -> None:
-    """Rebuild ``run`` from the pieces in ``src``; re-evaluate the fp16-rounded model on this CPU."""
-    from dart_ee.config import load_config
-    from dart_ee.training import build_model, prepare_splits
+def rebuild(src: Path, run: Path) -> None:
+    """Rebuild ``run``'s files and its fp32 ``model.pt`` from the pieces in ``src``."""
+    from dart_ee.models import create_model
 
     run.mkdir(parents=True, exist_ok=True)
     with tarfile.open(src / f"{run.name}.small.tar") as tar:
@@ -53,14 +65,23 @@ def unpack(src: Path, run: Path) -> None:
     if not pieces:
         sys.exit(f"no {run.name}.fp16.* pieces in {src}")
     ck = torch.load(io.BytesIO(b"".join(p.read_bytes() for p in pieces)), weights_only=True)
+    arch = dict(ck["arch"])
+    model = create_model(arch.pop("name"), **arch)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
+    save_model(model, run / MODEL, ck["config_fingerprint"])
+
+
+def unpack(src: Path, run: Path) -> None:
+    """``rebuild``, then re-evaluate the fp16-rounded model on this CPU and record both evaluations."""
+    from dart_ee.config import load_config
+    from dart_ee.training import prepare_splits
+
+    rebuild(src, run)
     cfg = load_config(run / "config.yaml")
     splits = prepare_splits(cfg, run, data.resolve_data_dir(None))  # $DART_DATA: the lent machine's folder is not here
     manifest = artifacts.read_json(run / "split.json", "split manifest")
     manifest["data_dir"] = str(data.resolve_data_dir(None).resolve())
     artifacts.write_json(run / "split.json", manifest)
-    model = build_model(cfg, splits.spec)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
-    save_model(model, run / MODEL, ck["config_fingerprint"])
     model = load_model(run / MODEL)
     metrics = artifacts.read_json(run / METRICS, "metrics")
     metrics["gpu_fp32_exit_test_accuracy"] = metrics["exit_test_accuracy"]
@@ -75,4 +96,4 @@ def unpack(src: Path, run: Path) -> None:
 
 if __name__ == "__main__":
     verb, a, b = sys.argv[1:4]
-    {"pack": pack, "unpack": unpack}[verb](Path(a), Path(b))
+    {"pack": pack, "unpack": unpack, "ship": ship, "rebuild": rebuild}[verb](Path(a), Path(b))

@@ -103,6 +103,19 @@ def test_benchmark_command(trained_run, tmp_path):
     rec = json.loads((tmp_path / "b.json").read_text())
     assert [r["method"] for r in rec["rows"]] == ["static", "threshold"]
     assert rec["rows"][0]["speedup"] == pytest.approx(1.0)
+    # both runners, timed in alternation; the queued one decides exactly as the eager one on the CPU
+    code, out = invoke("benchmark", "--run", trained_run["run"], "--policy", tmp_path / "t.json", "--images", "64",
+                       "--batch-size", "16", "--repeats", "2", "--latency-images", "4", "--threads", "1",
+                       "--runner", "eager", "--runner", "queued", "--out", tmp_path / "q.json")
+    assert code == 0, out
+    rec = json.loads((tmp_path / "q.json").read_text())
+    assert [(r["runner"], r["method"]) for r in rec["rows"]] == [
+        ("eager", "static"), ("eager", "threshold"), ("queued", "static"), ("queued", "threshold")]
+    queued = rec["rows"][3]
+    assert queued["decisions_differing_from_eager"] == 0 and "capture skipped" in rec["method"]
+    assert len(queued["stages"]) == len(queued["exit_histogram"]) and "stage 1" in out
+    code, out = invoke("benchmark", "--run", trained_run["run"], "--policy", tmp_path / "t.json", "--runner", "lazy")
+    assert code != 0 and "eager and/or queued" in out
 
 
 def test_info_timing():

@@ -6,7 +6,7 @@ import os
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ import torch
 
 from dart_ee.data import get_spec
 from dart_ee.difficulty import DifficultyEstimator
+from dart_ee.errors import ConfigError
 from dart_ee.models import create_model, optimize_for_inference
 from dart_ee.training import set_threads
 
@@ -109,16 +110,26 @@ def _percentile(v: list[float], q: float) -> float:
 
 def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: int = 256, n_images: int = 2560,
               repeats: int = 5, latency_images: int = 100, threads: int | None = None, device: str = "cpu",
-              data_dir: str | Path | None = None, memory: bool = False) -> dict:
-    """Time the static network against each fitted policy on the run's test images (see ``dart-ee benchmark``)."""
+              data_dir: str | Path | None = None, memory: bool = False,
+              runners: Sequence[str] = ("eager",), profile: bool = True) -> dict:
+    """Time the static network against each fitted policy on the run's test images (see ``dart-ee benchmark``).
+
+    ``runners``: "eager" (``EarlyExitRunner``: each batch compacted stage by stage) and/or "queued"
+    (``QueuedRunner``: a queue per stage, full batches, CUDA graphs on a GPU). Each runner times its own
+    static network (captured too under "queued"), and every method and runner alternates in one process.
+    """
     from dart_ee.config import load_config
     from dart_ee.data import to_float
     from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
     from dart_ee.energy import energy_meter
     from dart_ee.policies import StaticPolicy, load_policy
+    from dart_ee.queued import QueuedRunner
     from dart_ee.runtime import EarlyExitRunner
     from dart_ee.training import MODEL, load_model, prepare_splits
 
+    unknown = sorted(set(runners) - {"eager", "queued"})
+    if unknown or not runners:
+        raise ConfigError(f"unknown runner(s) {unknown or list(runners)}: choose eager and/or queued")
     run_dir = Path(run_dir)
     n_threads = set_threads(threads)
     dev = torch.device(device)
@@ -135,87 +146,122 @@ def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: i
     for p in policy_paths:
         pol = load_policy(p)
         methods[pol.name if pol.name not in methods else Path(p).stem] = pol
-    runners = {k: EarlyExitRunner(model, pol, est) for k, pol in methods.items()}
+    eager = {k: EarlyExitRunner(model, pol, est) for k, pol in methods.items()}
+    keys = [(r, k) for r in runners for k in methods]  # (runner, method)
 
-    # accuracy, exits and MAC-predicted speedup over the whole test split
-    rows: dict[str, dict] = {}
-    for name, runner in runners.items():
+    # accuracy, exits and MAC-predicted speedup over the whole test split, from the eager runner (the
+    # trace's semantics); the queued runner's decisions are compared with it sample by sample
+    rows: dict[tuple[str, str], dict] = {}
+    for name, runner in eager.items():
         res = runner.run(all_x, batch_size)
         pol = methods[name]
         costs = (np.full(len(exit_macs), static_macs) if isinstance(pol, StaticPolicy) else
                  exit_macs + (est_macs[runner.alpha_source] if runner.alpha_source else 0))
         exits = res.exit.cpu().numpy()
-        rows[name] = {"method": name, "accuracy": float((res.pred.cpu() == labels).float().mean()),
-                      "macs_per_image": float(costs[exits].mean()),
-                      "exit_histogram": np.bincount(exits, minlength=len(exit_macs)).tolist()}
-        rows[name]["mac_speedup"] = static_macs / rows[name]["macs_per_image"]
+        base = {"method": name, "accuracy": float((res.pred.cpu() == labels).float().mean()),
+                "macs_per_image": float(costs[exits].mean()),
+                "exit_histogram": np.bincount(exits, minlength=len(exit_macs)).tolist()}
+        base["mac_speedup"] = static_macs / base["macs_per_image"]
+        for r in runners:
+            rows[r, name] = {**base, "runner": r}
+        if "queued" in runners:
+            q = QueuedRunner(model, pol, est, batch_size).run(all_x)
+            rows["queued", name]["decisions_differing_from_eager"] = int(
+                ((q.exit != res.exit) | (q.pred != res.pred)).sum())
+    rows = {k: rows[k] for k in keys}  # by runner, then method
     with torch.inference_mode():
         mean_alpha = float(torch.cat([est.paper(to_float(all_x[s: s + 1000]).to(dev))
                                       for s in range(0, len(all_x), 1000)]).mean())
 
-    # throughput at batch_size: alternating methods, R repetitions, energy integrated over each window
-    x = to_float(all_x[:n_images]).to(dev)
+    # throughput at batch_size: at least 4 full batches, the test split repeated if it is smaller
+    n_timed = max(n_images, 4 * batch_size)
+    x = to_float(all_x[torch.arange(n_timed) % len(all_x)]).to(dev)
     batches = [x[s: s + batch_size] for s in range(0, len(x), batch_size)]
+    queued = {k: QueuedRunner(model, pol, est, batch_size) for k, pol in methods.items()} if "queued" in runners else {}
+
+    def throughput(key: tuple[str, str]) -> Callable[[], object]:
+        if key[0] == "queued":
+            return lambda q=queued[key[1]]: q.run(x)
+        return lambda e=eager[key[1]]: [e(b) for b in batches]
+
+    fns = {k: throughput(k) for k in keys}
     meter = energy_meter(dev)
-    for runner in runners.values():  # warm-up
-        runner(batches[0])
-    t_per_img: dict[str, list[float]] = {k: [] for k in runners}
-    e_per_img: dict[str, list[float]] = {k: [] for k in runners}
-    order = list(runners)
+    for fn in fns.values():  # warm-up (and CUDA graph capture)
+        fn()
+    t_per_img: dict = {k: [] for k in keys}
+    e_per_img: dict = {k: [] for k in keys}
     for r in range(repeats):
-        for name in order[r % len(order):] + order[: r % len(order)]:
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
             _sync(dev)
             e0, t0 = meter.read(), time.perf_counter()
-            for b in batches:
-                runners[name](b)
+            fns[k]()
             _sync(dev)
             t1, e1 = time.perf_counter(), meter.read()
-            t_per_img[name].append((t1 - t0) / len(x))
+            t_per_img[k].append((t1 - t0) / len(x))
             if e0 is not None and e1 is not None:
-                e_per_img[name].append((e1 - e0) / len(x))
+                e_per_img[k].append((e1 - e0) / len(x))
+    if profile and queued:  # where the time goes, in a separate pass: the per-stage syncs would slow the timed one
+        for name, pol in methods.items():
+            q = QueuedRunner(model, pol, est, batch_size, profile=True)
+            q.run(x)
+            rows["queued", name]["stages"] = [
+                {"stage": i + 1, "calls": st["calls"], "fill": st["samples"] / max(st["calls"] * batch_size, 1),
+                 "ms_per_image": 1e3 * st["seconds"] / len(x)} for i, st in enumerate(q.stage_stats)]
 
     # latency at batch size 1: alternating per image
-    lat: dict[str, list[float]] = {k: [] for k in runners}
     singles = x[:latency_images]
-    for name in order:
-        runners[name](singles[:1])
+    latency = {}
+    for k in keys:
+        if k[0] == "queued":  # a queue of one: each stage runs as soon as its one sample arrives
+            latency[k] = lambda s, q=QueuedRunner(model, methods[k[1]], est, 1): q.run(s)
+        else:
+            latency[k] = eager[k[1]]
+    lat: dict = {k: [] for k in keys}
+    for k in keys:
+        latency[k](singles[:1])
     for j in range(len(singles)):
-        for name in order[j % len(order):] + order[: j % len(order)]:
+        for k in keys[j % len(keys):] + keys[: j % len(keys)]:
             _sync(dev)
             t0 = time.perf_counter()
-            runners[name](singles[j: j + 1])
+            latency[k](singles[j: j + 1])
             _sync(dev)
-            lat[name].append(time.perf_counter() - t0)
+            lat[k].append(time.perf_counter() - t0)
 
-    t_static = statistics.median(t_per_img["static"])
-    lat_static = statistics.median(lat["static"])
-    e_static = statistics.median(e_per_img["static"]) if e_per_img["static"] else None
-    for name, row in rows.items():
-        t = statistics.median(t_per_img[name])
-        e = statistics.median(e_per_img[name]) if e_per_img[name] else None
+    for k, row in rows.items():
+        static = (k[0], "static")
+        t, t_static = statistics.median(t_per_img[k]), statistics.median(t_per_img[static])
+        e = statistics.median(e_per_img[k]) if e_per_img[k] else None
+        e_static = statistics.median(e_per_img[static]) if e_per_img[static] else None
         row.update({
-            "time_ms": 1e3 * t, "time_ms_min": 1e3 * min(t_per_img[name]), "time_ms_max": 1e3 * max(t_per_img[name]),
+            "time_ms": 1e3 * t, "time_ms_min": 1e3 * min(t_per_img[k]), "time_ms_max": 1e3 * max(t_per_img[k]),
             "speedup": t_static / t, "speedup_vs_mac_prediction": (t_static / t) / row["mac_speedup"],
-            "latency_p50_ms": 1e3 * statistics.median(lat[name]), "latency_p95_ms": 1e3 * _percentile(lat[name], 95),
-            "latency_speedup": lat_static / statistics.median(lat[name]),
             "energy_mj": None if e is None else 1e3 * e, "power_w": None if e is None else e / t,
             "power_efficiency": None if e is None or e_static is None else e_static / e,
         })
-        row["latency_speedup_vs_mac_prediction"] = row["latency_speedup"] / row["mac_speedup"]
+        if lat[k]:
+            row.update({"latency_p50_ms": 1e3 * statistics.median(lat[k]), "latency_p95_ms": 1e3 * _percentile(lat[k], 95),
+                        "latency_speedup": statistics.median(lat[static]) / statistics.median(lat[k])})
+            row["latency_speedup_vs_mac_prediction"] = row["latency_speedup"] / row["mac_speedup"]
         pe = row["power_efficiency"]
         row["daes"] = row["accuracy"] * row["speedup"] * (pe if pe is not None else 1.0) / (1 + mean_alpha)
         row["daes_note"] = "measured energy" if pe is not None else "energy unavailable: power efficiency taken as 1"
     if memory:
-        _add_memory(rows, run_dir, policy_paths, methods, all_x, batch_size, n_threads, device)
+        _add_memory({m: rows[runners[0], m] for m in methods}, run_dir, policy_paths, methods, all_x, batch_size,
+                    n_threads, device)
+    graphs = dev.type == "cuda"
     return {
         "hardware": hardware_info(dev), "threads": n_threads, "torch": torch.__version__, "git_revision": git_revision(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": str(run_dir), "config": cfg.model_dump(mode="json"),
         "batch_size": batch_size, "timed_images": len(x), "accuracy_images": len(all_x), "repeats": repeats,
         "latency_images": len(singles), "energy_source": meter.source, "mean_alpha_paper": mean_alpha,
-        "static_macs": static_macs, "rows": list(rows.values()),
+        "static_macs": static_macs, "runners": list(runners), "rows": list(rows.values()),
+        "cuda_graphs": graphs if "queued" in runners else None,
         "method": "throughput: median over R alternating repetitions of the per-image time at the given batch size, "
-                  "after warm-up; latency: batch size 1, methods alternating per image; speedup = T_static / T_m; "
-                  "MAC speedup = static MACs / expected MACs (heads and estimator included)",
+                  "after warm-up; latency: batch size 1, methods alternating per image; speedup = T_static / T_m "
+                  "with the static network timed by the same runner; MAC speedup = static MACs / expected MACs "
+                  "(heads and estimator included)" + ("" if "queued" not in runners else
+                  "; queued runner: " + ("stages captured as CUDA graphs" if graphs else
+                                         "eager stage calls (CUDA graphs need a GPU; capture skipped on the CPU)")),
     }
 
 
@@ -266,19 +312,23 @@ def _add_memory(rows: dict, run_dir: Path, policy_paths: list, methods: dict, im
 
 
 def table_markdown(rec: dict) -> str:
-    """The paper's Table I columns, plus the MAC-predicted speedup and batch-1 latency."""
+    """The paper's Table I columns, plus the MAC-predicted speedup and batch-1 latency (and the runner, if several)."""
     def fmt(v: float | None, spec: str) -> str:
         return "unavailable" if v is None else format(v, spec)
 
-    lines = ["| Method | Accuracy | Time (ms/img) | Energy (mJ/img) | Power (W) | Speedup | MAC-predicted speedup "
-             "| Power efficiency | DAES | Latency p50 / p95 (ms, bs=1) | Latency speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    several = len(rec.get("runners", ["eager"])) > 1
+    lines = [("| Runner " if several else "") + "| Method | Accuracy | Time (ms/img) | Energy (mJ/img) | Power (W) | Speedup "
+             "| MAC-predicted speedup | Speedup / MAC prediction | Power efficiency | DAES "
+             "| Latency p50 / p95 (ms, bs=1) | Latency speedup |",
+             "|---" * (13 + several) + "|"]
     for r in rec["rows"]:
         daes = f"{r['daes']:.3f}" + ("" if r["power_efficiency"] is not None else " (PE=1: energy unavailable)")
-        lines.append(f"| {r['method']} | {100 * r['accuracy']:.2f}% | {r['time_ms']:.3f} | {fmt(r['energy_mj'], '.2f')} | "
+        lat = (f"{r['latency_p50_ms']:.2f} / {r['latency_p95_ms']:.2f} | {r['latency_speedup']:.2f}x"
+               if "latency_p50_ms" in r else "n/a | n/a")
+        lines.append((f"| {r.get('runner', 'eager')} " if several else "") +
+                     f"| {r['method']} | {100 * r['accuracy']:.2f}% | {r['time_ms']:.4f} | {fmt(r['energy_mj'], '.3f')} | "
                      f"{fmt(r['power_w'], '.1f')} | {r['speedup']:.2f}x | {r['mac_speedup']:.2f}x | "
-                     f"{fmt(r['power_efficiency'], '.2f')} | {daes} | {r['latency_p50_ms']:.2f} / {r['latency_p95_ms']:.2f} | "
-                     f"{r['latency_speedup']:.2f}x |")
+                     f"{r['speedup_vs_mac_prediction']:.2f} | {fmt(r['power_efficiency'], '.2f')} | {daes} | {lat} |")
     return "\n".join(lines)
 
 

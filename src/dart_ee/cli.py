@@ -566,6 +566,9 @@ def benchmark(run: RunOpt,
               device: str = typer.Option("cpu", help="cpu or cuda."),
               memory: Annotated[bool, typer.Option("--memory", help="Also measure peak memory per method "
                                                                       "(one process each, whole test split).")] = False,
+              runner: Annotated[Optional[list[str]], typer.Option(
+                  "--runner", help="eager (compact each batch stage by stage) or queued (a queue per stage, full "
+                                   "batches, CUDA graphs on a GPU). Repeat to time both in alternation.")] = None,
               data_dir: DataDirOpt = None,
               out: Annotated[Optional[Path], typer.Option("--out", help="Write the JSON record here.")] = None,
               as_json: Annotated[bool, typer.Option("--json", help="Print the JSON record.")] = False) -> None:
@@ -575,7 +578,8 @@ def benchmark(run: RunOpt,
     from dart_ee.bench import table_markdown
 
     try:
-        rec = run_bench(run, policy, batch_size, images, repeats, latency_images, threads, device, data_dir, memory)
+        rec = run_bench(run, policy, batch_size, images, repeats, latency_images, threads, device, data_dir, memory,
+                        runners=runner or ["eager"])
     except DartError as e:
         _fail(e)
     if out:
@@ -587,6 +591,11 @@ def benchmark(run: RunOpt,
                f"git {rec['git_revision']}; batch {rec['batch_size']} x {rec['timed_images']} images, "
                f"{rec['repeats']} repeats; energy: {rec['energy_source']}")
     typer.echo(table_markdown(rec))
+    for r in rec["rows"]:
+        if r.get("stages"):
+            typer.echo(f"queued {r['method']}: " + ", ".join(
+                f"stage {s['stage']} {s['calls']} calls, {100 * s['fill']:.0f}% full, {s['ms_per_image']:.4f} ms/img"
+                for s in r["stages"]) + f"; decisions differing from eager: {r['decisions_differing_from_eager']}")
     if memory:
         for r in rec["rows"]:
             m = r["memory"]

@@ -103,26 +103,31 @@ class DifficultyEstimator(nn.Module):
     def fitted(self) -> bool:
         return bool(torch.isfinite(self.tau_edge))
 
-    def raw_terms(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3) unscaled edge density, pixel variance and mean |Laplacian|."""
-        check_pixels(x)
-        if not self.fitted:
-            raise ArtifactError("DifficultyEstimator is not fitted: call fit(train_images) or load a fitted state")
+    def raw_terms(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """(N, 3) unscaled edge density, pixel variance and mean |Laplacian|.
+
+        ``check=False`` skips the input and fitted-state checks, which read values back to the host: a
+        captured CUDA graph cannot contain them, so the queued runner checks its input once, up front.
+        """
+        if check:
+            check_pixels(x)
+            if not self.fitted:
+                raise ArtifactError("DifficultyEstimator is not fitted: call fit(train_images) or load a fitted state")
         magnitude2, lap = _filters(x)
         edge = _image_mean(magnitude2 > self.tau_edge * self.tau_edge)
         variance = x.flatten(2).var(2, unbiased=False).mean(1)
         return torch.stack([edge, variance, _image_mean(lap.abs())], 1)
 
-    def terms(self, x: torch.Tensor) -> torch.Tensor:
+    def terms(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
         """(N, 3) terms scaled to [0, 1] by the fitted robust statistics."""
-        return ((self.raw_terms(x) - self.lo) / (self.hi - self.lo).clamp_min(1e-12)).clamp(0, 1)
+        return ((self.raw_terms(x, check) - self.lo) / (self.hi - self.lo).clamp_min(1e-12)).clamp(0, 1)
 
     def fuse(self, terms: torch.Tensor) -> torch.Tensor:
         w = self.weights
         return (terms[:, 0] * w[0] + terms[:, 1] * w[1] + terms[:, 2] * w[2]).clamp(0, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fuse(self.terms(x))
+    def forward(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
+        return self.fuse(self.terms(x, check))
 
     @torch.no_grad()
     def fit(self, images: np.ndarray | torch.Tensor, batch_size: int = 2000, seed: int = 0) -> DifficultyEstimator:
@@ -201,8 +206,8 @@ class LearnedDifficulty(nn.Module):
         learned = paper + (12 * n_classes + 4 * self.coef.numel()) // 2
         return {"paper": int(paper), "learned": int(learned)}
 
-    def forward(self, x: torch.Tensor, stage1: torch.Tensor, logits1: torch.Tensor) -> torch.Tensor:
-        return self.predict(self.features(self.paper.terms(x), stage1, logits1))
+    def forward(self, x: torch.Tensor, stage1: torch.Tensor, logits1: torch.Tensor, check: bool = True) -> torch.Tensor:
+        return self.predict(self.features(self.paper.terms(x, check), stage1, logits1))
 
     def predict(self, feats: torch.Tensor) -> torch.Tensor:
         if self.coef.numel() != feats.shape[1]:

@@ -30,6 +30,18 @@ class ExitResult:
     alpha: torch.Tensor | None  # (N,) difficulty, when the policy uses it
 
 
+def alpha_source(model: MultiExitNet, policy: ExitPolicy, estimator: LearnedDifficulty | None) -> str | None:
+    """Which difficulty score the policy reads ("paper", "learned" or None); checks that the three fit together."""
+    source = getattr(policy, "alpha_source_", None) if policy.uses_alpha else None
+    if source and estimator is None:
+        raise ConfigError(f"policy {policy.name!r} uses the {source} difficulty score: pass the run's "
+                          "fitted estimator (dart_ee.difficulty.load_estimators(RUN/difficulty.pt))")
+    n_fit = getattr(policy, "num_exits_", model.num_exits)
+    if n_fit != model.num_exits:
+        raise ConfigError(f"policy was fitted for {n_fit} exits but the model has {model.num_exits}")
+    return source
+
+
 class EarlyExitRunner:
     """Run a multi-exit model under a fitted exit policy, skipping the stages that exited samples don't need.
 
@@ -40,13 +52,7 @@ class EarlyExitRunner:
         self.model = model.eval()
         self.policy = policy
         self.estimator = estimator.eval() if estimator is not None else None
-        self.alpha_source = getattr(policy, "alpha_source_", None) if policy.uses_alpha else None
-        if self.alpha_source and estimator is None:
-            raise ConfigError(f"policy {policy.name!r} uses the {self.alpha_source} difficulty score: pass the run's "
-                              "fitted estimator (dart_ee.difficulty.load_estimators(RUN/difficulty.pt))")
-        n_fit = getattr(policy, "num_exits_", model.num_exits)
-        if n_fit != model.num_exits:
-            raise ConfigError(f"policy was fitted for {n_fit} exits but the model has {model.num_exits}")
+        self.alpha_source = alpha_source(model, policy, estimator)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> ExitResult:
@@ -90,7 +96,7 @@ class EarlyExitRunner:
             pred[gone], conf[gone], exit_idx[gone] = p[go], c[go], i
             if n_leave == len(active):
                 break
-            active, h = active[keep], _keep_layout(h[keep], h)
+            active, h = active[keep], keep_layout(h[keep], h)
             if alpha is not None:
                 alpha = alpha[keep]
             state = {k: v[keep] for k, v in state.items()}
@@ -106,7 +112,7 @@ class EarlyExitRunner:
         return ExitResult(*(torch.cat([getattr(r, f) for r in parts]) for f in ("pred", "conf", "exit")), alpha)
 
 
-def _keep_layout(sub: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def keep_layout(sub: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Indexing may drop channels_last; restore it so later stages run the same kernels as in the trace."""
     if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last):
         return sub.contiguous(memory_format=torch.channels_last)

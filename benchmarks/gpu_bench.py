@@ -1,0 +1,34 @@
+"""GPU benchmark of the eager and the queued runner (issue 13): one process, every run and batch size.
+
+    python benchmarks/gpu_bench.py OUT_DIR runs/cifar10_alexnet [runs/...]
+
+For each run: the static network, certified DART and the threshold, under both runners, at batch 256
+(with batch-1 latency), 1,024 and 4,096; each record is ``OUT_DIR/<run>_b<B>.json`` (``dart-ee
+benchmark --json`` format). About a minute per run on an H100 or H200.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dart_ee import artifacts
+from dart_ee.bench import benchmark, table_markdown
+
+BATCHES = (256, 1024, 4096)
+IMAGES = 32768  # per timed repetition: energy counters need windows of a good fraction of a second
+
+
+def main(out: Path, runs: list[Path]) -> None:
+    for run in runs:
+        policies = [run / "policies" / "dart.json", run / "policies" / "threshold.json"]
+        for b in BATCHES:
+            rec = benchmark(run, policies, b, IMAGES, repeats=5, latency_images=100 if b == 256 else 0,
+                            device="cuda", runners=("eager", "queued"))
+            artifacts.write_json(out / f"{run.name}_b{b}.json", rec)
+            print(f"## {run.name}, batch {b}, {rec['hardware'].get('gpu')}, energy: {rec['energy_source']}")
+            print(table_markdown(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), [Path(a) for a in sys.argv[2:]])

@@ -1,0 +1,268 @@
+"""Stage-queued early exit, for throughput: every stage call sees a full batch.
+
+The eager runner (``runtime.EarlyExitRunner``) takes one batch through the stages and compacts it,
+so stage i runs on whatever that batch has left: on a GPU the later stages run on small batches at
+almost the cost of full ones, and every exit costs a host wait. Here each stage has a queue. A stage
+runs when its queue holds B samples (or, once the input ends, on what is left, padded to B on a GPU);
+the samples that leave are written to the output at their input position and the rest join the
+next stage's queue. Every call therefore has the same shape, so on a GPU each stage, with its head,
+the softmax, the difficulty estimator (stage 1) and the policy's decision, is captured once as a CUDA
+graph and replayed. The one value read back per call is the number of samples leaving.
+
+Decisions are per sample, so they are the same as the eager runner's and the trace's, whatever
+batch a sample happens to share (exactly on the CPU; on a GPU within float rounding).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dart_ee.data import to_float
+from dart_ee.difficulty import LearnedDifficulty, check_pixels
+from dart_ee.errors import ConfigError
+from dart_ee.models import MultiExitNet
+from dart_ee.policies import ExitPolicy, StaticPolicy
+from dart_ee.runtime import ExitResult, alpha_source, keep_layout
+
+Batch = dict[str, torch.Tensor]  # "h" (the stage's input), "alpha", "st_<name>" (policy state); one row a sample
+
+
+class _Queue:
+    """Samples waiting for one stage, kept as a list of parts with a global-position tensor each."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[torch.Tensor, Batch]] = []
+        self.size = 0
+
+    def append(self, idx: torch.Tensor, batch: Batch) -> None:
+        if len(idx):
+            self.parts.append((idx, batch))
+            self.size += len(idx)
+
+    def take(self, n: int) -> tuple[torch.Tensor, Batch]:
+        """The first ``n`` samples (in arrival order); the rest stay queued."""
+        if len(self.parts) == 1:
+            idx, batch = self.parts[0]
+        else:
+            idx = torch.cat([p[0] for p in self.parts])
+            batch = {k: _cat([p[1][k] for p in self.parts]) for k in self.parts[0][1]}
+        self.parts = [(idx[n:], {k: v[n:] for k, v in batch.items()})] if n < len(idx) else []
+        self.size = len(idx) - n
+        return idx[:n], {k: v[:n] for k, v in batch.items()}
+
+
+def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
+    return keep_layout(torch.cat(ts), ts[0])
+
+
+class _Graph:
+    """One stage step captured as a CUDA graph for batch size B, with static input buffers."""
+
+    def __init__(self, step: Callable[[Batch, torch.Tensor], Batch], example: Batch, batch_size: int) -> None:
+        dev = example["h"].device
+        self.inputs = {k: torch.zeros((batch_size, *v.shape[1:]), dtype=v.dtype, device=dev).to(
+            memory_format=_layout(v)) for k, v in example.items()}
+        self.valid = torch.ones(batch_size, dtype=torch.bool, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up off the capture: kernels chosen, lazy tensors built
+            for _ in range(2):
+                step(self.inputs, self.valid)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = step(self.inputs, self.valid)
+
+    def __call__(self, batch: Batch, m: int) -> Batch:
+        for k, v in batch.items():
+            self.inputs[k][:m].copy_(v)
+        self.valid[:m] = True
+        self.valid[m:] = False  # padded rows: computed, never leave, never queued
+        self.graph.replay()
+        return self.outputs
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+
+
+class QueuedRunner:
+    """Run a multi-exit model under a fitted policy with one queue per stage (see the module docstring).
+
+    ``graphs``: "auto" captures CUDA graphs on a GPU and runs eagerly elsewhere; True or False forces it.
+    ``profile=True`` synchronises after each stage call and times it (``stage_stats``), for reports only.
+
+    >>> out = QueuedRunner(model, policy, estimator, batch_size=256).run(images)   # one dataset
+    >>> r = runner.push(piece); ...; r = runner.finish()                           # a stream, in order
+    """
+
+    def __init__(self, model: MultiExitNet, policy: ExitPolicy, estimator: LearnedDifficulty | None = None,
+                 batch_size: int = 256, graphs: bool | str = "auto", profile: bool = False) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model, self.policy = model.eval(), policy
+        self.estimator = estimator.eval() if estimator is not None else None
+        self.alpha_source = alpha_source(model, policy, estimator)
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        if graphs == "auto":
+            graphs = self.device.type == "cuda"
+        if graphs and self.device.type != "cuda":
+            raise ConfigError("CUDA graphs need the model on a GPU; pass graphs=False (or 'auto') on the CPU")
+        self.graphs, self.profile = bool(graphs), profile
+        self.static = isinstance(policy, StaticPolicy)  # the plain network: one stage, no heads
+        self.num_stages = 1 if self.static else model.num_exits
+        self._captured: dict[int, _Graph] = {}
+        self.stage_stats = [{"calls": 0, "samples": 0, "seconds": 0.0} for _ in range(self.num_stages)]
+        self._reset()
+
+    # -- the per-stage step: tensors in, tensors out, no host reads (so it can be captured) -------------
+    def _step(self, i: int, batch: Batch, valid: torch.Tensor) -> Batch:
+        model, x = self.model, batch["h"]
+        if self.static:
+            h, logits = None, model.forward_static(x)
+        else:
+            h = model.stages[i](x)
+            logits = model.heads[i](h)
+        alpha = batch.get("alpha")
+        if i == 0 and self.alpha_source == "paper":
+            alpha = self.estimator.paper(x, check=False)
+        elif i == 0 and self.alpha_source == "learned":
+            alpha = self.estimator(x, h, logits, check=False)
+        probs = F.softmax(logits.float(), 1)
+        conf, pred = probs.max(1)
+        state = {k[3:]: v for k, v in batch.items() if k.startswith("st_")}
+        if i == self.num_stages - 1:
+            leave = torch.ones_like(valid)
+        else:
+            leave = self.policy.decide(i, probs, alpha, state)
+        leave = leave & valid
+        # leavers first, then the valid stayers, then padding: one stable sort, no boolean indexing
+        order = torch.argsort(leave.to(torch.uint8) * 2 + valid.to(torch.uint8), descending=True, stable=True)
+        out = {"conf": conf, "pred": pred, "order": order, "n_leave": leave.sum(),
+               **{f"st_{k}": v for k, v in state.items()}}
+        if h is not None:
+            out["h"] = h
+        if alpha is not None:
+            out["alpha"] = alpha
+        return out
+
+    # -- queue handling ---------------------------------------------------------------------------------
+    def _reset(self) -> None:
+        self.queues = [_Queue() for _ in range(self.num_stages)]
+        self.total = self.emitted = 0
+        cap = 0
+        dev = self.device
+        self._pred = torch.empty(cap, dtype=torch.long, device=dev)
+        self._conf = torch.empty(cap, device=dev)
+        self._exit = torch.empty(cap, dtype=torch.long, device=dev)
+        self._alpha = torch.empty(cap, device=dev)
+        self._done = torch.zeros(cap, dtype=torch.bool, device=dev)
+
+    def _reserve(self, n: int) -> None:
+        cap = len(self._pred)
+        if n <= cap:
+            return
+        new = max(n, 2 * cap)
+        for name in ("_pred", "_conf", "_exit", "_alpha", "_done"):
+            old = getattr(self, name)
+            buf = torch.zeros(new, dtype=old.dtype, device=old.device)
+            buf[:cap] = old
+            setattr(self, name, buf)
+
+    def _run_stage(self, i: int, n: int) -> None:
+        idx, batch = self.queues[i].take(n)
+        t0 = time.perf_counter() if self.profile else 0.0
+        if self.graphs:
+            if i not in self._captured:
+                self._captured[i] = _Graph(lambda b, v, i=i: self._step(i, b, v), batch, self.batch_size)
+            out = self._captured[i](batch, n)
+        else:
+            out = self._step(i, batch, torch.ones(n, dtype=torch.bool, device=self.device))
+        n_leave = int(out["n_leave"])  # the one read back to the host per stage call
+        exit_id = self.model.num_exits - 1 if self.static else i
+        if i == 0 and "alpha" in out:
+            self._alpha[idx] = out["alpha"][:n]
+        if n_leave:
+            go = out["order"][:n_leave]
+            gone = idx[go]
+            self._pred[gone], self._conf[gone], self._exit[gone] = out["pred"][go], out["conf"][go], exit_id
+            self._done[gone] = True
+        if n_leave < n:
+            # nobody left and nothing was captured: the stage's output is already in order, no copy needed
+            stay = slice(0, n) if n_leave == 0 and not self.graphs else out["order"][n_leave:n]
+            nxt = {k: v[stay] for k, v in out.items() if k == "alpha" or k.startswith("st_")}
+            nxt["h"] = keep_layout(out["h"][stay], out["h"])
+            self.queues[i + 1].append(idx[stay], nxt)
+        if self.profile:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            s = self.stage_stats[i]
+            s["calls"], s["samples"], s["seconds"] = s["calls"] + 1, s["samples"] + n, s["seconds"] + time.perf_counter() - t0
+        else:
+            self.stage_stats[i]["calls"] += 1
+            self.stage_stats[i]["samples"] += n
+
+    def _drain(self, final: bool) -> None:
+        """Run every stage that holds a full batch; with ``final``, also the remainders, in stage order."""
+        b = self.batch_size
+        for i in range(self.num_stages):
+            while self.queues[i].size >= b:
+                self._run_stage(i, b)
+            if final and self.queues[i].size:
+                self._run_stage(i, self.queues[i].size)
+
+    def _push(self, x: torch.Tensor) -> None:
+        x = to_float(torch.as_tensor(x).to(self.device))  # uint8 crosses to the GPU, a quarter of the bytes
+        self.model.check_input(x)
+        if self.alpha_source:
+            check_pixels(x)
+        n = len(x)
+        self._reserve(self.total + n)
+        self.queues[0].append(torch.arange(self.total, self.total + n, device=self.device),
+                              self._initial(x))
+        self.total += n
+        self._drain(final=False)
+
+    def _initial(self, x: torch.Tensor) -> Batch:
+        state = {} if self.static else self.policy.init_state(len(x), self.device)
+        return {"h": x, **{f"st_{k}": v for k, v in state.items()}}
+
+    def _emit(self, upto: int) -> ExitResult:
+        s = slice(self.emitted, upto)
+        self.emitted = upto
+        alpha = self._alpha[s].clone() if self.alpha_source else None
+        return ExitResult(self._pred[s].clone(), self._conf[s].clone(), self._exit[s].clone(), alpha)
+
+    # -- public API -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def push(self, x: torch.Tensor) -> ExitResult:
+        """Queue a piece of a stream (uint8 or float pixels); return the results now complete, in input order."""
+        self._push(x)
+        pending = (~self._done[self.emitted: self.total]).nonzero()
+        return self._emit(self.emitted + (int(pending[0]) if len(pending) else self.total - self.emitted))
+
+    @torch.inference_mode()
+    def finish(self) -> ExitResult:
+        """Run what is still queued and return the remaining results; the runner is then ready for a new stream."""
+        self._drain(final=True)
+        out = self._emit(self.total)
+        self._reset()
+        return out
+
+    @torch.inference_mode()
+    def run(self, images: torch.Tensor) -> ExitResult:
+        """Run a whole dataset (uint8 or float pixels, any device); results in input order."""
+        if self.total:
+            raise ConfigError("run() needs an idle runner: call finish() on the stream in progress first")
+        for s in range(0, len(images), self.batch_size):  # a batch at a time: the host copy stays bounded
+            self._push(images[s: s + self.batch_size])
+        self._drain(final=True)
+        out = self._emit(self.total)
+        self._reset()
+        return out

@@ -1,0 +1,110 @@
+"""The stage-queued runner decides exactly as the trace evaluation and the eager runner, in input order."""
+
+import numpy as np
+import pytest
+import torch
+from test_runtime import CASES, _fitted
+
+from dart_ee.difficulty import load_estimators
+from dart_ee.errors import ConfigError, InputError
+from dart_ee.evaluation import simulate
+from dart_ee.policies import make_policy
+from dart_ee.queued import QueuedRunner
+from dart_ee.runtime import EarlyExitRunner
+from dart_ee.training import load_model
+
+
+def _runner(run, policy, batch_size, **kw):
+    return QueuedRunner(load_model(run["run"] / "model.pt", optimize=True), policy,
+                        load_estimators(run["run"] / "difficulty.pt"), batch_size=batch_size, **kw)
+
+
+@pytest.mark.parametrize("name,alpha", CASES)
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+def test_queued_matches_trace_evaluation(trained_run, name, alpha, batch_size):
+    cal = trained_run["cal"].with_alpha(f"alpha_{alpha}")
+    test = trained_run["test"].with_alpha(f"alpha_{alpha}")
+    policy = _fitted(name, cal)
+    exits, preds = simulate(policy, test)
+    images = trained_run["images"]
+    assert len(images) % batch_size or batch_size == 1  # 300 images: the last batch of each stage is partial
+    out = _runner(trained_run, policy, batch_size).run(images)
+    np.testing.assert_array_equal(out.exit.numpy(), exits)
+    np.testing.assert_array_equal(out.pred.numpy(), preds)
+    if policy.uses_alpha:
+        np.testing.assert_allclose(out.alpha.numpy(), test.alpha, atol=1e-6)
+    if name != "static":
+        assert len(np.unique(exits)) > 1 or name in ("patience",)
+
+
+@pytest.mark.parametrize("name", ["dart", "patience", "threshold"])
+def test_stream_in_pieces_equals_one_piece(trained_run, name):
+    policy = _fitted(name, trained_run["cal"])
+    images = trained_run["images"]
+    whole = _runner(trained_run, policy, 16).run(images)
+    runner = _runner(trained_run, policy, 16)
+    parts, start = [], 0
+    for size in (5, 1, 40, 17, 100):  # pieces smaller and larger than the batch
+        parts.append(runner.push(images[start: start + size]))
+        start += size
+    parts.append(runner.push(images[start:]))
+    parts.append(runner.finish())
+    assert sum(len(p.pred) for p in parts) == len(images)
+    for field in ("exit", "pred", "conf"):
+        np.testing.assert_array_equal(torch.cat([getattr(p, field) for p in parts]).numpy(),
+                                      getattr(whole, field).numpy())
+    # the runner is reusable after finish(), and results come in input order as soon as they are complete
+    again = runner.push(images[:50])
+    assert len(again.pred) <= 50
+    np.testing.assert_array_equal(torch.cat([again.exit, runner.finish().exit]).numpy(), whole.exit[:50].numpy())
+
+
+def test_queued_matches_eager_runner_and_fills_batches(trained_run):
+    policy = _fitted("dart", trained_run["cal"])
+    images = trained_run["images"]
+    eager = EarlyExitRunner(load_model(trained_run["run"] / "model.pt", optimize=True), policy,
+                            load_estimators(trained_run["run"] / "difficulty.pt")).run(images, 32)
+    runner = _runner(trained_run, policy, 32)
+    out = runner.run(images)
+    np.testing.assert_array_equal(out.exit.numpy(), eager.exit.numpy())
+    np.testing.assert_allclose(out.conf.numpy(), eager.conf.numpy(), rtol=1e-6)
+    # every stage call but the last of each stage saw a full batch
+    for s in runner.stage_stats:
+        assert s["calls"] == 0 or s["samples"] > (s["calls"] - 1) * 32
+
+
+def test_queued_bad_input(trained_run):
+    model = load_model(trained_run["run"] / "model.pt", optimize=True)
+    policy = make_policy("threshold", tau=0.5).fit(trained_run["cal"])
+    runner = QueuedRunner(model, policy, batch_size=8)
+    for bad, match in ((torch.rand(2, 3, 28, 28), "shape"), (torch.full((2, 1, 28, 28), float("nan")), "NaN")):
+        with pytest.raises(InputError, match=match):
+            runner.run(bad)
+    with pytest.raises(ConfigError, match="batch_size"):
+        QueuedRunner(model, policy, batch_size=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="GPU"):
+            QueuedRunner(model, policy, graphs=True)
+    dart = _fitted("dart", trained_run["cal"])
+    if dart.uses_alpha:
+        with pytest.raises(ConfigError, match="estimator"):
+            QueuedRunner(model, dart)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on a lent machine)")
+@pytest.mark.parametrize("name", ["dart", "patience", "rl", "static"])
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+def test_cuda_graph_runner_matches_eager(trained_run, name, batch_size):
+    policy = _fitted(name, trained_run["cal"])
+    model = load_model(trained_run["run"] / "model.pt", optimize=True).cuda()
+    est = load_estimators(trained_run["run"] / "difficulty.pt").cuda()
+    images = trained_run["images"]
+    eager = EarlyExitRunner(model, policy, est).run(images, batch_size)
+    runner = QueuedRunner(model, policy, est, batch_size=batch_size, graphs=True)
+    out = runner.run(images)
+    assert len(runner._captured) > 0
+    # decisions equal except where a confidence sits within float rounding of a threshold
+    differ = int(((out.exit != eager.exit) | (out.pred != eager.pred)).sum())
+    assert differ <= 3, f"{differ} of {len(images)} decisions differ"
+    again = runner.run(images)  # replayed graphs, fresh stream: the same results
+    assert torch.equal(again.exit, out.exit)
