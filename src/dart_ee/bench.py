@@ -217,7 +217,7 @@ def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: i
         else:
             latency[k] = eager[k[1]]
     lat: dict = {k: [] for k in keys}
-    for k in keys:
+    for k in keys if len(singles) else []:
         latency[k](singles[:1])
     for j in range(len(singles)):
         for k in keys[j % len(keys):] + keys[: j % len(keys)]:
