@@ -86,3 +86,48 @@ def test_run_killed_mid_pipeline_resumes_to_the_same_results(tmp_path):
         assert a["training"][key] == b["training"][key], key
     for key in ("compare", "ablation", "sweep", "difficulty", "adaptation"):  # every figure but wall times
         assert a[key] == b[key], key
+
+
+@pytest.mark.slow
+def test_rerun_redoes_exactly_the_steps_whose_inputs_changed(tmp_path, capsys):
+    import copy
+
+    from dart_ee import artifacts
+    from dart_ee import trace as trace_mod
+
+    make_idx_dataset(tmp_path / "data" / "mnist", n_train=400, n_test=300)
+    raw = tiny_config(tmp_path / "data", epochs=2, batch_size=16)
+    raw["data"]["cal_fraction"] = 0.5
+    raw["benchmark"] = {"enabled": False}
+    raw["adapt"] = {"enabled": False}
+    out = tmp_path / "run"
+
+    def run(**changes):
+        r = copy.deepcopy(raw)
+        for key, value in changes.items():
+            section, field = key.split("__")
+            (r if section == "root" else r.setdefault(section, {}))[field] = value
+        cfg = parse_config(r)
+        res = run_pipeline(cfg, out)
+        model = artifacts.file_fingerprint(out / "model.pt")
+        traces = artifacts.file_fingerprint(out / "trace_cal.npz")
+        # results.json agrees with the model and traces on disk
+        assert res["training"] == json.loads((out / "metrics.json").read_text())
+        assert trace_mod.load(out / "trace_cal.npz").meta["inputs_fingerprint"] == trace_mod.inputs_fingerprint(cfg, out)
+        return res, model, traces
+
+    res1, model1, traces1 = run()
+    # a calibration setting: nothing is retrained or retraced
+    res2, model2, traces2 = run(calibration__max_drop=3.0)
+    assert (model2, traces2) == (model1, traces1) and res2["compare"]["max_drop"] == 3.0
+    assert not (out / "superseded").exists()
+    # a training setting: the old model and everything made from it move aside, and both steps are redone
+    capsys.readouterr()
+    res3, model3, traces3 = run(train__epochs=3)
+    assert model3 != model1 and traces3 != traces1 and res3["training"]["epochs"] == 3
+    assert "other settings (train.epochs)" in capsys.readouterr().err
+    kept = list((out / "superseded").glob("*/model.pt"))
+    assert len(kept) == 1 and artifacts.file_fingerprint(kept[0]) == model1  # nothing is lost
+    # a difficulty setting: the model stays, the traces are redone
+    res4, model4, traces4 = run(train__epochs=3, root__difficulty="learned")
+    assert model4 == model3 and traces4 != traces3

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_benchmarks_md_matches_its_records(tmp_path):
-    res = CliRunner().invoke(app, ["publish", "--file", str(ROOT / "BENCHMARKS.md"), "--records", str(ROOT / "benchmarks"),
-                                   "--check"])
+    docs = ["--file", str(ROOT / "BENCHMARKS.md"), "--file", str(ROOT / "README.md")]
+    res = CliRunner().invoke(app, ["publish", *docs, "--records", str(ROOT / "benchmarks"), "--check"])
     assert res.exit_code == 0, res.output
     # edit one generated number: the check fails, and publishing restores it
     copy = tmp_path / "BENCHMARKS.md"
@@ -23,7 +23,12 @@ def test_benchmarks_md_matches_its_records(tmp_path):
     m = re.compile(r"\d+\.\d%").search(text, start)
     edited = text[:m.start()] + ("1" if text[m.start()] != "1" else "2") + text[m.start() + 1:]
     copy.write_text(edited)
-    res = CliRunner().invoke(app, ["publish", "--file", str(copy), "--records", str(ROOT / "benchmarks"), "--check"])
+    readme = ["--file", str(ROOT / "README.md")]
+    res = CliRunner().invoke(app, ["publish", "--file", str(copy), *readme, "--records", str(ROOT / "benchmarks"), "--check"])
     assert res.exit_code == 1 and "differs from the records" in res.output
-    assert CliRunner().invoke(app, ["publish", "--file", str(copy), "--records", str(ROOT / "benchmarks")]).exit_code == 0
+    assert CliRunner().invoke(app, ["publish", "--file", str(copy), *readme, "--records",
+                                    str(ROOT / "benchmarks")]).exit_code == 0
     assert copy.read_text() == text
+    # a section in no document is an error, not a silent skip
+    res = CliRunner().invoke(app, ["publish", "--file", str(copy), "--records", str(ROOT / "benchmarks"), "--check"])
+    assert res.exit_code != 0 and "no generated section" in res.output

@@ -85,6 +85,15 @@ def load_torch(path: str | Path, what: str = "checkpoint") -> Any:
                             "it may be truncated: delete it and regenerate it") from e
 
 
+def file_fingerprint(path: str | Path) -> str:
+    """A short hash of a file's bytes (a model's weights, as the traces made from it record)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def fingerprint(obj: Any) -> str:
     """A short stable hash of a JSON-able object (configs, manifests)."""
     blob = json.dumps(obj, sort_keys=True, default=_json_default).encode()

@@ -537,22 +537,25 @@ def guarantee(cal: Annotated[Optional[Path], typer.Option("--cal", help="Calibra
 
 
 @app.command()
-def publish(file: Annotated[Path, typer.Option("--file", help="The document to regenerate.")] = Path("BENCHMARKS.md"),
+def publish(file: Annotated[Optional[list[Path]], typer.Option(
+                "--file", help="A document to regenerate (repeatable); default BENCHMARKS.md and README.md.")] = None,
             records: Annotated[Path, typer.Option("--records", help="Folder of committed JSON records.")] = Path("benchmarks"),
-            check: Annotated[bool, typer.Option("--check", help="Only check: exit 1 when the document differs "
+            check: Annotated[bool, typer.Option("--check", help="Only check: exit 1 when a document differs "
                                                                "from its records.")] = False) -> None:
-    """Regenerate BENCHMARKS.md's generated sections (tables and the sentences that quote figures) from benchmarks/."""
+    """Regenerate the generated sections of BENCHMARKS.md and README.md (tables and the sentences that quote figures)."""
     from dart_ee.publish import publish as run_publish
 
+    files = file or [Path("BENCHMARKS.md"), Path("README.md")]
     try:
-        same = run_publish(file, records, check)
+        changed = run_publish(files, records, check)
     except DartError as e:
         _fail(e)
-    if check and not same:
-        typer.secho(f"{file} differs from the records in {records}: run `dart-ee publish` (and never edit generated "
-                    "sections by hand)", fg="red", err=True)
+    if check and changed:
+        typer.secho(f"{', '.join(map(str, changed))} differs from the records in {records}: run `dart-ee publish` "
+                    "(and never edit generated sections by hand)", fg="red", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{file}: " + ("up to date with " if same else "regenerated from ") + str(records))
+    for f in files:
+        typer.echo(f"{f}: " + ("regenerated from " if f in changed else "up to date with ") + str(records))
 
 
 @app.command()

@@ -168,6 +168,37 @@ def config_fingerprint(cfg: Config) -> str:
     return fingerprint(cfg.model_dump(mode="json", exclude={"train": {"device"}}))
 
 
+# What each cached step reads from the config. Where it runs, how many threads and the evaluation batch
+# size change no result, and calibration or benchmark settings are read only by later steps.
+_STEP_INPUTS = {
+    "train": {"seed": True, "data": {"dataset", "cal_fraction", "split_seed", "train_subset", "test_subset"},
+              "model": True, "train": {"epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
+                                       "label_smoothing", "exit_weights", "distill", "distill_temperature",
+                                       "policy_lambda", "bf16", "channels_last", "crop_pad", "flip"}},
+    "trace": {"seed": True, "data": {"dataset", "cal_fraction", "split_seed", "train_subset", "test_subset"},
+              "difficulty": True},
+}
+
+
+def step_fingerprint(cfg: Config, step: str, **inputs: str) -> str:
+    """Identifies what a cached step (``train``, ``trace``) was made from: its config fields and ``inputs``
+    (e.g. the fingerprint of the model it traced). Equal fingerprints mean its output can be reused."""
+    return fingerprint({"fields": cfg.model_dump(mode="json", include=_STEP_INPUTS[step]), **inputs})
+
+
+def changed_fields(old: Config, new: Config, step: str | None = None) -> list[str]:
+    """Dotted names of the config fields that differ (those ``step`` reads), e.g. ``["train.epochs"]``."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    include = _STEP_INPUTS[step] if step else None
+    a, b = flat(old.model_dump(mode="json", include=include)), flat(new.model_dump(mode="json", include=include))
+    return [k for k in b if a.get(k) != b[k]]
+
+
 def check_exit_lists(cfg: Config, num_exits: int) -> None:
     """Per-exit lists must have one entry per exit of the chosen model."""
     w = cfg.train.exit_weights

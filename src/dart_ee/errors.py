@@ -19,3 +19,7 @@ class ArtifactError(DartError):
 
 class InputError(DartError):
     """A tensor handed to the API has the wrong shape, dtype or non-finite values."""
+
+
+class RunLockedError(DartError):
+    """Another process is writing to the same run folder."""

@@ -8,9 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dart_ee import artifacts, plots
-from dart_ee.config import Config
+from dart_ee.config import Config, dump_config
 from dart_ee.console import log
-from dart_ee.errors import ArtifactError
+from dart_ee.errors import ArtifactError, ConfigError
+from dart_ee.lock import holds_run_lock
 
 
 def _valid(loader: Callable[[Path], object], path: Path) -> bool:
@@ -21,6 +22,46 @@ def _valid(loader: Callable[[Path], object], path: Path) -> bool:
         return False
 
 
+TRACE_FILES = ("trace_cal.npz", "trace_cal.json", "trace_test.npz", "trace_test.json", "difficulty.pt")
+
+
+def _retire(out: Path, names: tuple[str, ...], why: str) -> None:
+    """Move stale artifacts aside into ``RUN/superseded/<time>/`` (nothing is deleted) and say why."""
+    present = [n for n in names if (out / n).exists()]
+    if not present:
+        return
+    dest = out / "superseded" / time.strftime("%Y%m%dT%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for n in present:
+        (out / n).rename(dest / n)
+    log(f"[yellow]{out}: {why}; redoing it (the old {', '.join(present)} kept in {dest})[/yellow]")
+
+
+def _retire_stale_model(cfg: Config, out: Path) -> None:
+    """A model (or an unfinished checkpoint) trained from other settings goes aside, with everything made from it."""
+    from dart_ee.config import changed_fields, load_config
+    from dart_ee.training import CHECKPOINT, METRICS, MODEL, SINGLE_EXIT_DIR, SPLIT, is_current
+
+    if (out / METRICS).is_file():
+        record = artifacts.read_json(out / METRICS, "metrics")
+    elif (out / CHECKPOINT).is_file():
+        record = artifacts.load_torch(out / CHECKPOINT, "training checkpoint")
+    else:
+        return
+    try:
+        if is_current(record, cfg, out):
+            return
+    except (ArtifactError, ConfigError):
+        pass  # no readable config.yaml to compare with: the model cannot be vouched for
+    try:
+        fields = ", ".join(changed_fields(load_config(out / "config.yaml"), cfg, "train")) or "fields unknown"
+    except (ArtifactError, ConfigError):
+        fields = "the old config.yaml is unreadable"
+    _retire(out, (MODEL, METRICS, CHECKPOINT, SPLIT, "config.yaml", SINGLE_EXIT_DIR) + TRACE_FILES,
+            f"the model was trained with other settings ({fields})")
+
+
+@holds_run_lock("out")
 def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> dict:
     """Train, trace (with difficulty), calibrate every policy, sweep, benchmark, adapt; write results.json and report.md."""
     import torch
@@ -45,18 +86,27 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
         return time.perf_counter()
 
     t0 = step("1/6 train")
+    cal_p, test_p = out / "trace_cal.npz", out / "trace_test.npz"
+    _retire_stale_model(cfg, out)
+    if (out / "config.yaml").is_file():  # the run's config is now this one (its training fields are unchanged)
+        artifacts.write_text(out / "config.yaml", dump_config(cfg))
     done = (out / MODEL).is_file() and (out / METRICS).is_file()
     metrics = train(cfg, out, data_dir, resume=True) if not done else artifacts.read_json(out / METRICS, "metrics")
     baseline = None
     if cfg.single_exit_baseline:  # only its metrics are reported, so they are its step's output
         solo_dir = out / SINGLE_EXIT_DIR
+        solo_cfg = single_exit_config(cfg, len(metrics["exit_macs"]))
+        _retire_stale_model(solo_cfg, solo_dir)
         baseline = (artifacts.read_json(solo_dir / METRICS, "metrics") if (solo_dir / METRICS).is_file() else
-                    train(single_exit_config(cfg, len(metrics["exit_macs"])), solo_dir, data_dir, resume=True))
+                    train(solo_cfg, solo_dir, data_dir, resume=True))
     steps["train"] = time.perf_counter() - t0
 
     t0 = step("2/6 difficulty + trace")
-    cal_p, test_p = out / "trace_cal.npz", out / "trace_test.npz"
-    if not (_valid(trace_mod.load, cal_p) and _valid(trace_mod.load, test_p) and _valid(load_estimators, out / ESTIMATOR_FILE)):
+    traced = _valid(trace_mod.load, cal_p) and _valid(trace_mod.load, test_p) and _valid(load_estimators, out / ESTIMATOR_FILE)
+    if traced and not trace_mod.is_current(trace_mod.load(cal_p), cfg, out):
+        _retire(out, TRACE_FILES, "the traces were made from another model or other data or difficulty settings")
+        traced = False
+    if not traced:
         trace_mod.trace_run(out, data_dir)
     cal, test = trace_mod.load(cal_p, expect_split="cal"), trace_mod.load(test_p, expect_split="test")
     diff = difficulty_report(test)
@@ -125,6 +175,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     return results
 
 
+@holds_run_lock("out")
 def render(out: Path) -> Path:
     """Draw every figure and write ``report.md`` from ``RUN/results.json`` (plus the test trace's alpha and
     ``RUN/adapt/*.json``), so a finished run can be re-rendered without recomputing (``dart-ee report``)."""

@@ -118,6 +118,90 @@ def frontier_section(root: Path, run: str) -> str:
         frontier_markdown(rec["certified_frontier"])])
 
 
+GPU_RUNS = ("cifar10_alexnet", "cifar10_resnet18", "cifar10_vgg16")
+
+
+def _rows(rec: dict) -> dict[tuple[str, str], dict]:
+    return {(r.get("runner", "eager"), r["method"]): r for r in rec["rows"]}
+
+
+def _bench_prov(rec: dict, rel: str) -> str:
+    hw = rec["hardware"]
+    where = hw.get("gpu") or f"{hw['cpu']}, {rec['threads']} threads"
+    return f"`{rel}` ({where}, torch {rec['torch']}, {rec['date']})"
+
+
+def runner_section(root: Path, folder: str, runs: tuple[str, ...], batches: tuple[int, ...]) -> str:
+    """Eager against queued runner: measured speedup over static, its ratio to the MAC prediction, goals."""
+    rows = ["| Model | Batch | Method | Eager speedup | Queued speedup | Queued / eager time | MAC-predicted "
+            "| Queued / MAC prediction | Energy mJ/img: eager / queued (static) | Decisions differing |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    lat = ["| Model | Method | Eager p50 / p95 (ms) | Queued p50 / p95 (ms) | Eager latency speedup | "
+           "Queued latency speedup |", "|---|---|---|---|---|---|"]
+    provs, recs = [], {}
+    for run in runs:
+        for b in batches:
+            rel = f"{folder}/{run}_b{b}.json"
+            rec = recs[run, b] = _load(root, rel)
+            provs.append(_bench_prov(rec, rel))
+            r = _rows(rec)
+            for m in ("dart", "threshold"):
+                e, q = r["eager", m], r["queued", m]
+                energy = ("n/a" if q["energy_mj"] is None else
+                          f"{e['energy_mj']:.2f} / {q['energy_mj']:.2f} ({r['queued', 'static']['energy_mj']:.2f})")
+                rows.append(f"| {run} | {b} | {m} | {e['speedup']:.2f}x | {q['speedup']:.2f}x | "
+                            f"{q['time_ms'] / e['time_ms']:.2f} | {q['mac_speedup']:.2f}x | "
+                            f"{q['speedup_vs_mac_prediction']:.2f} | {energy} | {q['decisions_differing_from_eager']} |")
+            if "latency_p50_ms" in r["eager", "static"]:
+                for m in ("static", "dart", "threshold"):
+                    e, q = r["eager", m], r["queued", m]
+                    lat.append(f"| {run} | {m} | {e['latency_p50_ms']:.2f} / {e['latency_p95_ms']:.2f} | "
+                               f"{q['latency_p50_ms']:.2f} / {q['latency_p95_ms']:.2f} | {e['latency_speedup']:.2f}x | "
+                               f"{q['latency_speedup']:.2f}x |")
+    slower = [f"{run} {m} at {b} ({_rows(recs[run, b])['queued', m]['speedup']:.2f}x)"
+              for (run, b) in recs for m in ("dart", "threshold") if b >= 256 and
+              _rows(recs[run, b])["queued", m]["speedup"] < 1]
+    verdicts = ["Queued runner slower than the static network at a batch of 256 or more: "
+                + ("none." if not slower else "; ".join(slower) + ".")]
+    verdicts.append("Queued against eager (time ratio below 1: queued faster): " + ", ".join(
+        f"{run} {m} at {b}: {_rows(recs[run, b])['queued', m]['time_ms'] / _rows(recs[run, b])['eager', m]['time_ms']:.2f}"
+        for (run, b) in recs for m in ("dart",)) + ".")
+    return "\n\n".join(["\n".join(rows), "Latency at batch 1 (each runner against its own static network):",
+                         "\n".join(lat), " ".join(verdicts), "Records: " + "; ".join(provs) + "."])
+
+
+def stage_section(root: Path, folder: str, runs: tuple[str, ...], batch: int) -> str:
+    """Where the time goes: DART's queued stages, time per sample against the stage's share of the MACs."""
+    rows = ["| Model | Stage | Calls | Batch fill | Time per sample reaching it (us) | Share of the stages' time "
+            "| Share of the MACs |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        rec = _load(root, f"{folder}/{run}_b{batch}.json")
+        q = _rows(rec)["queued", "dart"]
+        frac = _load(root, f"{run}/results.json")["training"]["exit_macs_fraction"]
+        per = [1e3 * s["ms_per_image"] * rec["timed_images"] / max(s["calls"] * s["fill"] * batch, 1) for s in q["stages"]]
+        for i, (s, t) in enumerate(zip(q["stages"], per)):
+            rows.append(f"| {run} | {s['stage']} | {s['calls']} | {100 * s['fill']:.0f}% | {t:.2f} | "
+                        f"{100 * t / sum(per):.0f}% | {100 * (frac[i] - (frac[i - 1] if i else 0)):.0f}% |")
+    return "\n".join(rows)
+
+
+def runner_summary(root: Path) -> str:
+    """README's short table: DART and threshold speedups over static under each runner, CPU and GPU."""
+    rows = ["| Hardware | Model | Batch | DART: eager / queued | Threshold: eager / queued | MAC prediction (DART) |",
+            "|---|---|---|---|---|---|"]
+    for folder, batches in (("runner_cpu", (256,)), ("gpu_h200", (256, 1024, 4096))):
+        for run in GPU_RUNS:
+            for b in batches:
+                rec = _load(root, f"{folder}/{run}_b{b}.json")
+                r, hw = _rows(rec), rec["hardware"]
+                where = hw.get("gpu") or f"CPU, {rec['threads']} threads"
+                rows.append(f"| {where} | {run.removeprefix('cifar10_')} | {b} | "
+                            f"{r['eager', 'dart']['speedup']:.2f}x / {r['queued', 'dart']['speedup']:.2f}x | "
+                            f"{r['eager', 'threshold']['speedup']:.2f}x / {r['queued', 'threshold']['speedup']:.2f}x | "
+                            f"{r['queued', 'dart']['mac_speedup']:.2f}x |")
+    return "\n".join(rows)
+
+
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "population coverage": population_section,
     "cifar10_alexnet re-split coverage": lambda root: resplit_section(root, "cifar10_alexnet"),
@@ -125,25 +209,48 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "cifar10_alexnet frontier": lambda root: frontier_section(root, "cifar10_alexnet"),
     "mnist_alexnet certified run": lambda root: run_section(root, "mnist_alexnet"),
     "demo certified run": lambda root: run_section(root, "demo"),
+    **{f"{run} {what}": (lambda root, run=run, fn=fn: fn(root, run))
+       for run in ("cifar10_resnet18", "cifar10_vgg16")
+       for what, fn in (("certified run", run_section), ("re-split coverage", resplit_section),
+                        ("frontier", frontier_section))},
+    "GPU runners": lambda root: runner_section(root, "gpu_h200", GPU_RUNS, (256, 1024, 4096)),
+    "GPU stages": lambda root: stage_section(root, "gpu_h200", GPU_RUNS, 1024),
+    "CPU runners": lambda root: runner_section(root, "runner_cpu", GPU_RUNS, (256,)),
+    "CPU stages": lambda root: stage_section(root, "runner_cpu", GPU_RUNS, 256),
+    "runner summary": runner_summary,
 }
 
 
-def render(text: str, root: Path) -> str:
-    """``text`` with every generated section replaced by what the records in ``root`` give."""
+def render(text: str, root: Path) -> tuple[str, set[str]]:
+    """``text`` with each generated section it holds replaced by what the records in ``root`` give; and their names."""
+    found = set()
     for name, fn in SECTIONS.items():
         begin, end = BEGIN.format(name=name), END.format(name=name)
         pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
         if not pattern.search(text):
-            raise ArtifactError(f"BENCHMARKS.md has no generated section {name!r}: add the two marker lines\n{begin}\n{end}")
+            continue
+        found.add(name)
         body = fn(root)
         text = pattern.sub(lambda _m, b=body, s=begin, e=end: f"{s}\n{b}\n{e}", text)
-    return text
+    return text, found
 
 
-def publish(path: Path, root: Path, check: bool = False) -> bool:
-    """Regenerate ``path`` from ``root``; with ``check``, only report whether it is up to date."""
-    old = path.read_text()
-    new = render(old, root)
-    if not check and new != old:
-        artifacts.write_text(path, new)
-    return new == old
+def publish(paths: list[Path], root: Path, check: bool = False) -> list[Path]:
+    """Regenerate the documents in ``paths`` from ``root``; return those that were (with ``check``: would be) changed.
+
+    Every section must appear in one of the documents, so that none is silently left behind.
+    """
+    changed, found = [], set()
+    for path in paths:
+        old = path.read_text()
+        new, names = render(old, root)
+        found |= names
+        if new != old:
+            changed.append(path)
+            if not check:
+                artifacts.write_text(path, new)
+    missing = [n for n in SECTIONS if n not in found]
+    if missing:
+        raise ArtifactError(f"no generated section {missing[0]!r} in {', '.join(map(str, paths))}: add the two marker "
+                            f"lines\n{BEGIN.format(name=missing[0])}\n{END.format(name=missing[0])}")
+    return changed

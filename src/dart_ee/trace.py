@@ -24,6 +24,7 @@ import datetime as _dt
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ import torch
 from dart_ee import artifacts
 from dart_ee import difficulty as difficulty_mod
 from dart_ee.errors import ArtifactError
+from dart_ee.lock import holds_run_lock
+
+if TYPE_CHECKING:
+    from dart_ee.config import Config
 
 FORMAT = "dart-ee-trace"
 VERSION = 1
@@ -185,6 +190,23 @@ def load(path: str | Path, expect_split: str | None = None) -> Trace:
     return trace
 
 
+def inputs_fingerprint(cfg: Config, run_dir: Path) -> str:
+    """What a run's traces are made from: the model's weights, the data split and the difficulty settings."""
+    from dart_ee.config import step_fingerprint
+    from dart_ee.training import MODEL
+
+    return step_fingerprint(cfg, "trace", model=artifacts.file_fingerprint(Path(run_dir) / MODEL))
+
+
+def is_current(trace: Trace, cfg: Config, run_dir: Path) -> bool:
+    """Was ``trace`` made from the run's present model and ``cfg``'s trace inputs?"""
+    if "inputs_fingerprint" in trace.meta:
+        return trace.meta["inputs_fingerprint"] == inputs_fingerprint(cfg, run_dir)
+    # made before inputs_fingerprint existed: a new model or split retires them, so only the score can differ
+    return trace.meta.get("difficulty") == cfg.difficulty
+
+
+@holds_run_lock("run_dir")
 def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[str, Path]:
     """Trace a trained run over its calibration and test splits: writes ``trace_cal`` and ``trace_test``.
 
@@ -224,6 +246,7 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
     exit_macs = np.asarray(model.exit_macs()) + est_macs[cfg.difficulty]
     base = {"model": model.arch, "dataset": cfg.data.dataset, "config_name": cfg.name,
             "config_fingerprint": config_fingerprint(cfg), "run": str(run_dir),
+            "inputs_fingerprint": inputs_fingerprint(cfg, run_dir),
             "static_macs": model.static_macs(), "difficulty": cfg.difficulty, "estimator_macs": est_macs,
             "exit_macs_include": "stages, exit heads passed, and the configured difficulty estimator"}
     out = {}

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from dart_ee import artifacts, data
-from dart_ee.config import Config, check_exit_lists, config_fingerprint, dump_config
+from dart_ee.config import Config, check_exit_lists, config_fingerprint, dump_config, step_fingerprint
 from dart_ee.console import log, progress
 from dart_ee.errors import ArtifactError, ConfigError
+from dart_ee.lock import holds_run_lock
 from dart_ee.models import MultiExitNet, create_model, optimize_for_inference
 
 CHECKPOINT = "checkpoint.pt"
@@ -160,21 +161,32 @@ def set_threads(n: int | None) -> int:
     return n
 
 
+@holds_run_lock("run_dir")
 def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, resume: bool = False) -> dict:
     """Train a multi-exit model into ``run_dir`` and return its metrics (see ``metrics.json``)."""
     from dart_ee.bench import hardware_info
+
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT
     if (run_dir / MODEL).is_file() and (run_dir / METRICS).is_file() and resume:
+        metrics = artifacts.read_json(run_dir / METRICS, "metrics")
+        if not is_current(metrics, cfg, run_dir):
+            raise ConfigError(f"{run_dir} holds a model trained with other settings; resume with the run's own "
+                              f"{run_dir / 'config.yaml'}, or choose another --out (`dart-ee run` moves it aside)")
         log(f"{run_dir}: training already finished; nothing to resume")
-        return artifacts.read_json(run_dir / METRICS, "metrics")
+        return metrics
     if ckpt_path.is_file() and not resume:
         raise ConfigError(f"{run_dir} already holds a training checkpoint; pass --resume to continue it, "
                           "or choose another --out")
+    fp, train_fp = config_fingerprint(cfg), step_fingerprint(cfg, "train")
+    ck = artifacts.load_torch(ckpt_path, "training checkpoint") if resume and ckpt_path.is_file() else None
+    # checked before config.yaml is rewritten; checkpoints older than train_fingerprint match the whole config
+    if ck is not None and ck.get("train_fingerprint", "") != train_fp and ck.get("config_fingerprint") != fp:
+        raise ConfigError(f"{ckpt_path} was written by a different config; resume with the run's own "
+                          f"{run_dir / 'config.yaml'} or start a new --out")
     threads = set_threads(cfg.train.num_threads)
     run_dir.mkdir(parents=True, exist_ok=True)
     artifacts.write_text(run_dir / "config.yaml", dump_config(cfg))
-    fp = config_fingerprint(cfg)
     dev = training_device(cfg.train.device)
 
     splits = prepare_splits(cfg, run_dir, data_dir)
@@ -196,11 +208,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=t.epochs * steps, pct_start=0.25,
                                                 anneal_strategy="linear", div_factor=10, final_div_factor=100)
     start_epoch, wall = 0, 0.0
-    if resume and ckpt_path.is_file():
-        ck = artifacts.load_torch(ckpt_path, "training checkpoint")
-        if ck.get("config_fingerprint") != fp:
-            raise ConfigError(f"{ckpt_path} was written by a different config; resume with the run's own "
-                              f"{run_dir / 'config.yaml'} or start a new --out")
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -248,7 +256,8 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
             wall += time.perf_counter() - t0
             artifacts.save_torch(ckpt_path, {"epoch": epoch + 1, "model": model.state_dict(),
                                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                             "config_fingerprint": fp, "wall_time_s": wall})
+                                             "config_fingerprint": fp, "train_fingerprint": train_fp,
+                                             "wall_time_s": wall})
             log(f"epoch {epoch + 1}/{t.epochs}: loss {loss_sum / seen:.4f}, train exit acc% "
                 f"{' '.join(f'{100 * c / seen:.1f}' for c in correct.tolist())}, "
                 f"{time.perf_counter() - t0:.0f}s")
@@ -264,13 +273,23 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
         "exit_test_accuracy": test_acc, "exit_cal_accuracy": cal_acc,
         "exit_macs": macs, "exit_macs_fraction": cost_frac, "static_macs": model.static_macs(),
         "n_train": len(splits.train), "n_cal": len(splits.cal), "n_test": len(splits.test),
-        "config_fingerprint": fp,
+        "config_fingerprint": fp, "train_fingerprint": train_fp,
     }
     save_model(model.cpu(), run_dir / MODEL, fp)
     artifacts.write_json(run_dir / METRICS, metrics)
     log("test accuracy per exit: " + ", ".join(
         f"exit {i + 1} {100 * a:.2f}% @ {100 * f:.1f}% MACs" for i, (a, f) in enumerate(zip(test_acc, cost_frac))))
     return metrics
+
+
+def is_current(record: dict, cfg: Config, run_dir: Path) -> bool:
+    """Was the run's model (``record``: its metrics or checkpoint) trained from ``cfg``'s training inputs?"""
+    if "train_fingerprint" in record:
+        return record["train_fingerprint"] == step_fingerprint(cfg, "train")
+    # made before train_fingerprint existed: the run's config.yaml is the config that trained it
+    from dart_ee.config import load_config
+
+    return step_fingerprint(load_config(run_dir / "config.yaml"), "train") == step_fingerprint(cfg, "train")
 
 
 def save_model(model: MultiExitNet, path: Path, config_fingerprint: str = "") -> None:
