@@ -289,6 +289,15 @@ def _load_trace(path: Path, split: str | None, alpha: str | None = None) -> Trac
     return t.with_alpha(f"alpha_{alpha}") if alpha else t
 
 
+def _load_pair(cal: Path, test: Path, alpha: str | None = None) -> tuple[Trace, Trace]:
+    """A run's calibration and test traces, checked to belong together."""
+    from dart_ee.trace import check_pair
+
+    c, t = _load_trace(cal, "cal", alpha), _load_trace(test, "test", alpha)
+    check_pair(c, t, str(cal), str(test))
+    return c, t
+
+
 AlphaOpt = Annotated[Optional[str], typer.Option("--alpha", help="Difficulty score to use: paper or learned "
                                                                     "(default: the run's configured one).")]
 
@@ -419,7 +428,7 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
 
     prov = provenance()
     try:
-        c, t = _load_trace(cal, "cal", alpha), _load_trace(test, "test", alpha)
+        c, t = _load_pair(cal, test, alpha)
         res = run_sweep(c, t)
         rs = resplit_frontier(c, t, resplits, seed, confidence=confidence, risk=risk) if resplits else None
     except DartError as e:
@@ -462,7 +471,7 @@ def compare(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace."
 
     conf = None if uncertified else confidence
     try:
-        c, t = _load_trace(cal, "cal"), _load_trace(test, "test")
+        c, t = _load_pair(cal, test)
         res = run_compare(c, t, max_drop, conf, risk, seed)
         abl = dart_ablation(c, t, max_drop, conf, seed) if ablation else []
     except DartError as e:
@@ -509,7 +518,7 @@ def guarantee(cal: Annotated[Optional[Path], typer.Option("--cal", help="Calibra
         else:
             if cal is None or test is None:
                 raise DartError("give --cal and --test traces, or --synthetic KIND for the generator with known truth")
-            c, t = _load_trace(cal, "cal"), _load_trace(test, "test")
+            c, t = _load_pair(cal, test)
             for p in policies:
                 results.append(resplit_coverage(c, t, p, max_drop, confidence, risk, resplits, seed))
     except DartError as e:

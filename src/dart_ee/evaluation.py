@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dart_ee.difficulty import oracle_depth
+from dart_ee.errors import ArtifactError
 from dart_ee.policies import ExitPolicy, StaticPolicy
 from dart_ee.trace import Trace
 
@@ -31,8 +32,24 @@ def one_thread() -> Iterator[None]:
 
 
 @one_thread()
+def aligned(policy: ExitPolicy, trace: Trace) -> Trace:
+    """The trace as the policy reads it: the same exits, and alpha (and its cost) from the score it was fitted on."""
+    n_fit = getattr(policy, "num_exits_", trace.num_exits)
+    if n_fit != trace.num_exits:
+        raise ArtifactError(f"policy {policy.name!r} was fitted for {n_fit} exits but the trace "
+                            f"({trace.meta.get('run', 'no run recorded')}) has {trace.num_exits}: use one run's policy and trace")
+    source = getattr(policy, "alpha_source_", None) if policy.uses_alpha else None
+    if source and trace.meta.get("difficulty") != source:
+        if f"alpha_{source}" not in trace.extra:
+            raise ArtifactError(f"policy {policy.name!r} reads the {source} difficulty score, which this trace does not "
+                                f"hold (it holds {sorted(trace.extra)}); use the trace of the run it was fitted on")
+        trace = trace.with_alpha(f"alpha_{source}")
+    return trace
+
+
 def simulate(policy: ExitPolicy, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     """Return (exit index, 0-based; prediction) for every sample of the trace."""
+    trace = aligned(policy, trace)
     n, n_exits = trace.n, trace.num_exits
     probs = torch.from_numpy(trace.probs)
     alpha = torch.from_numpy(trace.alpha) if (policy.uses_alpha and trace.alpha is not None) else None
@@ -81,6 +98,7 @@ def summarize(trace: Trace, exits: np.ndarray, preds: np.ndarray, costs: np.ndar
 
 def evaluate(policy: ExitPolicy, trace: Trace) -> dict:
     """Accuracy, drop against the final exit, expected MACs per image and reduction, exit histogram."""
+    trace = aligned(policy, trace)
     exits, preds = simulate(policy, trace)
     return {"policy": policy.name, **summarize(trace, exits, preds, exit_costs(policy, trace))}
 

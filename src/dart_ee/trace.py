@@ -190,6 +190,18 @@ def load(path: str | Path, expect_split: str | None = None) -> Trace:
     return trace
 
 
+def check_pair(cal: Trace, test: Trace, cal_where: str = "calibration trace", test_where: str = "test trace") -> None:
+    """A calibration and a test trace combined in one result must come from one run: same model, data and exits."""
+    if cal.num_exits != test.num_exits:
+        raise ArtifactError(f"{cal_where} has {cal.num_exits} exits but {test_where} has {test.num_exits}: "
+                            "pass the two traces of one run")
+    for key, what in (("dataset", "dataset"), ("model", "model"), ("config_fingerprint", "config")):
+        a, b = cal.meta.get(key), test.meta.get(key)
+        if a is not None and b is not None and a != b:
+            raise ArtifactError(f"{cal_where} and {test_where} come from different runs (their {what} differs: "
+                                f"{cal.meta.get('run', '?')} vs {test.meta.get('run', '?')}); pass the two traces of one run")
+
+
 def inputs_fingerprint(cfg: Config, run_dir: Path) -> str:
     """What a run's traces are made from: the model's weights, the data split and the difficulty settings."""
     from dart_ee.config import step_fingerprint

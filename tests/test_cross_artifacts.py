@@ -1,0 +1,50 @@
+"""Artifacts that do not belong together are refused with one line naming both sides, never combined."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from test_cli import invoke
+
+from dart_ee.calibration import calibrate
+from dart_ee.errors import ArtifactError
+from dart_ee.evaluation import evaluate, simulate
+from dart_ee.trace import check_pair, save
+
+
+def _fewer_exits(t, k):
+    return dataclasses.replace(t, probs=t.probs[:, :k].copy(), exit_macs=t.exit_macs[:k].copy())
+
+
+def test_policy_and_trace_with_different_exits_are_refused(trained_run, tmp_path):
+    pol = calibrate("threshold", trained_run["cal"], max_drop=1.0)[0]
+    short = _fewer_exits(trained_run["test"], 4)
+    with pytest.raises(ArtifactError, match="fitted for 6 exits but the trace .* has 4"):
+        evaluate(pol, short)
+    pol.save(tmp_path / "t.json")
+    save(dataclasses.replace(short, meta=dict(short.meta, split="test")), tmp_path / "short.npz")
+    code, out = invoke("evaluate", "--trace", tmp_path / "short.npz", "--policy", tmp_path / "t.json")
+    assert code == 2 and "fitted for 6 exits" in out and "Traceback" not in out
+
+
+def test_traces_of_two_runs_are_not_combined(trained_run, tmp_path):
+    cal, test = trained_run["cal"], trained_run["test"]
+    other = dataclasses.replace(test, meta=dict(test.meta, config_fingerprint="0123456789abcdef", run="elsewhere"))
+    with pytest.raises(ArtifactError, match="different runs .*config differs"):
+        check_pair(cal, other)
+    with pytest.raises(ArtifactError, match="exits"):
+        check_pair(cal, _fewer_exits(test, 5))
+    save(other, tmp_path / "other.npz")
+    code, out = invoke("compare", "--cal", trained_run["cal_path"], "--test", tmp_path / "other.npz", "--max-drop", "1")
+    assert code == 2 and "different runs" in out
+
+
+def test_policy_reads_its_own_difficulty_score(trained_run):
+    learned_cal = trained_run["cal"].with_alpha("alpha_learned")
+    pol = calibrate("dart", learned_cal, max_drop=2.0, beta_diff=0.3)[0]
+    assert pol.alpha_source_ == "learned"
+    on_learned = simulate(pol, trained_run["test"].with_alpha("alpha_learned"))
+    on_paper = simulate(pol, trained_run["test"].with_alpha("alpha_paper"))  # aligned to the policy's score
+    np.testing.assert_array_equal(on_learned[0], on_paper[0])
+    assert evaluate(pol, trained_run["test"].with_alpha("alpha_paper")) == \
+        evaluate(pol, trained_run["test"].with_alpha("alpha_learned"))
