@@ -48,3 +48,25 @@ def test_policy_reads_its_own_difficulty_score(trained_run):
     np.testing.assert_array_equal(on_learned[0], on_paper[0])
     assert evaluate(pol, trained_run["test"].with_alpha("alpha_paper")) == \
         evaluate(pol, trained_run["test"].with_alpha("alpha_learned"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["benchmark", "--batch-size", "0"], "--batch-size"), (["benchmark", "--images", "0"], "--images"),
+    (["benchmark", "--repeats", "0"], "--repeats"), (["adapt", "--batch-size", "0"], "--batch-size"),
+    (["adapt", "--window", "0"], "--window"), (["guarantee", "--resplits", "0"], "--resplits"),
+    (["difficulty", "fit-weights", "--folds", "0"], "--folds"),
+])
+def test_numeric_options_have_minimums(args, needle):
+    code, out = invoke(*args)
+    assert code == 2 and needle in out and "Traceback" not in out
+
+
+def test_benchmark_on_a_missing_gpu_is_a_clear_error(trained_run, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    pol = calibrate("threshold", trained_run["cal"], max_drop=1.0)[0]
+    pol.save(tmp_path / "t.json")
+    code, out = invoke("benchmark", "--run", trained_run["run"], "--policy", tmp_path / "t.json", "--device", "cuda")
+    assert code == 2 and "torch sees no GPU" in out

@@ -132,3 +132,22 @@ def test_real_data_smoke(tmp_path, monkeypatch, dataset):
     m = train(parse_config(raw), tmp_path / "run")
     assert m["n_train"] == 900 and m["n_cal"] == 100 and m["n_test"] == 500
     assert len(m["exit_test_accuracy"]) == 6 and all(0 <= a <= 1 for a in m["exit_test_accuracy"])
+
+
+def test_diverging_training_stops_and_writes_no_model(tmp_path, mnist_like):
+    raw = tiny_config(mnist_like, epochs=2, batch_size=16)
+    raw["train"]["lr"] = 1e12  # finite, accepted by the config, and certain to blow up
+    with pytest.raises(ConfigError, match=r"non-finite loss at epoch 1, step \d+ of \d+; lower train.lr"):
+        train(parse_config(raw), tmp_path / "run")
+    assert not (tmp_path / "run" / "model.pt").exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_refused_resume_keeps_the_runs_config(tmp_path, mnist_like):
+    raw = tiny_config(mnist_like, epochs=1, batch_size=16)
+    train(parse_config(raw), tmp_path / "run")
+    (tmp_path / "run" / "model.pt").unlink()  # as if killed after the last checkpoint
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    raw["train"]["epochs"] = 5
+    with pytest.raises(ConfigError, match="different config"):
+        train(parse_config(raw), tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "config.yaml").read_text() == before  # the error's advice still works

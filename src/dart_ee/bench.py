@@ -133,6 +133,8 @@ def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: i
     run_dir = Path(run_dir)
     n_threads = set_threads(threads)
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no GPU here; use --device cpu")
     cfg = load_config(run_dir / "config.yaml")
     model = load_model(run_dir / MODEL, optimize=True).to(dev)
     est = load_estimators(run_dir / ESTIMATOR_FILE).to(dev)

@@ -186,8 +186,8 @@ def _print_correlations(title: str, corr: dict) -> None:
 def difficulty_fit_weights(
         trace: Annotated[Path, typer.Option("--trace", help="Calibration trace (RUN/trace_cal.npz).")],
         test: Annotated[Optional[Path], typer.Option("--test", help="Test trace, to report held-out figures.")] = None,
-        trials: int = typer.Option(500, help="Random weight vectors to try."),
-        folds: int = typer.Option(5, help="Cross-validation folds."),
+        trials: int = typer.Option(500, min=1, help="Random weight vectors to try."),
+        folds: int = typer.Option(5, min=2, help="Cross-validation folds."),
         seed: int = 0, out: Annotated[Optional[Path], typer.Option("--out", help="Write the result as JSON.")] = None,
 ) -> None:
     """Eq 8 weight search: pick (w1, w2, w3) on the calibration trace by k-fold CV of Spearman(alpha, oracle depth)."""
@@ -257,7 +257,7 @@ def difficulty_report(trace: TraceOpt, out: OutOpt = None) -> None:
 @difficulty_app.command("cost")
 def difficulty_cost(model: str = typer.Option("alexnet", help="Model to compare against."),
                     dataset: str = typer.Option("cifar10", help="Dataset whose input shape to use."),
-                    repeats: int = typer.Option(20, help="Timed repetitions (median reported)."),
+                    repeats: int = typer.Option(20, min=1, help="Timed repetitions (median reported)."),
                     threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")] = None,
                     as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """FLOPs of the paper's estimator and its wall-clock share of a full forward pass, at batch 1 and 256."""
@@ -570,10 +570,10 @@ def publish(file: Annotated[Optional[list[Path]], typer.Option(
 @app.command()
 def benchmark(run: RunOpt,
               policy: Annotated[list[Path], typer.Option("--policy", help="Fitted policy JSON. Repeatable.")],
-              batch_size: int = typer.Option(256, help="Batch size for the throughput measurement."),
-              images: int = typer.Option(2560, help="Test images timed per repetition (accuracy uses all)."),
-              repeats: int = typer.Option(5, help="Alternating repetitions; the median is reported."),
-              latency_images: int = typer.Option(100, help="Images timed one by one for p50/p95 latency."),
+              batch_size: int = typer.Option(256, min=1, help="Batch size for the throughput measurement."),
+              images: int = typer.Option(2560, min=1, help="Test images timed per repetition (accuracy uses all)."),
+              repeats: int = typer.Option(5, min=1, help="Alternating repetitions; the median is reported."),
+              latency_images: int = typer.Option(100, min=0, help="Images timed one by one for p50/p95 latency."),
               threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")] = None,
               device: str = typer.Option("cpu", help="cpu or cuda."),
               memory: Annotated[bool, typer.Option("--memory", help="Also measure peak memory per method "
@@ -617,7 +617,7 @@ def benchmark(run: RunOpt,
 
 @app.command("train-speed")
 def train_speed(model: str = typer.Option("alexnet"), dataset: str = typer.Option("cifar10"),
-                batch_size: int = typer.Option(256), steps: int = typer.Option(6),
+                batch_size: int = typer.Option(256, min=1), steps: int = typer.Option(6, min=1),
                 threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")] = None) -> None:
     """Measure training-step time for fp32 vs bf16 autocast and NCHW vs channels_last on this machine."""
     from dart_ee.bench import training_speed
@@ -635,12 +635,13 @@ def adapt(run: RunOpt,
           scenario: Annotated[list[str], typer.Option("--scenario", help="noise, blur, contrast, class-prior or ramp. "
                                                                          "Repeatable.")],
           severity: Annotated[Optional[list[float]], typer.Option("--severity", help="One per scenario.")] = None,
-          clean: int = typer.Option(3000, help="Clean images before the shift."),
-          shifted: int = typer.Option(3000, help="Shifted images after it."),
-          batch_size: int = typer.Option(256), audit_share: float = typer.Option(0.02, help="Share of early exits audited."),
+          clean: int = typer.Option(3000, min=1, help="Clean images before the shift."),
+          shifted: int = typer.Option(3000, min=1, help="Shifted images after it."),
+          batch_size: int = typer.Option(256, min=1),
+          audit_share: float = typer.Option(0.02, min=0, max=1, help="Share of early exits audited."),
           ucb: bool = typer.Option(False, "--ucb", help="Let UCB1 choose a conservative/balanced/aggressive scale."),
-          window: int = typer.Option(1000, help="Sliding window of recent inferences."),
-          update_every: int = typer.Option(4, help="Update the coefficients every k batches."),
+          window: int = typer.Option(1000, min=1, help="Sliding window of recent inferences."),
+          update_every: int = typer.Option(4, min=1, help="Update the coefficients every k batches."),
           z_gate: float = typer.Option(2.0, help="Act only on accuracy gaps beyond this many standard errors."),
           shift_guard: bool = typer.Option(True, "--shift-guard/--no-shift-guard",
                                            help="Scale thresholds up while alpha has left its calibration range."),

@@ -233,6 +233,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
             model.train()
             # running sums stay on the device: reading them every step would stall a GPU
             loss_sum, correct, seen = torch.zeros((), device=dev), torch.zeros(n_exits, device=dev), 0
+            first_bad = torch.full((), -1, device=dev)  # first step with a non-finite loss, read with the sums
             for b in range(steps):
                 idx = perm[b * t.batch_size: (b + 1) * t.batch_size]
                 x = data.augment(data.to_float(x_train[idx]), crop_pad, flip, gen).to(memory_format=mem)
@@ -244,6 +245,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
                 loss.backward()
                 opt.step()
                 sched.step()
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), b, first_bad)
                 loss_sum += loss.detach() * len(y)
                 correct += torch.stack([(z.argmax(1) == y).sum() for z in logits]).detach().float()
                 seen += len(y)
@@ -253,6 +255,9 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
                                                  f"exit acc% {accs}")
                 bar.update(task, advance=1)
             loss_sum = float(loss_sum)
+            if int(first_bad) >= 0:  # before the checkpoint: a NaN model is never written
+                raise ConfigError(f"training diverged: non-finite loss at epoch {epoch + 1}, step {int(first_bad) + 1} "
+                                  f"of {steps}; lower train.lr (now {t.lr}) or check the data and the loss weights")
             wall += time.perf_counter() - t0
             artifacts.save_torch(ckpt_path, {"epoch": epoch + 1, "model": model.state_dict(),
                                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
