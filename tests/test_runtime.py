@@ -7,6 +7,7 @@ from dart_ee.difficulty import load_estimators
 from dart_ee.errors import ConfigError, InputError
 from dart_ee.evaluation import simulate
 from dart_ee.policies import POLICIES, make_policy
+from dart_ee.queued import QueuedRunner
 from dart_ee.runtime import EarlyExitRunner
 from dart_ee.training import load_model
 
@@ -20,18 +21,25 @@ def _fitted(name, cal):
 CASES = [(name, "paper") for name in sorted(POLICIES)] + [("dart", "learned")]
 
 
+@pytest.mark.parametrize("kind", ["eager", "queued"])
 @pytest.mark.parametrize("name,alpha", CASES)
 @pytest.mark.parametrize("batch_size", [1, 7, 256])
-def test_runtime_matches_trace_evaluation(trained_run, name, alpha, batch_size):
+def test_runners_match_trace_evaluation(trained_run, kind, name, alpha, batch_size):
+    """Both runners give the trace's exits and predictions; 300 images: every stage's last batch is partial."""
     cal = trained_run["cal"].with_alpha(f"alpha_{alpha}")
     test = trained_run["test"].with_alpha(f"alpha_{alpha}")
     policy = _fitted(name, cal)
     exits, preds = simulate(policy, test)
-    runner = EarlyExitRunner(load_model(trained_run["run"] / "model.pt", optimize=True), policy,
-                             load_estimators(trained_run["run"] / "difficulty.pt"))
-    out = runner.run(trained_run["images"], batch_size)
+    model = load_model(trained_run["run"] / "model.pt", optimize=True)
+    est = load_estimators(trained_run["run"] / "difficulty.pt")
+    if kind == "eager":
+        out = EarlyExitRunner(model, policy, est).run(trained_run["images"], batch_size)
+    else:
+        out = QueuedRunner(model, policy, est, batch_size=batch_size).run(trained_run["images"])
     np.testing.assert_array_equal(out.exit.numpy(), exits)
     np.testing.assert_array_equal(out.pred.numpy(), preds)
+    if policy.uses_alpha:
+        np.testing.assert_allclose(out.alpha.numpy(), test.alpha, atol=1e-6)
     if name != "static":
         assert len(np.unique(exits)) > 1 or name in ("patience",)  # the test exercises real early exits
 
