@@ -70,3 +70,31 @@ def test_benchmark_on_a_missing_gpu_is_a_clear_error(trained_run, tmp_path):
     pol.save(tmp_path / "t.json")
     code, out = invoke("benchmark", "--run", trained_run["run"], "--policy", tmp_path / "t.json", "--device", "cuda")
     assert code == 2 and "torch sees no GPU" in out
+
+
+def test_api_misuse_gets_clear_errors(trained_run, tmp_path):
+    import torch
+
+    from dart_ee.errors import ConfigError, InputError
+    from dart_ee.models import create_model
+    from dart_ee.policies import make_policy
+    from dart_ee.runtime import EarlyExitRunner
+    from dart_ee.training import load_model
+
+    with pytest.raises(ConfigError, match="unknown policy 'foo'"):
+        calibrate("foo", None)
+    with pytest.raises(ArtifactError, match="expected a calibration Trace"):
+        calibrate("threshold", None, max_drop=1.0)
+    with pytest.raises(ConfigError, match="width_mult"):
+        create_model("alexnet", width_mult=float("nan"))
+    runner = EarlyExitRunner(load_model(trained_run["run"] / "model.pt"), make_policy("threshold", tau=0.5))
+    with pytest.raises(InputError, match="float32"):
+        runner(torch.rand(2, 1, 28, 28, dtype=torch.float64))
+    code, out = invoke("info", "--model", "alexnet", "--width-mult", "nan")
+    assert code == 2 and "width_mult" in out
+    (tmp_path / "afile").write_text("")
+    code, out = invoke("calibrate", "--trace", trained_run["cal_path"], "--policy", "threshold", "--max-drop", "1",
+                       "--out", tmp_path / "afile" / "x.json")
+    assert code == 2 and "afile" in out and "Traceback" not in out
+    code, out = invoke("train-speed", "--model", "foo")
+    assert code == 2 and "unknown model 'foo'" in out

@@ -47,9 +47,9 @@ def calibrate(name: str, cal: Trace, *, beta_opt: float | None = None, max_drop:
     With ``confidence`` the budget is certified (``dart_ee.certify.certify``; ``risk``, ``seed`` for the
     fit / cert split, and ``fit_share``, ``bound``, ``in_expectation`` pass through).
     """
-    check_calibration_trace(cal)
     if name not in POLICIES:
         raise ConfigError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+    check_calibration_trace(cal)
     if (beta_opt is None) == (max_drop is None):
         raise ConfigError("calibrate with exactly one target: --beta-opt B (trade-off) or --max-drop X (budget)")
     if max_drop is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import numpy as np
 import typer
@@ -14,8 +16,29 @@ from dart_ee.errors import DartError
 if TYPE_CHECKING:
     from dart_ee.trace import Trace
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                  help="DART: difficulty-aware adaptive thresholds for early-exit networks.")
+class _App(typer.Typer):
+    """A Typer app whose commands all end the same way on bad input: one red line and exit status 2."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
+        register = super().command(*args, **kwargs)
+
+        def wrap(fn: Callable) -> Callable:
+            @functools.wraps(fn)  # typer reads the options from the wrapped signature
+            def run(*a: Any, **kw: Any) -> Any:
+                try:
+                    return fn(*a, **kw)
+                except DartError as e:
+                    _fail(e)
+                except OSError as e:  # a read-only folder, a full disk, --out naming a file: name the path
+                    where = f"{e.filename}: " if e.filename else ""
+                    _fail(DartError(f"{where}{e.strerror or e}; check that the path exists and is writable, and that "
+                                    "the disk has space"))
+            return register(run)
+        return wrap
+
+
+app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+           help="DART: difficulty-aware adaptive thresholds for early-exit networks.")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML experiment config (see configs/).")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the dataset; default $DART_DATA.")]
@@ -43,11 +66,8 @@ def train(config: ConfigOpt = None, data_dir: DataDirOpt = None,
     from dart_ee.config import load_config
     from dart_ee.training import train as run_training
 
-    try:
-        cfg = load_config(config, set_ or [])
-        run_training(cfg, out or Path("runs") / cfg.name, data_dir, resume)
-    except DartError as e:
-        _fail(e)
+    cfg = load_config(config, set_ or [])
+    run_training(cfg, out or Path("runs") / cfg.name, data_dir, resume)
 
 
 @app.command()
@@ -58,11 +78,8 @@ def run(config: ConfigOpt = None, data_dir: DataDirOpt = None,
     from dart_ee.config import load_config
     from dart_ee.pipeline import run_pipeline
 
-    try:
-        cfg = load_config(config, set_ or [])
-        run_pipeline(cfg, out or Path("runs") / cfg.name, data_dir)
-    except DartError as e:
-        _fail(e)
+    cfg = load_config(config, set_ or [])
+    run_pipeline(cfg, out or Path("runs") / cfg.name, data_dir)
 
 
 @app.command()
@@ -70,10 +87,7 @@ def report(run: RunOpt) -> None:
     """Redraw every figure and rewrite report.md of a finished `dart-ee run` from its results.json (no recomputing)."""
     from dart_ee.pipeline import render
 
-    try:
-        typer.echo(f"wrote {render(run)} and the figures beside it")
-    except DartError as e:
-        _fail(e)
+    typer.echo(f"wrote {render(run)} and the figures beside it")
 
 
 @app.command()
@@ -91,12 +105,9 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] =
     from dart_ee.pipeline import run_pipeline
     from dart_ee.report import budget_words, certified_table, policy_table
 
-    try:
-        with resources.as_file(resources.files("dart_ee") / "configs" / "demo.yaml") as cfg_path:
-            cfg = load_config(cfg_path, set_ or [])
-        res = run_pipeline(cfg, out)
-    except DartError as e:
-        _fail(e)
+    with resources.as_file(resources.files("dart_ee") / "configs" / "demo.yaml") as cfg_path:
+        cfg = load_config(cfg_path, set_ or [])
+    res = run_pipeline(cfg, out)
     c = res["compare"]
     typer.echo(f"\nDART demo: {cfg.data.dataset} ({res['training']['n_test']} test images), every policy calibrated on the "
                f"calibration split ({budget_words(c)}), measured on the test split:")
@@ -115,13 +126,10 @@ def trace(run: RunOpt, data_dir: DataDirOpt = None) -> None:
     """Write RUN/trace_cal.npz and RUN/trace_test.npz: every exit's softmax for every sample (+ JSON metadata)."""
     from dart_ee.trace import load, trace_run
 
-    try:
-        for split, path in trace_run(run, data_dir).items():
-            t = load(path)
-            accs = " ".join(f"{100 * a:.1f}" for a in t.exit_accuracy())
-            typer.echo(f"{split}: {path} ({t.n} samples, {t.num_exits} exits, exit accuracy % {accs})")
-    except DartError as e:
-        _fail(e)
+    for split, path in trace_run(run, data_dir).items():
+        t = load(path)
+        accs = " ".join(f"{100 * a:.1f}" for a in t.exit_accuracy())
+        typer.echo(f"{split}: {path} ({t.n} samples, {t.num_exits} exits, exit accuracy % {accs})")
 
 
 @app.command()
@@ -136,13 +144,10 @@ def info(model: Annotated[str, typer.Option("--model", help="Registered model na
     from dart_ee.difficulty import DifficultyEstimator
     from dart_ee.models import create_model
 
-    try:
-        spec = get_spec(dataset)
-        rec = create_model(model, spec.num_classes, spec.in_channels, spec.image_size, width_mult=width_mult,
-                           mean=spec.mean, std=spec.std).describe()
-        rec["difficulty_estimator"] = DifficultyEstimator().flops(rec["input_shape"])
-    except DartError as e:
-        _fail(e)
+    spec = get_spec(dataset)
+    rec = create_model(model, spec.num_classes, spec.in_channels, spec.image_size, width_mult=width_mult,
+                       mean=spec.mean, std=spec.std).describe()
+    rec["difficulty_estimator"] = DifficultyEstimator().flops(rec["input_shape"])
     if as_json:
         typer.echo(json.dumps(rec, indent=2))
         return
@@ -170,7 +175,7 @@ def info(model: Annotated[str, typer.Option("--model", help="Registered model na
                 f"{100 * r['stage_mac_share']:.1f}% of MACs), head {r['head_ms']:.2f} ms" for r in rows))
 
 
-difficulty_app = typer.Typer(no_args_is_help=True, help="Difficulty score alpha: weight search, reports and cost.")
+difficulty_app = _App(no_args_is_help=True, help="Difficulty score alpha: weight search, reports and cost.")
 app.add_typer(difficulty_app, name="difficulty")
 TraceOpt = Annotated[Path, typer.Option("--trace", help="Trace file written by `dart-ee trace` (RUN/trace_test.npz).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output directory.")]
@@ -197,28 +202,25 @@ def difficulty_fit_weights(
     from dart_ee.difficulty import oracle_depth, spearman
     from dart_ee.trace import load
 
-    try:
-        cal = load(trace, expect_split="cal")
-        if "terms" not in cal.extra:
-            raise DartError(f"{trace} holds no difficulty terms; regenerate it with `dart-ee trace`")
-        res = search(cal.extra["terms"], oracle_depth(cal.correct), trials, folds, seed)
-        typer.echo(f"calibration trace {trace} ({cal.n} samples), {trials} random weight vectors, {folds}-fold CV")
-        typer.echo(f"  default weights {res['default_weights']}: CV Spearman {res['cv_spearman_default']:+.3f}")
-        typer.echo(f"  fitted  weights {[round(w, 3) for w in res['weights']]}: CV Spearman {res['cv_spearman_fitted']:+.3f}")
-        _print_correlations("Spearman with the oracle exit depth on the calibration trace:", correlations(cal))
-        if test is not None:
-            t = load(test, expect_split="test")
-            depth = oracle_depth(t.correct)
-            w = np.asarray(res["weights"])
-            res["test"] = {"spearman_default": spearman(np.clip(t.extra["terms"] @ np.array([0.4, 0.3, 0.3]), 0, 1), depth),
-                           "spearman_fitted": spearman(np.clip(t.extra["terms"] @ w, 0, 1), depth), **correlations(t)}
-            _print_correlations(f"Spearman with the oracle exit depth on the test trace {test} ({t.n} samples):",
-                                {"paper alpha, default weights": res["test"]["spearman_default"],
-                                 "paper alpha, fitted weights": res["test"]["spearman_fitted"], **correlations(t)})
-        if out:
-            artifacts.write_json(out, res)
-    except DartError as e:
-        _fail(e)
+    cal = load(trace, expect_split="cal")
+    if "terms" not in cal.extra:
+        raise DartError(f"{trace} holds no difficulty terms; regenerate it with `dart-ee trace`")
+    res = search(cal.extra["terms"], oracle_depth(cal.correct), trials, folds, seed)
+    typer.echo(f"calibration trace {trace} ({cal.n} samples), {trials} random weight vectors, {folds}-fold CV")
+    typer.echo(f"  default weights {res['default_weights']}: CV Spearman {res['cv_spearman_default']:+.3f}")
+    typer.echo(f"  fitted  weights {[round(w, 3) for w in res['weights']]}: CV Spearman {res['cv_spearman_fitted']:+.3f}")
+    _print_correlations("Spearman with the oracle exit depth on the calibration trace:", correlations(cal))
+    if test is not None:
+        t = load(test, expect_split="test")
+        depth = oracle_depth(t.correct)
+        w = np.asarray(res["weights"])
+        res["test"] = {"spearman_default": spearman(np.clip(t.extra["terms"] @ np.array([0.4, 0.3, 0.3]), 0, 1), depth),
+                       "spearman_fitted": spearman(np.clip(t.extra["terms"] @ w, 0, 1), depth), **correlations(t)}
+        _print_correlations(f"Spearman with the oracle exit depth on the test trace {test} ({t.n} samples):",
+                            {"paper alpha, default weights": res["test"]["spearman_default"],
+                             "paper alpha, fitted weights": res["test"]["spearman_fitted"], **correlations(t)})
+    if out:
+        artifacts.write_json(out, res)
 
 
 @difficulty_app.command("report")
@@ -263,10 +265,7 @@ def difficulty_cost(model: str = typer.Option("alexnet", help="Model to compare 
     """FLOPs of the paper's estimator and its wall-clock share of a full forward pass, at batch 1 and 256."""
     from dart_ee.bench import difficulty_cost as measure
 
-    try:
-        rec = measure(model, dataset, repeats, threads)
-    except DartError as e:
-        _fail(e)
+    rec = measure(model, dataset, repeats, threads)
     if as_json:
         typer.echo(json.dumps(rec, indent=2))
         return
@@ -378,15 +377,12 @@ def evaluate(trace: TraceOpt,
     from dart_ee.policies import load_policy
     from dart_ee.report import policy_table
 
-    try:
-        rows = []
-        for p in policy:
-            pol = load_policy(p)
-            src = getattr(pol, "alpha_source_", None)
-            rows.append({**run_eval(pol, _load_trace(trace, None, src)), "file": str(p), "budget": _budget_note(p)})
-        rows.append(oracle(_load_trace(trace, None)))
-    except DartError as e:
-        _fail(e)
+    rows = []
+    for p in policy:
+        pol = load_policy(p)
+        src = getattr(pol, "alpha_source_", None)
+        rows.append({**run_eval(pol, _load_trace(trace, None, src)), "file": str(p), "budget": _budget_note(p)})
+    rows.append(oracle(_load_trace(trace, None)))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
@@ -427,12 +423,9 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
     from dart_ee.report import frontier_markdown, grid_markdown
 
     prov = provenance()
-    try:
-        c, t = _load_pair(cal, test, alpha)
-        res = run_sweep(c, t)
-        rs = resplit_frontier(c, t, resplits, seed, confidence=confidence, risk=risk) if resplits else None
-    except DartError as e:
-        _fail(e)
+    c, t = _load_pair(cal, test, alpha)
+    res = run_sweep(c, t)
+    rs = resplit_frontier(c, t, resplits, seed, confidence=confidence, risk=risk) if resplits else None
     artifacts.write_json(out / "sweep.json", res)
     plots.tradeoff_curves(res, out / "tradeoff_curves.png")
     typer.echo(grid_markdown(res))
@@ -470,12 +463,9 @@ def compare(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace."
     from dart_ee.report import ablation_table, budget_words, certified_table
 
     conf = None if uncertified else confidence
-    try:
-        c, t = _load_pair(cal, test)
-        res = run_compare(c, t, max_drop, conf, risk, seed)
-        abl = dart_ablation(c, t, max_drop, conf, seed) if ablation else []
-    except DartError as e:
-        _fail(e)
+    c, t = _load_pair(cal, test)
+    res = run_compare(c, t, max_drop, conf, risk, seed)
+    abl = dart_ablation(c, t, max_drop, conf, seed) if ablation else []
     out = out or Path(cal).parent / "policies"
     for name, (pol, rec) in res.pop("fitted").items():
         pol.save(out / f"{name}.json", calibration=rec)
@@ -511,18 +501,15 @@ def guarantee(cal: Annotated[Optional[Path], typer.Option("--cal", help="Calibra
 
     policies = policy or ["dart", "threshold"]
     results, prov = [], provenance()  # the code that computes the figures, read before any of them is
-    try:
-        if synthetic:
-            for p in policies:
-                results.append(population_coverage(p, synthetic, max_drop, confidence, risk, draws=resplits, seed=seed))
-        else:
-            if cal is None or test is None:
-                raise DartError("give --cal and --test traces, or --synthetic KIND for the generator with known truth")
-            c, t = _load_pair(cal, test)
-            for p in policies:
-                results.append(resplit_coverage(c, t, p, max_drop, confidence, risk, resplits, seed))
-    except DartError as e:
-        _fail(e)
+    if synthetic:
+        for p in policies:
+            results.append(population_coverage(p, synthetic, max_drop, confidence, risk, draws=resplits, seed=seed))
+    else:
+        if cal is None or test is None:
+            raise DartError("give --cal and --test traces, or --synthetic KIND for the generator with known truth")
+        c, t = _load_pair(cal, test)
+        for p in policies:
+            results.append(resplit_coverage(c, t, p, max_drop, confidence, risk, resplits, seed))
     summary = [{k: v for k, v in r.items() if k != "rows"} | {d: {k: v for k, v in r[d].items() if k != "rows"}
                                                             for d in ("replacement", "split") if d in r} for r in results]
     if out:
@@ -555,10 +542,7 @@ def publish(file: Annotated[Optional[list[Path]], typer.Option(
     from dart_ee.publish import publish as run_publish
 
     files = file or [Path("BENCHMARKS.md"), Path("README.md")]
-    try:
-        changed = run_publish(files, records, check)
-    except DartError as e:
-        _fail(e)
+    changed = run_publish(files, records, check)
     if check and changed:
         typer.secho(f"{', '.join(map(str, changed))} differs from the records in {records}: run `dart-ee publish` "
                     "(and never edit generated sections by hand)", fg="red", err=True)
@@ -589,11 +573,8 @@ def benchmark(run: RunOpt,
     from dart_ee.bench import benchmark as run_bench
     from dart_ee.bench import table_markdown
 
-    try:
-        rec = run_bench(run, policy, batch_size, images, repeats, latency_images, threads, device, data_dir, memory,
-                        runners=runner or ["eager"])
-    except DartError as e:
-        _fail(e)
+    rec = run_bench(run, policy, batch_size, images, repeats, latency_images, threads, device, data_dir, memory,
+                    runners=runner or ["eager"])
     if out:
         artifacts.write_json(out, rec)
     if as_json:
@@ -661,12 +642,9 @@ def adapt(run: RunOpt,
         _fail(DartError(f"--severity given {len(sev)} times for {len(scenario)} scenarios; give one per scenario"))
     out = out or Path(run) / "adapt"
     for sc, sv in zip(scenario, sev):
-        try:
-            res = run_scenario(run, policy, sc, sv, clean, shifted, batch_size, seed=seed, data_dir=data_dir,
-                               audit_share=audit_share, ucb=ucb, window=window, update_every=update_every,
-                               z_gate=z_gate, shift_guard=shift_guard, shift_gate=shift_gate, shift_scale=shift_scale)
-        except DartError as e:
-            _fail(e)
+        res = run_scenario(run, policy, sc, sv, clean, shifted, batch_size, seed=seed, data_dir=data_dir,
+                           audit_share=audit_share, ucb=ucb, window=window, update_every=update_every,
+                           z_gate=z_gate, shift_guard=shift_guard, shift_gate=shift_gate, shift_scale=shift_scale)
         artifacts.write_json(out / f"{sc}.json", res)
         plots.adaptation_figures(res, out)
         t, sm = res["totals"], res["summary"]

@@ -11,6 +11,7 @@ user's own ``nn.Sequential`` into the same form.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -117,6 +118,8 @@ class MultiExitNet(nn.Module):
                              f"got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise InputError("empty batch: pass at least one image")
+        if x.dtype != torch.float32:
+            raise InputError(f"expected float32 pixels, got {x.dtype}; pass x.float()")
         if not torch.isfinite(x).all():
             raise InputError("input contains NaN or Inf pixels")
 
@@ -219,6 +222,8 @@ def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
 
 def _scale(widths: Sequence[int], mult: float) -> list[int]:
     """Scale channel widths by ``width_mult`` (slim variants for quick runs and small devices)."""
+    if not (isinstance(mult, (int, float)) and math.isfinite(mult) and mult > 0):
+        raise ConfigError(f"width_mult must be a finite number above 0, got {mult}")
     return [max(4, round(w * mult)) for w in widths]
 
 

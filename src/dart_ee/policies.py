@@ -94,6 +94,9 @@ class ExitPolicy:
 
 def check_calibration_trace(trace: Trace) -> None:
     """Calibration must never read the test split: the trace's split tag enforces it."""
+    if not hasattr(trace, "split"):
+        raise ArtifactError(f"expected a calibration Trace (dart_ee.trace.load('RUN/trace_cal.npz')), got "
+                            f"{type(trace).__name__}")
     if trace.split != "cal":
         raise ArtifactError(f"policies are fitted on the calibration split only, but this trace is tagged "
                             f"{trace.split!r}; pass RUN/trace_cal.npz")
