@@ -98,3 +98,13 @@ def test_api_misuse_gets_clear_errors(trained_run, tmp_path):
     assert code == 2 and "afile" in out and "Traceback" not in out
     code, out = invoke("train-speed", "--model", "foo")
     assert code == 2 and "unknown model 'foo'" in out
+
+
+def test_artifacts_honour_the_umask(tmp_path):
+    import os
+    import stat
+
+    from dart_ee import artifacts
+
+    path = artifacts.write_json(tmp_path / "a.json", {"x": 1})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~artifacts._UMASK

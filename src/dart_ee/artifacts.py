@@ -19,6 +19,9 @@ import torch
 
 from dart_ee.errors import ArtifactError
 
+_UMASK = os.umask(0)  # read once (os.umask can only be read by setting it) and put back at once
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
@@ -30,6 +33,7 @@ def _atomic_path(path: Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; an artifact gets the mode any new file would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
