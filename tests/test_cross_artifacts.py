@@ -108,3 +108,16 @@ def test_artifacts_honour_the_umask(tmp_path):
 
     path = artifacts.write_json(tmp_path / "a.json", {"x": 1})
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~artifacts._UMASK
+
+
+def test_unwritable_cache_is_a_warning(tmp_path, monkeypatch, capsys):
+    from conftest import make_idx_dataset
+
+    from dart_ee.data import load_dataset
+
+    make_idx_dataset(tmp_path / "data" / "mnist", n_train=20, n_test=10)
+    (tmp_path / "cache").write_text("")  # a file where the cache folder should be: nothing can be written there
+    monkeypatch.setenv("DART_CACHE", str(tmp_path / "cache"))
+    train, test = load_dataset("mnist", tmp_path / "data")
+    assert len(train) == 20 and len(test) == 10
+    assert "cannot write the dataset cache" in capsys.readouterr().err

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from dart_ee import artifacts
+from dart_ee.console import log
 from dart_ee.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm")
@@ -378,9 +379,13 @@ def load_dataset(name: str, data_dir: str | Path | None = None, use_cache: bool 
             raise DataError(f"{path}: {what} images have shape {s.x.shape[1:]}, but {spec.name} expects "
                             f"{(spec.in_channels, spec.image_size, spec.image_size)}")
     if use_cache:
-        artifacts.atomic_write(cache, lambda p: np.savez(p.open("wb"), x_train=train.x, y_train=train.y,
-                                                         x_test=test.x, y_test=test.y,
-                                                         classes=np.array(train.classes)))
+        try:
+            artifacts.atomic_write(cache, lambda p: np.savez(p.open("wb"), x_train=train.x, y_train=train.y,
+                                                             x_test=test.x, y_test=test.y,
+                                                             classes=np.array(train.classes)))
+        except OSError as e:  # a cache only saves time: go on without it
+            log(f"[yellow]warning: cannot write the dataset cache {cache} ({e.strerror or e}); going on without it "
+                "(set DART_CACHE to a writable folder to decode the data only once)[/yellow]")
     return train, test
 
 
