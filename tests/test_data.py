@@ -1,5 +1,6 @@
 import gzip
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -144,3 +145,44 @@ def test_augment_shapes_and_determinism():
     b = data.augment(x, 4, True, torch.Generator().manual_seed(0))
     assert a.shape == x.shape and torch.equal(a, b)
     assert torch.equal(data.augment(x, 0, False, torch.Generator()), x)
+
+
+@pytest.mark.parametrize("labels,match", [([12], r"\[0, 10\), found 0\.\.12"), ([-1], r"found -1\.\."),
+                                          (["cat"], "must be integers")])
+def test_cifar_labels_out_of_range(tmp_path, labels, match):
+    root = make_cifar_python(tmp_path, per_batch=4)
+    batch = root / "cifar-10-batches-py" / "data_batch_2"
+    d = pickle.loads(batch.read_bytes())
+    d["labels"] = d["labels"][:3] + labels
+    batch.write_bytes(pickle.dumps(d))
+    with pytest.raises(DataError, match=match) as e:
+        data.read_cifar_python(root / "cifar-10-batches-py")
+    assert "data_batch_2" in str(e.value)
+
+
+def test_float_pixels_are_refused_not_wrapped(tmp_path):
+    root = make_cifar_python(tmp_path / "c", per_batch=4)
+    batch = root / "cifar-10-batches-py" / "test_batch"
+    d = pickle.loads(batch.read_bytes())
+    d["data"] = d["data"].astype(np.float32) / 255
+    batch.write_bytes(pickle.dumps(d))
+    with pytest.raises(DataError, match="pixels are float32"):
+        data.read_cifar_python(root / "cifar-10-batches-py")
+    # an IDX file of type float (0x0D)
+    x = np.random.default_rng(0).random((3, 28, 28)).astype(">f4")
+    raw = bytes([0, 0, 0x0D, 3]) + b"".join(int(s).to_bytes(4, "big") for s in x.shape) + x.tobytes()
+    (tmp_path / "f.gz").write_bytes(gzip.compress(raw))
+    write_idx(tmp_path / "l.gz", np.zeros(3, dtype=np.uint8))
+    with pytest.raises(DataError, match="f.gz: pixels are float32"):
+        data.read_idx_pair(tmp_path / "f.gz", tmp_path / "l.gz")
+    write_idx(tmp_path / "e.gz", np.zeros((0, 28, 28), dtype=np.uint8))
+    write_idx(tmp_path / "le.gz", np.zeros(0, dtype=np.uint8))
+    with pytest.raises(DataError, match="holds no images"):
+        data.read_idx_pair(tmp_path / "e.gz", tmp_path / "le.gz")
+
+
+@pytest.mark.parametrize("classes", [3, 12])
+def test_class_count_must_match_the_dataset(tmp_path, classes):
+    make_image_folder(tmp_path / "cifar10", per_class=1, classes=classes)
+    with pytest.raises(DataError, match=f"{classes} classes .* but cifar10 has 10"):
+        data.load_dataset("cifar10", tmp_path, use_cache=False)

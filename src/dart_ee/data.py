@@ -127,6 +127,31 @@ def _find_idx(folder: Path, stem: str) -> Path:
     raise DataError(f"{folder}: missing IDX file {stem}[.gz]")
 
 
+def _pixels_uint8(x: np.ndarray, where: str | Path) -> np.ndarray:
+    """Pixels as uint8, refusing what a cast would silently wrap: floats and integers outside 0..255."""
+    if x.dtype == np.uint8:
+        return x
+    if not np.issubdtype(x.dtype, np.integer):
+        raise DataError(f"{where}: pixels are {x.dtype.name}; dart-ee reads 8-bit images (integers 0..255): "
+                        "convert the data, e.g. (x * 255).round().astype('uint8') for floats in [0, 1]")
+    if x.size and (x.min() < 0 or x.max() > 255):
+        raise DataError(f"{where}: pixel values {x.min()}..{x.max()} do not fit 8 bits (0..255)")
+    return x.astype(np.uint8)
+
+
+def _labels(y: object, num_classes: int, where: str | Path) -> np.ndarray:
+    """Integer labels in [0, num_classes), or an error naming the file."""
+    try:
+        arr = np.asarray(y)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(arr.dtype)
+    except (ValueError, TypeError):
+        raise DataError(f"{where}: labels must be integers 0..{num_classes - 1}") from None
+    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+        raise DataError(f"{where}: labels must lie in [0, {num_classes}), found {arr.min()}..{arr.max()}")
+    return arr.astype(np.int64)
+
+
 def read_idx_pair(images: Path, labels: Path, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
     x, y = read_idx(images), read_idx(labels)
     if x.ndim != 3:
@@ -135,9 +160,9 @@ def read_idx_pair(images: Path, labels: Path, num_classes: int = 10) -> tuple[np
         raise DataError(f"{labels}: expected a 1-d label array, got shape {y.shape}")
     if len(x) != len(y):
         raise DataError(f"image and label counts differ: {images} has {len(x)}, {labels} has {len(y)}")
-    if len(y) and (y.min() < 0 or y.max() >= num_classes):
-        raise DataError(f"{labels}: labels must lie in [0, {num_classes}), found {y.min()}..{y.max()}")
-    return np.ascontiguousarray(x.astype(np.uint8)[:, None]), y.astype(np.int64)
+    if len(x) == 0:
+        raise DataError(f"{images}: the file holds no images")
+    return np.ascontiguousarray(_pixels_uint8(x, images)[:, None]), _labels(y, num_classes, labels)
 
 
 def read_idx_folder(folder: Path) -> tuple[ImageSet, ImageSet]:
@@ -189,12 +214,13 @@ def read_cifar_python(folder: Path) -> tuple[ImageSet, ImageSet]:
             d = _unpickle_batch(folder / name)
             if "data" not in d or "labels" not in d:
                 raise DataError(f"{folder / name}: missing 'data' or 'labels' entry")
-            data, labels = np.asarray(d["data"]), np.asarray(d["labels"], dtype=np.int64)
+            data = _pixels_uint8(np.asarray(d["data"]), folder / name)
+            labels = _labels(d["labels"], len(classes), folder / name)
             if data.ndim != 2 or data.shape[1] != 3072:
                 raise DataError(f"{folder / name}: 'data' must be N x 3072, got {data.shape}")
             if len(data) != len(labels):
                 raise DataError(f"{folder / name}: image and label counts differ ({len(data)} vs {len(labels)})")
-            xs.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
+            xs.append(data.reshape(-1, 3, 32, 32))
             ys.append(labels)
         sets.append(ImageSet(np.concatenate(xs), np.concatenate(ys), classes))
     return sets[0], sets[1]
@@ -374,6 +400,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, use_cache: bool 
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, DataError):
             pass  # a corrupt cache is rebuilt below
     train, test = _READERS[kind](path)
+    if len(train.classes) != spec.num_classes:
+        raise DataError(f"{path}: {len(train.classes)} classes ({', '.join(map(str, train.classes[:12]))}), but "
+                        f"{spec.name} has {spec.num_classes}; point --data-dir at a {spec.name} copy")
     for s, what in ((train, "train"), (test, "test")):
         if s.x.shape[1:] != (spec.in_channels, spec.image_size, spec.image_size):
             raise DataError(f"{path}: {what} images have shape {s.x.shape[1:]}, but {spec.name} expects "
