@@ -186,3 +186,19 @@ def test_class_count_must_match_the_dataset(tmp_path, classes):
     make_image_folder(tmp_path / "cifar10", per_class=1, classes=classes)
     with pytest.raises(DataError, match=f"{classes} classes .* but cifar10 has 10"):
         data.load_dataset("cifar10", tmp_path, use_cache=False)
+
+
+@pytest.mark.parametrize("side,match", [(5000, "5000x5000 pixels is too large"), (20000, "decompression bomb")])
+def test_huge_image_header_is_refused_before_decoding(tmp_path, side, match):
+    import struct
+    import zlib
+
+    make_image_folder(tmp_path / "cifar10", per_class=1, classes=10)
+    png = next((tmp_path / "cifar10" / "train").rglob("*.png"))
+    raw = bytearray(png.read_bytes())
+    ihdr = raw.index(b"IHDR")
+    raw[ihdr + 4: ihdr + 12] = struct.pack(">II", side, side)  # claims side x side pixels
+    raw[ihdr + 17: ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr: ihdr + 17])))
+    png.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=match):
+        data.read_image_folder(tmp_path / "cifar10")

@@ -28,6 +28,7 @@ from dart_ee import artifacts
 from dart_ee.console import log
 from dart_ee.errors import DataError
 
+MAX_PIXELS = 4096 * 4096  # per image file: a corrupt or hostile header must not allocate gigabytes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm")
 
 
@@ -235,9 +236,12 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_PIXELS:  # checked on the header, before anything is decoded
+                raise DataError(f"{where}: {im.width}x{im.height} pixels is too large to decode here (at most "
+                                f"{MAX_PIXELS:,} pixels); the datasets dart-ee reads hold small images such as 32x32")
             im.load()
             arr = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16") else "RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"{where}: unreadable image ({e}); remove or replace the file") from e
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
