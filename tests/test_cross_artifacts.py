@@ -121,3 +121,31 @@ def test_unwritable_cache_is_a_warning(tmp_path, monkeypatch, capsys):
     train, test = load_dataset("mnist", tmp_path / "data")
     assert len(train) == 20 and len(test) == 10
     assert "cannot write the dataset cache" in capsys.readouterr().err
+
+
+BAD_FITTED = [
+    ("dart", lambda f: f.update(tau_=f["tau_"][:-1]), "'tau_' has shape"),
+    ("dart", lambda f: f.update(tau_=[row[:-1] for row in f["tau_"]]), "'tau_' has shape"),
+    ("dart", lambda f: f.update(coef_exit_="high"), "'coef_exit_'"),
+    ("dart", lambda f: f.pop("conf_edges_"), "'conf_edges_' is missing"),
+    ("dart", lambda f: f.update(num_exits_="6"), "'num_exits_' must be a positive integer"),
+    ("branchynet", lambda f: f.update(thresholds_=f["thresholds_"][:2]), "'thresholds_' has shape"),
+    ("rl", lambda f: f.update(q_table_=[[0.0, 1.0]]), "'q_table_' has shape"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,match", BAD_FITTED)
+def test_policy_files_with_bad_fitted_fields(trained_run, tmp_path, name, corrupt, match):
+    import json
+
+    from dart_ee.policies import load_policy, make_policy
+
+    pol = make_policy(name).set_params(**({"cost_weight": 0.1} if name == "rl" else {})).fit(trained_run["cal"])
+    path = pol.save(tmp_path / "p.json")
+    d = json.loads(path.read_text())
+    corrupt(d["fitted"])
+    path.write_text(json.dumps(d))
+    with pytest.raises(ArtifactError, match=match):
+        load_policy(path)
+    code, out = invoke("evaluate", "--trace", trained_run["test_path"], "--policy", path)
+    assert code == 2 and "p.json" in out and "Traceback" not in out

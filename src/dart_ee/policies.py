@@ -80,6 +80,10 @@ class ExitPolicy:
         """True when no input can leave before the last exit (so the policy's risk is 0 by construction)."""
         return False
 
+    def fitted_shapes(self, n: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each fitted array for ``n`` exits (-1: any length), checked when a policy file is loaded."""
+        return {}
+
     # -- persistence ---------------------------------------------------------------------------
     def fitted_state(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
@@ -181,6 +185,9 @@ class BranchyNetPolicy(ExitPolicy):
     def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
         return self.entropy(probs) <= self.thresholds_[i]
 
+    def fitted_shapes(self, n: int) -> dict[str, tuple[int, ...]]:
+        return {"thresholds_": (n - 1,)}
+
     def never_leaves_early(self) -> bool:
         return all(t < 0 for t in self.thresholds_)  # normalised entropy is never negative
 
@@ -252,6 +259,9 @@ class RLPolicy(ExitPolicy):
         s = torch.bucketize(_conf(probs), self._tensor(self.edges_[i], probs.device, probs.dtype), right=True)
         q = self._tensor(self.q_table_[i], probs.device, torch.float64)[s]
         return q[:, 1] > q[:, 0]
+
+    def fitted_shapes(self, n: int) -> dict[str, tuple[int, ...]]:
+        return {"edges_": (n, 9), "q_table_": (n, 10, 2)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,6 +455,10 @@ class DartPolicy(ExitPolicy):
     def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
         return _conf(probs) >= self.thresholds(i, probs, alpha)
 
+    def fitted_shapes(self, n: int) -> dict[str, tuple[int, ...]]:
+        return {"alpha_edges_": (self.alpha_bins - 1,), "conf_edges_": (n, self.conf_bins - 1),
+                "tau_": (n - 1, self.alpha_bins), "coef_exit_": (n - 1,), "coef_class_": (n - 1, -1)}
+
     def never_leaves_early(self) -> bool:
         return all(t == math.inf for row in self.tau_ for t in row)
 
@@ -477,7 +491,29 @@ def policy_from_dict(d: dict[str, Any], source: str = "policy") -> ExitPolicy:
         if not k.endswith("_"):
             raise ArtifactError(f"{source}: unexpected fitted field {k!r}")
         setattr(pol, k, _restore_inf(v) if k == "tau_" else v)
+    if fitted:
+        _check_fitted(pol, source)
     return pol
+
+
+def _check_fitted(pol: ExitPolicy, source: str) -> None:
+    """Every fitted array present, numeric and of the shape the exit count gives: a hand-edited or truncated
+    policy file fails here, with its field named, not deep in ``decide``."""
+    n = getattr(pol, "num_exits_", None)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ArtifactError(f"{source}: fitted field 'num_exits_' must be a positive integer, got {n!r}")
+    if pol.uses_alpha and getattr(pol, "alpha_source_", None) not in ("paper", "learned"):
+        raise ArtifactError(f"{source}: fitted field 'alpha_source_' must be 'paper' or 'learned'")
+    for field, shape in pol.fitted_shapes(n).items():
+        if not hasattr(pol, field):
+            raise ArtifactError(f"{source}: fitted field {field!r} is missing; recalibrate the policy")
+        try:
+            arr = np.asarray(getattr(pol, field), dtype=np.float64)
+        except (ValueError, TypeError):
+            raise ArtifactError(f"{source}: fitted field {field!r} must be numbers in a regular array") from None
+        if arr.ndim != len(shape) or any(want not in (-1, got) for want, got in zip(shape, arr.shape)):
+            want = " x ".join("any" if d < 0 else str(d) for d in shape)
+            raise ArtifactError(f"{source}: fitted field {field!r} has shape {arr.shape}, but {n} exits need {want}")
 
 
 def _restore_inf(v: Any) -> Any:
