@@ -118,7 +118,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) - header != expected:
         raise DataError(f"{path}: truncated or padded IDX data: header says shape {shape} "
                         f"({expected} bytes) but {len(raw) - header} bytes follow")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).copy()  # writable, own memory
 
 
 def _find_idx(folder: Path, stem: str) -> Path:
