@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -100,13 +99,11 @@ def test_kill9_then_resume_matches_uninterrupted(tmp_path):
     assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()
 
     victim = _cli_train(cfg_path, tmp_path / "killed")
-    ckpt = tmp_path / "killed" / "checkpoint.pt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # now inside epoch 2
-    assert victim.poll() is None, "run finished before it could be killed"
-    victim.send_signal(signal.SIGKILL)
+    for line in victim.stdout:  # no sleeps: the run says when epoch 1's checkpoint is written
+        if line.startswith(b"epoch 1/4:"):
+            break
+    assert (tmp_path / "killed" / "checkpoint.pt").exists() and victim.poll() is None
+    victim.send_signal(signal.SIGKILL)  # somewhere in epoch 2
     victim.wait()
     assert not (tmp_path / "killed" / "metrics.json").exists()
 
