@@ -150,12 +150,9 @@ def test_refused_resume_keeps_the_runs_config(tmp_path, mnist_like):
     assert (tmp_path / "run" / "config.yaml").read_text() == before  # the error's advice still works
 
 
-@pytest.mark.parametrize("n_train,epochs,ok", [(64, 1, True), (32, 1, False)])
-def test_few_optimiser_steps(tmp_path, mnist_like, n_train, epochs, ok):
-    raw = tiny_config(mnist_like, epochs=epochs, batch_size=16)
-    raw["data"]["train_subset"], raw["data"]["cal_fraction"] = n_train, 0.25
-    if ok:  # 48 training images / 16 = 3 steps: a one-cycle schedule still fits
-        assert train(parse_config(raw), tmp_path / "run")["epochs"] == 1
-    else:
-        with pytest.raises(ConfigError, match="at least 3 are needed"):
-            train(parse_config(raw), tmp_path / "run")
+@pytest.mark.parametrize("batch_size", [16, 12, 48])
+def test_few_optimiser_steps(tmp_path, mnist_like, batch_size):
+    """48 training images in 3, 4 (the one-cycle schedule's corner case) or 1 optimiser step(s) all train."""
+    raw = tiny_config(mnist_like, epochs=1, batch_size=batch_size)
+    raw["data"]["train_subset"], raw["data"]["cal_fraction"] = 64, 0.25
+    assert train(parse_config(raw), tmp_path / "run")["epochs"] == 1

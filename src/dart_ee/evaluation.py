@@ -39,7 +39,7 @@ def aligned(policy: ExitPolicy, trace: Trace) -> Trace:
         raise ArtifactError(f"policy {policy.name!r} was fitted for {n_fit} exits but the trace "
                             f"({trace.meta.get('run', 'no run recorded')}) has {trace.num_exits}: use one run's policy and trace")
     source = getattr(policy, "alpha_source_", None) if policy.uses_alpha else None
-    if source and trace.meta.get("difficulty") != source:
+    if source and trace.meta.get("difficulty", "paper") != source:  # the default fit() assumes too
         if f"alpha_{source}" not in trace.extra:
             raise ArtifactError(f"policy {policy.name!r} reads the {source} difficulty score, which this trace does not "
                                 f"hold (it holds {sorted(trace.extra)}); use the trace of the run it was fitted on")

@@ -203,13 +203,12 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0,
                           weight_decay=t.weight_decay)
     steps = len(splits.train) // t.batch_size
-    if t.epochs * steps < 3:  # the one-cycle schedule needs a step up, a peak and a step down
-        raise ConfigError(f"train.batch_size={t.batch_size} and train.epochs={t.epochs} give {t.epochs * steps} "
-                          f"optimiser step(s) on {len(splits.train)} training images; at least 3 are needed: "
-                          "lower the batch size or raise the epochs")
-    # a quarter of the steps warm up, but at least 2 (OneCycleLR divides by the warm-up steps minus one)
+    if steps == 0:
+        raise ConfigError(f"train.batch_size={t.batch_size} exceeds the {len(splits.train)} training images")
+    # a quarter of the steps warm up; OneCycleLR divides by the warm-up steps minus one, so a run of
+    # exactly 4 steps (a warm-up of 1) warms up for 2
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=t.epochs * steps,
-                                                pct_start=max(0.25, 2 / (t.epochs * steps)),
+                                                pct_start=0.5 if t.epochs * steps == 4 else 0.25,
                                                 anneal_strategy="linear", div_factor=10, final_div_factor=100)
     start_epoch, wall = 0, 0.0
     if ck is not None:
