@@ -43,6 +43,7 @@ import torch
 
 from dart_ee import artifacts
 from dart_ee.errors import ArtifactError, ConfigError
+from dart_ee.evaluation import leave_costs
 from dart_ee.policies import DartPolicy
 from dart_ee.runtime import EarlyExitRunner, ExitResult
 from dart_ee.trace import Trace
@@ -130,10 +131,9 @@ class AdaptiveController:
         self.alpha_ema = alpha_ref.mean if alpha_ref else 0.0
         self.shifted = False
         self.gen = torch.Generator().manual_seed(seed)
-        macs = np.asarray(runner.model.exit_macs(), dtype=np.float64)
-        est = runner.estimator.macs(runner.model)[runner.alpha_source] if runner.alpha_source else 0
-        self.exit_costs = torch.tensor(macs + est)
         self.static_macs = float(runner.model.static_macs())
+        est = runner.estimator.macs(runner.model) if runner.estimator is not None else {}
+        self.exit_costs = torch.tensor(leave_costs(self.policy, runner.model.exit_macs(), self.static_macs, est))
         self.c_exit = [float(c) for c in self.policy.coef_exit_]
         self.c_class = [[float(c) for c in row] for row in self.policy.coef_class_]
         self.arm = self.arm_scales.index(1.0) if 1.0 in self.arm_scales else 0

@@ -122,6 +122,7 @@ def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: i
     from dart_ee.data import to_float
     from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
     from dart_ee.energy import energy_meter
+    from dart_ee.evaluation import leave_costs
     from dart_ee.policies import StaticPolicy, load_policy
     from dart_ee.queued import QueuedRunner
     from dart_ee.runtime import EarlyExitRunner
@@ -157,8 +158,7 @@ def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: i
     for name, runner in eager.items():
         res = runner.run(all_x, batch_size)
         pol = methods[name]
-        costs = (np.full(len(exit_macs), static_macs) if isinstance(pol, StaticPolicy) else
-                 exit_macs + (est_macs[runner.alpha_source] if runner.alpha_source else 0))
+        costs = leave_costs(pol, exit_macs, static_macs, est_macs)
         exits = res.exit.cpu().numpy()
         base = {"method": name, "accuracy": float((res.pred.cpu() == labels).float().mean()),
                 "macs_per_image": float(costs[exits].mean()),

@@ -7,7 +7,7 @@ here are the decisions it makes live.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -69,15 +69,24 @@ def simulate(policy: ExitPolicy, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     return exits.numpy(), preds.numpy()
 
 
-def exit_costs(policy: ExitPolicy, trace: Trace) -> np.ndarray:
-    """MACs to leave at each exit for this policy.
+def leave_costs(policy: ExitPolicy, exit_macs: Sequence[float], static_macs: float,
+                estimator_macs: dict[str, float]) -> np.ndarray:
+    """The one cost rule (traces, benchmark, adaptation): MACs to leave at each exit under ``policy``.
 
-    The trace's exit costs include the difficulty estimator; policies that ignore alpha do not pay
-    for it. The static policy runs the plain network, without exit heads.
+    ``exit_macs`` are the network's own (stages and the heads passed). The static policy runs the plain
+    network, without exit heads; a policy that reads alpha also pays for its estimator.
     """
     if isinstance(policy, StaticPolicy):
-        return np.full(trace.num_exits, float(trace.meta.get("static_macs", trace.exit_macs[-1])))
-    return trace.exit_macs.astype(np.float64) - (0.0 if policy.uses_alpha else estimator_macs(trace))
+        return np.full(len(exit_macs), float(static_macs))
+    source = getattr(policy, "alpha_source_", None) if policy.uses_alpha else None
+    return np.asarray(exit_macs, dtype=np.float64) + (float(estimator_macs.get(source, 0)) if source else 0.0)
+
+
+def exit_costs(policy: ExitPolicy, trace: Trace) -> np.ndarray:
+    """``leave_costs`` from a trace (whose exit costs include the estimator it was aligned to)."""
+    trace = aligned(policy, trace)
+    return leave_costs(policy, trace.exit_macs.astype(np.float64) - estimator_macs(trace),
+                       float(trace.meta.get("static_macs", trace.exit_macs[-1])), trace.meta.get("estimator_macs", {}))
 
 
 def estimator_macs(trace: Trace) -> float:
