@@ -52,3 +52,22 @@ def test_adapt_lists_must_match():
 def test_non_finite_and_negative_numbers_named(override, field):
     with pytest.raises(ConfigError, match=rf"{field.replace('.', chr(92) + '.')}:"):
         load_config(None, [override])
+
+
+def test_defaults_have_one_source():
+    """The CLI shows the config classes' defaults, and the library's signatures agree with them."""
+    import inspect
+
+    from dart_ee.adapt import AdaptiveController, run_scenario
+    from dart_ee.bench import benchmark
+    from dart_ee.config import AdaptConfig, BenchmarkConfig
+
+    b, a = BenchmarkConfig(), AdaptConfig()
+    bench = inspect.signature(benchmark).parameters
+    assert (bench["batch_size"].default, bench["n_images"].default, bench["repeats"].default,
+            bench["latency_images"].default) == (b.batch_size, b.images, b.repeats, b.latency_images)
+    ctrl = inspect.signature(AdaptiveController).parameters
+    assert (ctrl["audit_share"].default, ctrl["shift_gate"].default, ctrl["shift_scale"].default) == \
+        (a.audit_share, a.shift_gate, a.shift_scale)
+    scen = inspect.signature(run_scenario).parameters
+    assert (scen["n_clean"].default, scen["n_shift"].default, scen["batch_size"].default) == (a.clean, a.shifted, a.batch_size)

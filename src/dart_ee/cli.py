@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import numpy as np
 import typer
 
+from dart_ee.config import AdaptConfig, BenchmarkConfig
 from dart_ee.errors import DartError
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_show_lo
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML experiment config (see configs/).")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the dataset; default $DART_DATA.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field, e.g. train.epochs=1. Repeatable.")]
+_BENCH, _ADAPT = BenchmarkConfig(), AdaptConfig()  # the one source of the defaults the options show
 RunOpt = Annotated[Path, typer.Option("--run", help="Run directory written by `dart-ee train`.")]
 
 
@@ -554,10 +556,11 @@ def publish(file: Annotated[Optional[list[Path]], typer.Option(
 @app.command()
 def benchmark(run: RunOpt,
               policy: Annotated[list[Path], typer.Option("--policy", help="Fitted policy JSON. Repeatable.")],
-              batch_size: int = typer.Option(256, min=1, help="Batch size for the throughput measurement."),
-              images: int = typer.Option(2560, min=1, help="Test images timed per repetition (accuracy uses all)."),
-              repeats: int = typer.Option(5, min=1, help="Alternating repetitions; the median is reported."),
-              latency_images: int = typer.Option(100, min=0, help="Images timed one by one for p50/p95 latency."),
+              batch_size: int = typer.Option(_BENCH.batch_size, min=1, help="Batch size for the throughput measurement."),
+              images: int = typer.Option(_BENCH.images, min=1, help="Test images timed per repetition (accuracy uses all)."),
+              repeats: int = typer.Option(_BENCH.repeats, min=1, help="Alternating repetitions; the median is reported."),
+              latency_images: int = typer.Option(_BENCH.latency_images, min=0,
+                                                 help="Images timed one by one for p50/p95 latency (0: none)."),
               threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")] = None,
               device: str = typer.Option("cpu", help="cpu or cuda."),
               memory: Annotated[bool, typer.Option("--memory", help="Also measure peak memory per method "
@@ -616,18 +619,20 @@ def adapt(run: RunOpt,
           scenario: Annotated[list[str], typer.Option("--scenario", help="noise, blur, contrast, class-prior or ramp. "
                                                                          "Repeatable.")],
           severity: Annotated[Optional[list[float]], typer.Option("--severity", help="One per scenario.")] = None,
-          clean: int = typer.Option(3000, min=1, help="Clean images before the shift."),
-          shifted: int = typer.Option(3000, min=1, help="Shifted images after it."),
-          batch_size: int = typer.Option(256, min=1),
-          audit_share: float = typer.Option(0.02, min=0, max=1, help="Share of early exits audited."),
+          clean: int = typer.Option(_ADAPT.clean, min=1, help="Clean images before the shift."),
+          shifted: int = typer.Option(_ADAPT.shifted, min=1, help="Shifted images after it."),
+          batch_size: int = typer.Option(_ADAPT.batch_size, min=1),
+          audit_share: float = typer.Option(_ADAPT.audit_share, min=0, max=1, help="Share of early exits audited."),
           ucb: bool = typer.Option(False, "--ucb", help="Let UCB1 choose a conservative/balanced/aggressive scale."),
           window: int = typer.Option(1000, min=1, help="Sliding window of recent inferences."),
           update_every: int = typer.Option(4, min=1, help="Update the coefficients every k batches."),
           z_gate: float = typer.Option(2.0, help="Act only on accuracy gaps beyond this many standard errors."),
-          shift_guard: bool = typer.Option(True, "--shift-guard/--no-shift-guard",
+          shift_guard: bool = typer.Option(_ADAPT.shift_guard, "--shift-guard/--no-shift-guard",
                                            help="Scale thresholds up while alpha has left its calibration range."),
-          shift_gate: float = typer.Option(0.5, help="Shift guard trigger, in calibration standard deviations of alpha."),
-          shift_scale: float = typer.Option(1.2, help="Factor on every exit coefficient while the guard is on."),
+          shift_gate: float = typer.Option(_ADAPT.shift_gate, help="Shift guard trigger, in calibration standard "
+                                                                   "deviations of alpha."),
+          shift_scale: float = typer.Option(_ADAPT.shift_scale, help="Factor on every exit coefficient while the guard "
+                                                                     "is on."),
           overhead: bool = typer.Option(False, "--overhead", help="Also time the controller against the runner alone "
                                                                   "(stationary stream, batch 256, audits off)."),
           seed: int = 0, data_dir: DataDirOpt = None, out: OutOpt = None) -> None:

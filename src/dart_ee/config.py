@@ -70,7 +70,7 @@ class BenchmarkConfig(_Strict):
     batch_size: int = Field(256, ge=1)
     images: int = Field(2560, ge=1)
     repeats: int = Field(5, ge=1)
-    latency_images: int = Field(100, ge=1)
+    latency_images: int = Field(100, ge=0)  # 0: no batch-1 latency
     threads: int | None = Field(None, ge=1)
 
 
