@@ -165,3 +165,43 @@ def test_one_cost_rule_for_traces_and_the_runtime(trained_run, name, alpha):
     est = load_estimators(trained_run["run"] / "difficulty.pt")
     np.testing.assert_allclose(exit_costs(pol, test),
                                leave_costs(pol, model.exit_macs(), model.static_macs(), est.macs(model)))
+
+
+def test_out_of_range_dart_parameters_and_empty_runs(trained_run):
+    import torch
+
+    from dart_ee.errors import ConfigError, InputError
+    from dart_ee.policies import make_policy
+    from dart_ee.queued import QueuedRunner
+    from dart_ee.runtime import EarlyExitRunner
+    from dart_ee.training import load_model
+
+    code, out = invoke("calibrate", "--trace", trained_run["cal_path"], "--policy", "dart", "--max-drop", "1",
+                       "--set", "alpha_bins=0", "--out", "unused.json")
+    assert code == 2 and "alpha_bins=0" in out
+    with pytest.raises(ConfigError, match="conf_bins"):
+        make_policy("dart", conf_bins=1).fit(trained_run["cal"])
+    model, pol = load_model(trained_run["run"] / "model.pt"), make_policy("threshold", tau=0.5)
+    empty = torch.zeros(0, 1, 28, 28, dtype=torch.uint8)
+    for runner in (EarlyExitRunner(model, pol), QueuedRunner(model, pol)):
+        with pytest.raises(InputError, match="no images"):
+            runner.run(empty)
+    stream = QueuedRunner(model, pol, batch_size=4)
+    assert len(stream.push(empty).pred) == 0 and len(stream.finish().pred) == 0  # an empty piece is a no-op
+
+
+def test_other_data_of_the_same_shape_is_refused(tmp_path):
+    from conftest import make_idx_dataset, tiny_config
+
+    from dart_ee.config import parse_config
+    from dart_ee.errors import DataError
+    from dart_ee.trace import trace_run
+    from dart_ee.training import train
+
+    make_idx_dataset(tmp_path / "a" / "mnist", n_train=80, n_test=20, seed=0)
+    make_idx_dataset(tmp_path / "b" / "mnist", n_train=80, n_test=20, seed=5)  # same sizes, other digits
+    train(parse_config(tiny_config(tmp_path / "a", epochs=1, batch_size=16)), tmp_path / "run")
+    with pytest.raises(DataError, match="made from other data"):
+        trace_run(tmp_path / "run", tmp_path / "b")
+    assert not (tmp_path / "run" / "trace_cal.npz").exists()  # nothing was overwritten
+    trace_run(tmp_path / "run", tmp_path / "a")  # the same data in its own folder is fine

@@ -436,6 +436,15 @@ def make_split(n_train: int, cal_fraction: float, seed: int) -> dict:
             "cal_indices": sorted(perm[:n_cal].tolist()), "train_indices": sorted(perm[n_cal:].tolist())}
 
 
+def content_fingerprint(*sets: ImageSet) -> str:
+    """A hash of the pixels and labels themselves: the same data moved to another folder keeps it."""
+    h = hashlib.sha256()
+    for s in sets:
+        h.update(np.ascontiguousarray(s.x).data)
+        h.update(np.ascontiguousarray(s.y).data)
+    return h.hexdigest()[:16]
+
+
 def check_split(manifest: dict, n_train: int) -> None:
     cal, tr = set(manifest["cal_indices"]), set(manifest["train_indices"])
     if manifest["n_train_total"] != n_train or cal & tr or len(cal) + len(tr) != n_train:

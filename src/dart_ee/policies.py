@@ -302,11 +302,23 @@ class DartPolicy(ExitPolicy):
         self.alpha_bins, self.conf_bins, self.prior = int(alpha_bins), int(conf_bins), float(prior)
         self.refine = bool(refine)
 
+    def _check_params(self) -> None:
+        """Checked at fit, so ``set_params`` (and ``--set``) values are checked too."""
+        bad = [f"{k}={v!r} ({why})" for k, v, ok, why in (
+            ("alpha_bins", self.alpha_bins, isinstance(self.alpha_bins, int) and self.alpha_bins >= 1, "an integer >= 1"),
+            ("conf_bins", self.conf_bins, isinstance(self.conf_bins, int) and self.conf_bins >= 2, "an integer >= 2"),
+            ("beta_opt", self.beta_opt, math.isfinite(self.beta_opt) and self.beta_opt >= 0, "a finite number >= 0"),
+            ("beta_diff", self.beta_diff, math.isfinite(self.beta_diff) and self.beta_diff >= 0, "a finite number >= 0"),
+            ("prior", self.prior, math.isfinite(self.prior) and self.prior >= 0, "a finite number >= 0")) if not ok]
+        if bad:
+            raise ConfigError("DART parameter(s) out of range: " + "; ".join(bad))
+
     @property
     def uses_alpha(self) -> bool:  # type: ignore[override]
         return self.alpha_bins > 1 or self.beta_diff != 0
 
     def fit(self, trace: Trace) -> DartPolicy:
+        self._check_params()
         super().fit(trace)
         n, n_exits, b = trace.n, trace.num_exits, self.conf_bins
         if self.alpha_bins > 1 and trace.alpha is None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from dart_ee.data import to_float
 from dart_ee.difficulty import LearnedDifficulty, check_pixels
-from dart_ee.errors import ConfigError
+from dart_ee.errors import ConfigError, InputError
 from dart_ee.models import MultiExitNet
 from dart_ee.policies import ExitPolicy, StaticPolicy
 from dart_ee.runtime import ExitResult, alpha_source, keep_layout
@@ -243,7 +243,8 @@ class QueuedRunner:
     @torch.inference_mode()
     def push(self, x: torch.Tensor) -> ExitResult:
         """Queue a piece of a stream (uint8 or float pixels); return the results now complete, in input order."""
-        self._push(x)
+        if len(x):  # an empty piece is allowed in a stream: nothing to queue
+            self._push(x)
         pending = (~self._done[self.emitted: self.total]).nonzero()
         return self._emit(self.emitted + (int(pending[0]) if len(pending) else self.total - self.emitted))
 
@@ -260,6 +261,8 @@ class QueuedRunner:
         """Run a whole dataset (uint8 or float pixels, any device); results in input order."""
         if self.total:
             raise ConfigError("run() needs an idle runner: call finish() on the stream in progress first")
+        if len(images) == 0:
+            raise InputError("no images to run: pass at least one")
         for s in range(0, len(images), self.batch_size):  # a batch at a time: the host copy stays bounded
             self._push(images[s: s + self.batch_size])
         self._drain(final=True)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dart_ee.difficulty import LearnedDifficulty
-from dart_ee.errors import ConfigError
+from dart_ee.errors import ConfigError, InputError
 from dart_ee.models import MultiExitNet
 from dart_ee.policies import ExitPolicy, StaticPolicy
 
@@ -106,6 +106,8 @@ class EarlyExitRunner:
         """Run over many images (uint8 or float in [0, 1]) in batches; results concatenated in order."""
         from dart_ee.data import to_float
 
+        if len(images) == 0:
+            raise InputError("no images to run: pass at least one")
         dev = next(self.model.parameters()).device
         parts = [self(to_float(images[s: s + batch_size]).to(dev)) for s in range(0, len(images), batch_size)]
         alpha = None if parts[0].alpha is None else torch.cat([r.alpha for r in parts])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from dart_ee import artifacts, data
 from dart_ee.config import Config, check_exit_lists, config_fingerprint, dump_config, step_fingerprint
 from dart_ee.console import log, progress
-from dart_ee.errors import ArtifactError, ConfigError
+from dart_ee.errors import ArtifactError, ConfigError, DataError
 from dart_ee.lock import holds_run_lock
 from dart_ee.models import MultiExitNet, create_model, optimize_for_inference
 
@@ -60,11 +60,17 @@ def prepare_splits(cfg: Config, run_dir: Path, data_dir: str | Path | None = Non
         train = train.subset(_draw(len(train), cfg.data.train_subset, cfg.data.split_seed))
     if cfg.data.test_subset:
         test = test.subset(_draw(len(test), cfg.data.test_subset, cfg.data.split_seed))
+    content = data.content_fingerprint(train, test)
     if manifest is not None:
         data.check_split(manifest, len(train))
+        if manifest.get("data_fingerprint", content) != content:  # runs split before it was recorded: not checked
+            raise DataError(f"{run_dir} was made from other data than {root or cfg.data.dataset} holds (the pixels or "
+                            f"labels differ from those recorded in {path}); point --data-dir at the run's own data, "
+                            f"{manifest.get('data_dir')}, or start a new --out")
     else:
         manifest = data.make_split(len(train), cfg.data.cal_fraction, cfg.data.split_seed)
-        manifest.update(dataset=cfg.data.dataset, data_dir=str(root.resolve()) if root else None)
+        manifest.update(dataset=cfg.data.dataset, data_dir=str(root.resolve()) if root else None,
+                        data_fingerprint=content)
         artifacts.write_json(path, manifest)
     return Splits(train.subset(np.asarray(manifest["train_indices"])), train.subset(np.asarray(manifest["cal_indices"])),
                   test, spec, manifest)
