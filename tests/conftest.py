@@ -98,6 +98,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import torch
 
     from dart_ee import trace as trace_mod
+    from dart_ee import tracing
     from dart_ee.config import parse_config
     from dart_ee.training import prepare_splits, train
 
@@ -107,7 +108,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     raw["data"]["cal_fraction"] = 0.5
     cfg = parse_config(raw)
     train(cfg, root / "run")
-    paths = trace_mod.trace_run(root / "run")
+    paths = tracing.trace_run(root / "run")
     splits = prepare_splits(cfg, root / "run")
     return {"run": root / "run", "cal": trace_mod.load(paths["cal"]), "test": trace_mod.load(paths["test"]),
             "images": torch.from_numpy(splits.test.x), "cal_path": paths["cal"], "test_path": paths["test"]}

@@ -195,7 +195,7 @@ def test_other_data_of_the_same_shape_is_refused(tmp_path):
 
     from dart_ee.config import parse_config
     from dart_ee.errors import DataError
-    from dart_ee.trace import trace_run
+    from dart_ee.tracing import trace_run
     from dart_ee.training import train
 
     make_idx_dataset(tmp_path / "a" / "mnist", n_train=80, n_test=20, seed=0)

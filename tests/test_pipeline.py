@@ -92,7 +92,7 @@ def test_run_killed_mid_pipeline_resumes_to_the_same_results(tmp_path):
 def test_rerun_redoes_exactly_the_steps_whose_inputs_changed(tmp_path, capsys):
     import copy
 
-    from dart_ee import artifacts
+    from dart_ee import artifacts, tracing
     from dart_ee import trace as trace_mod
 
     make_idx_dataset(tmp_path / "data" / "mnist", n_train=400, n_test=300)
@@ -113,7 +113,7 @@ def test_rerun_redoes_exactly_the_steps_whose_inputs_changed(tmp_path, capsys):
         traces = artifacts.file_fingerprint(out / "trace_cal.npz")
         # results.json agrees with the model and traces on disk
         assert res["training"] == json.loads((out / "metrics.json").read_text())
-        assert trace_mod.load(out / "trace_cal.npz").meta["inputs_fingerprint"] == trace_mod.inputs_fingerprint(cfg, out)
+        assert trace_mod.load(out / "trace_cal.npz").meta["inputs_fingerprint"] == tracing.inputs_fingerprint(cfg, out)
         return res, model, traces
 
     res1, model1, traces1 = run()

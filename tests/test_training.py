@@ -11,6 +11,7 @@ import yaml
 from conftest import SHARED_DATA, make_cifar_python, tiny_config
 
 from dart_ee import trace as trace_mod
+from dart_ee import tracing
 from dart_ee.config import parse_config
 from dart_ee.errors import ArtifactError, ConfigError
 from dart_ee.training import load_model, train
@@ -32,7 +33,7 @@ def test_train_then_trace(tmp_path, mnist_like):
     run = tmp_path / "run"
     metrics = train(parse_config(tiny_config(mnist_like.parent, epochs=5, batch_size=16)), run)
     assert metrics["exit_test_accuracy"][-1] > 0.3  # the toy classes are learnable
-    paths = trace_mod.trace_run(run)
+    paths = tracing.trace_run(run)
     cal = trace_mod.load(paths["cal"], expect_split="cal")
     test = trace_mod.load(paths["test"])
     assert cal.n == 40 and test.n == 100 and cal.num_exits == 6
@@ -46,7 +47,7 @@ def test_train_then_trace(tmp_path, mnist_like):
 def test_trace_validation(tmp_path, mnist_like):
     run = tmp_path / "run"
     train(parse_config(tiny_config(mnist_like.parent)), run)
-    path = trace_mod.trace_run(run)["test"]
+    path = tracing.trace_run(run)["test"]
     meta = json.loads(path.with_suffix(".json").read_text())
     path.with_suffix(".json").write_text(json.dumps({**meta, "version": 99}))
     with pytest.raises(ArtifactError, match="version"):

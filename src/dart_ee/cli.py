@@ -126,7 +126,8 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] =
 @app.command()
 def trace(run: RunOpt, data_dir: DataDirOpt = None) -> None:
     """Write RUN/trace_cal.npz and RUN/trace_test.npz: every exit's softmax for every sample (+ JSON metadata)."""
-    from dart_ee.trace import load, trace_run
+    from dart_ee.trace import load
+    from dart_ee.tracing import trace_run
 
     for split, path in trace_run(run, data_dir).items():
         t = load(path)

@@ -67,6 +67,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     import torch
 
     from dart_ee import trace as trace_mod
+    from dart_ee import tracing
     from dart_ee.adapt import run_scenario
     from dart_ee.analysis import difficulty_report
     from dart_ee.bench import benchmark, git_revision, hardware_info
@@ -103,11 +104,11 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
 
     t0 = step("2/6 difficulty + trace")
     traced = _valid(trace_mod.load, cal_p) and _valid(trace_mod.load, test_p) and _valid(load_estimators, out / ESTIMATOR_FILE)
-    if traced and not trace_mod.is_current(trace_mod.load(cal_p), cfg, out):
+    if traced and not tracing.is_current(trace_mod.load(cal_p), cfg, out):
         _retire(out, TRACE_FILES, "the traces were made from another model or other data or difficulty settings")
         traced = False
     if not traced:
-        trace_mod.trace_run(out, data_dir)
+        tracing.trace_run(out, data_dir)
     cal, test = trace_mod.load(cal_p, expect_split="cal"), trace_mod.load(test_p, expect_split="test")
     diff = difficulty_report(test)
     steps["trace"] = time.perf_counter() - t0

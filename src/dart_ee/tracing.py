@@ -1,0 +1,94 @@
+"""Tracing a trained run: the step between the multi-exit model and the policies.
+
+``trace_run`` fits the difficulty estimators, runs every exit over the calibration and test splits
+and writes the two trace files (the format lives in ``dart_ee.trace``); ``is_current`` says whether a
+run's traces were made from its present model, data and difficulty settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from dart_ee import artifacts
+from dart_ee import difficulty as difficulty_mod
+from dart_ee.lock import holds_run_lock
+from dart_ee.trace import Trace, save
+
+if TYPE_CHECKING:
+    from dart_ee.config import Config
+
+
+def inputs_fingerprint(cfg: Config, run_dir: Path) -> str:
+    """What a run's traces are made from: the model's weights, the data split and the difficulty settings."""
+    from dart_ee.config import step_fingerprint
+    from dart_ee.training import MODEL
+
+    return step_fingerprint(cfg, "trace", model=artifacts.file_fingerprint(Path(run_dir) / MODEL))
+
+
+def is_current(trace: Trace, cfg: Config, run_dir: Path) -> bool:
+    """Was ``trace`` made from the run's present model and ``cfg``'s trace inputs?"""
+    if "inputs_fingerprint" in trace.meta:
+        return trace.meta["inputs_fingerprint"] == inputs_fingerprint(cfg, run_dir)
+    # made before inputs_fingerprint existed: a new model or split retires them, so only the score can differ
+    return trace.meta.get("difficulty") == cfg.difficulty
+
+
+@holds_run_lock("run_dir")
+def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[str, Path]:
+    """Trace a trained run over its calibration and test splits: writes ``trace_cal`` and ``trace_test``.
+
+    On the way it fits the difficulty estimators (the paper's on training images, the learned one
+    by cross-validation on the calibration split), saves them to ``RUN/difficulty.pt`` and stores
+    every sample's alpha in the traces.
+    """
+    from dart_ee.config import config_fingerprint, load_config
+    from dart_ee.difficulty import oracle_depth
+    from dart_ee.training import MODEL, load_model, predict_exits, prepare_splits
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    model = load_model(run_dir / MODEL, optimize=True)
+    splits = prepare_splits(cfg, run_dir, data_dir)
+    est = difficulty_mod.fit_estimators(splits.train.x, seed=cfg.seed)
+
+    results = {}
+    for split, images in (("cal", splits.cal), ("test", splits.test)):
+        feats, terms = [], []
+
+        def collect(x: torch.Tensor, h1: torch.Tensor, logits1: torch.Tensor, feats: list = feats,
+                    terms: list = terms) -> None:
+            t = est.paper.terms(x)
+            terms.append(t.numpy())
+            feats.append(est.features(t, h1, logits1).numpy())
+
+        probs = predict_exits(model, images.x, cfg.train.eval_batch_size, stage1_hook=collect)
+        results[split] = (probs, np.concatenate(terms), np.concatenate(feats))
+    cal_probs, _, cal_feats = results["cal"]
+    depth = oracle_depth(cal_probs.argmax(2) == splits.cal.y[:, None])
+    learned_oof = est.fit(cal_feats, depth, model.num_exits, seed=cfg.seed)
+    difficulty_mod.save_estimators(est, run_dir / difficulty_mod.ESTIMATOR_FILE)
+
+    est_macs = est.macs(model)
+    selected = f"alpha_{cfg.difficulty}"
+    exit_macs = np.asarray(model.exit_macs()) + est_macs[cfg.difficulty]
+    base = {"model": model.arch, "dataset": cfg.data.dataset, "config_name": cfg.name,
+            "config_fingerprint": config_fingerprint(cfg), "run": str(run_dir),
+            "inputs_fingerprint": inputs_fingerprint(cfg, run_dir),
+            "static_macs": model.static_macs(), "difficulty": cfg.difficulty, "estimator_macs": est_macs,
+            "exit_macs_include": "stages, exit heads passed, and the configured difficulty estimator"}
+    out = {}
+    for split, images, index in (("cal", splits.cal, splits.manifest["cal_indices"]),
+                                 ("test", splits.test, np.arange(len(splits.test)))):
+        probs, terms, feats = results[split]
+        with torch.no_grad():
+            learned = learned_oof if split == "cal" else est.predict(torch.from_numpy(feats)).numpy()
+        extra = {"alpha_paper": est.paper.fuse(torch.from_numpy(terms)).numpy(), "alpha_learned": learned,
+                 "terms": terms}
+        t = Trace(probs, images.y, np.asarray(index), exit_macs, extra[selected], {**base, "split": split}, extra)
+        out[split] = save(t, run_dir / f"trace_{split}.npz")
+    return out
