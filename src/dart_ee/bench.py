@@ -205,6 +205,8 @@ def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: i
     if profile and queued:  # where the time goes, in a separate pass: the per-stage syncs would slow the timed one
         for name, pol in methods.items():
             q = QueuedRunner(model, pol, est, batch_size, profile=True)
+            q.run(x[: 4 * batch_size])  # warm-up: on a GPU this captures the graphs, which must not be timed
+            q.stage_stats = [{"calls": 0, "samples": 0, "seconds": 0.0} for _ in q.stage_stats]
             q.run(x)
             rows["queued", name]["stages"] = [
                 {"stage": i + 1, "calls": st["calls"], "fill": st["samples"] / max(st["calls"] * batch_size, 1),
