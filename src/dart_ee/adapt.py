@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -47,6 +47,10 @@ from dart_ee.evaluation import leave_costs
 from dart_ee.policies import DartPolicy
 from dart_ee.runtime import EarlyExitRunner, ExitResult
 from dart_ee.trace import Trace
+
+if TYPE_CHECKING:
+    from dart_ee.difficulty import LearnedDifficulty
+    from dart_ee.models import MultiExitNet
 
 STATE_FORMAT = "dart-ee-adapt-state"
 
@@ -148,7 +152,7 @@ class AdaptiveController:
     def process(self, x: torch.Tensor) -> tuple[ExitResult, torch.Tensor]:
         """Run one batch; returns the runner's result and each sample's MACs (audits included)."""
         res = self.runner(x)
-        if self.alpha_ref is not None:
+        if self.alpha_ref is not None and res.alpha is not None:  # a guard needs alpha (checked in __init__)
             self._watch_shift(res.alpha)
         n_exits = self.runner.model.num_exits
         early = res.exit < n_exits - 1
@@ -309,7 +313,7 @@ class AdaptiveController:
         self.load_state_dict(artifacts.load_torch(path, "adaptation state"))
 
 
-def controller_for_run(run_dir: str | Path, policy_path: str | Path, model: torch.nn.Module, estimator: torch.nn.Module,
+def controller_for_run(run_dir: str | Path, policy_path: str | Path, model: MultiExitNet, estimator: LearnedDifficulty,
                        shift_guard: bool = True, **controller_kw) -> AdaptiveController:
     """A controller for a run's fitted DART policy: agreement targets and the shift guard's alpha reference
     both come from the run's calibration trace."""
@@ -323,7 +327,8 @@ def controller_for_run(run_dir: str | Path, policy_path: str | Path, model: torc
     if policy.alpha_source_:
         cal = cal.with_alpha(f"alpha_{policy.alpha_source_}")
     runner = EarlyExitRunner(model, policy, estimator)
-    alpha_ref = AlphaReference.from_alpha(cal.alpha) if shift_guard and runner.alpha_source else None
+    alpha_ref = (AlphaReference.from_alpha(cal.alpha) if shift_guard and runner.alpha_source and cal.alpha is not None
+                 else None)
     return AdaptiveController(runner, agreement_targets(policy, cal), alpha_ref=alpha_ref, **controller_kw)
 
 
@@ -349,7 +354,7 @@ def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, se
     full, frozen = EarlyExitRunner(model, StaticPolicy(), est), EarlyExitRunner(model, load_policy(policy_path), est)
     static_macs = ctrl.static_macs
     out: dict[str, dict[str, list]] = {k: {"correct": [], "macs": [], "exit": []} for k in ("full", "frozen", "adaptive")}
-    coef_trace = []
+    coef_trace: list[dict[str, Any]] = []
     for s in range(0, len(stream.y), batch_size):
         x, y = stream.x[s: s + batch_size], stream.y[s: s + batch_size]
         for name, runner in (("full", full), ("frozen", frozen)):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +49,7 @@ def difficulty_cost(model_name: str = "alexnet", dataset: str = "cifar10", repea
     timing = []
     for bs in (1, 256):
         x = torch.rand(bs, *shape, generator=gen)
-        t = time_alternating({"estimator": lambda x=x: est(x), "model": lambda x=x: model.forward_static(x)},
+        t = time_alternating({"estimator": functools.partial(est, x), "model": functools.partial(model.forward_static, x)},
                              repeats if bs > 1 else 5 * repeats)
         e, m = statistics.median(t["estimator"]), statistics.median(t["model"])
         timing.append({"batch_size": bs, "estimator_ms": 1e3 * e, "model_ms": 1e3 * m, "share": e / m})
@@ -108,7 +110,7 @@ def _percentile(v: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(v), q))
 
 
-def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: int = 256, n_images: int = 2560,
+def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_size: int = 256, n_images: int = 2560,
               repeats: int = 5, latency_images: int = 100, threads: int | None = None, device: str = "cpu",
               data_dir: str | Path | None = None, memory: bool = False,
               runners: Sequence[str] = ("eager",), profile: bool = True) -> dict:
@@ -123,7 +125,7 @@ def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: i
     from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
     from dart_ee.energy import energy_meter
     from dart_ee.evaluation import leave_costs
-    from dart_ee.policies import StaticPolicy, load_policy
+    from dart_ee.policies import ExitPolicy, StaticPolicy, load_policy
     from dart_ee.queued import QueuedRunner
     from dart_ee.runtime import EarlyExitRunner
     from dart_ee.training import MODEL, load_model, prepare_splits
@@ -145,7 +147,7 @@ def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: i
     exit_macs = np.asarray(model.exit_macs(), dtype=np.float64)
     static_macs = float(model.static_macs())
 
-    methods = {"static": StaticPolicy()}
+    methods: dict[str, ExitPolicy] = {"static": StaticPolicy()}
     for p in policy_paths:
         pol = load_policy(p)
         methods[pol.name if pol.name not in methods else Path(p).stem] = pol
@@ -167,9 +169,9 @@ def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: i
         for r in runners:
             rows[r, name] = {**base, "runner": r}
         if "queued" in runners:
-            q = QueuedRunner(model, pol, est, batch_size).run(all_x)
+            qres = QueuedRunner(model, pol, est, batch_size).run(all_x)
             rows["queued", name]["decisions_differing_from_eager"] = int(
-                ((q.exit != res.exit) | (q.pred != res.pred)).sum())
+                ((qres.exit != res.exit) | (qres.pred != res.pred)).sum())
     rows = {k: rows[k] for k in keys}  # by runner, then method
     with torch.inference_mode():
         mean_alpha = float(torch.cat([est.paper(to_float(all_x[s: s + 1000]).to(dev))
@@ -183,8 +185,9 @@ def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: i
 
     def throughput(key: tuple[str, str]) -> Callable[[], object]:
         if key[0] == "queued":
-            return lambda q=queued[key[1]]: q.run(x)
-        return lambda e=eager[key[1]]: [e(b) for b in batches]
+            return functools.partial(queued[key[1]].run, x)
+        runner = eager[key[1]]
+        return lambda: [runner(b) for b in batches]
 
     fns = {k: throughput(k) for k in keys}
     meter = energy_meter(dev)
@@ -192,8 +195,8 @@ def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: i
         fn()
     t_per_img: dict = {k: [] for k in keys}
     e_per_img: dict = {k: [] for k in keys}
-    for r in range(repeats):
-        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+    for rep in range(repeats):
+        for k in keys[rep % len(keys):] + keys[: rep % len(keys)]:
             _sync(dev)
             e0, t0 = meter.read(), time.perf_counter()
             fns[k]()
@@ -214,12 +217,9 @@ def benchmark(run_dir: str | Path, policy_paths: list[str | Path], batch_size: i
 
     # latency at batch size 1: alternating per image
     singles = x[:latency_images]
-    latency = {}
-    for k in keys:
-        if k[0] == "queued":  # a queue of one: each stage runs as soon as its one sample arrives
-            latency[k] = lambda s, q=QueuedRunner(model, methods[k[1]], est, 1): q.run(s)
-        else:
-            latency[k] = eager[k[1]]
+    latency: dict[tuple[str, str], Callable[[torch.Tensor], object]] = {}
+    for k in keys:  # a queue of one: each stage runs as soon as its one sample arrives
+        latency[k] = QueuedRunner(model, methods[k[1]], est, 1).run if k[0] == "queued" else eager[k[1]]
     lat: dict = {k: [] for k in keys}
     for k in keys if len(singles) else []:
         latency[k](singles[:1])
@@ -293,8 +293,8 @@ def _memory_child(run_dir: str, policy_path: str | None, images_path: str, batch
     return {"peak_rss_mb": peak / 2**20, "rss_before_mb": base / 2**20, "increase_mb": (peak - base) / 2**20}
 
 
-def _add_memory(rows: dict, run_dir: Path, policy_paths: list, methods: dict, images: torch.Tensor, batch_size: int,
-                threads: int, device: str) -> None:
+def _add_memory(rows: dict, run_dir: Path, policy_paths: Sequence[str | Path], methods: dict, images: torch.Tensor,
+                batch_size: int, threads: int, device: str) -> None:
     """Peak memory of each method on the images, each in its own process so peaks don't mix."""
     import multiprocessing as mp
     import tempfile
@@ -349,7 +349,7 @@ def training_speed(model_name: str = "alexnet", dataset: str = "cifar10", batch_
             torch.manual_seed(0)
             model = create_model(model_name, spec.num_classes, spec.in_channels, spec.image_size).train()
             fmt = torch.channels_last if channels_last else torch.contiguous_format
-            model = model.to(memory_format=fmt)
+            model = model.to(memory_format=fmt)  # type: ignore[call-overload]  # the stubs lack memory_format
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
             x = torch.rand(batch_size, spec.in_channels, spec.image_size, spec.image_size).to(memory_format=fmt)
             y = torch.randint(0, spec.num_classes, (batch_size,))
@@ -357,7 +357,7 @@ def training_speed(model_name: str = "alexnet", dataset: str = "cifar10", batch_
             for _ in range(steps + 2):
                 t0 = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = sum(F.cross_entropy(z.float(), y) for z in model(x))
+                    loss = torch.stack([F.cross_entropy(z.float(), y) for z in model(x)]).sum()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -379,17 +379,17 @@ def stage_times(model_name: str = "alexnet", dataset: str = "cifar10", batch_siz
     model = optimize_for_inference(create_model(model_name, spec.num_classes, spec.in_channels, spec.image_size))
     cost = model.cost_breakdown()
     total_macs = sum(cost["stage_macs"])
-    out = {"model": model_name, "dataset": dataset, "threads": n_threads, "rows": {}}
+    out: dict[str, Any] = {"model": model_name, "dataset": dataset, "threads": n_threads, "rows": {}}
     for bs in batch_sizes:
         x = torch.rand(bs, spec.in_channels, spec.image_size, spec.image_size)
         feats, h = [], x
         for stage in model.stages:  # each stage's input, computed once
             feats.append(h)
             h = stage(h)
-        fns = {}
+        fns: dict[str, Callable[[], object]] = {}
         for i, (stage, head) in enumerate(zip(model.stages, model.heads)):
-            fns[f"stage{i}"] = lambda s=stage, f=feats[i]: s(f)
-            fns[f"head{i}"] = lambda hd=head, f=(stage(feats[i])): hd(f)
+            fns[f"stage{i}"] = functools.partial(stage, feats[i])
+            fns[f"head{i}"] = functools.partial(head, stage(feats[i]))
         t = {k: statistics.median(v) for k, v in time_alternating(fns, repeats if bs > 1 else 10 * repeats).items()}
         static = sum(t[f"stage{i}"] for i in range(model.num_exits))
         out["rows"][bs] = [{"exit": i + 1, "stage_ms": 1e3 * t[f"stage{i}"], "head_ms": 1e3 * t[f"head{i}"],

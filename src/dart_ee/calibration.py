@@ -73,6 +73,7 @@ def calibrate(name: str, cal: Trace, *, beta_opt: float | None = None, max_drop:
         if beta_opt is not None:
             score, feasible = rec["accuracy"] - beta_opt * rec["mac_fraction"], True
         else:
+            assert max_drop is not None  # exactly one target was given (checked above)
             feasible = rec["drop_points"] <= max_drop + 1e-9
             score = -rec["macs_per_image"] if feasible else -math.inf
         scored.append((score, feasible, rec["accuracy"], p, pol, rec))
@@ -93,7 +94,7 @@ def calibrate(name: str, cal: Trace, *, beta_opt: float | None = None, max_drop:
 def dart_ablation(cal: Trace, test: Trace, max_drop: float, confidence: float | None = 0.95, seed: int = 0,
                   fit_share: float = FIT_SHARE) -> list[dict]:
     """What each DART ingredient contributes, every variant calibrated the same way at the same budget."""
-    variants = [
+    variants: list[tuple[str, dict[str, Any], bool, str]] = [
         ("DART without alpha (one alpha bin, beta_diff = 0)", {"alpha_bins": 1, "beta_diff": 0.0}, False, "paper"),
         ("DART with alpha bins, beta_diff = 0", {"beta_diff": 0.0}, False, "paper"),
         ("DART with alpha bins, fixed beta_diff = 0.3", {"beta_diff": 0.3}, False, "paper"),
@@ -107,7 +108,7 @@ def dart_ablation(cal: Trace, test: Trace, max_drop: float, confidence: float | 
         if key not in cal.extra:
             continue
         c, t = cal.with_alpha(key), test.with_alpha(key)
-        cert = {"seed": seed, "fit_share": fit_share} if confidence else {}
+        cert: dict[str, Any] = {"seed": seed, "fit_share": fit_share} if confidence else {}
         pol, rec = calibrate_or_static("dart", c, max_drop, confidence, tune_beta_diff=tune, **cert, **params)
         rows.append({"variant": label, "params": rec["params"], "certified": _certified(rec),
                      "calibration": rec["calibration"], "test": evaluate(pol, t)})

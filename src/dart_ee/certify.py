@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from scipy import stats
@@ -171,7 +171,7 @@ def shift_family(policy: DartPolicy, fit: Trace, lambdas: Iterable[float] = LAMB
     maps = _quantile_maps(fit)
     fam = []
     for lam in lambdas:
-        p = make_policy("dart", **policy.get_params())
+        p = cast(DartPolicy, make_policy("dart", **policy.get_params()))
         for k, v in policy.fitted_state().items():
             setattr(p, k, v)
         p.tau_ = shift_thresholds(policy.tau_, maps, lam)
@@ -199,18 +199,19 @@ def knob_sequence(name: str, fit: Trace, params: dict[str, Any]) -> list[tuple[d
     """Candidates in the policy's knob order, most conservative first, each fitted on ``fit``."""
     cls = POLICIES[name]
     grid = sorted(cls.knob_grid, reverse=cls.knob_conservative_high)
-    return [({cls.knob: v}, make_policy(name, **{**params, cls.knob: v}).fit(fit)) for v in grid]
+    knob = cast(str, cls.knob)  # every policy certify walks has a knob
+    return [({knob: v}, make_policy(name, **{**params, knob: v}).fit(fit)) for v in grid]
 
 
 def dart_fit_search(fit: Trace, params: dict[str, Any], tune_beta_diff: bool) -> list[tuple[dict, DartPolicy, dict]]:
     """Every (beta_opt, beta_diff) candidate fitted and evaluated on the fit split (reused across budgets)."""
     betas = DartPolicy.knob_grid[::3]
     diffs = CERT_BETA_DIFFS if tune_beta_diff else (params.get("beta_diff", 0.0),)
-    out = []
+    out: list[tuple[dict, DartPolicy, dict]] = []
     for bd in diffs:
         for b in betas:
             p = {**params, "beta_opt": b, "beta_diff": bd}
-            pol = make_policy("dart", **p).fit(fit)
+            pol = cast(DartPolicy, make_policy("dart", **p).fit(fit))
             out.append((p, pol, evaluate(pol, fit)))
     return out
 

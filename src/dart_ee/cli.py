@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class _App(typer.Typer):
     """A Typer app whose commands all end the same way on bad input: one red line and exit status 2."""
 
-    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:  # type: ignore[override]
         register = super().command(*args, **kwargs)
 
         def wrap(fn: Callable) -> Callable:
@@ -251,7 +251,9 @@ def difficulty_report(trace: TraceOpt, out: OutOpt = None) -> None:
         typer.echo(f"\nExit distribution by difficulty ({kind} bins, {rep['exits_from']} exits):")
         typer.echo(distribution_markdown(dist))
     _print_correlations("\nSpearman with the oracle exit depth:", rep["spearman_with_oracle_depth"])
-    scores = {k: t.extra[k] for k in ("alpha_paper", "alpha_learned") if k in t.extra} or {"alpha": t.alpha}
+    scores: dict[str, np.ndarray] = {k: t.extra[k] for k in ("alpha_paper", "alpha_learned") if k in t.extra}
+    if not scores and t.alpha is not None:
+        scores = {"alpha": t.alpha}
     artifacts.write_json(out / "difficulty_report.json", rep)
     plots.alpha_histogram(scores, out / "alpha_histogram.png")
     plots.exit_distribution_plot(list(rep["exit_distribution"].values()), out / "exit_by_difficulty.png",
@@ -484,7 +486,7 @@ def compare(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace."
 @app.command()
 def guarantee(cal: Annotated[Optional[Path], typer.Option("--cal", help="Calibration trace.")] = None,
               test: Annotated[Optional[Path], typer.Option("--test", help="Test trace.")] = None,
-              policy: Annotated[list[str], typer.Option("--policy", help="Policy to check. Repeatable.")] = None,
+              policy: Annotated[Optional[list[str]], typer.Option("--policy", help="Policy to check. Repeatable.")] = None,
               max_drop: Annotated[float, typer.Option("--max-drop")] = 0.5,
               confidence: Annotated[float, typer.Option("--confidence")] = 0.95,
               risk: RiskOpt = "drop",

@@ -170,7 +170,7 @@ def config_fingerprint(cfg: Config) -> str:
 
 # What each cached step reads from the config. Where it runs, how many threads and the evaluation batch
 # size change no result, and calibration or benchmark settings are read only by later steps.
-_STEP_INPUTS = {
+_STEP_INPUTS: dict[str, Any] = {
     "train": {"seed": True, "data": {"dataset", "cal_fraction", "split_seed", "train_subset", "test_subset"},
               "model": True, "train": {"epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
                                        "label_smoothing", "exit_weights", "distill", "distill_temperature",
@@ -189,7 +189,7 @@ def step_fingerprint(cfg: Config, step: str, **inputs: str) -> str:
 def changed_fields(old: Config, new: Config, step: str | None = None) -> list[str]:
     """Dotted names of the config fields that differ (those ``step`` reads), e.g. ``["train.epochs"]``."""
     def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
+        out: dict = {}
         for k, v in d.items():
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out

@@ -20,6 +20,7 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,7 +93,7 @@ class ImageSet:
 # ----------------------------------------------------------------------------------------------
 # IDX (MNIST family)
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -298,7 +299,8 @@ def read_image_folder_tar(path: Path) -> tuple[ImageSet, ImageSet]:
                     items[split].setdefault(parts[k + 1], [])
                 elif m.isfile() and len(parts) == k + 3 and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
                     f = tar.extractfile(m)
-                    items[split].setdefault(parts[k + 1], []).append((f"{path}:{m.name}", f.read()))
+                    if f is not None:  # a regular file always has a reader
+                        items[split].setdefault(parts[k + 1], []).append((f"{path}:{m.name}", f.read()))
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{path}: cannot read tarball ({e}); it is corrupt or truncated, re-copy it") from e
     train, test = (_stack_folder(items[s], f"{path}:{s}") for s in ("train", "test"))

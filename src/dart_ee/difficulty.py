@@ -14,8 +14,9 @@ cross-validation, because exit outputs on training images are over-confident.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from torch import nn
 
 from dart_ee import artifacts
 from dart_ee.errors import ArtifactError, InputError
+
+if TYPE_CHECKING:
+    from dart_ee.models import MultiExitNet
 
 TERMS = ("edge", "variance", "laplacian")
 
@@ -90,6 +94,11 @@ def oracle_depth(correct: np.ndarray) -> np.ndarray:
 
 class DifficultyEstimator(nn.Module):
     """The paper's alpha (Eqs 1-8). ``fit`` on training images, then ``forward(x) -> alpha``."""
+
+    weights: torch.Tensor  # buffers, declared for the type checker
+    tau_edge: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
 
     def __init__(self, weights: Sequence[float] = (0.4, 0.3, 0.3), edge_quantile: float = 0.9) -> None:
         super().__init__()
@@ -176,6 +185,14 @@ class LearnedDifficulty(nn.Module):
     a larger alpha means the image is expected to need a deeper exit.
     """
 
+    paper: DifficultyEstimator
+    mu: torch.Tensor  # buffers, declared for the type checker
+    sd: torch.Tensor
+    coef: torch.Tensor
+    bias: torch.Tensor
+    ridge: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, paper: DifficultyEstimator, n_features: int = 0) -> None:
         super().__init__()
         self.paper = paper
@@ -196,7 +213,7 @@ class LearnedDifficulty(nn.Module):
         # sorted probabilities say how sure exit 1 is; unsorted ones say which class (some are harder)
         return torch.cat([top, ent, p, logtop, logtop[:, :1] - logtop[:, 1:2], terms], 1)
 
-    def macs(self, model: nn.Module) -> dict[str, int]:
+    def macs(self, model: MultiExitNet) -> dict[str, int]:
         """MACs (FLOPs / 2) per image of the paper's and of the learned estimator (added to every exit's cost)."""
         paper = self.paper.flops(model.input_shape)["total"] // 2
         c, h, w = model.feature_shapes()[0]
@@ -221,16 +238,16 @@ class LearnedDifficulty(nn.Module):
         X = np.asarray(feats, np.float64)
         t = np.log(np.asarray(depth, np.float64))  # log depth: the many exit-1 cases don't swamp the rest
         fold = np.random.default_rng(seed).permutation(len(t)) % folds
-        best, best_oof = (-2.0, None), None
+        best_score, best_lam, best_oof = -2.0, float(ridges[0]), np.zeros(len(t))
         for lam in ridges:
             oof = np.zeros(len(t))
             for k in range(folds):
                 tr = fold != k
                 oof[~tr] = _ridge_predict(X[tr], t[tr], X[~tr], lam)
             score = spearman(oof, depth)
-            if score > best[0]:
-                best, best_oof = (score, lam), oof
-        lam = best[1]
+            if score > best_score:
+                best_score, best_lam, best_oof = score, float(lam), oof
+        lam = best_lam
         mu, sd = X.mean(0), X.std(0) + 1e-8
         coef, bias = _ridge_fit((X - mu) / sd, t, lam)
         n = X.shape[1]
@@ -241,7 +258,7 @@ class LearnedDifficulty(nn.Module):
         self.scale = torch.tensor(float(np.log(num_exits + 1)))  # log(N+1) maps the deepest depth to 1
         return np.clip(best_oof / float(self.scale), 0, 1)
 
-    def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False) -> object:
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         n = state["coef"].numel()  # fitted buffers are sized by the data; resize before loading
         for name in ("mu", "sd", "coef"):
             setattr(self, name, torch.zeros(n))

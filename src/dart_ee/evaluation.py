@@ -7,7 +7,7 @@ here are the decisions it makes live.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -69,8 +69,8 @@ def simulate(policy: ExitPolicy, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     return exits.numpy(), preds.numpy()
 
 
-def leave_costs(policy: ExitPolicy, exit_macs: Sequence[float], static_macs: float,
-                estimator_macs: dict[str, float]) -> np.ndarray:
+def leave_costs(policy: ExitPolicy, exit_macs: Sequence[float] | np.ndarray, static_macs: float,
+                estimator_macs: Mapping[str, float]) -> np.ndarray:
     """The one cost rule (traces, benchmark, adaptation): MACs to leave at each exit under ``policy``.
 
     ``exit_macs`` are the network's own (stages and the heads passed). The static policy runs the plain

@@ -67,7 +67,7 @@ def curve_on_budgets(points: list[dict]) -> list[dict | None]:
 def auc(chosen: list[dict | None], mask: np.ndarray | None = None) -> float:
     """Mean test accuracy over the feasible budgets (restricted to ``mask`` when given)."""
     ok = np.array([c is not None for c in chosen]) & (True if mask is None else mask)
-    return float(np.mean([c["accuracy"] for c, m in zip(chosen, ok) if m])) if ok.any() else math.nan
+    return float(np.mean([c["accuracy"] for c, m in zip(chosen, ok) if m and c is not None])) if ok.any() else math.nan
 
 
 def _grid_entry(point: dict | None, budget: float) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -48,6 +49,9 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, image_s
 
 class Normalize(nn.Module):
     """Per-channel (x - mean) / std, as a fixed part of the model."""
+
+    mean: torch.Tensor  # buffers, declared for the type checker
+    std: torch.Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -103,6 +107,7 @@ class MultiExitNet(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.input_shape = tuple(int(s) for s in input_shape)
         self.arch: dict = {}
+        self.optimized = False  # set by optimize_for_inference
 
     @property
     def num_exits(self) -> int:
@@ -143,7 +148,8 @@ class MultiExitNet(nn.Module):
         self.eval()
         p = next(self.parameters())
         x = torch.zeros(1, *self.input_shape, device=p.device)
-        stage_macs, head_macs = [], []
+        stage_macs: list[int] = []
+        head_macs: list[int] = []
         for stage, head in zip(self.stages, self.heads):
             for module, out in ((stage, stage_macs), (head, head_macs)):
                 with FlopCounterMode(display=False) as fc:
@@ -206,7 +212,7 @@ def _feature_shapes(stages: Sequence[nn.Module], input_shape: Sequence[int]) -> 
     return shapes
 
 
-def _build(stages: list[nn.Module], final_head: nn.Module | None, num_classes: int,
+def _build(stages: Sequence[nn.Module], final_head: nn.Module | None, num_classes: int,
            input_shape: Sequence[int], head_width: int) -> MultiExitNet:
     """Size heads for every stage but the last; the last gets ``final_head`` (the backbone's classifier)."""
     shapes = _feature_shapes(stages, input_shape)
@@ -277,7 +283,7 @@ def resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, 
     widths = _scale((64, 128, 256, 512), width_mult)
     stages, cin = [], widths[0]
     for i, w in enumerate(widths):
-        blocks = [BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)]
+        blocks: list[nn.Module] = [BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)]
         if i == 0:
             blocks = [_norm(in_channels, mean, std), conv_bn(in_channels, cin), *blocks]
         stages.append(nn.Sequential(*blocks))
@@ -366,8 +372,8 @@ def optimize_for_inference(model: MultiExitNet, channels_last: bool = True) -> M
     opt = copy.deepcopy(model).eval()
     _optimize_children(opt)
     if channels_last:
-        opt.stages[0] = nn.Sequential(ChannelsLast(), *_flatten_sequential(opt.stages[0]))
-        opt = opt.to(memory_format=torch.channels_last)
+        opt.stages[0] = nn.Sequential(ChannelsLast(), *_flatten_sequential(cast(nn.Sequential, opt.stages[0])))
+        opt = opt.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # the stubs lack it
     opt.arch = dict(model.arch)
     opt.optimized = True
     return opt

@@ -424,7 +424,7 @@ class DartPolicy(ExitPolicy):
                         leave[i] = leaves_now(i)
             if not changed:
                 break
-        self._tensors = {}
+        self._tensors: dict = {}
 
     @property
     def alpha_floor(self) -> float | None:

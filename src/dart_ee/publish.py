@@ -8,6 +8,7 @@ that quotes a figure is rendered from a JSON record (a run's ``results.json``, o
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -209,7 +210,7 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "cifar10_alexnet frontier": lambda root: frontier_section(root, "cifar10_alexnet"),
     "mnist_alexnet certified run": lambda root: run_section(root, "mnist_alexnet"),
     "demo certified run": lambda root: run_section(root, "demo"),
-    **{f"{run} {what}": (lambda root, run=run, fn=fn: fn(root, run))
+    **{f"{run} {what}": functools.partial(fn, run=run)
        for run in ("cifar10_resnet18", "cifar10_vgg16")
        for what, fn in (("certified run", run_section), ("re-split coverage", resplit_section),
                         ("frontier", frontier_section))},
@@ -231,7 +232,7 @@ def render(text: str, root: Path) -> tuple[str, set[str]]:
             continue
         found.add(name)
         body = fn(root)
-        text = pattern.sub(lambda _m, b=body, s=begin, e=end: f"{s}\n{b}\n{e}", text)
+        text = pattern.sub(f"{begin}\n{body}\n{end}".replace("\\", "\\\\"), text)  # backslashes stay literal
     return text, found
 
 

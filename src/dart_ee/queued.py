@@ -15,6 +15,7 @@ batch a sample happens to share (exactly on the CPU; on a GPU within float round
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -129,11 +130,11 @@ class QueuedRunner:
         else:
             h = model.stages[i](x)
             logits = model.heads[i](h)
-        alpha = batch.get("alpha")
-        if i == 0 and self.alpha_source == "paper":
-            alpha = self.estimator.paper(x, check=False)
-        elif i == 0 and self.alpha_source == "learned":
-            alpha = self.estimator(x, h, logits, check=False)
+        alpha, est = batch.get("alpha"), self.estimator  # est is set whenever alpha_source is
+        if i == 0 and est is not None and self.alpha_source == "paper":
+            alpha = est.paper(x, check=False)
+        elif i == 0 and est is not None and self.alpha_source == "learned":
+            alpha = est(x, h, logits, check=False)
         probs = F.softmax(logits.float(), 1)
         conf, pred = probs.max(1)
         state = {k[3:]: v for k, v in batch.items() if k.startswith("st_")}
@@ -180,7 +181,7 @@ class QueuedRunner:
         t0 = time.perf_counter() if self.profile else 0.0
         if self.graphs:
             if i not in self._captured:
-                self._captured[i] = _Graph(lambda b, v, i=i: self._step(i, b, v), batch, self.batch_size)
+                self._captured[i] = _Graph(functools.partial(self._step, i), batch, self.batch_size)
             out = self._captured[i](batch, n)
         else:
             out = self._step(i, batch, torch.ones(n, dtype=torch.bool, device=self.device))

@@ -66,9 +66,10 @@ def paper_tables(res: dict) -> list[str]:
         lines = ["| Method | Accuracy: paper | Accuracy: this run | Speedup: paper (modelled) | "
                  "Speedup: this run (measured, batch 256) | MAC reduction: this run | DAES: paper | DAES: this run |",
                  "|---|---|---|---|---|---|---|---|"]
-        for method, p in PAPER_TABLE_I[key].items():
-            lines.append(f"| {method} | {p[col['accuracy']]:.2f}% | {ours(method, 'accuracy')} | {p[col['speedup']]:.2f}x | "
-                         f"{ours(method, 'speedup')} | {ours(method, 'mac_reduction')} | {p[col['daes']]:.3f} | "
+        for method, paper in PAPER_TABLE_I[key].items():
+            lines.append(f"| {method} | {paper[col['accuracy']]:.2f}% | {ours(method, 'accuracy')} | "
+                         f"{paper[col['speedup']]:.2f}x | "
+                         f"{ours(method, 'speedup')} | {ours(method, 'mac_reduction')} | {paper[col['daes']]:.3f} | "
                          f"{ours(method, 'daes')} |")
         out += [f"## Side by side with the paper's Table I ({key[1]} on {key[0]})",
                 "The paper's figures are its published claims (A100, modelled latency, its own training budget); "
@@ -79,14 +80,14 @@ def paper_tables(res: dict) -> list[str]:
         base = res.get("single_exit_baseline")
         lines = ["| Method | Accuracy: README | Accuracy: this run | FLOPs reduction: README | MAC reduction: this run | "
                  "Throughput: README | Throughput: this run (measured, batch 256) |", "|---|---|---|---|---|---|---|"]
-        for method, p in README_SAVINGS.items():
+        for method, readme in README_SAVINGS.items():
             if method == "baseline":
                 acc = _pct(base["exit_test_accuracy"][-1]) + " (single-exit)" if base else ours("static", "accuracy")
                 red, thr = "0%", "1.00x"
             else:
                 acc, red, thr = ours(method, "accuracy"), ours(method, "mac_reduction"), ours(method, "speedup")
-            lines.append(f"| {method} | {p['accuracy']:.1f}% | {acc} | {p['flops_reduction']:.0f}% | {red} | "
-                         f"{p['throughput']:.1f}x | {thr} |")
+            lines.append(f"| {method} | {readme['accuracy']:.1f}% | {acc} | {readme['flops_reduction']:.0f}% | {red} | "
+                         f"{readme['throughput']:.1f}x | {thr} |")
         out += ["## Side by side with the original README's CIFAR-10 table", "\n".join(lines)]
     return out
 

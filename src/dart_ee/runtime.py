@@ -64,7 +64,8 @@ class EarlyExitRunner:
             conf, pred = p.max(1)
             return ExitResult(pred, conf, torch.full((n,), model.num_exits - 1, dtype=torch.long, device=dev), None)
 
-        alpha_all = self.estimator.paper(x) if self.alpha_source == "paper" else None
+        est = self.estimator  # not None whenever alpha_source is set (alpha_source() checks it)
+        alpha_all = est.paper(x) if est is not None and self.alpha_source == "paper" else None
         pred = torch.empty(n, dtype=torch.long, device=dev)
         conf = torch.empty(n, device=dev)
         exit_idx = torch.empty(n, dtype=torch.long, device=dev)
@@ -76,8 +77,8 @@ class EarlyExitRunner:
         for i in range(model.num_exits):
             h = model.stages[i](h)
             logits = model.heads[i](h)
-            if i == 0 and self.alpha_source == "learned":
-                alpha_all = self.estimator(x, h, logits)
+            if i == 0 and est is not None and self.alpha_source == "learned":
+                alpha_all = est(x, h, logits)
                 alpha = alpha_all
             probs = F.softmax(logits.float(), 1)
             c, p = probs.max(1)
@@ -110,8 +111,9 @@ class EarlyExitRunner:
             raise InputError("no images to run: pass at least one")
         dev = next(self.model.parameters()).device
         parts = [self(to_float(images[s: s + batch_size]).to(dev)) for s in range(0, len(images), batch_size)]
-        alpha = None if parts[0].alpha is None else torch.cat([r.alpha for r in parts])
-        return ExitResult(*(torch.cat([getattr(r, f) for r in parts]) for f in ("pred", "conf", "exit")), alpha)
+        alphas = [r.alpha for r in parts if r.alpha is not None]
+        return ExitResult(torch.cat([r.pred for r in parts]), torch.cat([r.conf for r in parts]),
+                          torch.cat([r.exit for r in parts]), torch.cat(alphas) if alphas else None)
 
 
 def keep_layout(sub: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

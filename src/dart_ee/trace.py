@@ -146,7 +146,7 @@ def save(trace: Trace, path: str | Path) -> Path:
     meta = {"format": FORMAT, "version": VERSION, **trace.meta, "n": trace.n, "num_exits": trace.num_exits,
             "num_classes": trace.num_classes, "has_alpha": trace.alpha is not None}
     meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    artifacts.atomic_write(npz, lambda p: np.savez(p.open("wb"), **arrays))
+    artifacts.atomic_write(npz, lambda p: np.savez(p.open("wb"), **arrays))  # type: ignore[arg-type]  # numpy stubs
     artifacts.write_json(meta_path, meta)
     return npz
 

@@ -56,9 +56,10 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
     splits = prepare_splits(cfg, run_dir, data_dir)
     est = difficulty_mod.fit_estimators(splits.train.x, seed=cfg.seed)
 
-    results = {}
+    results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for split, images in (("cal", splits.cal), ("test", splits.test)):
-        feats, terms = [], []
+        feats: list[np.ndarray] = []
+        terms: list[np.ndarray] = []
 
         def collect(x: torch.Tensor, h1: torch.Tensor, logits1: torch.Tensor, feats: list = feats,
                     terms: list = terms) -> None:
@@ -84,11 +85,11 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
     out = {}
     for split, images, index in (("cal", splits.cal, splits.manifest["cal_indices"]),
                                  ("test", splits.test, np.arange(len(splits.test)))):
-        probs, terms, feats = results[split]
+        probs, split_terms, split_feats = results[split]
         with torch.no_grad():
-            learned = learned_oof if split == "cal" else est.predict(torch.from_numpy(feats)).numpy()
-        extra = {"alpha_paper": est.paper.fuse(torch.from_numpy(terms)).numpy(), "alpha_learned": learned,
-                 "terms": terms}
+            learned = learned_oof if split == "cal" else est.predict(torch.from_numpy(split_feats)).numpy()
+        extra: dict[str, np.ndarray] = {"alpha_paper": est.paper.fuse(torch.from_numpy(split_terms)).numpy(),
+                                        "alpha_learned": learned, "terms": split_terms}
         t = Trace(probs, images.y, np.asarray(index), exit_macs, extra[selected], {**base, "split": split}, extra)
         out[split] = save(t, run_dir / f"trace_{split}.npz")
     return out

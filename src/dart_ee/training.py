@@ -204,7 +204,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     weights = exit_weights(cfg, n_exits)
     t = cfg.train
     mem = torch.channels_last if t.channels_last else torch.contiguous_format
-    model = model.to(dev, memory_format=mem)
+    model = model.to(dev, memory_format=mem)  # type: ignore[call-overload]  # the stubs lack memory_format
 
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0,
                           weight_decay=t.weight_decay)
@@ -263,7 +263,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
                     bar.update(task, description=f"epoch {epoch + 1}/{t.epochs} loss {float(loss_sum) / seen:.3f} "
                                                  f"exit acc% {accs}")
                 bar.update(task, advance=1)
-            loss_sum = float(loss_sum)
+            epoch_loss = float(loss_sum) / seen
             if int(first_bad) >= 0:  # before the checkpoint: a NaN model is never written
                 raise ConfigError(f"training diverged: non-finite loss at epoch {epoch + 1}, step {int(first_bad) + 1} "
                                   f"of {steps}; lower train.lr (now {t.lr}) or check the data and the loss weights")
@@ -272,7 +272,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
                                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                              "config_fingerprint": fp, "train_fingerprint": train_fp,
                                              "wall_time_s": wall})
-            log(f"epoch {epoch + 1}/{t.epochs}: loss {loss_sum / seen:.4f}, train exit acc% "
+            log(f"epoch {epoch + 1}/{t.epochs}: loss {epoch_loss:.4f}, train exit acc% "
                 f"{' '.join(f'{100 * c / seen:.1f}' for c in correct.tolist())}, "
                 f"{time.perf_counter() - t0:.0f}s")
 
