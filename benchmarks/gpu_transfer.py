@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 from dart_ee import artifacts, data
-from dart_ee.training import METRICS, MODEL, SINGLE_EXIT_DIR, exit_accuracies, load_model, predict_exits, save_model
+from dart_ee.run import CONFIG, ESTIMATORS, METRICS, MODEL, POLICIES, SINGLE_EXIT, SPLIT
+from dart_ee.training import exit_accuracies, load_model, predict_exits, save_model
 
 PIECE = 15 * 2**20  # under the 16 MiB a returned file may hold
-SMALL = ("config.yaml", "split.json", METRICS, f"{SINGLE_EXIT_DIR}/{METRICS}", f"{SINGLE_EXIT_DIR}/config.yaml")
+SMALL = (CONFIG, SPLIT, METRICS, f"{SINGLE_EXIT}/{METRICS}", f"{SINGLE_EXIT}/{CONFIG}")
 # what a benchmark needs besides the weights
-BENCH = ("config.yaml", "split.json", METRICS, "difficulty.pt", "policies/dart.json", "policies/threshold.json")
+BENCH = (CONFIG, SPLIT, METRICS, ESTIMATORS, f"{POLICIES}/dart.json", f"{POLICIES}/threshold.json")
 
 
 def ship(run: Path, out: Path) -> None:
@@ -77,7 +78,7 @@ def unpack(src: Path, run: Path) -> None:
     from dart_ee.training import prepare_splits
 
     rebuild(src, run)
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(run / CONFIG)
     splits = prepare_splits(cfg, run, data.resolve_data_dir(None))  # $DART_DATA: the lent machine's folder is not here
     manifest = artifacts.read_json(run / "split.json", "split manifest")
     manifest["data_dir"] = str(data.resolve_data_dir(None).resolve())

@@ -318,12 +318,12 @@ def controller_for_run(run_dir: str | Path, policy_path: str | Path, model: Mult
     """A controller for a run's fitted DART policy: agreement targets and the shift guard's alpha reference
     both come from the run's calibration trace."""
     from dart_ee.policies import load_policy
-    from dart_ee.trace import load
+    from dart_ee.run import Run
 
     policy = load_policy(policy_path)
     if not isinstance(policy, DartPolicy):
         raise ConfigError(f"{policy_path} is a {policy.name!r} policy; adaptation needs a DART policy")
-    cal = load(Path(run_dir) / "trace_cal.npz", expect_split="cal")
+    cal = Run(run_dir).trace("cal")
     if policy.alpha_source_:
         cal = cal.with_alpha(f"alpha_{policy.alpha_source_}")
     runner = EarlyExitRunner(model, policy, estimator)
@@ -339,16 +339,12 @@ def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, se
 
     ``shift_guard`` references alpha on the calibration split (when the policy uses alpha).
     """
-    from dart_ee.config import load_config
-    from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
     from dart_ee.policies import StaticPolicy, load_policy
+    from dart_ee.run import Run
     from dart_ee.shift import make_stream
-    from dart_ee.training import MODEL, load_model, prepare_splits
 
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    model, est = load_model(run_dir / MODEL, optimize=True), load_estimators(run_dir / ESTIMATOR_FILE)
-    test = prepare_splits(cfg, run_dir, data_dir).test
+    run = Run(run_dir)
+    model, est, test = run.model(), run.estimators(), run.test_images(data_dir)
     stream = make_stream(test.x, test.y, scenario, severity, n_clean, n_shift, seed)
     ctrl = controller_for_run(run_dir, policy_path, model, est, shift_guard, seed=seed, **controller_kw)
     full, frozen = EarlyExitRunner(model, StaticPolicy(), est), EarlyExitRunner(model, load_policy(policy_path), est)

@@ -120,15 +120,13 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     (``QueuedRunner``: a queue per stage, full batches, CUDA graphs on a GPU). Each runner times its own
     static network (captured too under "queued"), and every method and runner alternates in one process.
     """
-    from dart_ee.config import load_config
     from dart_ee.data import to_float
-    from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
     from dart_ee.energy import energy_meter
     from dart_ee.evaluation import leave_costs
     from dart_ee.policies import ExitPolicy, StaticPolicy, load_policy
     from dart_ee.queued import QueuedRunner
+    from dart_ee.run import Run
     from dart_ee.runtime import EarlyExitRunner
-    from dart_ee.training import MODEL, load_model, prepare_splits
 
     unknown = sorted(set(runners) - {"eager", "queued"})
     if unknown or not runners:
@@ -138,10 +136,8 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but torch sees no GPU here; use --device cpu")
-    cfg = load_config(run_dir / "config.yaml")
-    model = load_model(run_dir / MODEL, optimize=True).to(dev)
-    est = load_estimators(run_dir / ESTIMATOR_FILE).to(dev)
-    test = prepare_splits(cfg, run_dir, data_dir).test
+    run = Run(run_dir)
+    cfg, model, est, test = run.config(), run.model(device=dev), run.estimators(dev), run.test_images(data_dir)
     all_x, labels = torch.from_numpy(test.x), torch.from_numpy(test.y)
     est_macs = est.macs(model)
     exit_macs = np.asarray(model.exit_macs(), dtype=np.float64)
@@ -275,15 +271,14 @@ def _memory_child(run_dir: str, policy_path: str | None, images_path: str, batch
     import resource
 
     from dart_ee.data import to_float
-    from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
     from dart_ee.policies import StaticPolicy, load_policy
+    from dart_ee.run import Run
     from dart_ee.runtime import EarlyExitRunner
-    from dart_ee.training import MODEL, load_model
 
     torch.set_num_threads(threads)
-    model = load_model(Path(run_dir) / MODEL, optimize=True).to(device)
+    run = Run(run_dir)
     pol = load_policy(policy_path) if policy_path else StaticPolicy()
-    runner = EarlyExitRunner(model, pol, load_estimators(Path(run_dir) / ESTIMATOR_FILE).to(device))
+    runner = EarlyExitRunner(run.model(device=device), pol, run.estimators(device))
     images = torch.from_numpy(np.load(images_path))
     page = os.sysconf("SC_PAGE_SIZE")
     base = int(open("/proc/self/statm").read().split()[1]) * page
@@ -402,18 +397,15 @@ def controller_overhead(run_dir: str | Path, policy_path: str | Path, batch_size
                         repeats: int = 5, threads: int | None = None, data_dir: str | Path | None = None) -> dict:
     """Wall-clock cost of the adaptive controller over the runner alone, on a stationary stream, audits off."""
     from dart_ee.adapt import controller_for_run
-    from dart_ee.config import load_config
     from dart_ee.data import to_float
-    from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
     from dart_ee.policies import load_policy
+    from dart_ee.run import Run
     from dart_ee.runtime import EarlyExitRunner
-    from dart_ee.training import MODEL, load_model, prepare_splits
 
     run_dir = Path(run_dir)
     n_threads = set_threads(threads)
-    model = load_model(run_dir / MODEL, optimize=True)
-    est = load_estimators(run_dir / ESTIMATOR_FILE)
-    test = prepare_splits(load_config(run_dir / "config.yaml"), run_dir, data_dir).test
+    run = Run(run_dir)
+    model, est, test = run.model(), run.estimators(), run.test_images(data_dir)
     # a stationary stream is a random draw: the test files are often sorted by class, and a run of one
     # class is a class-prior shift (which the shift guard may rightly react to)
     pick = np.random.default_rng(0).permutation(len(test.x))[:n_images]

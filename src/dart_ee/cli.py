@@ -13,6 +13,7 @@ import typer
 
 from dart_ee.config import AdaptConfig, BenchmarkConfig
 from dart_ee.errors import DartError
+from dart_ee.run import POLICIES
 
 if TYPE_CHECKING:
     from dart_ee.trace import Trace
@@ -471,7 +472,7 @@ def compare(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace."
     c, t = _load_pair(cal, test)
     res = run_compare(c, t, max_drop, conf, risk, seed)
     abl = dart_ablation(c, t, max_drop, conf, seed) if ablation else []
-    out = out or Path(cal).parent / "policies"
+    out = out or Path(cal).parent / POLICIES
     for name, (pol, rec) in res.pop("fitted").items():
         pol.save(out / f"{name}.json", calibration=rec)
     typer.echo(f"Every policy calibrated on {cal} ({budget_words(res)}), measured on {test}:")

@@ -306,9 +306,6 @@ def fit_weights(terms: np.ndarray, depth: np.ndarray, trials: int = 500, folds: 
             "folds": folds, "trials": trials}
 
 
-ESTIMATOR_FILE = "difficulty.pt"
-
-
 def fit_estimators(train_images: np.ndarray, seed: int = 0) -> LearnedDifficulty:
     """Fit the paper's estimator on training images; the learned one is fitted later on calibration data."""
     return LearnedDifficulty(DifficultyEstimator().fit(train_images, seed=seed))

@@ -12,6 +12,21 @@ from dart_ee.config import Config, dump_config
 from dart_ee.console import log
 from dart_ee.errors import ArtifactError, ConfigError
 from dart_ee.lock import holds_run_lock
+from dart_ee.run import (
+    CHECKPOINT,
+    CONFIG,
+    ESTIMATORS,
+    METRICS,
+    MODEL,
+    POLICIES,
+    RESULTS,
+    SINGLE_EXIT,
+    SPLIT,
+    SUPERSEDED,
+    TRACE_FILES,
+    Run,
+    trace_file,
+)
 
 
 def _valid(loader: Callable[[Path], object], path: Path) -> bool:
@@ -22,15 +37,12 @@ def _valid(loader: Callable[[Path], object], path: Path) -> bool:
         return False
 
 
-TRACE_FILES = ("trace_cal.npz", "trace_cal.json", "trace_test.npz", "trace_test.json", "difficulty.pt")
-
-
 def _retire(out: Path, names: tuple[str, ...], why: str) -> None:
     """Move stale artifacts aside into ``RUN/superseded/<time>/`` (nothing is deleted) and say why."""
     present = [n for n in names if (out / n).exists()]
     if not present:
         return
-    dest = out / "superseded" / time.strftime("%Y%m%dT%H%M%S")
+    dest = out / SUPERSEDED / time.strftime("%Y%m%dT%H%M%S")
     dest.mkdir(parents=True, exist_ok=True)
     for n in present:
         (out / n).rename(dest / n)
@@ -40,7 +52,7 @@ def _retire(out: Path, names: tuple[str, ...], why: str) -> None:
 def _retire_stale_model(cfg: Config, out: Path) -> None:
     """A model (or an unfinished checkpoint) trained from other settings goes aside, with everything made from it."""
     from dart_ee.config import changed_fields, load_config
-    from dart_ee.training import CHECKPOINT, METRICS, MODEL, SINGLE_EXIT_DIR, SPLIT, is_current
+    from dart_ee.training import is_current
 
     if (out / METRICS).is_file():
         record = artifacts.read_json(out / METRICS, "metrics")
@@ -54,10 +66,10 @@ def _retire_stale_model(cfg: Config, out: Path) -> None:
     except (ArtifactError, ConfigError):
         pass  # no readable config.yaml to compare with: the model cannot be vouched for
     try:
-        fields = ", ".join(changed_fields(load_config(out / "config.yaml"), cfg, "train")) or "fields unknown"
+        fields = ", ".join(changed_fields(load_config(out / CONFIG), cfg, "train")) or "fields unknown"
     except (ArtifactError, ConfigError):
         fields = "the old config.yaml is unreadable"
-    _retire(out, (MODEL, METRICS, CHECKPOINT, SPLIT, "config.yaml", SINGLE_EXIT_DIR) + TRACE_FILES,
+    _retire(out, (MODEL, METRICS, CHECKPOINT, SPLIT, CONFIG, SINGLE_EXIT) + TRACE_FILES,
             f"the model was trained with other settings ({fields})")
 
 
@@ -72,11 +84,12 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     from dart_ee.analysis import difficulty_report
     from dart_ee.bench import benchmark, git_revision, hardware_info
     from dart_ee.calibration import compare, dart_ablation
-    from dart_ee.difficulty import ESTIMATOR_FILE, load_estimators
+    from dart_ee.difficulty import load_estimators
     from dart_ee.evaluation import simulate
-    from dart_ee.frontier import CERT_BUDGETS, POLICIES, certified_points, summarize_frontier, sweep
+    from dart_ee.frontier import CERT_BUDGETS, certified_points, summarize_frontier, sweep
+    from dart_ee.frontier import POLICIES as COMPARED
     from dart_ee.policies import load_policy
-    from dart_ee.training import METRICS, MODEL, SINGLE_EXIT_DIR, single_exit_config, train
+    from dart_ee.training import single_exit_config, train
 
     out = Path(out)
     steps: dict[str, float] = {}
@@ -87,15 +100,15 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
         return time.perf_counter()
 
     t0 = step("1/6 train")
-    cal_p, test_p = out / "trace_cal.npz", out / "trace_test.npz"
+    cal_p, test_p = out / trace_file("cal"), out / trace_file("test")
     _retire_stale_model(cfg, out)
-    if (out / "config.yaml").is_file():  # the run's config is now this one (its training fields are unchanged)
-        artifacts.write_text(out / "config.yaml", dump_config(cfg))
+    if (out / CONFIG).is_file():  # the run's config is now this one (its training fields are unchanged)
+        artifacts.write_text(out / CONFIG, dump_config(cfg))
     done = (out / MODEL).is_file() and (out / METRICS).is_file()
     metrics = train(cfg, out, data_dir, resume=True) if not done else artifacts.read_json(out / METRICS, "metrics")
     baseline = None
     if cfg.single_exit_baseline:  # only its metrics are reported, so they are its step's output
-        solo_dir = out / SINGLE_EXIT_DIR
+        solo_dir = out / SINGLE_EXIT
         solo_cfg = single_exit_config(cfg, len(metrics["exit_macs"]))
         _retire_stale_model(solo_cfg, solo_dir)
         baseline = (artifacts.read_json(solo_dir / METRICS, "metrics") if (solo_dir / METRICS).is_file() else
@@ -103,7 +116,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     steps["train"] = time.perf_counter() - t0
 
     t0 = step("2/6 difficulty + trace")
-    traced = _valid(trace_mod.load, cal_p) and _valid(trace_mod.load, test_p) and _valid(load_estimators, out / ESTIMATOR_FILE)
+    traced = _valid(trace_mod.load, cal_p) and _valid(trace_mod.load, test_p) and _valid(load_estimators, out / ESTIMATORS)
     if traced and not tracing.is_current(trace_mod.load(cal_p), cfg, out):
         _retire(out, TRACE_FILES, "the traces were made from another model or other data or difficulty settings")
         traced = False
@@ -116,7 +129,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     cc = cfg.calibration
     how = f"--confidence {cc.confidence} --risk {cc.risk}" if cc.confidence else "(uncertified)"
     t0 = step(f"3/6 calibrate every policy at --max-drop {cc.max_drop} {how}")
-    pol_dir = out / "policies"
+    pol_dir = out / POLICIES
     comp = compare(cal, test, cc.max_drop, cc.confidence, cc.risk, cfg.seed, fit_share=cc.fit_share)
     for name, (pol, rec) in comp.pop("fitted").items():
         pol.save(pol_dir / f"{name}.json", calibration=rec)
@@ -125,7 +138,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
         uncertified = compare(cal, test, cc.max_drop, None)
         for name, (pol, rec) in uncertified.pop("fitted").items():
             pol.save(pol_dir / "uncertified" / f"{name}.json", calibration=rec)
-        frontier = summarize_frontier(certified_points(cal, test, POLICIES, CERT_BUDGETS, cc.confidence, cc.risk,
+        frontier = summarize_frontier(certified_points(cal, test, COMPARED, CERT_BUDGETS, cc.confidence, cc.risk,
                                                        cc.fit_share, cfg.seed), cc.confidence, cc.risk)
     ablation = dart_ablation(cal, test, cc.max_drop, cc.confidence, cfg.seed, cc.fit_share)
     steps["calibrate"] = time.perf_counter() - t0
@@ -170,7 +183,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
                "difficulty": diff, "dart_exit_distribution": dart_diff, "compare": comp,
                "compare_uncertified": uncertified, "certified_frontier": frontier, "ablation": ablation,
                "sweep": sw, "benchmark": bench, "adaptation": adaptation, "step_seconds": steps}
-    artifacts.write_json(out / "results.json", results)
+    artifacts.write_json(out / RESULTS, results)
     render(out)
     log(f"wrote {out / 'results.json'}, {out / 'report.md'} and the figures")
     return results
@@ -180,12 +193,11 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
 def render(out: Path) -> Path:
     """Draw every figure and write ``report.md`` from ``RUN/results.json`` (plus the test trace's alpha and
     ``RUN/adapt/*.json``), so a finished run can be re-rendered without recomputing (``dart-ee report``)."""
-    from dart_ee import trace as trace_mod
     from dart_ee.report import write_report
 
     out = Path(out)
-    res = artifacts.read_json(out / "results.json", "results")
-    test = trace_mod.load(out / "trace_test.npz", expect_split="test")
+    res = artifacts.read_json(out / RESULTS, "results")
+    test = Run(out).trace("test")
     plots.alpha_histogram({k: test.extra[k] for k in ("alpha_paper", "alpha_learned")}, out / "alpha_histogram.png")
     plots.exit_distribution_plot(list(res["difficulty"]["exit_distribution"].values()), out / "exit_by_difficulty_oracle.png",
                                  "Exit distribution by difficulty (oracle exits, test split)")

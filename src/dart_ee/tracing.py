@@ -16,6 +16,7 @@ import torch
 from dart_ee import artifacts
 from dart_ee import difficulty as difficulty_mod
 from dart_ee.lock import holds_run_lock
+from dart_ee.run import ESTIMATORS, MODEL, Run, trace_file
 from dart_ee.trace import Trace, save
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 def inputs_fingerprint(cfg: Config, run_dir: Path) -> str:
     """What a run's traces are made from: the model's weights, the data split and the difficulty settings."""
     from dart_ee.config import step_fingerprint
-    from dart_ee.training import MODEL
 
     return step_fingerprint(cfg, "trace", model=artifacts.file_fingerprint(Path(run_dir) / MODEL))
 
@@ -46,13 +46,13 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
     by cross-validation on the calibration split), saves them to ``RUN/difficulty.pt`` and stores
     every sample's alpha in the traces.
     """
-    from dart_ee.config import config_fingerprint, load_config
+    from dart_ee.config import config_fingerprint
     from dart_ee.difficulty import oracle_depth
-    from dart_ee.training import MODEL, load_model, predict_exits, prepare_splits
+    from dart_ee.training import predict_exits, prepare_splits
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    model = load_model(run_dir / MODEL, optimize=True)
+    run = Run(run_dir)
+    cfg, model = run.config(), run.model()
     splits = prepare_splits(cfg, run_dir, data_dir)
     est = difficulty_mod.fit_estimators(splits.train.x, seed=cfg.seed)
 
@@ -72,7 +72,7 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
     cal_probs, _, cal_feats = results["cal"]
     depth = oracle_depth(cal_probs.argmax(2) == splits.cal.y[:, None])
     learned_oof = est.fit(cal_feats, depth, model.num_exits, seed=cfg.seed)
-    difficulty_mod.save_estimators(est, run_dir / difficulty_mod.ESTIMATOR_FILE)
+    difficulty_mod.save_estimators(est, run_dir / ESTIMATORS)
 
     est_macs = est.macs(model)
     selected = f"alpha_{cfg.difficulty}"
@@ -91,5 +91,5 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
         extra: dict[str, np.ndarray] = {"alpha_paper": est.paper.fuse(torch.from_numpy(split_terms)).numpy(),
                                         "alpha_learned": learned, "terms": split_terms}
         t = Trace(probs, images.y, np.asarray(index), exit_macs, extra[selected], {**base, "split": split}, extra)
-        out[split] = save(t, run_dir / f"trace_{split}.npz")
+        out[split] = save(t, run_dir / trace_file(split))
     return out

@@ -27,12 +27,7 @@ from dart_ee.console import log, progress
 from dart_ee.errors import ArtifactError, ConfigError, DataError
 from dart_ee.lock import holds_run_lock
 from dart_ee.models import MultiExitNet, create_model, optimize_for_inference
-
-CHECKPOINT = "checkpoint.pt"
-MODEL = "model.pt"
-METRICS = "metrics.json"
-SPLIT = "split.json"
-SINGLE_EXIT_DIR = "single_exit"  # inside a run: the "Baseline (No EE)" network
+from dart_ee.run import CHECKPOINT, CONFIG, METRICS, MODEL, SPLIT
 
 
 @dataclass
@@ -178,7 +173,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
         metrics = artifacts.read_json(run_dir / METRICS, "metrics")
         if not is_current(metrics, cfg, run_dir):
             raise ConfigError(f"{run_dir} holds a model trained with other settings; resume with the run's own "
-                              f"{run_dir / 'config.yaml'}, or choose another --out (`dart-ee run` moves it aside)")
+                              f"{run_dir / CONFIG}, or choose another --out (`dart-ee run` moves it aside)")
         log(f"{run_dir}: training already finished; nothing to resume")
         return metrics
     if ckpt_path.is_file() and not resume:
@@ -189,10 +184,10 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     # checked before config.yaml is rewritten; checkpoints older than train_fingerprint match the whole config
     if ck is not None and ck.get("train_fingerprint", "") != train_fp and ck.get("config_fingerprint") != fp:
         raise ConfigError(f"{ckpt_path} was written by a different config; resume with the run's own "
-                          f"{run_dir / 'config.yaml'} or start a new --out")
+                          f"{run_dir / CONFIG} or start a new --out")
     threads = set_threads(cfg.train.num_threads)
     run_dir.mkdir(parents=True, exist_ok=True)
-    artifacts.write_text(run_dir / "config.yaml", dump_config(cfg))
+    artifacts.write_text(run_dir / CONFIG, dump_config(cfg))
     dev = training_device(cfg.train.device)
 
     splits = prepare_splits(cfg, run_dir, data_dir)
@@ -303,7 +298,7 @@ def is_current(record: dict, cfg: Config, run_dir: Path) -> bool:
     # made before train_fingerprint existed: the run's config.yaml is the config that trained it
     from dart_ee.config import load_config
 
-    return step_fingerprint(load_config(run_dir / "config.yaml"), "train") == step_fingerprint(cfg, "train")
+    return step_fingerprint(load_config(run_dir / CONFIG), "train") == step_fingerprint(cfg, "train")
 
 
 def save_model(model: MultiExitNet, path: Path, config_fingerprint: str = "") -> None:

@@ -1,0 +1,88 @@
+"""A run folder: the one place that knows its file names, and loads what it holds on demand.
+
+    run = Run("runs/cifar10_alexnet")
+    cfg, model, est = run.config(), run.model(), run.estimators()
+    cal, test = run.trace("cal"), run.trace("test")
+
+Writers (``training.train``, ``tracing.trace_run``, ``pipeline.run_pipeline``) hold the folder's lock
+(``dart_ee.lock``); whether an artifact is current is decided by the fingerprints it records
+(``training.is_current``, ``tracing.is_current``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from dart_ee.config import Config
+    from dart_ee.data import ImageSet
+    from dart_ee.difficulty import LearnedDifficulty
+    from dart_ee.models import MultiExitNet
+    from dart_ee.policies import ExitPolicy
+    from dart_ee.trace import Trace
+
+CONFIG = "config.yaml"  # the resolved config the run was made with
+SPLIT = "split.json"  # the calibration split (indices, seed, data fingerprint)
+CHECKPOINT = "checkpoint.pt"  # training state after the last finished epoch
+MODEL = "model.pt"  # the trained multi-exit network
+METRICS = "metrics.json"  # its per-exit accuracies, MACs and fingerprints
+ESTIMATORS = "difficulty.pt"  # the fitted difficulty estimators (paper and learned)
+RESULTS = "results.json"  # every figure `dart-ee run` reports
+POLICIES = "policies"  # fitted policy JSON files
+SINGLE_EXIT = "single_exit"  # the "Baseline (No EE)" network, a run of its own inside this one
+SUPERSEDED = "superseded"  # artifacts `dart-ee run` moved aside because their inputs changed
+
+
+def trace_file(split: str) -> str:
+    """``trace_cal.npz`` or ``trace_test.npz`` (each with its ``.json`` metadata beside it)."""
+    return f"trace_{split}.npz"
+
+
+TRACE_FILES = (trace_file("cal"), "trace_cal.json", trace_file("test"), "trace_test.json", ESTIMATORS)
+
+
+class Run:
+    """A run folder written by ``dart-ee train`` / ``dart-ee run``; every loader validates what it reads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    def config(self) -> Config:
+        from dart_ee.config import load_config
+
+        return load_config(self.path / CONFIG)
+
+    def model(self, optimize: bool = True, device: str | torch.device = "cpu") -> MultiExitNet:
+        """The trained network; ``optimize`` gives the inference copy that traces and the runtime share."""
+        from dart_ee.training import load_model
+
+        return load_model(self.path / MODEL, optimize=optimize).to(device)
+
+    def estimators(self, device: str | torch.device = "cpu") -> LearnedDifficulty:
+        from dart_ee.difficulty import load_estimators
+
+        return load_estimators(self.path / ESTIMATORS).to(device)
+
+    def trace(self, split: str) -> Trace:
+        """The calibration (``"cal"``) or test trace, its split tag checked."""
+        from dart_ee import trace as trace_mod
+
+        return trace_mod.load(self.path / trace_file(split), expect_split=split)
+
+    def policy(self, name: str) -> ExitPolicy:
+        """A fitted policy saved by ``dart-ee run`` (``RUN/policies/<name>.json``)."""
+        from dart_ee.policies import load_policy
+
+        return load_policy(self.path / POLICIES / f"{name}.json")
+
+    def test_images(self, data_dir: str | Path | None = None) -> ImageSet:
+        """The test split the run measures on (read from its data folder, checked against its split)."""
+        from dart_ee.training import prepare_splits
+
+        return prepare_splits(self.config(), self.path, data_dir).test
