@@ -94,7 +94,6 @@ def git_revision() -> str:
 def provenance() -> dict:
     """Where and when a record was made: the command line, git revision, hardware, torch and date (UTC)."""
     import sys
-    import time
 
     return {"command": " ".join(["dart-ee", *sys.argv[1:]]), "git_revision": git_revision(),
             "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
@@ -104,6 +103,11 @@ def provenance() -> dict:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _rotated(keys: list, r: int) -> list:
+    """``keys`` starting at position ``r``: each method goes first in turn, so drift does not favour one."""
+    return keys[r % len(keys):] + keys[: r % len(keys)]
 
 
 def _percentile(v: list[float], q: float) -> float:
@@ -192,7 +196,7 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     t_per_img: dict = {k: [] for k in keys}
     e_per_img: dict = {k: [] for k in keys}
     for rep in range(repeats):
-        for k in keys[rep % len(keys):] + keys[: rep % len(keys)]:
+        for k in _rotated(keys, rep):
             _sync(dev)
             e0, t0 = meter.read(), time.perf_counter()
             fns[k]()
@@ -205,7 +209,7 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
         for name, pol in methods.items():
             q = QueuedRunner(model, pol, est, batch_size, profile=True)
             q.run(x[: 4 * batch_size])  # warm-up: on a GPU this captures the graphs, which must not be timed
-            q.stage_stats = [{"calls": 0, "samples": 0, "seconds": 0.0} for _ in q.stage_stats]
+            q.reset_stats()
             q.run(x)
             rows["queued", name]["stages"] = [
                 {"stage": i + 1, "calls": st["calls"], "fill": st["samples"] / max(st["calls"] * batch_size, 1),
@@ -220,7 +224,7 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     for k in keys if len(singles) else []:
         latency[k](singles[:1])
     for j in range(len(singles)):
-        for k in keys[j % len(keys):] + keys[: j % len(keys)]:
+        for k in _rotated(keys, j):
             _sync(dev)
             t0 = time.perf_counter()
             latency[k](singles[j: j + 1])

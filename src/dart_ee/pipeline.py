@@ -4,7 +4,6 @@ so a killed run started again resumes where it stopped."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from dart_ee import artifacts, plots
@@ -15,7 +14,6 @@ from dart_ee.lock import holds_run_lock
 from dart_ee.run import (
     CHECKPOINT,
     CONFIG,
-    ESTIMATORS,
     METRICS,
     MODEL,
     POLICIES,
@@ -25,16 +23,7 @@ from dart_ee.run import (
     SUPERSEDED,
     TRACE_FILES,
     Run,
-    trace_file,
 )
-
-
-def _valid(loader: Callable[[Path], object], path: Path) -> bool:
-    try:
-        loader(path)
-        return True
-    except ArtifactError:
-        return False
 
 
 def _retire(out: Path, names: tuple[str, ...], why: str) -> None:
@@ -78,13 +67,11 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     """Train, trace (with difficulty), calibrate every policy, sweep, benchmark, adapt; write results.json and report.md."""
     import torch
 
-    from dart_ee import trace as trace_mod
     from dart_ee import tracing
     from dart_ee.adapt import run_scenario
     from dart_ee.analysis import difficulty_report
     from dart_ee.bench import benchmark, git_revision, hardware_info
     from dart_ee.calibration import compare, dart_ablation
-    from dart_ee.difficulty import load_estimators
     from dart_ee.evaluation import simulate
     from dart_ee.frontier import CERT_BUDGETS, certified_points, summarize_frontier, sweep
     from dart_ee.frontier import POLICIES as COMPARED
@@ -100,7 +87,6 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
         return time.perf_counter()
 
     t0 = step("1/6 train")
-    cal_p, test_p = out / trace_file("cal"), out / trace_file("test")
     _retire_stale_model(cfg, out)
     if (out / CONFIG).is_file():  # the run's config is now this one (its training fields are unchanged)
         artifacts.write_text(out / CONFIG, dump_config(cfg))
@@ -116,13 +102,19 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     steps["train"] = time.perf_counter() - t0
 
     t0 = step("2/6 difficulty + trace")
-    traced = _valid(trace_mod.load, cal_p) and _valid(trace_mod.load, test_p) and _valid(load_estimators, out / ESTIMATORS)
-    if traced and not tracing.is_current(trace_mod.load(cal_p), cfg, out):
+    run = Run(out)
+    try:  # each file read once: the traces are reused when they load, with their estimators, and are current
+        cal, test = run.trace("cal"), run.trace("test")
+        run.estimators()
+        traced = True
+    except ArtifactError:
+        traced = False
+    if traced and not tracing.is_current(cal, cfg, out):
         _retire(out, TRACE_FILES, "the traces were made from another model or other data or difficulty settings")
         traced = False
     if not traced:
         tracing.trace_run(out, data_dir)
-    cal, test = trace_mod.load(cal_p, expect_split="cal"), trace_mod.load(test_p, expect_split="test")
+        cal, test = run.trace("cal"), run.trace("test")
     diff = difficulty_report(test)
     steps["trace"] = time.perf_counter() - t0
 

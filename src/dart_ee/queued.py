@@ -65,8 +65,7 @@ class _Graph:
 
     def __init__(self, step: Callable[[Batch, torch.Tensor], Batch], example: Batch, batch_size: int) -> None:
         dev = example["h"].device
-        self.inputs = {k: torch.zeros((batch_size, *v.shape[1:]), dtype=v.dtype, device=dev).to(
-            memory_format=_layout(v)) for k, v in example.items()}
+        self.inputs = {k: keep_layout(v.new_zeros((batch_size, *v.shape[1:])), v) for k, v in example.items()}
         self.valid = torch.ones(batch_size, dtype=torch.bool, device=dev)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -85,11 +84,6 @@ class _Graph:
         self.valid[m:] = False  # padded rows: computed, never leave, never queued
         self.graph.replay()
         return self.outputs
-
-
-def _layout(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
-        else torch.contiguous_format
 
 
 class QueuedRunner:
@@ -119,8 +113,12 @@ class QueuedRunner:
         self.static = isinstance(policy, StaticPolicy)  # the plain network: one stage, no heads
         self.num_stages = 1 if self.static else model.num_exits
         self._captured: dict[int, _Graph] = {}
-        self.stage_stats = [{"calls": 0, "samples": 0, "seconds": 0.0} for _ in range(self.num_stages)]
+        self.reset_stats()
         self._reset()
+
+    def reset_stats(self) -> None:
+        """Zero ``stage_stats`` (calls, samples and, with ``profile``, seconds per stage)."""
+        self.stage_stats = [{"calls": 0, "samples": 0, "seconds": 0.0} for _ in range(self.num_stages)]
 
     # -- the per-stage step: tensors in, tensors out, no host reads (so it can be captured) -------------
     def _step(self, i: int, batch: Batch, valid: torch.Tensor) -> Batch:
@@ -155,15 +153,15 @@ class QueuedRunner:
 
     # -- queue handling ---------------------------------------------------------------------------------
     def _reset(self) -> None:
+        """An empty stream: no queued samples, empty output buffers (grown by ``_reserve``)."""
         self.queues = [_Queue() for _ in range(self.num_stages)]
         self.total = self.emitted = 0
-        cap = 0
         dev = self.device
-        self._pred = torch.empty(cap, dtype=torch.long, device=dev)
-        self._conf = torch.empty(cap, device=dev)
-        self._exit = torch.empty(cap, dtype=torch.long, device=dev)
-        self._alpha = torch.empty(cap, device=dev)
-        self._done = torch.zeros(cap, dtype=torch.bool, device=dev)
+        self._pred = torch.empty(0, dtype=torch.long, device=dev)
+        self._conf = torch.empty(0, device=dev)
+        self._exit = torch.empty(0, dtype=torch.long, device=dev)
+        self._alpha = torch.empty(0, device=dev)
+        self._done = torch.empty(0, dtype=torch.bool, device=dev)
 
     def _reserve(self, n: int) -> None:
         cap = len(self._pred)
@@ -200,14 +198,13 @@ class QueuedRunner:
             nxt = {k: v[stay] for k, v in out.items() if k == "alpha" or k.startswith("st_")}
             nxt["h"] = keep_layout(out["h"][stay], out["h"])
             self.queues[i + 1].append(idx[stay], nxt)
+        stats = self.stage_stats[i]
+        stats["calls"] += 1
+        stats["samples"] += n
         if self.profile:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            s = self.stage_stats[i]
-            s["calls"], s["samples"], s["seconds"] = s["calls"] + 1, s["samples"] + n, s["seconds"] + time.perf_counter() - t0
-        else:
-            self.stage_stats[i]["calls"] += 1
-            self.stage_stats[i]["samples"] += n
+            stats["seconds"] += time.perf_counter() - t0
 
     def _drain(self, final: bool) -> None:
         """Run every stage that holds a full batch; with ``final``, also the remainders, in stage order."""
@@ -266,7 +263,4 @@ class QueuedRunner:
             raise InputError("no images to run: pass at least one")
         for s in range(0, len(images), self.batch_size):  # a batch at a time: the host copy stays bounded
             self._push(images[s: s + self.batch_size])
-        self._drain(final=True)
-        out = self._emit(self.total)
-        self._reset()
-        return out
+        return self.finish()

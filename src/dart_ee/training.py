@@ -55,17 +55,17 @@ def prepare_splits(cfg: Config, run_dir: Path, data_dir: str | Path | None = Non
         train = train.subset(_draw(len(train), cfg.data.train_subset, cfg.data.split_seed))
     if cfg.data.test_subset:
         test = test.subset(_draw(len(test), cfg.data.test_subset, cfg.data.split_seed))
-    content = data.content_fingerprint(train, test)
     if manifest is not None:
         data.check_split(manifest, len(train))
-        if manifest.get("data_fingerprint", content) != content:  # runs split before it was recorded: not checked
+        # runs split before the fingerprint was recorded are not checked (and their data is not hashed)
+        if "data_fingerprint" in manifest and manifest["data_fingerprint"] != data.content_fingerprint(train, test):
             raise DataError(f"{run_dir} was made from other data than {root or cfg.data.dataset} holds (the pixels or "
                             f"labels differ from those recorded in {path}); point --data-dir at the run's own data, "
                             f"{manifest.get('data_dir')}, or start a new --out")
     else:
         manifest = data.make_split(len(train), cfg.data.cal_fraction, cfg.data.split_seed)
         manifest.update(dataset=cfg.data.dataset, data_dir=str(root.resolve()) if root else None,
-                        data_fingerprint=content)
+                        data_fingerprint=data.content_fingerprint(train, test))
         artifacts.write_json(path, manifest)
     return Splits(train.subset(np.asarray(manifest["train_indices"])), train.subset(np.asarray(manifest["cal_indices"])),
                   test, spec, manifest)
