@@ -262,16 +262,29 @@ def difficulty_report(trace: TraceOpt, out: OutOpt = None) -> None:
     typer.echo(f"\nwrote {out}/difficulty_report.json, alpha_histogram.png, exit_by_difficulty.png")
 
 
+def _recorded(rec: dict, out: Path | None) -> dict:
+    """``rec`` with its provenance (command, git revision, hardware, date), written to ``out`` when given."""
+    from dart_ee import artifacts
+    from dart_ee.bench import provenance
+
+    rec = {**rec, "provenance": provenance()}
+    if out:
+        artifacts.write_json(out, rec)
+    return rec
+
+
 @difficulty_app.command("cost")
 def difficulty_cost(model: str = typer.Option("alexnet", help="Model to compare against."),
                     dataset: str = typer.Option("cifar10", help="Dataset whose input shape to use."),
                     repeats: int = typer.Option(20, min=1, help="Timed repetitions (median reported)."),
                     threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")] = None,
-                    as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+                    as_json: Annotated[bool, typer.Option("--json")] = False,
+                    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the record (with its "
+                                                                               "provenance) as JSON.")] = None) -> None:
     """FLOPs of the paper's estimator and its wall-clock share of a full forward pass, at batch 1 and 256."""
     from dart_ee.bench import difficulty_cost as measure
 
-    rec = measure(model, dataset, repeats, threads)
+    rec = _recorded(measure(model, dataset, repeats, threads), out)
     if as_json:
         typer.echo(json.dumps(rec, indent=2))
         return
@@ -606,11 +619,13 @@ def benchmark(run: RunOpt,
 @app.command("train-speed")
 def train_speed(model: str = typer.Option("alexnet"), dataset: str = typer.Option("cifar10"),
                 batch_size: int = typer.Option(256, min=1), steps: int = typer.Option(6, min=1),
-                threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")] = None) -> None:
+                threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")] = None,
+                out: Annotated[Optional[Path], typer.Option("--out", help="Also write the record (with its provenance) "
+                                                                           "as JSON.")] = None) -> None:
     """Measure training-step time for fp32 vs bf16 autocast and NCHW vs channels_last on this machine."""
     from dart_ee.bench import training_speed
 
-    rec = training_speed(model, dataset, batch_size, steps, threads)
+    rec = _recorded(training_speed(model, dataset, batch_size, steps, threads), out)
     typer.echo(f"{model} on {dataset}, batch {batch_size}, {rec['threads']} threads, torch {rec['torch']}:")
     for r in rec["rows"]:
         typer.echo(f"  bf16={str(r['bf16']):5} channels_last={str(r['channels_last']):5} {r['ms_per_step']:7.0f} ms/step "

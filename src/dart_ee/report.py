@@ -40,7 +40,7 @@ def savings_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def paper_tables(res: dict) -> list[str]:
+def paper_tables(res: dict, h: str = "##") -> list[str]:
     """This run next to the paper's Table I row for the same model and dataset, and the README's table (CIFAR-10)."""
     from dart_ee.reference import PAPER_TABLE_I, README_SAVINGS, TABLE_I_COLUMNS
 
@@ -71,7 +71,7 @@ def paper_tables(res: dict) -> list[str]:
                          f"{paper[col['speedup']]:.2f}x | "
                          f"{ours(method, 'speedup')} | {ours(method, 'mac_reduction')} | {paper[col['daes']]:.3f} | "
                          f"{ours(method, 'daes')} |")
-        out += [f"## Side by side with the paper's Table I ({key[1]} on {key[0]})",
+        out += [f"{h} Side by side with the paper's Table I ({key[1]} on {key[0]})",
                 "The paper's figures are its published claims (A100, modelled latency, its own training budget); "
                 "this run's are measured here" + ("; energy was unavailable, so its DAES takes power efficiency as 1 "
                                                     "(PE=1)." if any(r.get("daes_note") for r in bench.values()) else "."),
@@ -88,7 +88,7 @@ def paper_tables(res: dict) -> list[str]:
                 acc, red, thr = ours(method, "accuracy"), ours(method, "mac_reduction"), ours(method, "speedup")
             lines.append(f"| {method} | {readme['accuracy']:.1f}% | {acc} | {readme['flops_reduction']:.0f}% | {red} | "
                          f"{readme['throughput']:.1f}x | {thr} |")
-        out += ["## Side by side with the original README's CIFAR-10 table", "\n".join(lines)]
+        out += [f"{h} Side by side with the original README's CIFAR-10 table", "\n".join(lines)]
     return out
 
 
@@ -211,10 +211,57 @@ def smallest_certified(frontier: dict, policy: str) -> str | None:
     return None
 
 
-def write_report(res: dict, out: Path) -> Path:
-    """Write ``out/report.md`` from a results dict (see ``dart_ee.pipeline``)."""
+def difficulty_parts(res: dict, h: str = "##") -> list[str]:
+    """DART's exits by difficulty, and how the paper's alpha correlates with the oracle exit depth."""
+    parts = []
+    for kind, dist in (res.get("dart_exit_distribution") or {}).items():
+        parts += [f"{h} Exit distribution by difficulty (DART's exits, {kind} alpha bins)", distribution_markdown(dist)]
+    d = res["difficulty"]
+    return parts + [f"Alpha: paper score, mean {d['alpha_stats']['mean']:.3f} on the {d['split']} split. "
+                    "Spearman correlation with the oracle exit depth: "
+                    + ", ".join(f"{k} {v:+.3f}" for k, v in d["spearman_with_oracle_depth"].items())]
+
+
+def benchmark_parts(res: dict, h: str = "##") -> list[str]:
+    """Table I measured: every policy against the static network in one process, and DART against its MACs."""
     from dart_ee.bench import table_markdown
 
+    b = res.get("benchmark")
+    if not b:
+        return []
+    parts = [f"{h} Table I (measured on this machine)",
+             f"{b['hardware']['cpu']}, {b['threads']} threads, batch {b['batch_size']}, {b['repeats']} repeats; "
+             f"energy: {b['energy_source']}.", table_markdown(b)]
+    d = next((r for r in b["rows"] if r["method"] == "dart"), None)
+    if d:
+        lat = (f"; at batch 1, {d['latency_speedup']:.2f}x ({d['latency_speedup_vs_mac_prediction']:.2f} of it)"
+               if d.get("latency_speedup") is not None else "")
+        parts.append(f"DART: **{d['speedup']:.2f}x** measured at batch {b['batch_size']} against the "
+                     f"{d['mac_speedup']:.2f}x its MACs predict ({d['speedup_vs_mac_prediction']:.2f} of the "
+                     f"prediction){lat}.")
+    return parts
+
+
+def adaptation_parts(res: dict, h: str = "##") -> list[list[str]]:
+    """Per shift scenario: full network, frozen and adaptive DART on the clean and the shifted part."""
+    out = []
+    for sc in res.get("adaptation") or []:
+        t = sc["totals"]
+        rows = ["| Part | Full network | Frozen DART | Adaptive DART |", "|---|---|---|---|"]
+        for part in ("clean", "shifted"):
+            rows.append(f"| {part} | " + " | ".join(
+                f"{_pct(t[k][part]['accuracy'])}, {100 * t[k][part]['mac_fraction']:.1f}% MACs"
+                for k in ("full", "frozen", "adaptive")) + " |")
+        source = "" if sc.get("policy_file", "policies/dart.json") == "policies/dart.json" else (
+            f" DART could not be certified at this budget, so the uncertified DART ({sc['policy_file']}) adapts.")
+        out.append([f"{h} Adaptation: {sc['scenario']} (severity {sc['severity']})",
+                    "Adaptation changes the thresholds at deployment, so no certificate covers it." + source,
+                    "\n".join(rows)])
+    return out
+
+
+def write_report(res: dict, out: Path) -> Path:
+    """Write ``out/report.md`` from a results dict (see ``dart_ee.pipeline``)."""
     cfg, tr = res["config"], res["training"]
     parts = [
         f"# DART report: {cfg['name']}",
@@ -231,34 +278,15 @@ def write_report(res: dict, out: Path) -> Path:
     parts += certification_parts(res)
     parts += ["Exit histograms (exits 1..N):",
               policy_table([r["test"] for r in res["compare"]["rows"]] + [res["compare"]["oracle"]])]
-    if res.get("dart_exit_distribution"):
-        for kind, dist in res["dart_exit_distribution"].items():
-            parts += [f"## Exit distribution by difficulty (DART's exits, {kind} alpha bins)", distribution_markdown(dist)]
-    parts += [f"Alpha: paper score, mean {res['difficulty']['alpha_stats']['mean']:.3f} on the test split. "
-              "Spearman correlation with the oracle exit depth: "
-              + ", ".join(f"{k} {v:+.3f}" for k, v in res["difficulty"]["spearman_with_oracle_depth"].items()),
-              "![alpha histogram](alpha_histogram.png)", "![exit by difficulty](exit_by_difficulty_dart.png)"]
-    if res.get("benchmark"):
-        b = res["benchmark"]
-        parts += ["## Table I (measured on this machine)",
-                  f"{b['hardware']['cpu']}, {b['threads']} threads, batch {b['batch_size']}, {b['repeats']} repeats; "
-                  f"energy: {b['energy_source']}.", table_markdown(b)]
+    parts += difficulty_parts(res) + ["![alpha histogram](alpha_histogram.png)",
+                                      "![exit by difficulty](exit_by_difficulty_dart.png)"]
+    parts += benchmark_parts(res)
     parts += paper_tables(res)
     parts += ["## Accuracy at 25 / 50 / 75% of static MACs", grid_markdown(res["sweep"]),
               "![trade-off curves](tradeoff_curves.png)",
               f"## Ablation ({budget_words(res['compare'])}, every variant calibrated the same way)",
               ablation_table(res["ablation"])]
-    for sc in res.get("adaptation") or []:
-        t = sc["totals"]
-        rows = ["| Part | Full network | Frozen DART | Adaptive DART |", "|---|---|---|---|"]
-        for part in ("clean", "shifted"):
-            rows.append(f"| {part} | " + " | ".join(
-                f"{_pct(t[k][part]['accuracy'])}, {100 * t[k][part]['mac_fraction']:.1f}% MACs"
-                for k in ("full", "frozen", "adaptive")) + " |")
-        source = "" if sc.get("policy_file", "policies/dart.json") == "policies/dart.json" else (
-            f" DART could not be certified at this budget, so the uncertified DART ({sc['policy_file']}) adapts.")
-        parts += [f"## Adaptation: {sc['scenario']} (severity {sc['severity']})",
-                  "Adaptation changes the thresholds at deployment, so no certificate covers it." + source,
-                  "\n".join(rows)]
-        parts += [f"![over time]({sc['scenario']}_over_time.png)", f"![coefficients]({sc['scenario']}_coefficients.png)"]
+    for sc, sc_parts in zip(res.get("adaptation") or [], adaptation_parts(res)):
+        parts += sc_parts + [f"![over time]({sc['scenario']}_over_time.png)",
+                             f"![coefficients]({sc['scenario']}_coefficients.png)"]
     return artifacts.write_text(out / "report.md", "\n\n".join(parts) + "\n")
