@@ -1,6 +1,8 @@
 """Artifacts that do not belong together are refused with one line naming both sides, never combined."""
 
 import dataclasses
+import errno
+import os
 
 import numpy as np
 import pytest
@@ -205,3 +207,25 @@ def test_other_data_of_the_same_shape_is_refused(tmp_path):
         trace_run(tmp_path / "run", tmp_path / "b")
     assert not (tmp_path / "run" / "trace_cal.npz").exists()  # nothing was overwritten
     trace_run(tmp_path / "run", tmp_path / "a")  # the same data in its own folder is fine
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS, errno.ENOSPC])  # read-only folder or file system, full disk
+def test_filesystem_errors_are_one_line_naming_the_path(trained_run, tmp_path, monkeypatch, code):
+    def refuse(src, dst):
+        raise OSError(code, os.strerror(code), str(dst))
+
+    monkeypatch.setattr(os, "replace", refuse)  # the last step of every atomic artifact write
+    out_file = tmp_path / "policy.json"
+    rc, out = invoke("calibrate", "--trace", trained_run["cal_path"], "--policy", "threshold", "--max-drop", "1",
+                     "--out", out_file)
+    assert rc != 0 and "Traceback" not in out, out
+    assert f"error: {out_file}: {os.strerror(code)}" in out, out
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind, nothing half-written
+
+
+def test_out_naming_a_file_is_one_line(trained_run, tmp_path):
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    rc, out = invoke("sweep", "--cal", trained_run["cal_path"], "--test", trained_run["test_path"], "--out", a_file)
+    assert rc != 0 and "Traceback" not in out and str(a_file) in out, out
+    assert a_file.read_text() == "not a folder"

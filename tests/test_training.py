@@ -157,3 +157,10 @@ def test_few_optimiser_steps(tmp_path, mnist_like, batch_size):
     raw = tiny_config(mnist_like, epochs=1, batch_size=batch_size)
     raw["data"]["train_subset"], raw["data"]["cal_fraction"] = 64, 0.25
     assert train(parse_config(raw), tmp_path / "run")["epochs"] == 1
+
+
+def test_a_run_of_exactly_four_optimiser_steps_trains(tmp_path, mnist_like):
+    """OneCycleLR divides by its warm-up steps minus one: 4 steps once gave a ZeroDivisionError."""
+    cfg = parse_config(tiny_config(mnist_like.parent, epochs=4, batch_size=160))  # 160 training images: 1 step an epoch
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["n_train"] == 160 and (tmp_path / "run" / "model.pt").is_file()

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from dart_ee import artifacts
+from dart_ee.config import AdaptConfig
 from dart_ee.errors import ArtifactError, ConfigError
 from dart_ee.evaluation import leave_costs
 from dart_ee.policies import DartPolicy
@@ -99,18 +100,22 @@ def agreement_targets(policy: DartPolicy, cal_trace: Trace) -> list[float]:
     return out
 
 
+_DEFAULT = AdaptConfig()  # the one source of the controller's and the scenario's defaults
+
+
 class AdaptiveController:
     """Adapt a DART policy's coefficients online from audits (and labels when they arrive)."""
 
     FIELDS = {"exit": torch.long, "pred": torch.long, "macs": torch.float64, "audited": torch.bool,
               "agree": torch.bool, "label": torch.long}
 
-    def __init__(self, runner: EarlyExitRunner, targets: Sequence[float] | float = 0.85, window: int = 1000,
-                 audit_share: float = 0.02, update_every: int = 4, a_decay: float = 0.95, gain: float = 10.0,
-                 eta: float = 0.2, prior: float = 20.0, bounds: tuple[float, float] = (0.5, 3.0),
-                 pseudo_conf: float = 0.5, min_audits: int = 5, z_gate: float = 2.0, ucb: bool = False,
-                 arm_scales: Sequence[float] = (1.05, 1.0, 0.95), beta_opt: float | None = None,
-                 alpha_ref: AlphaReference | None = None, shift_gate: float = 0.5, shift_scale: float = 1.2,
+    def __init__(self, runner: EarlyExitRunner, targets: Sequence[float] | float = 0.85, window: int = _DEFAULT.window,
+                 audit_share: float = _DEFAULT.audit_share, update_every: int = _DEFAULT.update_every,
+                 a_decay: float = 0.95, gain: float = 10.0, eta: float = 0.2, prior: float = 20.0,
+                 bounds: tuple[float, float] = (0.5, 3.0), pseudo_conf: float = 0.5, min_audits: int = 5,
+                 z_gate: float = _DEFAULT.z_gate, ucb: bool = _DEFAULT.ucb, arm_scales: Sequence[float] = (1.05, 1.0, 0.95),
+                 beta_opt: float | None = None, alpha_ref: AlphaReference | None = None,
+                 shift_gate: float = _DEFAULT.shift_gate, shift_scale: float = _DEFAULT.shift_scale,
                  shift_memory: int = 256, seed: int = 0) -> None:
         if not isinstance(runner.policy, DartPolicy):
             raise ConfigError("AdaptiveController adapts a DART policy's coefficients; the runner's policy is "
@@ -314,7 +319,7 @@ class AdaptiveController:
 
 
 def controller_for_run(run_dir: str | Path, policy_path: str | Path, model: MultiExitNet, estimator: LearnedDifficulty,
-                       shift_guard: bool = True, **controller_kw) -> AdaptiveController:
+                       shift_guard: bool = _DEFAULT.shift_guard, **controller_kw) -> AdaptiveController:
     """A controller for a run's fitted DART policy: agreement targets and the shift guard's alpha reference
     both come from the run's calibration trace."""
     from dart_ee.policies import load_policy
@@ -332,9 +337,10 @@ def controller_for_run(run_dir: str | Path, policy_path: str | Path, model: Mult
     return AdaptiveController(runner, agreement_targets(policy, cal), alpha_ref=alpha_ref, **controller_kw)
 
 
-def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, severity: float, n_clean: int = 3000,
-                 n_shift: int = 3000, batch_size: int = 256, report_window: int = 500, seed: int = 0,
-                 data_dir: str | Path | None = None, shift_guard: bool = True, **controller_kw) -> dict:
+def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, severity: float,
+                 n_clean: int = _DEFAULT.clean, n_shift: int = _DEFAULT.shifted, batch_size: int = _DEFAULT.batch_size,
+                 report_window: int = 500, seed: int = 0, data_dir: str | Path | None = None,
+                 shift_guard: bool = _DEFAULT.shift_guard, **controller_kw) -> dict:
     """Full network, frozen DART and adaptive DART on the same shifted stream; per-window and total figures.
 
     ``shift_guard`` references alpha on the calibration split (when the policy uses alpha).

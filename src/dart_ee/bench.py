@@ -323,7 +323,7 @@ def table_markdown(rec: dict) -> str:
     lines = [("| Runner " if several else "") + "| Method | Accuracy | Time (ms/img) | Energy (mJ/img) | Power (W) | Speedup "
              "| MAC-predicted speedup | Speedup / MAC prediction | Power efficiency | DAES "
              "| Latency p50 / p95 (ms, bs=1) | Latency speedup |",
-             "|---" * (13 + several) + "|"]
+             "|---" * (12 + several) + "|"]
     for r in rec["rows"]:
         daes = f"{r['daes']:.3f}" + ("" if r["power_efficiency"] is not None else " (PE=1: energy unavailable)")
         lat = (f"{r['latency_p50_ms']:.2f} / {r['latency_p95_ms']:.2f} | {r['latency_speedup']:.2f}x"

@@ -642,15 +642,16 @@ def adapt(run: RunOpt,
           shifted: int = typer.Option(_ADAPT.shifted, min=1, help="Shifted images after it."),
           batch_size: int = typer.Option(_ADAPT.batch_size, min=1),
           audit_share: float = typer.Option(_ADAPT.audit_share, min=0, max=1, help="Share of early exits audited."),
-          ucb: bool = typer.Option(False, "--ucb", help="Let UCB1 choose a conservative/balanced/aggressive scale."),
-          window: int = typer.Option(1000, min=1, help="Sliding window of recent inferences."),
-          update_every: int = typer.Option(4, min=1, help="Update the coefficients every k batches."),
-          z_gate: float = typer.Option(2.0, help="Act only on accuracy gaps beyond this many standard errors."),
+          ucb: bool = typer.Option(_ADAPT.ucb, "--ucb", help="Let UCB1 choose a conservative/balanced/aggressive scale."),
+          window: int = typer.Option(_ADAPT.window, min=1, help="Sliding window of recent inferences."),
+          update_every: int = typer.Option(_ADAPT.update_every, min=1, help="Update the coefficients every k batches."),
+          z_gate: float = typer.Option(_ADAPT.z_gate, min=0, help="Act only on accuracy gaps beyond this many standard "
+                                                                   "errors."),
           shift_guard: bool = typer.Option(_ADAPT.shift_guard, "--shift-guard/--no-shift-guard",
                                            help="Scale thresholds up while alpha has left its calibration range."),
-          shift_gate: float = typer.Option(_ADAPT.shift_gate, help="Shift guard trigger, in calibration standard "
+          shift_gate: float = typer.Option(_ADAPT.shift_gate, min=0, help="Shift guard trigger, in calibration standard "
                                                                    "deviations of alpha."),
-          shift_scale: float = typer.Option(_ADAPT.shift_scale, help="Factor on every exit coefficient while the guard "
+          shift_scale: float = typer.Option(_ADAPT.shift_scale, min=1, help="Factor on every exit coefficient while the guard "
                                                                      "is on."),
           overhead: bool = typer.Option(False, "--overhead", help="Also time the controller against the runner alone "
                                                                   "(stationary stream, batch 256, audits off)."),
@@ -658,10 +659,9 @@ def adapt(run: RunOpt,
     """Frozen vs adaptive DART on a stream that shifts part-way: accuracy/MACs over time and coefficient plots."""
     from dart_ee import artifacts, plots
     from dart_ee.adapt import run_scenario
-    from dart_ee.shift import SEVERITY_HELP
+    from dart_ee.shift import SEVERITY, SEVERITY_HELP
 
-    defaults = {"noise": 0.1, "blur": 1.0, "contrast": 0.7, "class-prior": 0.9, "ramp": 0.15}
-    sev = severity or [defaults.get(s, 0.1) for s in scenario]
+    sev = severity or [SEVERITY.get(s, 0.1) for s in scenario]
     if len(sev) != len(scenario):
         _fail(DartError(f"--severity given {len(sev)} times for {len(scenario)} scenarios; give one per scenario"))
     out = out or Path(run) / "adapt"

@@ -48,7 +48,7 @@ class TrainConfig(_Strict):
     distill: float = Field(0.0, ge=0, le=1)  # share of self-distillation from the final exit
     distill_temperature: float = Field(3.0, gt=0)
     policy_lambda: float = Field(0.0, ge=0)  # weight of L_policy (METHOD.md section 1)
-    bf16: bool = True  # bf16 autocast (measured 3.4x faster on this CPU, see BENCHMARKS.md)
+    bf16: bool = True  # bf16 autocast (its speed on this CPU: BENCHMARKS.md section 2)
     channels_last: bool = True
     crop_pad: int | None = Field(None, ge=0)  # default: the dataset's
     flip: bool | None = None  # default: the dataset's
@@ -77,7 +77,7 @@ class BenchmarkConfig(_Strict):
 class AdaptConfig(_Strict):
     enabled: bool = True
     scenarios: list[Literal["noise", "blur", "contrast", "class-prior", "ramp"]] = ["noise", "blur", "contrast"]
-    severities: list[float] = [0.1, 1.0, 0.7]  # one per scenario (see dart_ee.shift.SEVERITY_HELP)
+    severities: list[float] = [0.1, 1.0, 0.7]  # one per scenario (see dart_ee.shift.SEVERITY_HELP and SEVERITY)
     clean: int = Field(3000, ge=1)
     shifted: int = Field(3000, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -85,6 +85,10 @@ class AdaptConfig(_Strict):
     shift_guard: bool = True  # scale thresholds up while alpha has left its calibration range
     shift_gate: float = Field(0.5, gt=0)  # in calibration standard deviations of alpha
     shift_scale: float = Field(1.2, ge=1)
+    window: int = Field(1000, ge=1)  # sliding window of recent inferences the updates read
+    update_every: int = Field(4, ge=1)  # batches between coefficient updates
+    z_gate: float = Field(2.0, ge=0)  # act only on accuracy gaps beyond this many standard errors
+    ucb: bool = False  # let UCB1 choose a conservative / balanced / aggressive scale
 
     @model_validator(mode="after")
     def _one_severity_per_scenario(self) -> AdaptConfig:

@@ -162,7 +162,8 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
         for sc, sv in zip(a.scenarios, a.severities):
             res = run_scenario(out, dart_path, sc, sv, a.clean, a.shifted, a.batch_size, seed=cfg.seed,
                                data_dir=data_dir, audit_share=a.audit_share, shift_guard=a.shift_guard,
-                               shift_gate=a.shift_gate, shift_scale=a.shift_scale)
+                               shift_gate=a.shift_gate, shift_scale=a.shift_scale, window=a.window,
+                               update_every=a.update_every, z_gate=a.z_gate, ucb=a.ucb)
             artifacts.write_json(out / "adapt" / f"{sc}.json", res)
             adaptation.append({**{k: v for k, v in res.items() if k not in ("coefficients", "series")},
                                "policy_file": str(dart_path.relative_to(out))})

@@ -16,6 +16,7 @@ from dart_ee.data import to_float
 from dart_ee.errors import ConfigError
 
 SCENARIOS = ("noise", "blur", "contrast", "class-prior", "ramp")
+SEVERITY = {"noise": 0.1, "blur": 1.0, "contrast": 0.7, "class-prior": 0.9, "ramp": 0.15}  # when none is given
 SEVERITY_HELP = {
     "noise": "standard deviation of additive Gaussian pixel noise (pixels in [0, 1])",
     "blur": "standard deviation, in pixels, of a Gaussian blur",
