@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dart_ee.errors import ArtifactError
 
 _UMASK = os.umask(0)  # read once (os.umask can only be read by setting it) and put back at once
@@ -74,11 +72,15 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:
+    import torch  # imported here: the ONNX runner reads artifacts in processes without torch
+
     return atomic_write(path, lambda p: torch.save(obj, p))
 
 
 def load_torch(path: str | Path, what: str = "checkpoint") -> Any:
     """Load a torch artifact with ``weights_only=True``: never unpickle arbitrary code."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{what} not found: {path}")

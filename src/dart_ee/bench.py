@@ -117,12 +117,14 @@ def _percentile(v: list[float], q: float) -> float:
 def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_size: int = 256, n_images: int = 2560,
               repeats: int = 5, latency_images: int = 100, threads: int | None = None, device: str = "cpu",
               data_dir: str | Path | None = None, memory: bool = False,
-              runners: Sequence[str] = ("eager",), profile: bool = True) -> dict:
+              runners: Sequence[str] = ("eager",), profile: bool = True, export_dir: str | Path | None = None) -> dict:
     """Time the static network against each fitted policy on the run's test images (see ``dart-ee benchmark``).
 
-    ``runners``: "eager" (``EarlyExitRunner``: each batch compacted stage by stage) and/or "queued"
-    (``QueuedRunner``: a queue per stage, full batches, CUDA graphs on a GPU). Each runner times its own
-    static network (captured too under "queued"), and every method and runner alternates in one process.
+    ``runners``: "eager" (``EarlyExitRunner``: each batch compacted stage by stage), "queued"
+    (``QueuedRunner``: a queue per stage, full batches, CUDA graphs on a GPU) and/or "onnxruntime"
+    (``OnnxRunner`` on the run's export in ``export_dir``, default ``RUN/export``, re-exported when it is
+    not current). Each runner times its own static network (captured too under "queued"; the exported
+    static graph under "onnxruntime"), and every method and runner alternates in one process.
     """
     from dart_ee.data import to_float
     from dart_ee.energy import energy_meter
@@ -132,9 +134,9 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     from dart_ee.run import Run
     from dart_ee.runtime import EarlyExitRunner
 
-    unknown = sorted(set(runners) - {"eager", "queued"})
+    unknown = sorted(set(runners) - {"eager", "queued", "onnxruntime"})
     if unknown or not runners:
-        raise ConfigError(f"unknown runner(s) {unknown or list(runners)}: choose eager and/or queued")
+        raise ConfigError(f"unknown runner(s) {unknown or list(runners)}: choose eager, queued and/or onnxruntime")
     run_dir = Path(run_dir)
     n_threads = set_threads(threads)
     dev = torch.device(device)
@@ -148,30 +150,40 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     static_macs = float(model.static_macs())
 
     methods: dict[str, ExitPolicy] = {"static": StaticPolicy()}
+    exported = {"static": "static"}  # method -> its name in the export
     for p in policy_paths:
         pol = load_policy(p)
-        methods[pol.name if pol.name not in methods else Path(p).stem] = pol
+        name = pol.name if pol.name not in methods else Path(p).stem
+        methods[name], exported[name] = pol, Path(p).stem
     eager = {k: EarlyExitRunner(model, pol, est) for k, pol in methods.items()}
+    onnx = _onnx_runners(run_dir, export_dir, policy_paths, exported, n_threads) if "onnxruntime" in runners else {}
     keys = [(r, k) for r in runners for k in methods]  # (runner, method)
 
     # accuracy, exits and MAC-predicted speedup over the whole test split, from the eager runner (the
-    # trace's semantics); the queued runner's decisions are compared with it sample by sample
+    # trace's semantics); the queued and onnxruntime runners' decisions are compared with it sample by sample
     rows: dict[tuple[str, str], dict] = {}
+
+    def summary(name: str, pred: np.ndarray, exits: np.ndarray) -> dict:
+        costs = leave_costs(methods[name], exit_macs, static_macs, est_macs)
+        macs = float(costs[exits].mean())
+        return {"method": name, "accuracy": float((pred == labels.numpy()).mean()), "macs_per_image": macs,
+                "exit_histogram": np.bincount(exits, minlength=len(exit_macs)).tolist(), "mac_speedup": static_macs / macs}
+
     for name, runner in eager.items():
         res = runner.run(all_x, batch_size)
-        pol = methods[name]
-        costs = leave_costs(pol, exit_macs, static_macs, est_macs)
-        exits = res.exit.cpu().numpy()
-        base = {"method": name, "accuracy": float((res.pred.cpu() == labels).float().mean()),
-                "macs_per_image": float(costs[exits].mean()),
-                "exit_histogram": np.bincount(exits, minlength=len(exit_macs)).tolist()}
-        base["mac_speedup"] = static_macs / base["macs_per_image"]
+        pred, exits = res.pred.cpu().numpy(), res.exit.cpu().numpy()
         for r in runners:
-            rows[r, name] = {**base, "runner": r}
+            rows[r, name] = {**summary(name, pred, exits), "runner": r}
+        others = {}
         if "queued" in runners:
-            qres = QueuedRunner(model, pol, est, batch_size).run(all_x)
-            rows["queued", name]["decisions_differing_from_eager"] = int(
-                ((qres.exit != res.exit) | (qres.pred != res.pred)).sum())
+            qres = QueuedRunner(model, methods[name], est, batch_size).run(all_x)
+            others["queued"] = (qres.pred.cpu().numpy(), qres.exit.cpu().numpy())
+        if onnx:
+            ores = onnx[name].run(all_x.numpy(), batch_size)
+            others["onnxruntime"] = (ores.pred, ores.exit)
+            rows["onnxruntime", name].update(summary(name, ores.pred, ores.exit))  # the engine's own accuracy
+        for r, (other_pred, other_exits) in others.items():
+            rows[r, name]["decisions_differing_from_eager"] = int(((other_pred != pred) | (other_exits != exits)).sum())
     rows = {k: rows[k] for k in keys}  # by runner, then method
     with torch.inference_mode():
         mean_alpha = float(torch.cat([est.paper(to_float(all_x[s: s + 1000]).to(dev))
@@ -183,9 +195,14 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     batches = [x[s: s + batch_size] for s in range(0, len(x), batch_size)]
     queued = {k: QueuedRunner(model, pol, est, batch_size) for k, pol in methods.items()} if "queued" in runners else {}
 
+    x_np = [b.cpu().numpy() for b in batches] if onnx else []
+
     def throughput(key: tuple[str, str]) -> Callable[[], object]:
         if key[0] == "queued":
             return functools.partial(queued[key[1]].run, x)
+        if key[0] == "onnxruntime":
+            ort_runner = onnx[key[1]]
+            return lambda: [ort_runner(b) for b in x_np]
         runner = eager[key[1]]
         return lambda: [runner(b) for b in batches]
 
@@ -195,8 +212,11 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
         fn()
     t_per_img: dict = {k: [] for k in keys}
     e_per_img: dict = {k: [] for k in keys}
-    for rep in range(repeats):
-        for k in _rotated(keys, rep):
+    # engines are timed apart, each with its methods alternating: torch's OpenMP workers spin for a while
+    # after each parallel region and would take the cores from onnxruntime's (and the reverse)
+    groups = [g for g in ([k for k in keys if k[0] != "onnxruntime"], [k for k in keys if k[0] == "onnxruntime"]) if g]
+    for rep, group in ((rep, g) for rep in range(repeats) for g in groups):
+        for k in _rotated(group, rep):
             _sync(dev)
             e0, t0 = meter.read(), time.perf_counter()
             fns[k]()
@@ -219,12 +239,13 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     singles = x[:latency_images]
     latency: dict[tuple[str, str], Callable[[torch.Tensor], object]] = {}
     for k in keys:  # a queue of one: each stage runs as soon as its one sample arrives
-        latency[k] = QueuedRunner(model, methods[k[1]], est, 1).run if k[0] == "queued" else eager[k[1]]
+        latency[k] = (QueuedRunner(model, methods[k[1]], est, 1).run if k[0] == "queued" else
+                      _numpy_input(onnx[k[1]]) if k[0] == "onnxruntime" else eager[k[1]])
     lat: dict = {k: [] for k in keys}
     for k in keys if len(singles) else []:
         latency[k](singles[:1])
-    for j in range(len(singles)):
-        for k in _rotated(keys, j):
+    for group, j in ((g, j) for g in groups for j in range(len(singles))):
+        for k in _rotated(group, j):
             _sync(dev)
             t0 = time.perf_counter()
             latency[k](singles[j: j + 1])
@@ -267,6 +288,23 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
                   "; queued runner: " + ("stages captured as CUDA graphs" if graphs else
                                          "eager stage calls (CUDA graphs need a GPU; capture skipped on the CPU)")),
     }
+
+
+def _onnx_runners(run_dir: Path, export_dir: str | Path | None, policy_paths: Sequence[str | Path],
+                  exported: dict[str, str], threads: int) -> dict:
+    """An ``OnnxRunner`` per method on the run's export, (re)exported first when it is not current."""
+    from dart_ee.export import export_run, is_current
+    from dart_ee.onnx_runner import OnnxRunner
+
+    folder = Path(export_dir) if export_dir else run_dir / "export"
+    if not is_current(folder, run_dir, policy_paths):
+        export_run(run_dir, folder, policies=policy_paths)
+    # one thread pool for all of them: the fastest way to serve an export (see onnx_runner.session_options)
+    return {m: OnnxRunner(folder, name, threads=threads, shared_pool=True) for m, name in exported.items()}
+
+
+def _numpy_input(runner: Any) -> Callable[[torch.Tensor], object]:
+    return lambda x: runner(x.cpu().numpy())
 
 
 def _memory_child(run_dir: str, policy_path: str | None, images_path: str, batch_size: int, threads: int,

@@ -583,8 +583,14 @@ def benchmark(run: RunOpt,
               memory: Annotated[bool, typer.Option("--memory", help="Also measure peak memory per method "
                                                                       "(one process each, whole test split).")] = False,
               runner: Annotated[Optional[list[str]], typer.Option(
-                  "--runner", help="eager (compact each batch stage by stage) or queued (a queue per stage, full "
-                                   "batches, CUDA graphs on a GPU). Repeat to time both in alternation.")] = None,
+                  "--runner", help="eager (compact each batch stage by stage), queued (a queue per stage, full "
+                                   "batches, CUDA graphs on a GPU) or onnxruntime (the exported graphs, routed like "
+                                   "eager). Repeat to time several in alternation.")] = None,
+              engine: Annotated[Optional[list[str]], typer.Option(
+                  "--engine", help="torch (the eager runner) or onnxruntime: shorthand for --runner. Repeatable.")] = None,
+              export_dir: Annotated[Optional[Path], typer.Option(
+                  "--export", help="onnxruntime: the export folder; default RUN/export, (re)exported when it is not "
+                                   "current.")] = None,
               data_dir: DataDirOpt = None,
               out: Annotated[Optional[Path], typer.Option("--out", help="Write the JSON record here.")] = None,
               as_json: Annotated[bool, typer.Option("--json", help="Print the JSON record.")] = False) -> None:
@@ -593,8 +599,13 @@ def benchmark(run: RunOpt,
     from dart_ee.bench import benchmark as run_bench
     from dart_ee.bench import table_markdown
 
+    engines = {"torch": "eager", "onnxruntime": "onnxruntime"}
+    bad = [e for e in engine or [] if e not in engines]
+    if bad:
+        _fail(DartError(f"--engine {bad[0]!r} is not offered: choose torch or onnxruntime"))
+    runners = list(dict.fromkeys([*(runner or []), *(engines[e] for e in engine or [])])) or ["eager"]
     rec = run_bench(run, policy, batch_size, images, repeats, latency_images, threads, device, data_dir, memory,
-                    runners=runner or ["eager"])
+                    runners=runners, export_dir=export_dir)
     if out:
         artifacts.write_json(out, rec)
     if as_json:
@@ -614,6 +625,30 @@ def benchmark(run: RunOpt,
             m = r["memory"]
             typer.echo(f"memory {r['method']}: peak RSS {m['peak_rss_mb']:.0f} MB ({m['peak_ratio_vs_static']:.2f}x static), "
                        f"increase during the run {m['increase_mb']:.0f} MB ({m['increase_ratio_vs_static']:.2f}x static)")
+
+
+@app.command()
+def export(run: RunOpt,
+           out: Annotated[Path, typer.Option("--out", help="Export folder (one ONNX file per stage, exit head, "
+                                                            "estimator and policy decision, and manifest.json).")],
+           policy: Annotated[Optional[list[Path]], typer.Option(
+               "--policy", help="Fitted policy JSON to export (repeatable); default every RUN/policies/*.json.")] = None,
+           opset: int = typer.Option(17, min=13, help="ONNX opset version."),
+           dtype: str = typer.Option("fp32", help="fp32, or int8 (onnxruntime static quantisation calibrated on the "
+                                                  "calibration split; the policies are re-fitted on an int8 trace)."),
+           calibration_images: int = typer.Option(512, min=16, help="int8: calibration images for the activation "
+                                                                    "ranges."),
+           data_dir: DataDirOpt = None) -> None:
+    """Export a finished run for onnxruntime: serve it with dart_ee.onnx_runner.OnnxRunner, without torch."""
+    from dart_ee.export import export_run
+
+    m = export_run(run, out, opset, dtype, policy, data_dir, calibration_images)
+    typer.echo(f"wrote {out}: {len(m['files'])} files ({m['dtype']}, opset {m['opset']}), policies "
+               + ", ".join(f"{k} ({'static network' if v['static'] else v['policy']})" for k, v in m["policies"].items()))
+    if m.get("int8"):
+        q = m["int8"]
+        typer.echo("per-exit test accuracy, fp32 -> int8: " + ", ".join(
+            f"{100 * a:.2f} -> {100 * b:.2f}" for a, b in zip(q["exit_test_accuracy_fp32"], q["exit_test_accuracy_int8"])))
 
 
 @app.command("train-speed")

@@ -446,7 +446,8 @@ class DartPolicy(ExitPolicy):
         """Eq 19's threshold from the table value: clamp(coef * tau + beta_diff * alpha, 0, 1); +inf stays +inf."""
         margin = self.beta_diff * alpha.float() if (alpha is not None and self.beta_diff) else 0.0
         thr = (coef * tau + margin).clamp(0, 1)
-        return torch.where(torch.isposinf(tau), tau, thr)  # a clamp to 1 would let saturated confidences leave
+        # a clamp to 1 would let saturated confidences leave; (== inf, not isposinf: it exports to ONNX)
+        return torch.where(tau == math.inf, tau, thr)
 
     def thresholds(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
         """tau'_i for each sample (Eq 19), including the adaptive coefficients."""

@@ -1,0 +1,300 @@
+"""Per-stage ONNX export of a finished run, for serving with onnxruntime (``dart_ee.onnx_runner``).
+
+One exported graph cannot exit early: a static all-exit graph saves nothing, and per-sample,
+data-dependent batch sizes are not expressible in it. So each segment of the network is its own
+graph with a dynamic batch dimension, and the routing stays on the host, as in ``EarlyExitRunner``:
+
+    stage_{i}.onnx        x or h_{i-1} -> h_i           (stage 1 includes the input normalisation)
+    exit_{i}.onnx         h_i -> logits_i, probs_i      (the head, then its softmax in float32)
+    alpha_paper.onnx      x -> alpha                    (the paper's difficulty score)
+    alpha_learned.onnx    x, h_1, logits_1 -> alpha     (the learned estimator)
+    static.onnx           x -> probs                    (the plain network, no heads: the baseline)
+    policies/NAME.json    a fitted policy, with policies/NAME/exit_{i}.onnx for each early exit: the head,
+                          its softmax and the policy's decision in one graph
+                          h_i [, x at exit 1 | alpha] [, state] -> logits, probs, leave [, alpha] [, state]
+    manifest.json         input shape, normalisation, exit MACs, fingerprints, a checksum of every file
+
+The decisions are the policies' own ``decide`` code, traced with their fitted tables as
+constants, so onnxruntime routes exactly as the torch runtime does. ``dtype="int8"`` quantises the
+stage, exit and static graphs with onnxruntime's static quantisation, calibrated on the run's
+calibration split; quantisation moves confidences, so re-fit the policies on an int8 trace
+(``onnx_trace``) rather than trusting thresholds fitted in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import io
+import logging
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dart_ee import artifacts
+from dart_ee.difficulty import LearnedDifficulty
+from dart_ee.errors import ArtifactError, ConfigError
+from dart_ee.evaluation import leave_costs
+from dart_ee.lock import run_lock
+from dart_ee.models import MultiExitNet, Normalize
+from dart_ee.onnx_runner import FORMAT, MANIFEST
+from dart_ee.policies import ExitPolicy, StaticPolicy, load_policy
+from dart_ee.run import ESTIMATORS, METRICS, MODEL, POLICIES, Run
+from dart_ee.runtime import alpha_source
+
+DTYPES = ("fp32", "int8")
+
+
+class _SlicedAdaptiveAvgPool(nn.Module):
+    """``AdaptiveAvgPool2d`` as slices and means, for export: the TorchScript exporter cannot express bins
+    that do not divide the input (a 7x7 map pooled to 4x4), and torch.export takes seconds a graph."""
+
+    def __init__(self, output_size: int | tuple[int, int]) -> None:
+        super().__init__()
+        self.size: tuple[int, int] = (output_size, output_size) if isinstance(output_size, int) else output_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # plain ints: traced sizes would turn the floor divisions below into ONNX's truncating ones
+        (h, w), (oh, ow) = (int(x.shape[-2]), int(x.shape[-1])), self.size
+        if h % oh == 0 and w % ow == 0:
+            return F.adaptive_avg_pool2d(x, (oh, ow))
+        # bin i spans [floor(i * h / oh), ceil((i + 1) * h / oh)), as in torch's kernel
+        rows = [x[..., i * h // oh: -(-(i + 1) * h // oh), :] for i in range(oh)]
+        return torch.stack([torch.stack([r[..., j * w // ow: -(-(j + 1) * w // ow)].mean((-2, -1)) for j in range(ow)], -1)
+                            for r in rows], -2)
+
+
+def _exportable(model: MultiExitNet) -> MultiExitNet:
+    """A copy of ``model`` whose adaptive poolings the fast exporter can express."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.AdaptiveAvgPool2d):
+                setattr(parent, name, _SlicedAdaptiveAvgPool(child.output_size))  # type: ignore[arg-type]
+    return model
+
+
+class _Exit(nn.Module):
+    """An exit head and its softmax, in float32 as the runtime computes it."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(h).float()
+        return logits, F.softmax(logits, 1)
+
+
+class _Static(nn.Module):
+    def __init__(self, model: MultiExitNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.model.forward_static(x).float(), 1)
+
+
+class _Alpha(nn.Module):
+    """The paper's score (``x``) or the learned estimator (``x``, stage 1's output, exit 1's logits)."""
+
+    def __init__(self, estimator: LearnedDifficulty, learned: bool) -> None:
+        super().__init__()
+        self.estimator, self.learned = estimator, learned
+
+    def forward(self, x: torch.Tensor, h1: torch.Tensor | None = None, logits1: torch.Tensor | None = None) -> torch.Tensor:
+        # check=False: the input checks read values back to the host, which a graph cannot hold; the
+        # runner checks its input once, up front
+        if self.learned:
+            return self.estimator(x, h1, logits1, check=False)
+        return self.estimator.paper(x, check=False)
+
+
+class _RoutedExit(nn.Module):
+    """Exit ``i`` under a policy: the head, its softmax and ``policy.decide`` in one graph (one host call per
+    stage instead of three: at batch 1 each call's fixed cost is a tenth of a stage's). At exit 1 a
+    policy that reads alpha computes it here too, from the image ``x`` (and, for the learned estimator,
+    stage 1's output and exit 1's logits). The fitted tables become constants."""
+
+    def __init__(self, head: nn.Module, policy: ExitPolicy, i: int, source: str | None, estimator: LearnedDifficulty,
+                 state_keys: Sequence[str]) -> None:
+        super().__init__()
+        self.exit, self.policy, self.i, self.source, self.keys = _Exit(head), policy, i, source, list(state_keys)
+        self.alpha = _Alpha(estimator, learned=source == "learned") if source and i == 0 else None
+
+    def forward(self, h: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, probs = self.exit(h)
+        extra, rest = (rest[0], rest[1:]) if self.source else (None, rest)  # x at exit 1, alpha after it
+        alpha = self.alpha(extra, h, logits) if self.alpha is not None else extra
+        state = dict(zip(self.keys, rest))
+        leave = self.policy.decide(self.i, probs, alpha, state)
+        return (logits, probs, leave, *([alpha] if self.alpha is not None else []), *(state[k] for k in self.keys))
+
+
+def _onnx(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opset: int) -> None:
+    """Export with a dynamic batch dimension on every input and output, atomically.
+
+    The TorchScript exporter (``dynamo=False``) goes first: these graphs are plain convolutions and
+    table lookups, and it exports each in a fraction of a second, against seconds with torch.export.
+    What it cannot express (an adaptive pooling whose output size does not divide its input) goes
+    through torch.export (``dynamo=True``), which decomposes it.
+    """
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # both exporters are chatty
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(module.eval(), args, str(tmp), input_names=inputs, output_names=outputs,
+                                  opset_version=opset, dynamo=False, do_constant_folding=True,
+                                  dynamic_axes={n: {0: "batch"} for n in (*inputs, *outputs)})
+            except torch.onnx.errors.OnnxExporterError:
+                logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+                torch.onnx.export(module.eval(), args, str(tmp), input_names=inputs, output_names=outputs,
+                                  opset_version=max(opset, 18), dynamo=True, verbose=False,
+                                  dynamic_shapes=_batch_dims(module, len(args)))
+    artifacts.atomic_write(path, write)
+
+
+def _batch_dims(module: nn.Module, n_args: int) -> tuple:
+    """torch.export's dynamic shapes for ``n_args`` positional arguments: dimension 0 of each is the batch.
+    A ``*rest`` parameter takes the remaining arguments as one tuple, and its entry must be a tuple too."""
+    batch = torch.export.Dim("batch")
+    params = list(inspect.signature(module.forward).parameters.values())
+    fixed = [p for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
+    if any(p.kind == p.VAR_POSITIONAL for p in params) and n_args > len(fixed):
+        return (*({0: batch} for _ in fixed), tuple({0: batch} for _ in range(n_args - len(fixed))))
+    return tuple({0: batch} for _ in range(n_args))
+
+
+def _normalisation(model: MultiExitNet) -> dict[str, list[float]] | None:
+    norm = next((m for m in model.modules() if isinstance(m, Normalize)), None)
+    return None if norm is None else {"mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}
+
+
+def _policy_paths(run: Run, policies: Sequence[str | Path] | None) -> list[Path]:
+    if policies:
+        return [Path(p) for p in policies]
+    paths = sorted((run.path / POLICIES).glob("*.json"))
+    if not paths:
+        raise ArtifactError(f"{run.path / POLICIES} holds no fitted policy: the run is unfinished; finish it with "
+                            "`dart-ee run` (or fit one with `dart-ee calibrate`) before exporting")
+    return paths
+
+
+def export_run(run_dir: str | Path, out: str | Path, opset: int = 17, dtype: str = "fp32",
+               policies: Sequence[str | Path] | None = None, data_dir: str | Path | None = None,
+               calibration_images: int = 512) -> dict:
+    """Export a finished run (model, estimators, fitted policies) to ``out``; return the manifest.
+
+    ``policies``: policy JSON files (default: every ``RUN/policies/*.json``), exported under their file
+    names' stems. ``dtype="int8"`` needs the run's data (``data_dir``) for the calibration images.
+    """
+    run, out = Run(run_dir), Path(out)
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not offered: choose one of {', '.join(DTYPES)}")
+    for name in (MODEL, ESTIMATORS, METRICS):
+        if not (run.path / name).is_file():
+            raise ArtifactError(f"{run.path / name} is missing: the run is unfinished; finish it with `dart-ee run` "
+                                "before exporting")
+    paths = _policy_paths(run, policies)
+    if out.resolve() == run.path.resolve():
+        raise ConfigError("--out must not be the run folder itself: name a folder of its own, e.g. RUN/export")
+    with run_lock(run.path):
+        model, est = _exportable(run.model()), run.estimators()
+        (out / MANIFEST).unlink(missing_ok=True)  # no manifest until every file is written: a half export never loads
+        if out.is_dir():
+            shutil.rmtree(out / POLICIES, ignore_errors=True)
+        files: list[str] = []
+
+        def add(rel: str, module: nn.Module, args: tuple, inputs: list[str], outputs: list[str]) -> None:
+            _onnx(module, args, out / rel, inputs, outputs, opset)
+            files.append(rel)
+
+        x = torch.rand(2, *model.input_shape)
+        add("static.onnx", _Static(model), (x,), ["x"], ["probs"])
+        h, hs = x, []
+        for i in range(model.num_exits):
+            add(f"stage_{i}.onnx", model.stages[i], (h,), ["x" if i == 0 else "h_in"], ["h"])
+            h = model.stages[i](h)
+            hs.append(h)
+            add(f"exit_{i}.onnx", _Exit(model.heads[i]), (h,), ["h"], ["logits", "probs"])
+        logits1, probs = _Exit(model.heads[0])(hs[0])
+        add("alpha_paper.onnx", _Alpha(est, learned=False), (x,), ["x"], ["alpha"])
+        add("alpha_learned.onnx", _Alpha(est, learned=True), (x, hs[0], logits1), ["x", "h1", "logits1"], ["alpha"])
+
+        exit_macs, static_macs, est_macs = model.exit_macs(), float(model.static_macs()), est.macs(model)
+        pol_info: dict[str, dict[str, Any]] = {}
+        chosen: list[tuple[str, ExitPolicy, Path | None]] = [(p.stem, load_policy(p), p) for p in paths]
+        if "static" not in {name for name, _, _ in chosen}:  # the baseline every benchmark compares with
+            chosen.append(("static", StaticPolicy(), None))
+        for name, pol, path in chosen:
+            source = alpha_source(model, pol, est)
+            state = pol.init_state(2)
+            static = isinstance(pol, StaticPolicy) or pol.never_leaves_early()
+            info: dict[str, Any] = {
+                "file": f"{POLICIES}/{name}.json" if path else None, "policy": pol.name, "static": static,
+                "alpha_source": source,
+                "state": {k: {"dtype": str(v.dtype).removeprefix("torch."), "fill": v[0].item()} for k, v in state.items()},
+                "leave_macs": leave_costs(StaticPolicy() if static else pol, exit_macs, static_macs, est_macs).tolist(),
+                "exits": []}
+            if path:
+                artifacts.write_text(out / info["file"], path.read_text())
+                files.append(info["file"])
+            if not static:
+                for i in range(model.num_exits - 1):
+                    rel = f"{POLICIES}/{name}/exit_{i}.onnx"
+                    extra = [] if not source else [("x", x)] if i == 0 else [("alpha", torch.rand(2))]
+                    args = (hs[i], *(v for _, v in extra), *state.values())
+                    add(rel, _RoutedExit(model.heads[i], pol, i, source, est, list(state)), args,
+                        ["h", *(k for k, _ in extra), *state],
+                        ["logits", "probs", "leave", *(["alpha"] if source and i == 0 else []),
+                         *(f"{k}_out" for k in state)])
+                    info["exits"].append(rel)
+            pol_info[name] = info
+
+        metrics = artifacts.read_json(run.path / METRICS, "metrics file")
+        manifest = {
+            "format": FORMAT, "made_by": "dart-ee export", "run": str(run.path), "dtype": dtype, "opset": opset,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "input": {"shape": list(model.input_shape), "dtype": "float32", "range": [0.0, 1.0],
+                      "normalisation": _normalisation(model), "note": "uint8 pixels are divided by 255; the "
+                      "normalisation is inside stage_0.onnx and static.onnx"},
+            "num_exits": model.num_exits, "num_classes": int(probs.shape[1]),
+            "exit_macs": [float(m) for m in exit_macs], "static_macs": static_macs,
+            "estimator_macs": {k: float(v) for k, v in est_macs.items()},
+            "model_fingerprint": artifacts.file_fingerprint(run.path / MODEL),
+            "estimators_fingerprint": artifacts.file_fingerprint(run.path / ESTIMATORS),
+            "train_fingerprint": metrics.get("train_fingerprint"),
+            "exit_test_accuracy_torch": metrics.get("exit_test_accuracy"),
+            "policies": pol_info,
+            "files": {rel: artifacts.file_fingerprint(out / rel) for rel in files},
+        }
+        artifacts.write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def is_current(export_dir: str | Path, run_dir: str | Path, policies: Sequence[str | Path], dtype: str = "fp32") -> bool:
+    """Whether ``export_dir`` holds an export of the run's present model and estimators, ``dtype`` and the
+    given policies (their files unchanged), so that it can be reused."""
+    path = Path(export_dir) / MANIFEST
+    if not path.is_file():
+        return False
+    m, run = artifacts.read_json(path, "export manifest"), Path(run_dir)
+    pols = m.get("policies", {})
+    return (m.get("format") == FORMAT and m.get("dtype") == dtype
+            and m.get("model_fingerprint") == artifacts.file_fingerprint(run / MODEL)
+            and m.get("estimators_fingerprint") == artifacts.file_fingerprint(run / ESTIMATORS)
+            and all(Path(p).stem in pols and m["files"].get(pols[Path(p).stem]["file"])
+                    == _text_fingerprint(Path(p)) for p in policies))
+
+
+def _text_fingerprint(path: Path) -> str:
+    return artifacts.file_fingerprint(path) if path.is_file() else ""
+

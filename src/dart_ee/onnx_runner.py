@@ -1,0 +1,218 @@
+"""Serve an exported run (``dart-ee export``) with onnxruntime, in a process without torch.
+
+``OnnxRunner(folder, policy="dart")`` routes exactly as ``EarlyExitRunner`` does: alpha once per
+image, then stage by stage; after each stage the exit's graph gives the softmax, the policy's own
+decision graph says who leaves, and the batch is compacted so that only the rest run the next stage.
+Only numpy and onnxruntime are imported (``dart_ee`` loads torch lazily), so a serving process
+stays small. Every file is checked against the manifest's checksums before it is loaded.
+
+    runner = OnnxRunner("runs/cifar10_alexnet/export", policy="dart")
+    res = runner.run(images_uint8)        # res.pred, res.conf, res.exit, res.alpha (numpy, input order)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dart_ee.artifacts import file_fingerprint, read_json
+from dart_ee.errors import ArtifactError, ConfigError, InputError
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class OnnxResult:
+    """Per-sample outputs, in input order (numpy)."""
+
+    pred: np.ndarray  # (N,) predicted class
+    conf: np.ndarray  # (N,) max softmax at the exit taken
+    exit: np.ndarray  # (N,) exit index, 0-based
+    alpha: np.ndarray | None  # (N,) difficulty, when the policy uses it
+
+
+def load_manifest(folder: str | Path, verify: bool = True) -> dict:
+    """The export's manifest, with every file it lists checked against its checksum."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found: {folder} is not a finished export; run `dart-ee export --run RUN "
+                            f"--out {folder}`")
+    m = read_json(path, "export manifest")
+    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
+        raise ArtifactError(f"{path} is not a dart-ee export manifest of format {FORMAT}; export the run again")
+    for rel, digest in m["files"].items() if verify else ():
+        f = folder / rel
+        if not f.is_file():
+            raise ArtifactError(f"{f} is missing (listed in {path}); export the run again")
+        if file_fingerprint(f) != digest:
+            raise ArtifactError(f"{f}: checksum does not match {path} (the file changed after export); "
+                                "export the run again")
+    return m
+
+
+_POOL: dict[str, int] = {}
+
+
+def session_options(threads: int | None = None, shared_pool: bool = False) -> Any:
+    """onnxruntime session options for a runner's graphs (and for any other session in the same process).
+
+    A runner is a dozen small sessions called one after another. With a pool each, a call wakes the
+    pool's sleeping workers, or, if idle workers spin, idle pools take the cores from the busy one; so
+    per-session pools here never spin. ``shared_pool=True`` gives every session in the process one
+    intra-op pool (onnxruntime's global pool, of ``threads`` workers, 0: its choice) whose workers stay
+    warm across the calls: at batch 1 that decides whether early exit pays. onnxruntime allows it only
+    for the whole process, sized once, before the process's first session: from then on every session
+    must use it, and these options do (the first ``threads`` holds).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if shared_pool and "threads" not in _POOL:
+        from onnxruntime.capi import _pybind_state
+
+        _pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
+        _POOL["threads"] = threads or 0
+    if "threads" in _POOL:
+        opts.use_per_session_threads = False
+    else:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return opts
+
+
+class OnnxRunner:
+    """Run an exported multi-exit model under one of its exported policies (``policy=None``: no policy,
+    for ``exit_outputs`` only).
+
+    ``providers`` default to CUDA where onnxruntime offers it, then the CPU; ``threads`` sets
+    onnxruntime's intra-op threads (default: its own choice); ``shared_pool`` puts every session of the
+    process on one thread pool (see ``session_options``): fastest, above all at batch 1, but process-wide.
+    """
+
+    def __init__(self, folder: str | Path, policy: str | None = "dart", providers: list[str] | None = None,
+                 threads: int | None = None, verify: bool = True, shared_pool: bool = False) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ConfigError("onnxruntime is not installed: pip install 'dart-ee[export]'") from e
+        self.folder = Path(folder)
+        self.manifest = m = load_manifest(self.folder, verify)
+        if policy is not None and policy not in m["policies"]:
+            raise ConfigError(f"no policy {policy!r} in {self.folder / MANIFEST}; exported: "
+                              f"{', '.join(m['policies'])}")
+        self.info: dict[str, Any] = m["policies"][policy] if policy else {"static": False, "alpha_source": None,
+                                                                          "state": {}, "exits": []}
+        self.policy, self.num_exits = policy, int(m["num_exits"])
+        self.input_shape = tuple(m["input"]["shape"])
+        self.leave_macs = np.asarray(self.info.get("leave_macs", m["exit_macs"]), dtype=np.float64)
+        opts = session_options(threads, shared_pool)
+        self.shared_pool = "threads" in _POOL
+        avail = ort.get_available_providers()
+        providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
+
+        def session(rel: str) -> _Session:
+            return _Session(ort.InferenceSession(str(self.folder / rel), opts, providers=providers))
+
+        if self.info["static"]:
+            self.static = session("static.onnx")
+            return
+        self.stages = [session(f"stage_{i}.onnx") for i in range(self.num_exits)]
+        if policy is None:  # every exit's plain head, and both difficulty scores: a trace's rows
+            self.exits = [session(f"exit_{i}.onnx") for i in range(self.num_exits)]
+            self.alpha = {k: session(f"alpha_{k}.onnx") for k in ("paper", "learned")}
+        else:  # an early exit under a policy is one graph (head, softmax, decision); the last is the plain head
+            self.exits = [session(rel) for rel in self.info["exits"]] + [session(f"exit_{self.num_exits - 1}.onnx")]
+
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        """float32 pixels in [0, 1] of the exported input shape (uint8 pixels are divided by 255)."""
+        x = np.asarray(x)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise InputError(f"expected input of shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+        if len(x) == 0:
+            raise InputError("empty batch: pass at least one image")
+        if x.dtype == np.uint8:
+            return x.astype(np.float32) / np.float32(255)
+        if x.dtype != np.float32:
+            raise InputError(f"expected uint8 or float32 pixels, got {x.dtype}; pass x.astype(np.float32)")
+        if not np.isfinite(x).all():
+            raise InputError("input contains NaN or Inf pixels")
+        return np.ascontiguousarray(x)
+
+    def __call__(self, x: np.ndarray) -> OnnxResult:
+        x = self.check_input(x)
+        n, last = len(x), self.num_exits - 1
+        if self.info["static"]:  # the plain network: no heads, no estimator
+            probs = self.static({"x": x})[0]
+            return OnnxResult(probs.argmax(1), probs.max(1), np.full(n, last, dtype=np.int64), None)
+        uses_alpha = self.info["alpha_source"] is not None
+        pred, conf, exit_idx = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64)
+        alpha_all = alpha = None
+        state = {k: np.full(n, s["fill"], dtype=s["dtype"]) for k, s in self.info["state"].items()}
+        active, h = np.arange(n), x
+        for i in range(self.num_exits):
+            h = self.stages[i]({"x": h, "h_in": h})[0]
+            if i == last:
+                probs = self.exits[i]({"h": h})[1]
+                pred[active], conf[active], exit_idx[active] = probs.argmax(1), probs.max(1), i
+                break
+            feeds = {"h": h, **state}
+            if i == 0:
+                feeds["x"] = x  # a policy that reads alpha computes it at exit 1
+            elif alpha is not None:
+                feeds["alpha"] = alpha
+            _, probs, leave, *rest = self.exits[i](feeds)
+            if i == 0 and uses_alpha:
+                alpha_all = alpha = rest.pop(0)
+            state = dict(zip(state, rest))
+            go = np.flatnonzero(leave)
+            if len(go) == 0:
+                continue
+            gone = active[go]
+            pred[gone], conf[gone], exit_idx[gone] = probs[go].argmax(1), probs[go].max(1), i
+            if len(go) == len(active):
+                break
+            keep = np.flatnonzero(~leave)
+            active, h = active[keep], h[keep]
+            alpha = alpha[keep] if alpha is not None else None
+            state = {k: v[keep] for k, v in state.items()}
+        return OnnxResult(pred, conf, exit_idx, alpha_all)
+
+    def run(self, images: np.ndarray, batch_size: int = 256) -> OnnxResult:
+        """Run over many images in batches; results concatenated in input order."""
+        if len(images) == 0:
+            raise InputError("no images to run: pass at least one")
+        parts = [self(images[s: s + batch_size]) for s in range(0, len(images), batch_size)]
+        alphas = [r.alpha for r in parts if r.alpha is not None]
+        return OnnxResult(np.concatenate([r.pred for r in parts]), np.concatenate([r.conf for r in parts]),
+                          np.concatenate([r.exit for r in parts]), np.concatenate(alphas) if alphas else None)
+
+    def exit_outputs(self, x: np.ndarray) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        """Every exit's softmax for every sample (no early exit), and both difficulty scores: a trace's rows."""
+        if self.policy is not None:
+            raise ConfigError("exit_outputs needs OnnxRunner(folder, policy=None)")
+        x = self.check_input(x)
+        h, probs, alpha = x, [], {"paper": self.alpha["paper"]({"x": x})[0]}
+        for i in range(self.num_exits):
+            h = self.stages[i]({"x": h, "h_in": h})[0]
+            logits, p = self.exits[i]({"h": h})
+            if i == 0:
+                alpha["learned"] = self.alpha["learned"]({"x": x, "h1": h, "logits1": logits})[0]
+            probs.append(p)
+        return probs, alpha
+
+
+class _Session:
+    """An onnxruntime session fed by name: inputs a graph does not declare are left out (the exporter drops
+    inputs a graph does not read), and the declared names are read once, not on every call."""
+
+    def __init__(self, sess: Any) -> None:
+        self.sess, self.names = sess, [i.name for i in sess.get_inputs()]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.sess.run(None, {k: feeds[k] for k in self.names})
