@@ -133,6 +133,32 @@ def test_what_the_fast_exporter_cannot_express_goes_through_torch_export(tmp_pat
     np.testing.assert_allclose(y, pool(x).numpy(), atol=1e-6)
 
 
+def test_int8_export_refits_its_policies_and_routes_as_its_trace(trained_run, tmp_path):
+    """int8 stages, policies fitted again on the int8 calibration trace; the runner equals that trace's evaluation."""
+    from dart_ee.calibration import calibrate
+    from dart_ee.export import export_run
+    from dart_ee.onnx_runner import OnnxRunner
+    from dart_ee.policies import load_policy
+    from dart_ee.quantize import int8_traces
+    from dart_ee.run import Run
+
+    pol, rec = calibrate("threshold", trained_run["cal"], max_drop=2.0)
+    pol.save(tmp_path / "threshold.json", calibration=rec)
+    m = export_run(trained_run["run"], tmp_path / "int8", dtype="int8", policies=[tmp_path / "threshold.json"],
+                   calibration_images=64)
+    q = m["int8"]
+    assert m["dtype"] == "int8" and len(q["exit_test_accuracy_int8"]) == len(q["exit_test_accuracy_fp32"]) == 6
+    assert q["refit"]["threshold"]["int8"] == "threshold" and {"static", "static_fp32"} <= set(m["policies"])
+    refitted = load_policy(tmp_path / "int8" / "policies" / "threshold.json")
+    test8 = int8_traces(tmp_path / "int8", Run(trained_run["run"]), None)["test"]
+    exits, preds = simulate(refitted, test8)
+    out = OnnxRunner(tmp_path / "int8", "threshold").run(trained_run["images"].numpy(), 64)
+    np.testing.assert_array_equal(out.exit, exits)
+    np.testing.assert_array_equal(out.pred, preds)
+    fp32 = OnnxRunner(tmp_path / "int8", "static_fp32").run(trained_run["images"].numpy()[:32])
+    assert (fp32.exit == 5).all()
+
+
 def test_benchmark_times_both_engines(trained_run, exported, tmp_path):
     """torch and onnxruntime on the same footing: each against its own static network, decisions compared."""
     pol = exported["dir"] / "policies" / "dart_learned.json"

@@ -158,6 +158,9 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     eager = {k: EarlyExitRunner(model, pol, est) for k, pol in methods.items()}
     onnx = _onnx_runners(run_dir, export_dir, policy_paths, exported, n_threads) if "onnxruntime" in runners else {}
     keys = [(r, k) for r in runners for k in methods]  # (runner, method)
+    if "static_fp32" in onnx:
+        keys.append(("onnxruntime", "static_fp32"))
+        methods["static_fp32"] = StaticPolicy()
 
     # accuracy, exits and MAC-predicted speedup over the whole test split, from the eager runner (the
     # trace's semantics); the queued and onnxruntime runners' decisions are compared with it sample by sample
@@ -184,6 +187,9 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
             rows["onnxruntime", name].update(summary(name, ores.pred, ores.exit))  # the engine's own accuracy
         for r, (other_pred, other_exits) in others.items():
             rows[r, name]["decisions_differing_from_eager"] = int(((other_pred != pred) | (other_exits != exits)).sum())
+    if "static_fp32" in onnx:  # an int8 export's fp32 network
+        ores = onnx["static_fp32"].run(all_x.numpy(), batch_size)
+        rows["onnxruntime", "static_fp32"] = {**summary("static_fp32", ores.pred, ores.exit), "runner": "onnxruntime"}
     rows = {k: rows[k] for k in keys}  # by runner, then method
     with torch.inference_mode():
         mean_alpha = float(torch.cat([est.paper(to_float(all_x[s: s + 1000]).to(dev))
@@ -255,6 +261,11 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     for k, row in rows.items():
         static = (k[0], "static")
         t, t_static = statistics.median(t_per_img[k]), statistics.median(t_per_img[static])
+        if k[0] == "onnxruntime" and "static_fp32" in onnx:  # int8 against the fp32 network too
+            row["speedup_vs_fp32_static"] = statistics.median(t_per_img["onnxruntime", "static_fp32"]) / t
+            if lat[k]:
+                row["latency_speedup_vs_fp32_static"] = (statistics.median(lat["onnxruntime", "static_fp32"])
+                                                         / statistics.median(lat[k]))
         e = statistics.median(e_per_img[k]) if e_per_img[k] else None
         e_static = statistics.median(e_per_img[static]) if e_per_img[static] else None
         row.update({
@@ -280,6 +291,7 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
         "batch_size": batch_size, "timed_images": len(x), "accuracy_images": len(all_x), "repeats": repeats,
         "latency_images": len(singles), "energy_source": meter.source, "mean_alpha_paper": mean_alpha,
         "static_macs": static_macs, "runners": list(runners), "rows": list(rows.values()),
+        "onnx_export": _export_summary(next(iter(onnx.values()))) if onnx else None,
         "cuda_graphs": graphs if "queued" in runners else None,
         "method": "throughput: median over R alternating repetitions of the per-image time at the given batch size, "
                   "after warm-up; latency: batch size 1, methods alternating per image; speedup = T_static / T_m "
@@ -292,15 +304,30 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
 
 def _onnx_runners(run_dir: Path, export_dir: str | Path | None, policy_paths: Sequence[str | Path],
                   exported: dict[str, str], threads: int) -> dict:
-    """An ``OnnxRunner`` per method on the run's export, (re)exported first when it is not current."""
+    """An ``OnnxRunner`` per method: on ``export_dir`` as it is (exported there first if it holds no export), or
+    on the run's own export (``RUN/export``), (re)exported first when it is not current."""
     from dart_ee.export import export_run, is_current
-    from dart_ee.onnx_runner import OnnxRunner
+    from dart_ee.onnx_runner import MANIFEST, OnnxRunner, load_manifest
 
-    folder = Path(export_dir) if export_dir else run_dir / "export"
-    if not is_current(folder, run_dir, policy_paths):
-        export_run(run_dir, folder, policies=policy_paths)
+    if export_dir is None:  # the run's own export, made (again) when it does not hold these policies
+        export_dir = run_dir / "export"
+        if not is_current(export_dir, run_dir, policy_paths):
+            export_run(run_dir, export_dir, policies=policy_paths)
+    elif not (Path(export_dir) / MANIFEST).is_file():  # a folder named for it: export there first
+        export_run(run_dir, export_dir, policies=policy_paths)
+    m = load_manifest(export_dir)
+    if "static_fp32" in m["policies"]:  # an int8 export: its fp32 network is the baseline too
+        exported = {**exported, "static_fp32": "static_fp32"}
     # one thread pool for all of them: the fastest way to serve an export (see onnx_runner.session_options)
-    return {m: OnnxRunner(folder, name, threads=threads, shared_pool=True) for m, name in exported.items()}
+    return {m: OnnxRunner(export_dir, name, threads=threads, shared_pool=True) for m, name in exported.items()}
+
+
+def _export_summary(runner: Any) -> dict:
+    import onnxruntime as ort
+
+    m = runner.manifest
+    return {"folder": str(runner.folder), "dtype": m["dtype"], "opset": m["opset"], "onnxruntime": ort.__version__,
+            "shared_thread_pool": runner.shared_pool, "model_fingerprint": m["model_fingerprint"], "int8": m.get("int8")}
 
 
 def _numpy_input(runner: Any) -> Callable[[torch.Tensor], object]:

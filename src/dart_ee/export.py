@@ -27,6 +27,7 @@ import contextlib
 import copy
 import inspect
 import io
+import json
 import logging
 import shutil
 import time
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -230,34 +232,44 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = 17, dtype: str
         add("alpha_learned.onnx", _Alpha(est, learned=True), (x, hs[0], logits1), ["x", "h1", "logits1"], ["alpha"])
 
         exit_macs, static_macs, est_macs = model.exit_macs(), float(model.static_macs()), est.macs(model)
-        pol_info: dict[str, dict[str, Any]] = {}
-        chosen: list[tuple[str, ExitPolicy, Path | None]] = [(p.stem, load_policy(p), p) for p in paths]
-        if "static" not in {name for name, _, _ in chosen}:  # the baseline every benchmark compares with
-            chosen.append(("static", StaticPolicy(), None))
-        for name, pol, path in chosen:
+
+        def add_policy(name: str, pol: ExitPolicy, text: str | None, graph: str = "static.onnx") -> dict[str, Any]:
+            """The policy's JSON and, unless it never leaves early, its routed exits (head, softmax, decision)."""
             source = alpha_source(model, pol, est)
             state = pol.init_state(2)
             static = isinstance(pol, StaticPolicy) or pol.never_leaves_early()
             info: dict[str, Any] = {
-                "file": f"{POLICIES}/{name}.json" if path else None, "policy": pol.name, "static": static,
-                "alpha_source": source,
+                "file": f"{POLICIES}/{name}.json" if text else None, "policy": pol.name, "static": static,
+                "graph": graph if static else None, "alpha_source": source,
                 "state": {k: {"dtype": str(v.dtype).removeprefix("torch."), "fill": v[0].item()} for k, v in state.items()},
                 "leave_macs": leave_costs(StaticPolicy() if static else pol, exit_macs, static_macs, est_macs).tolist(),
                 "exits": []}
-            if path:
-                artifacts.write_text(out / info["file"], path.read_text())
+            if text:
+                artifacts.write_text(out / info["file"], text)
                 files.append(info["file"])
-            if not static:
-                for i in range(model.num_exits - 1):
-                    rel = f"{POLICIES}/{name}/exit_{i}.onnx"
-                    extra = [] if not source else [("x", x)] if i == 0 else [("alpha", torch.rand(2))]
-                    args = (hs[i], *(v for _, v in extra), *state.values())
-                    add(rel, _RoutedExit(model.heads[i], pol, i, source, est, list(state)), args,
-                        ["h", *(k for k, _ in extra), *state],
-                        ["logits", "probs", "leave", *(["alpha"] if source and i == 0 else []),
-                         *(f"{k}_out" for k in state)])
-                    info["exits"].append(rel)
-            pol_info[name] = info
+            for i in range(0 if static else model.num_exits - 1):
+                rel = f"{POLICIES}/{name}/exit_{i}.onnx"
+                extra = [] if not source else [("x", x)] if i == 0 else [("alpha", torch.rand(2))]
+                args = (hs[i], *(v for _, v in extra), *state.values())
+                add(rel, _RoutedExit(model.heads[i], pol, i, source, est, list(state)), args,
+                    ["h", *(k for k, _ in extra), *state],
+                    ["logits", "probs", "leave", *(["alpha"] if source and i == 0 else []), *(f"{k}_out" for k in state)])
+                info["exits"].append(rel)
+            return info
+
+        chosen: dict[str, tuple[ExitPolicy, str | None]] = {p.stem: (load_policy(p), p.read_text()) for p in paths}
+        if "static" not in chosen:  # the baseline every benchmark compares with
+            chosen["static"] = (StaticPolicy(), None)
+        if dtype == "int8":
+            from dart_ee.quantize import quantize_graphs
+            from dart_ee.training import prepare_splits
+
+            cal = prepare_splits(run.config(), run.path, data_dir).cal.x
+            quantize_graphs(out, model.num_exits, cal[np.random.default_rng(0).permutation(len(cal))[:calibration_images]])
+            files.append("static_fp32.onnx")
+            chosen["static_fp32"] = (StaticPolicy(), None)
+        pol_info = {name: add_policy(name, pol, text, "static_fp32.onnx" if name == "static_fp32" else "static.onnx")
+                    for name, (pol, text) in chosen.items()}
 
         metrics = artifacts.read_json(run.path / METRICS, "metrics file")
         manifest = {
@@ -277,6 +289,31 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = 17, dtype: str
             "files": {rel: artifacts.file_fingerprint(out / rel) for rel in files},
         }
         artifacts.write_json(out / MANIFEST, manifest)
+        if dtype == "int8":  # quantisation moves the confidences: fit every policy again on an int8 trace
+            from dart_ee.quantize import int8_traces, refit
+
+            traces = int8_traces(out, run, data_dir)
+            refits = {}
+            for name, (pol, text) in chosen.items():
+                fitted = refit(json.loads(text), traces["cal"], name, run.config().seed) if text else None
+                if fitted is not None:
+                    new_pol, rec = fitted
+                    refits[name] = {"fp32": pol.name, "int8": new_pol.name, "calibration": rec["calibration"],
+                                    "certified": (rec.get("guarantee") or {}).get("certified")}
+                    files.remove(f"{POLICIES}/{name}.json")
+                    shutil.rmtree(out / POLICIES / name, ignore_errors=True)
+                    files[:] = [f for f in files if not f.startswith(f"{POLICIES}/{name}/")]
+                    text = json.dumps(new_pol.to_dict() | {"calibration": rec}, indent=2) + "\n"
+                    pol_info[name] = add_policy(name, new_pol, text)
+            test = run.trace("test")
+            manifest["int8"] = {
+                "calibration_images": calibration_images, "quantised": "stages and the static network (QDQ, int8 "
+                "weights per channel, uint8 activations); heads, estimators and decisions in fp32",
+                "exit_test_accuracy_fp32": test.exit_accuracy(),
+                "exit_test_accuracy_int8": traces["test"].exit_accuracy(),
+                "exit_cal_accuracy_int8": traces["cal"].exit_accuracy(), "refit": refits}
+            manifest["files"] = {rel: artifacts.file_fingerprint(out / rel) for rel in files}
+            artifacts.write_json(out / MANIFEST, manifest)
     return manifest
 
 

@@ -120,7 +120,7 @@ class OnnxRunner:
             return _Session(ort.InferenceSession(str(self.folder / rel), opts, providers=providers))
 
         if self.info["static"]:
-            self.static = session("static.onnx")
+            self.static = session(self.info.get("graph") or "static.onnx")  # int8 exports keep an fp32 one too
             return
         self.stages = [session(f"stage_{i}.onnx") for i in range(self.num_exits)]
         if policy is None:  # every exit's plain head, and both difficulty scores: a trace's rows

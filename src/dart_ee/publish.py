@@ -239,6 +239,53 @@ def stage_section(root: Path, folder: str, runs: tuple[str, ...], batch: int) ->
     return "\n".join(rows)
 
 
+def onnx_section(root: Path, folder: str = "onnx_cpu", runs: tuple[str, ...] = GPU_RUNS) -> str:
+    """torch against onnxruntime: each engine's DART and threshold against its own static network."""
+    rows = ["| Model | Engine | Method | Accuracy | Batch 256: ms/img | Speedup | MAC-predicted | Speedup / MAC "
+            "prediction | Batch 1: p50 / p95 (ms) | Latency speedup | Latency / MAC prediction | Decisions differing "
+            "from torch |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    provs, goal = [], None
+    for run in runs:
+        rel = f"{folder}/{run}.json"
+        rec = _load(root, rel)
+        provs.append(_bench_prov(rec, rel) + f", onnxruntime {rec['onnx_export']['onnxruntime']}")
+        for r in rec["rows"]:
+            engine = "torch" if r["runner"] == "eager" else r["runner"]
+            rows.append(f"| {run.removeprefix('cifar10_')} | {engine} | {r['method']} | {100 * r['accuracy']:.2f}% | "
+                        f"{r['time_ms']:.3f} | {r['speedup']:.2f}x | {r['mac_speedup']:.2f}x | "
+                        f"{r['speedup_vs_mac_prediction']:.2f} | {r['latency_p50_ms']:.2f} / {r['latency_p95_ms']:.2f} | "
+                        f"{r['latency_speedup']:.2f}x | {r['latency_speedup_vs_mac_prediction']:.2f} | "
+                        f"{r.get('decisions_differing_from_eager', '-')} |")
+            if run == "cifar10_alexnet" and r["runner"] == "onnxruntime" and r["method"] == "dart":
+                goal = r["latency_speedup"]
+    verdict = ("" if goal is None else f"Goal: DART with onnxruntime at batch 1 at least 1.5x faster than the static "
+               f"network with onnxruntime on AlexNet: **{goal:.2f}x, {'met' if goal >= 1.5 else 'not met'}**.")
+    return "\n\n".join(["\n".join(rows), verdict, "Records: " + "; ".join(provs) + "."])
+
+
+def int8_section(root: Path, rel: str = "onnx_cpu/cifar10_alexnet_int8.json") -> str:
+    """int8 stages: per-exit accuracy against fp32, and DART's speedup over the fp32 static network."""
+    rec = _load(root, rel)
+    q = rec["onnx_export"]["int8"]
+    acc = ["| Exit | fp32 test accuracy | int8 test accuracy | Change (points) |", "|---|---|---|---|"]
+    for i, (a, b) in enumerate(zip(q["exit_test_accuracy_fp32"], q["exit_test_accuracy_int8"])):
+        acc.append(f"| {i + 1} | {100 * a:.2f}% | {100 * b:.2f}% | {100 * (b - a):+.2f} |")
+    rows = ["| Method (int8 unless named) | Accuracy | MAC reduction | Speedup over int8 static | Speedup over fp32 "
+            "static | Latency speedup over fp32 static (batch 1) |", "|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        if r["runner"] == "onnxruntime":
+            rows.append(f"| {r['method']} | {100 * r['accuracy']:.2f}% | {100 * (1 - 1 / r['mac_speedup']):.1f}% | "
+                        f"{r['speedup']:.2f}x | {r['speedup_vs_fp32_static']:.2f}x | "
+                        f"{r['latency_speedup_vs_fp32_static']:.2f}x |")
+    refit = "; ".join(f"{k}: {'certified' if v['certified'] else 'not certified' if v['certified'] is False else 'uncertified'}"
+                      f" ({v['int8']}), calibration-split MAC reduction {100 * v['calibration']['mac_reduction']:.1f}%"
+                      for k, v in q["refit"].items())
+    return "\n\n".join([
+        f"{q['quantised'].capitalize()}; activation ranges from {q['calibration_images']} calibration images. "
+        f"Policies fitted again on the int8 calibration trace, same budget and certification: {refit}. "
+        "Record: " + _bench_prov(rec, rel) + ".", "\n".join(acc), "\n".join(rows)])
+
+
 def runner_summary(root: Path) -> str:
     """README's short table: DART and threshold speedups over static under each runner, CPU and GPU."""
     rows = ["| Hardware | Model | Batch | DART: eager / queued | Threshold: eager / queued | MAC prediction (DART) |",
@@ -275,6 +322,8 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "CPU runners": lambda root: runner_section(root, "runner_cpu", GPU_RUNS, (256,)),
     "CPU stages": lambda root: stage_section(root, "runner_cpu", GPU_RUNS, 256),
     "runner summary": runner_summary,
+    "onnxruntime": onnx_section,
+    "int8": int8_section,
 }
 
 
