@@ -157,10 +157,15 @@ def _onnx(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs
                                   opset_version=opset, dynamo=False, do_constant_folding=True,
                                   dynamic_axes={n: {0: "batch"} for n in (*inputs, *outputs)})
             except torch.onnx.errors.OnnxExporterError:
-                logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-                torch.onnx.export(module.eval(), args, str(tmp), input_names=inputs, output_names=outputs,
-                                  opset_version=max(opset, 18), dynamo=True, verbose=False,
-                                  dynamic_shapes=_batch_dims(module, len(args)))
+                log = logging.getLogger("torch.onnx")
+                level = log.level
+                log.setLevel(logging.ERROR)
+                try:
+                    torch.onnx.export(module.eval(), args, str(tmp), input_names=inputs, output_names=outputs,
+                                      opset_version=max(opset, 18), dynamo=True, verbose=False,
+                                      dynamic_shapes=_batch_dims(module, len(args)))
+                finally:
+                    log.setLevel(level)
     artifacts.atomic_write(path, write)
 
 

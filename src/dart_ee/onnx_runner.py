@@ -27,7 +27,7 @@ MANIFEST = "manifest.json"
 
 @dataclass
 class OnnxResult:
-    """Per-sample outputs, in input order (numpy)."""
+    """Per-sample outputs, in input order: ``runtime.ExitResult`` in numpy (that module imports torch)."""
 
     pred: np.ndarray  # (N,) predicted class
     conf: np.ndarray  # (N,) max softmax at the exit taken
