@@ -177,3 +177,23 @@ def test_benchmark_times_both_engines(trained_run, exported, tmp_path):
     assert is_current(tmp_path / "onnx", trained_run["run"], [pol])
     code, out = invoke("benchmark", "--run", trained_run["run"], "--policy", pol, "--engine", "tensorrt")
     assert code != 0 and "choose torch or onnxruntime" in out
+
+
+def test_graphs_that_cannot_be_joined_run_one_after_the_other(trained_run, exported, monkeypatch):
+    """A stage and an exit of different opsets (a torch.export fallback) run as two sessions: same results."""
+    from onnx import compose
+
+    from dart_ee.onnx_runner import OnnxRunner, _Chain
+
+    images = trained_run["images"].numpy()
+    joined = OnnxRunner(exported["dir"], "patience_paper").run(images, 7)
+
+    def refuse(*args, **kwargs):
+        raise ValueError("opset versions differ")
+
+    monkeypatch.setattr(compose, "merge_models", refuse)
+    runner = OnnxRunner(exported["dir"], "patience_paper")
+    assert all(isinstance(s, _Chain) for s in runner.steps)
+    chained = runner.run(images, 7)
+    np.testing.assert_array_equal(chained.exit, joined.exit)
+    np.testing.assert_array_equal(chained.pred, joined.pred)

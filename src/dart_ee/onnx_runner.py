@@ -116,18 +116,35 @@ class OnnxRunner:
         avail = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
 
-        def session(rel: str) -> _Session:
-            return _Session(ort.InferenceSession(str(self.folder / rel), opts, providers=providers))
+        def session(model: str | bytes, prefix: str = "") -> _Session:
+            source = str(self.folder / model) if isinstance(model, str) else model
+            return _Session(ort.InferenceSession(source, opts, providers=providers), prefix)
 
         if self.info["static"]:
             self.static = session(self.info.get("graph") or "static.onnx")  # int8 exports keep an fp32 one too
             return
-        self.stages = [session(f"stage_{i}.onnx") for i in range(self.num_exits)]
-        if policy is None:  # every exit's plain head, and both difficulty scores: a trace's rows
-            self.exits = [session(f"exit_{i}.onnx") for i in range(self.num_exits)]
+        # exit i's graph: under a policy its head, softmax and decision; the last exit (and policy=None,
+        # for traces) the plain head
+        exits = (self.info["exits"] if policy else []) + [f"exit_{i}.onnx" for i in range(len(self.info["exits"])
+                                                                                         if policy else 0, self.num_exits)]
+        self.steps = [self._joined(session, f"stage_{i}.onnx", rel) for i, rel in enumerate(exits)]
+        if policy is None:  # both difficulty scores: a trace's rows
             self.alpha = {k: session(f"alpha_{k}.onnx") for k in ("paper", "learned")}
-        else:  # an early exit under a policy is one graph (head, softmax, decision); the last is the plain head
-            self.exits = [session(rel) for rel in self.info["exits"]] + [session(f"exit_{self.num_exits - 1}.onnx")]
+
+    def _joined(self, session: Any, stage: str, exit_graph: str) -> Any:
+        """Stage i and exit i as one session: one call per stage (at batch 1 each call's fixed cost is a
+        sizeable part of a stage's). Graphs that onnx.compose cannot join (their opsets or IR versions
+        differ: a graph from the torch.export fallback) run as two sessions, one after the other."""
+        import onnx
+        from onnx import compose
+
+        a, b = onnx.load(str(self.folder / stage)), onnx.load(str(self.folder / exit_graph))
+        try:
+            joined = compose.merge_models(a, b, io_map=[("h", "h")], prefix1="stage/", prefix2="exit/",
+                                          outputs=["stage/h", *(f"exit/{o.name}" for o in b.graph.output)])
+        except ValueError:
+            return _Chain(session(stage), session(exit_graph))
+        return session(joined.SerializeToString(), prefix=("stage/", "exit/"))
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
         """float32 pixels in [0, 1] of the exported input shape (uint8 pixels are divided by 255)."""
@@ -148,28 +165,26 @@ class OnnxRunner:
         x = self.check_input(x)
         n, last = len(x), self.num_exits - 1
         if self.info["static"]:  # the plain network: no heads, no estimator
-            probs = self.static({"x": x})[0]
+            probs = self.static({"x": x})["probs"]
             return OnnxResult(probs.argmax(1), probs.max(1), np.full(n, last, dtype=np.int64), None)
         uses_alpha = self.info["alpha_source"] is not None
         pred, conf, exit_idx = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64)
         alpha_all = alpha = None
         state = {k: np.full(n, s["fill"], dtype=s["dtype"]) for k, s in self.info["state"].items()}
         active, h = np.arange(n), x
-        for i in range(self.num_exits):
-            h = self.stages[i]({"x": h, "h_in": h})[0]
+        for i, step in enumerate(self.steps):
+            feeds = {"x": x, "h_in": h, **state}  # x: stage 1's input, and the policy's alpha is computed at exit 1
+            if alpha is not None:
+                feeds["alpha"] = alpha
+            out = step(feeds)
+            h, probs = out["h"], out["probs"]
             if i == last:
-                probs = self.exits[i]({"h": h})[1]
                 pred[active], conf[active], exit_idx[active] = probs.argmax(1), probs.max(1), i
                 break
-            feeds = {"h": h, **state}
-            if i == 0:
-                feeds["x"] = x  # a policy that reads alpha computes it at exit 1
-            elif alpha is not None:
-                feeds["alpha"] = alpha
-            _, probs, leave, *rest = self.exits[i](feeds)
             if i == 0 and uses_alpha:
-                alpha_all = alpha = rest.pop(0)
-            state = dict(zip(state, rest))
+                alpha_all = alpha = out["alpha"]
+            state = {k: out[f"{k}_out"] for k in state}
+            leave = out["leave"]
             go = np.flatnonzero(leave)
             if len(go) == 0:
                 continue
@@ -197,22 +212,41 @@ class OnnxRunner:
         if self.policy is not None:
             raise ConfigError("exit_outputs needs OnnxRunner(folder, policy=None)")
         x = self.check_input(x)
-        h, probs, alpha = x, [], {"paper": self.alpha["paper"]({"x": x})[0]}
-        for i in range(self.num_exits):
-            h = self.stages[i]({"x": h, "h_in": h})[0]
-            logits, p = self.exits[i]({"h": h})
+        h, probs, alpha = x, [], {"paper": self.alpha["paper"]({"x": x})["alpha"]}
+        for i, step in enumerate(self.steps):
+            out = step({"x": x, "h_in": h})
+            h = out["h"]
             if i == 0:
-                alpha["learned"] = self.alpha["learned"]({"x": x, "h1": h, "logits1": logits})[0]
-            probs.append(p)
+                alpha["learned"] = self.alpha["learned"]({"x": x, "h1": h, "logits1": out["logits"]})["alpha"]
+            probs.append(out["probs"])
         return probs, alpha
 
 
 class _Session:
-    """An onnxruntime session fed by name: inputs a graph does not declare are left out (the exporter drops
-    inputs a graph does not read), and the declared names are read once, not on every call."""
+    """An onnxruntime session fed and read by name. Inputs a graph does not declare are left out (the
+    exporter drops inputs a graph does not read); ``prefix`` (a joined graph's prefixes) is stripped from
+    its names, so that a joined stage and exit read ``x``, ``h_in``, ``alpha`` and give ``h``, ``probs``."""
 
-    def __init__(self, sess: Any) -> None:
-        self.sess, self.names = sess, [i.name for i in sess.get_inputs()]
+    def __init__(self, sess: Any, prefix: str | tuple[str, ...] = "") -> None:
+        def key(name: str) -> str:
+            for p in (prefix,) if isinstance(prefix, str) else prefix:
+                name = name.removeprefix(p)
+            return name
 
-    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.sess.run(None, {k: feeds[k] for k in self.names})
+        self.sess = sess
+        self.inputs = [(i.name, key(i.name)) for i in sess.get_inputs()]
+        self.outputs = [key(o.name) for o in sess.get_outputs()]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.sess.run(None, {name: feeds[k] for name, k in self.inputs})))
+
+
+class _Chain:
+    """Two sessions run one after the other, the second reading the first's outputs (``h``)."""
+
+    def __init__(self, first: _Session, second: _Session) -> None:
+        self.first, self.second = first, second
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.first(feeds)
+        return {**out, **self.second({**feeds, **out})}
