@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dart_ee import attach_exits, create_model, list_models
+from dart_ee import MultiExitNet, attach_exits, create_model, list_models
 from dart_ee.errors import ConfigError, InputError
 
 EXITS = {"alexnet": 6, "resnet18": 4, "vgg16": 5}
@@ -57,7 +57,7 @@ def _plain_backbone():
 
 def test_attach_exits_trains():
     torch.manual_seed(0)
-    model = attach_exits(_plain_backbone(), split_points=[2, 5, 8], input_shape=(1, 28, 28), num_classes=10)
+    model = attach_exits(_plain_backbone(), after=[2, 5, 8], input_shape=(1, 28, 28), num_classes=10)
     assert model.num_exits == 4
     x = torch.rand(64, 1, 28, 28)
     y = (x.mean((1, 2, 3)) > x.mean()).long()  # a learnable rule
@@ -75,10 +75,86 @@ def test_attach_exits_trains():
 
 
 def test_attach_exits_errors():
-    with pytest.raises(ConfigError, match="split point"):
-        attach_exits(_plain_backbone(), ["nope"], (1, 28, 28), 10)
+    with pytest.raises(ConfigError, match="no module named 'nope'"):
+        attach_exits(_plain_backbone(), ["nope"], input_shape=(1, 28, 28), num_classes=10)
     with pytest.raises(ConfigError, match="logits"):
-        attach_exits(_plain_backbone()[:-1], [2], (1, 28, 28), 10)
+        attach_exits(_plain_backbone()[:-1], [2], input_shape=(1, 28, 28), num_classes=10)
+    with pytest.raises(ConfigError, match="example_input"):
+        attach_exits(_plain_backbone(), [2])
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn(self.conv2(torch.relu(self.conv1(x)))))  # a residual connection
+
+
+class _ResNet(nn.Module):
+    """Not an nn.Sequential: its forward wires the layers itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layer1, self.layer2, self.layer3 = _Block(8), _Block(8), _Block(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(torch.relu(self.stem(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class _TokenNet(nn.Module):
+    """A small token model: patches -> tokens -> attention blocks -> mean token -> classes."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(dim, 2, 32, dropout=0.0, batch_first=True)
+                                     for _ in range(3)])
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.embed(x.flatten(2).transpose(1, 2).reshape(x.shape[0], -1, 12))
+        for b in self.blocks:
+            t = b(t)
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize("make,after,shape", [(_ResNet, ["layer1", "layer2"], (3, 16, 16)),
+                                              (_TokenNet, ["blocks.0", "blocks.1"], (3, 8, 8))])
+def test_attach_exits_by_module_name_computes_the_original_function(make, after, shape):
+    torch.manual_seed(0)
+    net = make().eval()
+    x = torch.rand(5, *shape)
+    model = attach_exits(net, after=after, example_input=x).eval()
+    assert model.num_exits == 3 and model.arch["num_classes"] == 10
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net(x))  # exactly the original network
+        assert torch.equal(model.forward_static(x), net(x))
+        assert [tuple(z.shape) for z in model(x)] == [(5, 10)] * 3
+
+
+def test_attach_exits_refuses_a_cut_inside_a_residual_block_and_untraceable_code():
+    with pytest.raises(ConfigError, match="after 'layer1.conv1' more than one value flows on"):
+        attach_exits(_ResNet(), after=["layer1.conv1"], input_shape=(3, 16, 16))
+
+    class Branchy(_ResNet):
+        def forward(self, x):
+            x = self.layer1(torch.relu(self.stem(x)))
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot follow it
+                x = self.layer2(x)
+            return self.fc(x.mean((2, 3)))
+
+    with pytest.raises(ConfigError, match=r"torch.fx cannot trace Branchy .*MultiExitNet.from_stages"):
+        attach_exits(Branchy(), after=["layer1"], input_shape=(3, 16, 16))
+    by_hand = MultiExitNet.from_stages([nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()),
+                                        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))],
+                                       input_shape=(3, 16, 16))
+    assert by_hand.num_exits == 2 and by_hand(torch.rand(2, 3, 16, 16))[0].shape == (2, 10)
 
 
 @pytest.mark.parametrize("name", sorted(EXITS))

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dart_ee.errors import ConfigError, InputError
@@ -86,8 +86,21 @@ class ExitHead(nn.Module):
         return self.body(x)
 
 
+class TokenHead(nn.Module):
+    """A classifier on tokens (N, T, D): the mean token, LayerNorm, linear."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x.mean(1)))
+
+
 def make_head(feature_shape: Sequence[int], num_classes: int, width: int = 128) -> nn.Module:
     """Size a head from the shape (without batch) of the features it reads."""
+    if len(feature_shape) == 2:
+        return TokenHead(feature_shape[1], num_classes)
     if len(feature_shape) == 3:
         return ExitHead(feature_shape[0], min(feature_shape[1:]), num_classes, width)
     if len(feature_shape) == 1:
@@ -108,6 +121,18 @@ class MultiExitNet(nn.Module):
         self.input_shape = tuple(int(s) for s in input_shape)
         self.arch: dict = {}
         self.optimized = False  # set by optimize_for_inference
+
+    @classmethod
+    def from_stages(cls, stages: Sequence[nn.Module], input_shape: Sequence[int], head_width: int = 128) -> MultiExitNet:
+        """Stages listed by hand (for a network torch.fx cannot trace): the last must output the logits;
+        a head sized from a probe pass goes after each of the others."""
+        out_shape = _feature_shapes(stages, input_shape)[-1]
+        if len(out_shape) != 1:
+            raise ConfigError(f"the last stage's output has shape {out_shape} per sample, expected (num_classes,) logits")
+        net = _build(stages, nn.Identity(), out_shape[0], input_shape, head_width)
+        net.arch = {"name": "custom", "num_classes": out_shape[0], "in_channels": int(input_shape[0]),
+                    "image_size": int(input_shape[-1])}
+        return net
 
     @property
     def num_exits(self) -> int:
@@ -383,34 +408,94 @@ def optimize_for_inference(model: MultiExitNet, channels_last: bool = True) -> M
 # Bring your own model
 
 
-def attach_exits(backbone: nn.Module, split_points: Sequence[str | int], input_shape: Sequence[int],
-                 num_classes: int, head_width: int = 128) -> MultiExitNet:
-    """Turn a backbone whose named children run in order into a :class:`MultiExitNet`.
+class _SplitTracer(fx.Tracer):
+    """torch.fx tracing that keeps the modules named as split points whole (one node each), and remembers
+    which module it was inside when tracing fails, to name it."""
 
-    ``split_points`` names the children (by name or index) after which an exit goes. The backbone's
-    own output is the final exit, so its last child must produce ``(N, num_classes)`` logits. Heads
-    are sized automatically from a probe forward pass of ``input_shape`` (C, H, W).
+    def __init__(self, keep: set[str]) -> None:
+        super().__init__()
+        self.keep, self.inside = keep, "(top level)"
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.keep or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        outer, self.inside = self.inside, self.path_of_module(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.inside = outer
+
+
+def split_stages(model: nn.Module, after: Sequence[str]) -> list[nn.Module]:
+    """``model`` cut into stages that end at the modules named in ``after`` (torch.fx), for real early exit.
+
+    Each stage must hand exactly one tensor to the next: a cut inside a residual block (where the
+    skip branch also crosses) is refused, naming the cut.
     """
-    children = list(backbone.named_children())
-    if not children:
-        raise ConfigError("attach_exits needs a backbone with child modules (e.g. an nn.Sequential)")
-    names = [n for n, _ in children]
+    from torch.fx.passes.split_module import split_module
+
+    modules = dict(model.named_modules())
+    for name in after:
+        if name not in modules or name == "":
+            raise ConfigError(f"no module named {name!r} in {type(model).__name__}; its modules are "
+                              f"{[n for n, _ in model.named_children()]} and their children (e.g. 'layer1', 'layer1.0')")
+    tracer = _SplitTracer(set(after))
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises many types for code it cannot follow
+        raise ConfigError(f"torch.fx cannot trace {type(model).__name__} (inside module {tracer.inside!r}: "
+                          f"{type(e).__name__}: {e}); list the stages by hand instead: "
+                          "MultiExitNet.from_stages([stage1, stage2, ...], input_shape=...)") from e
+    order = [n.target for n in graph.nodes if n.op == "call_module" and n.target in set(after)]
+    if order != list(after):
+        raise ConfigError(f"split points must each run once, in execution order: the network runs {order}, "
+                          f"got {list(after)}")
+    part, parts = 0, {}
+    for node in graph.nodes:
+        parts[node] = part
+        if node.op == "call_module" and node.target in after:
+            part += 1
+    gm = fx.GraphModule(model, graph)
+    split = split_module(gm, model, lambda node: parts[node])
+    calls = [n for n in split.graph.nodes if n.op == "call_module"]
+    for i, call in enumerate(calls[1:]):
+        if len(call.args) != 1 or call.kwargs:
+            raise ConfigError(f"after {after[i]!r} more than one value flows on to the rest of the network (a "
+                              "residual branch crosses the cut): choose a module whose output is all that later "
+                              "layers read, e.g. a whole block ('layer1', not 'layer1.0.conv1')")
+    return [getattr(split, c.target) for c in calls]
+
+
+def attach_exits(model: nn.Module, after: Sequence[str | int], example_input: torch.Tensor | None = None,
+                 input_shape: Sequence[int] | None = None, num_classes: int | None = None,
+                 head_width: int = 128) -> MultiExitNet:
+    """Put exits on any network: cut it into stages after the modules named in ``after`` (torch.fx, so
+    residual networks and token models work), with a head sized from a probe pass after each cut.
+
+    The network's own output is the final exit. ``after`` may also give child indices of an
+    ``nn.Sequential``. The input shape comes from ``example_input`` (or ``input_shape``, (C, H, W));
+    the number of classes from the network's output. In eval mode the staged network computes exactly
+    what the original does.
+    """
+    if example_input is not None:
+        input_shape = tuple(example_input.shape[1:])
+    if input_shape is None:
+        raise ConfigError("attach_exits needs example_input (a batch) or input_shape (C, H, W)")
+    names = [n for n, _ in model.named_children()]
     cuts = []
-    for sp in split_points:
-        idx = sp if isinstance(sp, int) else (names.index(sp) if sp in names else None)
-        if idx is None or not 0 <= idx < len(children) - 1:
-            raise ConfigError(f"split point {sp!r} is not a child of the backbone before its last one; "
-                              f"children are {names}")
-        cuts.append(idx)
-    if cuts != sorted(set(cuts)):
-        raise ConfigError(f"split points must be distinct and in execution order, got {list(split_points)}")
-    bounds = [-1, *cuts, len(children) - 1]
-    stages: list[nn.Module] = [nn.Sequential(*[m for _, m in children[a + 1: b + 1]])
-                               for a, b in zip(bounds, bounds[1:])]
+    for a in after:
+        if isinstance(a, int) and not 0 <= a < len(names) - 1:
+            raise ConfigError(f"split point {a} is not a child of the network before its last one; children are "
+                              f"{names}")
+        cuts.append(names[a] if isinstance(a, int) else a)
+    if names and cuts and cuts[-1] == names[-1]:
+        raise ConfigError(f"split point {cuts[-1]!r} is the network's last module: its output is already the final "
+                          "exit; cut before it")
+    was = model.training
+    stages = split_stages(model.eval(), cuts)
+    model.train(was)
     out_shape = _feature_shapes(stages, input_shape)[-1]
-    if out_shape != (num_classes,):
-        raise ConfigError(f"the backbone's output has shape {out_shape} per sample, expected ({num_classes},) logits")
-    model = _build(stages, nn.Identity(), num_classes, input_shape, head_width)
-    model.arch = {"name": "custom", "num_classes": num_classes, "in_channels": int(input_shape[0]),
-                  "image_size": int(input_shape[-1])}
-    return model
+    if num_classes is not None and out_shape != (num_classes,):
+        raise ConfigError(f"the network's output has shape {out_shape} per sample, expected ({num_classes},) logits")
+    return MultiExitNet.from_stages(stages, input_shape, head_width)
