@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -174,3 +175,72 @@ def test_optimize_for_inference_computes_the_same_function(name):
         for a, b in zip(m(x), fast(x)):
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     assert fast.exit_macs() == m.exit_macs()
+
+
+def test_own_model_traced_from_a_data_loader_runs_as_its_trace_says():
+    """attach_exits by name on a residual network, traces from DataLoaders, every policy: runtime == trace evaluation."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dart_ee.calibration import calibrate
+    from dart_ee.difficulty import fit_estimators
+    from dart_ee.evaluation import simulate
+    from dart_ee.policies import POLICIES
+    from dart_ee.runtime import EarlyExitRunner
+    from dart_ee.tracing import make_trace
+
+    torch.manual_seed(0)
+    model = attach_exits(_ResNet(), after=["layer1", "layer2"], example_input=torch.rand(2, 3, 16, 16))
+    with torch.no_grad():  # untrained heads make near-uniform softmaxes; spread them so exits differ
+        for head in model.heads[:-1]:
+            head.body[-1].weight.mul_(40)
+    model.eval()
+    x = (torch.rand(360, 3, 16, 16) * 255).to(torch.uint8)
+    y = torch.randint(0, 10, (360,))
+    est = fit_estimators(x[:120].numpy())
+    loader = {s: DataLoader(TensorDataset(x[a:b], y[a:b]), batch_size=32) for s, a, b in (("cal", 120, 240),
+                                                                                          ("test", 240, 360))}
+    cal, test = (make_trace(model, loader[s], s, est, dataset="noise") for s in ("cal", "test"))
+    assert cal.num_exits == 3 and cal.alpha is not None and cal.meta["dataset"] == "noise"
+    depths = {}
+    for name in sorted(POLICIES):
+        policy = calibrate(name, cal, max_drop=5.0)[0]
+        exits, preds = simulate(policy, test)
+        out = EarlyExitRunner(model, policy, est).run(x[240:], 7)
+        np.testing.assert_array_equal(out.exit.numpy(), exits)
+        np.testing.assert_array_equal(out.pred.numpy(), preds)
+        depths[name] = len(np.unique(exits))
+    assert depths["threshold"] > 1 and depths["dart"] > 1  # real early exits, not the whole network every time
+
+
+def _loaders():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x = torch.rand(256, 3, 16, 16)
+    y = (x[:, 0].mean((1, 2)) > x[:, 1].mean((1, 2))).long()  # a learnable rule
+    return (DataLoader(TensorDataset(x[:192], y[:192]), batch_size=32, shuffle=True),
+            DataLoader(TensorDataset(x[192:], y[192:]), batch_size=64))
+
+
+def test_fit_exits_with_a_frozen_backbone_changes_no_backbone_weight(tmp_path):
+    from dart_ee.training import fit_exits
+
+    torch.manual_seed(0)
+    model = attach_exits(_ResNet(), after=["layer1", "layer2"], example_input=torch.rand(2, 3, 16, 16))
+    before = {k: v.clone() for k, v in model.stages.state_dict().items()}  # weights and BatchNorm statistics
+    train, val = _loaders()
+    hist = fit_exits(model, train, val, freeze_backbone=True, epochs=3, lr=0.1, bf16=False,
+                     checkpoint=tmp_path / "ck.pt")
+    assert all(torch.equal(v, model.stages.state_dict()[k]) for k, v in before.items())
+    assert hist[-1]["exit_loss"][0] < hist[0]["exit_loss"][0] and len(hist[-1]["val_exit_accuracy"]) == 3
+    # a later call resumes after the last finished epoch instead of starting again
+    assert len(fit_exits(model, train, val, epochs=3, bf16=False, checkpoint=tmp_path / "ck.pt")) == 3
+
+
+def test_joint_fit_exits_lowers_every_exit_loss():
+    from dart_ee.training import fit_exits
+
+    torch.manual_seed(0)
+    model = attach_exits(_ResNet(), after=["layer1", "layer2"], example_input=torch.rand(2, 3, 16, 16))
+    hist = fit_exits(model, _loaders()[0], freeze_backbone=False, epochs=4, lr=0.05, bf16=False)
+    assert all(b < a for a, b in zip(hist[0]["exit_loss"], hist[-1]["exit_loss"])), hist

@@ -15,12 +15,17 @@ import torch
 
 from dart_ee import artifacts
 from dart_ee import difficulty as difficulty_mod
+from dart_ee.errors import InputError
 from dart_ee.lock import holds_run_lock
 from dart_ee.run import ESTIMATORS, MODEL, Run, trace_file
 from dart_ee.trace import Trace, save
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from dart_ee.config import Config
+    from dart_ee.difficulty import LearnedDifficulty
+    from dart_ee.models import MultiExitNet
 
 
 def inputs_fingerprint(cfg: Config, run_dir: Path) -> str:
@@ -93,3 +98,35 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
         t = Trace(probs, images.y, np.asarray(index), exit_macs, extra[selected], {**base, "split": split}, extra)
         out[split] = save(t, run_dir / trace_file(split))
     return out
+
+
+@torch.no_grad()
+def make_trace(model: MultiExitNet, batches: Iterable, split: str, estimator: LearnedDifficulty | None = None,
+               **meta: object) -> Trace:
+    """A trace of any model from any iterable of ``(images, labels)`` batches (a ``DataLoader``, say).
+
+    Images are uint8 or float pixels in [0, 1], (N, C, H, W). With a fitted ``estimator`` (whose paper
+    score is fitted: ``difficulty.fit_estimators(train_images)``) the trace carries the paper's alpha,
+    and its exit costs include it, as ``trace_run``'s do. ``split`` is "cal" or "test": calibration
+    refuses a test trace. ``meta`` is recorded as is (a dataset name, say).
+    """
+    from dart_ee.data import to_float
+    from dart_ee.training import predict_exits
+
+    probs, labels, alphas = [], [], []
+    for images, y in batches:
+        x = to_float(torch.as_tensor(images))
+        probs.append(predict_exits(model, x, batch_size=max(len(x), 1)))
+        labels.append(torch.as_tensor(y).cpu().numpy())
+        if estimator is not None:
+            alphas.append(estimator.paper(x.to(next(estimator.buffers()).device)).cpu().numpy())
+    if not probs:
+        raise InputError("make_trace: the batches are empty; pass at least one (images, labels) batch")
+    p = np.concatenate(probs)
+    est_macs = estimator.macs(model) if estimator is not None else {}
+    alpha = np.concatenate(alphas) if alphas else None
+    return Trace(p, np.concatenate(labels), np.arange(len(p)),
+                 np.asarray(model.exit_macs()) + est_macs.get("paper", 0), alpha,
+                 {**meta, "split": split, "model": model.arch, "static_macs": model.static_macs(),
+                  "difficulty": "paper" if alpha is not None else None, "estimator_macs": est_macs},
+                 {"alpha_paper": alpha} if alpha is not None else {})

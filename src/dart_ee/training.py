@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -319,3 +320,81 @@ def load_model(path: str | Path, optimize: bool = False) -> MultiExitNet:
     model = create_model(arch.pop("name"), **arch)
     model.load_state_dict(ck["state_dict"])
     return optimize_for_inference(model) if optimize else model.eval()
+
+
+def fit_exits(model: MultiExitNet, train_loader: Iterable, val_loader: Iterable | None = None,
+              freeze_backbone: bool = True, checkpoint: str | Path | None = None, **train: Any) -> list[dict]:
+    """Train a model's exits from your own loaders of ``(images, labels)`` batches, with ``dart-ee train``'s
+    joint loss (w_i = i/N), self-distillation and bf16 autocast; returns each epoch's losses (and the
+    validation accuracy per exit when ``val_loader`` is given).
+
+    ``freeze_backbone=True`` trains the heads only: the stages' weights and BatchNorm statistics stay as
+    they are (for a network you cannot retrain; its final exit is then its own classifier). ``train``
+    takes ``TrainConfig`` fields (``epochs``, ``lr``, ``distill``, ``bf16``...). With ``checkpoint``, the
+    state after each epoch is written there atomically and a later call resumes from it.
+    """
+    from dart_ee.config import TrainConfig
+
+    cfg = Config(train=TrainConfig(**{"epochs": 5, "lr": 0.05, "distill": 0.5, **train}))
+    t, n = cfg.train, model.num_exits
+    dev = next(model.parameters()).device
+    weights, cost = exit_weights(cfg, n), [m / model.exit_macs()[-1] for m in model.exit_macs()]
+    for p in model.stages.parameters():
+        p.requires_grad_(not freeze_backbone)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("fit_exits: nothing to train (the heads have no parameters and the backbone is frozen)")
+    opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0,
+                          weight_decay=t.weight_decay)
+    steps = len(train_loader) if isinstance(train_loader, Sized) else 0
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=t.epochs * steps, pct_start=0.25,
+                                                 anneal_strategy="linear", div_factor=10, final_div_factor=100)
+             if t.epochs * steps > 4 else None)  # a loader without a length (or too short) keeps lr constant
+    history: list[dict] = []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        ck = artifacts.load_torch(checkpoint, "fit_exits checkpoint")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(ck["scheduler"])
+        history = ck["history"]
+    for epoch in range(len(history), t.epochs):
+        model.train()
+        if freeze_backbone:
+            model.stages.eval()  # frozen BatchNorm statistics too
+        sums, count = torch.zeros(n + 1), 0
+        for images, y in train_loader:
+            x, y = data.to_float(torch.as_tensor(images)).to(dev), torch.as_tensor(y).to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16 and dev.type == "cpu"):
+                logits = model(x)
+            loss = multi_exit_loss(logits, y, weights, cfg, cost)
+            if not torch.isfinite(loss):
+                raise ConfigError(f"fit_exits: the loss is {float(loss)} in epoch {epoch + 1}: lower lr")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            with torch.no_grad():
+                per_exit = [F.cross_entropy(z.float(), y) for z in logits]
+            sums += torch.tensor([float(loss.detach()), *map(float, per_exit)]) * len(y)
+            count += len(y)
+        rec: dict[str, Any] = {"epoch": epoch + 1, "loss": float(sums[0]) / max(count, 1),
+                               "exit_loss": (sums[1:] / max(count, 1)).tolist()}
+        if val_loader is not None:
+            model.eval()
+            correct, total = torch.zeros(n), 0
+            with torch.no_grad():
+                for images, y in val_loader:
+                    z = model(data.to_float(torch.as_tensor(images)).to(dev))
+                    correct += torch.stack([(zi.argmax(1).cpu() == torch.as_tensor(y)).sum() for zi in z]).float()
+                    total += len(y)
+            rec["val_exit_accuracy"] = (correct / max(total, 1)).tolist()
+        history.append(rec)
+        log(f"fit_exits epoch {epoch + 1}/{t.epochs}: loss {rec['loss']:.4f}"
+            + (f", val exit acc% {' '.join(f'{100 * a:.1f}' for a in rec['val_exit_accuracy'])}" if val_loader else ""))
+        if checkpoint is not None:
+            artifacts.save_torch(checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                              "scheduler": sched.state_dict() if sched else None, "history": history})
+    model.eval()
+    return history
