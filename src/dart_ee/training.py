@@ -157,6 +157,17 @@ def training_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The recipe's schedule: a quarter of the steps warm up linearly to ``lr``, the rest anneal.
+
+    OneCycleLR divides by the warm-up steps minus one, so a run of exactly 4 steps (a warm-up of 1)
+    warms up for 2.
+    """
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
+                                               pct_start=0.5 if total_steps == 4 else 0.25,
+                                               anneal_strategy="linear", div_factor=10, final_div_factor=100)
+
+
 def set_threads(n: int | None) -> int:
     n = n or os.cpu_count() or 1
     torch.set_num_threads(n)
@@ -207,11 +218,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     steps = len(splits.train) // t.batch_size
     if steps == 0:
         raise ConfigError(f"train.batch_size={t.batch_size} exceeds the {len(splits.train)} training images")
-    # a quarter of the steps warm up; OneCycleLR divides by the warm-up steps minus one, so a run of
-    # exactly 4 steps (a warm-up of 1) warms up for 2
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=t.epochs * steps,
-                                                pct_start=0.5 if t.epochs * steps == 4 else 0.25,
-                                                anneal_strategy="linear", div_factor=10, final_div_factor=100)
+    sched = one_cycle(opt, t.lr, t.epochs * steps)
     start_epoch, wall = 0, 0.0
     if ck is not None:
         model.load_state_dict(ck["model"])
@@ -347,9 +354,7 @@ def fit_exits(model: MultiExitNet, train_loader: Iterable, val_loader: Iterable 
     opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0,
                           weight_decay=t.weight_decay)
     steps = len(train_loader) if isinstance(train_loader, Sized) else 0
-    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=t.epochs * steps, pct_start=0.25,
-                                                 anneal_strategy="linear", div_factor=10, final_div_factor=100)
-             if t.epochs * steps > 4 else None)  # a loader without a length (or too short) keeps lr constant
+    sched = one_cycle(opt, t.lr, t.epochs * steps) if steps else None  # a loader without a length: constant lr
     history: list[dict] = []
     if checkpoint is not None and Path(checkpoint).is_file():
         ck = artifacts.load_torch(checkpoint, "fit_exits checkpoint")
