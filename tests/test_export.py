@@ -197,3 +197,20 @@ def test_graphs_that_cannot_be_joined_run_one_after_the_other(trained_run, expor
     chained = runner.run(images, 7)
     np.testing.assert_array_equal(chained.exit, joined.exit)
     np.testing.assert_array_equal(chained.pred, joined.pred)
+
+
+
+def test_benchmark_never_overwrites_an_int8_export(trained_run, tmp_path):
+    """RUN/export holding another dtype is refused, not re-exported over."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run"], run, ignore=shutil.ignore_patterns(".lock"))
+    (run / "export").mkdir()
+    (run / "export" / "manifest.json").write_text(json.dumps({"format": 1, "dtype": "int8", "files": {}}))
+    pol = run / "t.json"
+    from dart_ee.calibration import calibrate
+
+    calibrate("threshold", trained_run["cal"], max_drop=2.0)[0].save(pol)
+    code, out = invoke("benchmark", "--run", run, "--policy", pol, "--engine", "onnxruntime", "--images", "16",
+                       "--repeats", "1", "--latency-images", "0")
+    assert code != 0 and "holds an int8 export, which re-exporting would overwrite" in out, out
+    assert json.loads((run / "export" / "manifest.json").read_text())["dtype"] == "int8"

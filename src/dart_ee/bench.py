@@ -311,6 +311,9 @@ def _onnx_runners(run_dir: Path, export_dir: str | Path | None, policy_paths: Se
 
     if export_dir is None:  # the run's own export, made (again) when it does not hold these policies
         export_dir = run_dir / "export"
+        if (export_dir / MANIFEST).is_file() and (dtype := load_manifest(export_dir)["dtype"]) != "fp32":
+            raise ConfigError(f"{export_dir} holds an {dtype} export, which re-exporting would overwrite: pass "
+                              f"--export {export_dir} to measure it, or move it")
         if not is_current(export_dir, run_dir, policy_paths):
             export_run(run_dir, export_dir, policies=policy_paths)
     elif not (Path(export_dir) / MANIFEST).is_file():  # a folder named for it: export there first
