@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import io
 import json
@@ -150,20 +151,19 @@ def _onnx(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs
     through torch.export (``dynamo=True``), which decomposes it.
     """
     def write(tmp: Path) -> None:
+        export = functools.partial(torch.onnx.export, module.eval(), args, str(tmp), input_names=inputs,
+                                   output_names=outputs)
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # both exporters are chatty
             warnings.simplefilter("ignore")
             try:
-                torch.onnx.export(module.eval(), args, str(tmp), input_names=inputs, output_names=outputs,
-                                  opset_version=opset, dynamo=False, do_constant_folding=True,
-                                  dynamic_axes={n: {0: "batch"} for n in (*inputs, *outputs)})
+                export(opset_version=opset, dynamo=False, dynamic_axes={n: {0: "batch"} for n in (*inputs, *outputs)})
             except torch.onnx.errors.OnnxExporterError:
                 log = logging.getLogger("torch.onnx")
                 level = log.level
                 log.setLevel(logging.ERROR)
                 try:
-                    torch.onnx.export(module.eval(), args, str(tmp), input_names=inputs, output_names=outputs,
-                                      opset_version=max(opset, 18), dynamo=True, verbose=False,
-                                      dynamic_shapes=_batch_dims(module, len(args)))
+                    export(opset_version=max(opset, 18), dynamo=True, verbose=False,
+                           dynamic_shapes=_batch_dims(module, len(args)))
                 finally:
                     log.setLevel(level)
     artifacts.atomic_write(path, write)
@@ -322,21 +322,16 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = 17, dtype: str
     return manifest
 
 
-def is_current(export_dir: str | Path, run_dir: str | Path, policies: Sequence[str | Path], dtype: str = "fp32") -> bool:
-    """Whether ``export_dir`` holds an export of the run's present model and estimators, ``dtype`` and the
-    given policies (their files unchanged), so that it can be reused."""
+def is_current(export_dir: str | Path, run_dir: str | Path, policies: Sequence[str | Path]) -> bool:
+    """Whether ``export_dir`` holds an fp32 export of the run's present model and estimators and of the given
+    policies (their files unchanged), so that it can be reused."""
     path = Path(export_dir) / MANIFEST
     if not path.is_file():
         return False
     m, run = artifacts.read_json(path, "export manifest"), Path(run_dir)
     pols = m.get("policies", {})
-    return (m.get("format") == FORMAT and m.get("dtype") == dtype
+    return (m.get("format") == FORMAT and m.get("dtype") == "fp32"
             and m.get("model_fingerprint") == artifacts.file_fingerprint(run / MODEL)
             and m.get("estimators_fingerprint") == artifacts.file_fingerprint(run / ESTIMATORS)
             and all(Path(p).stem in pols and m["files"].get(pols[Path(p).stem]["file"])
-                    == _text_fingerprint(Path(p)) for p in policies))
-
-
-def _text_fingerprint(path: Path) -> str:
-    return artifacts.file_fingerprint(path) if path.is_file() else ""
-
+                    == artifacts.file_fingerprint(p) for p in policies))

@@ -12,6 +12,7 @@ stays small. Every file is checked against the manifest's checksums before it is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,12 @@ def load_manifest(folder: str | Path, verify: bool = True) -> dict:
     return m
 
 
-_POOL: dict[str, int] = {}
+_POOL: dict[str, int] = {}  # the process's shared pool, once one runner asked for it: {"threads": n}
+
+
+def shared_pool_active() -> bool:
+    """Whether this process runs onnxruntime on one shared thread pool (then every session must use it)."""
+    return "threads" in _POOL
 
 
 def session_options(threads: int | None = None, shared_pool: bool = False) -> Any:
@@ -77,7 +83,7 @@ def session_options(threads: int | None = None, shared_pool: bool = False) -> An
 
         _pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
         _POOL["threads"] = threads or 0
-    if "threads" in _POOL:
+    if shared_pool_active():
         opts.use_per_session_threads = False
     else:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -112,11 +118,11 @@ class OnnxRunner:
         self.input_shape = tuple(m["input"]["shape"])
         self.leave_macs = np.asarray(self.info.get("leave_macs", m["exit_macs"]), dtype=np.float64)
         opts = session_options(threads, shared_pool)
-        self.shared_pool = "threads" in _POOL
+        self.shared_pool = shared_pool_active()
         avail = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
 
-        def session(model: str | bytes, prefix: str = "") -> _Session:
+        def session(model: str | bytes, prefix: str | tuple[str, ...] = "") -> _Session:
             source = str(self.folder / model) if isinstance(model, str) else model
             return _Session(ort.InferenceSession(source, opts, providers=providers), prefix)
 
@@ -125,13 +131,13 @@ class OnnxRunner:
             return
         # exit i's graph: under a policy its head, softmax and decision; the last exit (and policy=None,
         # for traces) the plain head
-        exits = (self.info["exits"] if policy else []) + [f"exit_{i}.onnx" for i in range(len(self.info["exits"])
-                                                                                         if policy else 0, self.num_exits)]
+        early = self.info["exits"] if policy else [f"exit_{i}.onnx" for i in range(self.num_exits - 1)]
+        exits = [*early, f"exit_{self.num_exits - 1}.onnx"]
         self.steps = [self._joined(session, f"stage_{i}.onnx", rel) for i, rel in enumerate(exits)]
         if policy is None:  # both difficulty scores: a trace's rows
             self.alpha = {k: session(f"alpha_{k}.onnx") for k in ("paper", "learned")}
 
-    def _joined(self, session: Any, stage: str, exit_graph: str) -> Any:
+    def _joined(self, session: Callable[..., _Session], stage: str, exit_graph: str) -> _Session | _Chain:
         """Stage i and exit i as one session: one call per stage (at batch 1 each call's fixed cost is a
         sizeable part of a stage's). Graphs that onnx.compose cannot join (their opsets or IR versions
         differ: a graph from the torch.export fallback) run as two sessions, one after the other."""

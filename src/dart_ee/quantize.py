@@ -18,7 +18,7 @@ import numpy as np
 
 from dart_ee import artifacts
 from dart_ee.errors import ConfigError
-from dart_ee.onnx_runner import OnnxRunner, session_options
+from dart_ee.onnx_runner import OnnxRunner, session_options, shared_pool_active
 from dart_ee.run import Run
 from dart_ee.trace import Trace
 
@@ -39,9 +39,7 @@ def quantize_graphs(out: Path, num_exits: int, images: np.ndarray) -> None:
     import onnxruntime as ort
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from dart_ee.onnx_runner import _POOL
-
-    if _POOL:
+    if shared_pool_active():
         raise ConfigError("int8 quantisation makes onnxruntime sessions of its own, which onnxruntime refuses once a "
                           "runner put this process on a shared thread pool (shared_pool=True): quantise in a "
                           "process without such runners (`dart-ee export --dtype int8`)")
@@ -76,7 +74,8 @@ def int8_traces(out: Path, run: Run, data_dir: str | Path | None) -> dict[str, T
     traces = {}
     for split, images in (("cal", splits.cal.x), ("test", splits.test.x)):
         fp32 = run.trace(split)
-        probs, alphas = [], {"paper": [], "learned": []}  # type: ignore[var-annotated]
+        probs: list[np.ndarray] = []
+        alphas: dict[str, list[np.ndarray]] = {"paper": [], "learned": []}
         for s in range(0, len(images), 500):
             p, a = runner.exit_outputs(images[s: s + 500])
             probs.append(np.stack(p, 1))

@@ -387,14 +387,9 @@ def fit_exits(model: MultiExitNet, train_loader: Iterable, val_loader: Iterable 
         rec: dict[str, Any] = {"epoch": epoch + 1, "loss": float(sums[0]) / max(count, 1),
                                "exit_loss": (sums[1:] / max(count, 1)).tolist()}
         if val_loader is not None:
-            model.eval()
-            correct, total = torch.zeros(n), 0
-            with torch.no_grad():
-                for images, y in val_loader:
-                    z = model(data.to_float(torch.as_tensor(images)).to(dev))
-                    correct += torch.stack([(zi.argmax(1).cpu() == torch.as_tensor(y)).sum() for zi in z]).float()
-                    total += len(y)
-            rec["val_exit_accuracy"] = (correct / max(total, 1)).tolist()
+            val = [(predict_exits(model, torch.as_tensor(i), len(i)), torch.as_tensor(y).numpy()) for i, y in val_loader]
+            rec["val_exit_accuracy"] = exit_accuracies(np.concatenate([p for p, _ in val]),
+                                                       np.concatenate([y for _, y in val]))
         history.append(rec)
         log(f"fit_exits epoch {epoch + 1}/{t.epochs}: loss {rec['loss']:.4f}"
             + (f", val exit acc% {' '.join(f'{100 * a:.1f}' for a in rec['val_exit_accuracy'])}" if val_loader else ""))
