@@ -4,6 +4,9 @@ then calibrated and run with real early exit.
 
     python examples/own_model.py            # about a minute on 2 CPU cores
     python examples/own_model.py --tiny     # a few seconds (CI runs this)
+
+It also writes a run folder (``--out``, default runs/own_model) that every command reads, e.g.
+``dart-ee compare --cal runs/own_model/trace_cal.npz --test runs/own_model/trace_test.npz --max-drop 1``.
 """
 
 import argparse
@@ -78,6 +81,7 @@ def loader(ds: Dataset, shuffle: bool = False) -> DataLoader:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a few hundred images, one epoch each: a smoke test")
+    ap.add_argument("--out", default="runs/own_model", help="the run folder to write")
     args = ap.parse_args()
     n, epochs = (600, 1) if args.tiny else (6000, 4)
     torch.manual_seed(0)
@@ -95,10 +99,11 @@ def main() -> None:
 
     # 2. the ten lines: exits by module name, heads on the frozen backbone, traces, calibration, early exit
     model = attach_exits(net.eval(), after=["block1", "block2"], example_input=torch.rand(1, 3, 32, 32))
-    fit_exits(model, loader(train, shuffle=True), loader(cal), freeze_backbone=True, epochs=epochs + 1, bf16=False)
+    fit_exits(model, loader(train, shuffle=True), loader(cal), freeze_backbone=True, epochs=epochs + 1, bf16=False,
+              run_dir=args.out)                          # a run folder that every dart-ee command reads
     estimator = fit_estimators(train.x.numpy())              # the paper's difficulty score, fitted on training images
-    cal_trace = make_trace(model, loader(cal), "cal", estimator)
-    test_trace = make_trace(model, loader(test), "test", estimator)
+    cal_trace = make_trace(model, loader(cal), "cal", estimator, run_dir=args.out)
+    test_trace = make_trace(model, loader(test), "test", estimator, run_dir=args.out)
     policy, record = calibrate("dart", cal_trace, max_drop=1.0, tune_beta_diff=True)
     runner = EarlyExitRunner(model, policy, estimator)
     result = runner.run(test.x, batch_size=64)                # real early exit: later stages skip who left
@@ -121,6 +126,8 @@ def main() -> None:
           f"{100 * m['mac_reduction']:.1f}% of the MACs saved, exits {np.bincount(result.exit.numpy(), minlength=3).tolist()}")
     print(f"measured here: {t_static / t_dart:.2f}x the throughput of the whole network (one run, not a benchmark)")
     print(f"runtime == trace evaluation: {same}")
+    print(f"run folder: {args.out}; try `dart-ee compare --cal {args.out}/trace_cal.npz --test {args.out}/trace_test.npz "
+          "--max-drop 1 --out OUT`, then `dart-ee benchmark --run RUN --policy OUT/dart.json`")
 
 
 if __name__ == "__main__":

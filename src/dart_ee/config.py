@@ -22,7 +22,8 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    dataset: Literal["cifar10", "mnist", "fashion-mnist", "kmnist", "digits"] = "cifar10"
+    # "custom": a run written from Python (dart_ee.custom), whose images are stored in the run folder
+    dataset: Literal["cifar10", "mnist", "fashion-mnist", "kmnist", "digits", "custom"] = "cifar10"
     data_dir: str | None = None  # else --data-dir, else $DART_DATA
     cal_fraction: float = Field(0.1, gt=0, lt=1)  # share of the training set held out for calibration
     split_seed: int = 0

@@ -64,6 +64,9 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 def get_spec(name: str) -> DatasetSpec:
+    if name == "custom":
+        raise DataError("dataset 'custom' is a run written from Python (fit_exits / make_trace with run_dir=...): "
+                        "its images are in the run folder, and a config cannot train or trace it again")
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     return DATASETS[name]

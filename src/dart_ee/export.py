@@ -267,9 +267,8 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = 17, dtype: str
             chosen["static"] = (StaticPolicy(), None)
         if dtype == "int8":
             from dart_ee.quantize import quantize_graphs
-            from dart_ee.training import prepare_splits
 
-            cal = prepare_splits(run.config(), run.path, data_dir).cal.x
+            cal = run.images("cal", data_dir).x
             quantize_graphs(out, model.num_exits, cal[np.random.default_rng(0).permutation(len(cal))[:calibration_images]])
             files.append("static_fp32.onnx")
             chosen["static_fp32"] = (StaticPolicy(), None)

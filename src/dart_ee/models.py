@@ -123,15 +123,19 @@ class MultiExitNet(nn.Module):
         self.optimized = False  # set by optimize_for_inference
 
     @classmethod
-    def from_stages(cls, stages: Sequence[nn.Module], input_shape: Sequence[int], head_width: int = 128) -> MultiExitNet:
+    def from_stages(cls, stages: Sequence[nn.Module], input_shape: Sequence[int], head_width: int = 128,
+                    builder: str | None = None, builder_kwargs: dict | None = None) -> MultiExitNet:
         """Stages listed by hand (for a network torch.fx cannot trace): the last must output the logits;
-        a head sized from a probe pass goes after each of the others."""
+        a head sized from a probe pass goes after each of the others.
+
+        To save it in a run folder, name ``builder``: an ``nn.Module`` class (``"pkg.module:Class"``) whose
+        instance, iterated, gives these stages (an ``nn.Sequential`` subclass, say); see ``dart_ee.custom``.
+        """
         out_shape = _feature_shapes(stages, input_shape)[-1]
         if len(out_shape) != 1:
             raise ConfigError(f"the last stage's output has shape {out_shape} per sample, expected (num_classes,) logits")
         net = _build(stages, nn.Identity(), out_shape[0], input_shape, head_width)
-        net.arch = {"name": "custom", "num_classes": out_shape[0], "in_channels": int(input_shape[0]),
-                    "image_size": int(input_shape[-1])}
+        net.arch = _custom_arch(out_shape[0], input_shape, head_width, None, builder, builder_kwargs)
         return net
 
     @property
@@ -427,6 +431,39 @@ class _SplitTracer(fx.Tracer):
             self.inside = outer
 
 
+class _Tensor(nn.Module):
+    """A parameter or buffer the network's own forward reads (``(x - self.mean) / self.std``), held by a module
+    so that the stage that reads it owns it (split_module would pass bare tensors in as extra inputs)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        if isinstance(value, nn.Parameter):
+            self.value = value
+        else:
+            self.register_buffer("value", value)
+
+    def forward(self) -> torch.Tensor:
+        return self.value
+
+
+def _tensors_into_modules(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        value: object = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = "tensor_" + node.target.replace(".", "_")
+        if not hasattr(gm, name):
+            gm.add_submodule(name, _Tensor(value))
+        with gm.graph.inserting_before(node):
+            node.replace_all_uses_with(gm.graph.call_module(name))
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
 def split_stages(model: nn.Module, after: Sequence[str]) -> list[nn.Module]:
     """``model`` cut into stages that end at the modules named in ``after`` (torch.fx), for real early exit.
 
@@ -451,13 +488,14 @@ def split_stages(model: nn.Module, after: Sequence[str]) -> list[nn.Module]:
     if order != list(after):
         raise ConfigError(f"split points must each run once, in execution order: the network runs {order}, "
                           f"got {list(after)}")
+    gm = fx.GraphModule(model, graph)
+    _tensors_into_modules(gm)
     part, parts = 0, {}
-    for node in graph.nodes:
+    for node in gm.graph.nodes:
         parts[node] = part
         if node.op == "call_module" and node.target in after:
             part += 1
-    gm = fx.GraphModule(model, graph)
-    split = split_module(gm, model, lambda node: parts[node])
+    split = split_module(gm, gm, lambda node: parts[node])
     calls = [n for n in split.graph.nodes if n.op == "call_module"]
     for i, call in enumerate(calls[1:]):
         if len(call.args) != 1 or call.kwargs:
@@ -467,9 +505,18 @@ def split_stages(model: nn.Module, after: Sequence[str]) -> list[nn.Module]:
     return [getattr(split, c.target) for c in calls]
 
 
+def _custom_arch(num_classes: int, input_shape: Sequence[int], head_width: int, after: list[str] | None,
+                 builder: str | None, builder_kwargs: dict | None) -> dict:
+    """What ``dart_ee.custom.rebuild`` needs to make the model again (weights come from the state dict)."""
+    return {"name": "custom", "num_classes": num_classes, "in_channels": int(input_shape[0]),
+            "image_size": int(input_shape[-1]), "head_width": head_width, "after": after, "builder": builder,
+            "builder_kwargs": dict(builder_kwargs or {})}
+
+
 def attach_exits(model: nn.Module, after: Sequence[str | int], example_input: torch.Tensor | None = None,
                  input_shape: Sequence[int] | None = None, num_classes: int | None = None,
-                 head_width: int = 128) -> MultiExitNet:
+                 head_width: int = 128, builder: type[nn.Module] | str | None = None,
+                 builder_kwargs: dict | None = None) -> MultiExitNet:
     """Put exits on any network: cut it into stages after the modules named in ``after`` (torch.fx, so
     residual networks and token models work), with a head sized from a probe pass after each cut.
 
@@ -477,7 +524,12 @@ def attach_exits(model: nn.Module, after: Sequence[str | int], example_input: to
     ``nn.Sequential``. The input shape comes from ``example_input`` (or ``input_shape``, (C, H, W));
     the number of classes from the network's output. In eval mode the staged network computes exactly
     what the original does.
+
+    ``builder`` (default: the network's own class) and ``builder_kwargs`` say how commands rebuild the
+    network from a run folder (``fit_exits(..., run_dir=...)``, see ``dart_ee.custom``).
     """
+    from dart_ee.custom import builder_ref
+
     if example_input is not None:
         input_shape = tuple(example_input.shape[1:])
     if input_shape is None:
@@ -498,4 +550,6 @@ def attach_exits(model: nn.Module, after: Sequence[str | int], example_input: to
     out_shape = _feature_shapes(stages, input_shape)[-1]
     if num_classes is not None and out_shape != (num_classes,):
         raise ConfigError(f"the network's output has shape {out_shape} per sample, expected ({num_classes},) logits")
-    return MultiExitNet.from_stages(stages, input_shape, head_width)
+    net = MultiExitNet.from_stages(stages, input_shape, head_width)
+    net.arch = _custom_arch(out_shape[0], input_shape, head_width, cuts, builder_ref(builder, model), builder_kwargs)
+    return net

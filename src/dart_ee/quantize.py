@@ -67,12 +67,10 @@ def int8_traces(out: Path, run: Run, data_dir: str | Path | None) -> dict[str, T
     Test alphas come from the exported estimators on the int8 exit 1 (what the runner reads); the
     calibration split keeps its out-of-fold learned alpha, which is what policies are fitted on.
     """
-    from dart_ee.training import prepare_splits
-
-    splits = prepare_splits(run.config(), run.path, data_dir)
     runner = OnnxRunner(out, policy=None)
     traces = {}
-    for split, images in (("cal", splits.cal.x), ("test", splits.test.x)):
+    for split in ("cal", "test"):
+        images = run.images(split, data_dir).x
         fp32 = run.trace(split)
         probs: list[np.ndarray] = []
         alphas: dict[str, list[np.ndarray]] = {"paper": [], "learned": []}

@@ -81,8 +81,17 @@ class Run:
 
         return load_policy(self.path / POLICIES / f"{name}.json")
 
-    def test_images(self, data_dir: str | Path | None = None) -> ImageSet:
-        """The test split the run measures on (read from its data folder, checked against its split)."""
+    def images(self, split: str, data_dir: str | Path | None = None) -> ImageSet:
+        """The ``"cal"`` or ``"test"`` images the run's traces were made from: from its data folder, checked
+        against its split, or, for a run written from Python (``dart_ee.custom``), from the run folder."""
+        from dart_ee.custom import IMAGES, load_images
         from dart_ee.training import prepare_splits
 
-        return prepare_splits(self.config(), self.path, data_dir).test
+        own = self.path / IMAGES.format(split=split)
+        if own.is_file():
+            return load_images(own)
+        return getattr(prepare_splits(self.config(), self.path, data_dir), split)
+
+    def test_images(self, data_dir: str | Path | None = None) -> ImageSet:
+        """The test split the run measures on."""
+        return self.images("test", data_dir)

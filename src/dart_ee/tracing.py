@@ -102,31 +102,91 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
 
 @torch.no_grad()
 def make_trace(model: MultiExitNet, batches: Iterable, split: str, estimator: LearnedDifficulty | None = None,
-               **meta: object) -> Trace:
+               run_dir: str | Path | None = None, **meta: object) -> Trace:
     """A trace of any model from any iterable of ``(images, labels)`` batches (a ``DataLoader``, say).
 
     Images are uint8 or float pixels in [0, 1], (N, C, H, W). With a fitted ``estimator`` (whose paper
     score is fitted: ``difficulty.fit_estimators(train_images)``) the trace carries the paper's alpha,
     and its exit costs include it, as ``trace_run``'s do. ``split`` is "cal" or "test": calibration
     refuses a test trace. ``meta`` is recorded as is (a dataset name, say).
+
+    With ``run_dir`` (a run written by ``fit_exits(..., run_dir=...)``) the trace, the estimators and
+    the images are saved there, so that every command reads the run (``dart_ee.custom``). As in
+    ``trace_run``, the learned difficulty is fitted on the calibration split (trace it first).
     """
     from dart_ee.data import to_float
     from dart_ee.training import predict_exits
 
-    probs, labels, alphas = [], [], []
-    for images, y in batches:
-        x = to_float(torch.as_tensor(images))
-        probs.append(predict_exits(model, x, batch_size=max(len(x), 1)))
+    if split not in ("cal", "test"):
+        raise InputError(f"make_trace: split must be 'cal' or 'test', got {split!r}")
+    if run_dir is not None and estimator is None:
+        raise InputError("make_trace(run_dir=...) needs the fitted estimator: commands read every sample's alpha "
+                         "(estimator = dart_ee.difficulty.fit_estimators(train_images))")
+    probs, labels, images, terms, feats = [], [], [], [], []
+
+    def collect(x: torch.Tensor, h1: torch.Tensor, logits1: torch.Tensor) -> None:
+        assert estimator is not None
+        t = estimator.paper.terms(x.to(next(estimator.buffers()).device)).cpu()
+        terms.append(t.numpy())
+        if run_dir is not None:
+            feats.append(estimator.features(t, h1.cpu(), logits1.cpu()).numpy())
+
+    for batch, y in batches:
+        batch = torch.as_tensor(batch)
+        x = to_float(batch)
+        probs.append(predict_exits(model, x, max(len(x), 1), stage1_hook=collect if estimator is not None else None))
         labels.append(torch.as_tensor(y).cpu().numpy())
-        if estimator is not None:
-            alphas.append(estimator.paper(x.to(next(estimator.buffers()).device)).cpu().numpy())
+        if run_dir is not None:
+            images.append(batch.cpu().numpy())
     if not probs:
         raise InputError("make_trace: the batches are empty; pass at least one (images, labels) batch")
-    p = np.concatenate(probs)
+    p, y_all = np.concatenate(probs), np.concatenate(labels)
+    extra: dict[str, np.ndarray] = {}
+    if estimator is not None:
+        extra["terms"] = np.concatenate(terms)
+        extra["alpha_paper"] = estimator.paper.fuse(torch.from_numpy(extra["terms"])).numpy()
     est_macs = estimator.macs(model) if estimator is not None else {}
-    alpha = np.concatenate(alphas) if alphas else None
-    return Trace(p, np.concatenate(labels), np.arange(len(p)),
-                 np.asarray(model.exit_macs()) + est_macs.get("paper", 0), alpha,
-                 {**meta, "split": split, "model": model.arch, "static_macs": model.static_macs(),
-                  "difficulty": "paper" if alpha is not None else None, "estimator_macs": est_macs},
-                 {"alpha_paper": alpha} if alpha is not None else {})
+    meta = {**meta, "split": split, "model": model.arch, "static_macs": model.static_macs(),
+            "difficulty": "paper" if extra else None, "estimator_macs": est_macs}
+    if run_dir is None:
+        return Trace(p, y_all, np.arange(len(p)), np.asarray(model.exit_macs()) + est_macs.get("paper", 0),
+                     extra.get("alpha_paper"), meta, extra)
+    assert estimator is not None
+    return _save_custom_trace(Path(run_dir), model, estimator, p, y_all, images, np.concatenate(feats), extra, meta)
+
+
+@holds_run_lock("run_dir")
+def _save_custom_trace(run_dir: Path, model: MultiExitNet, est: LearnedDifficulty, probs: np.ndarray, y: np.ndarray,
+                       images: list[np.ndarray], feats: np.ndarray, extra: dict[str, np.ndarray], meta: dict) -> Trace:
+    """``make_trace(run_dir=...)``: the trace, the estimators and the images of a run written from Python."""
+    from dart_ee.config import config_fingerprint
+    from dart_ee.custom import IMAGES, save_images
+    from dart_ee.difficulty import oracle_depth
+
+    if not (run_dir / MODEL).is_file():
+        raise InputError(f"make_trace: {run_dir} holds no model; write the run first with "
+                         "fit_exits(model, ..., run_dir=...), then trace that model into it")
+    cfg = Run(run_dir).config()
+    saved = artifacts.load_torch(run_dir / MODEL, "model file")["state_dict"]
+    mine = model.state_dict()
+    if saved.keys() != mine.keys() or any(not torch.equal(saved[k], mine[k].cpu()) for k in saved):
+        raise InputError(f"make_trace: this model is not the one saved in {run_dir / MODEL}; trace the model "
+                         "fit_exits(..., run_dir=...) trained, or train it into this folder first")
+    split = meta["split"]
+    if split == "cal":  # out-of-fold on the calibration split, as trace_run does
+        extra["alpha_learned"] = est.fit(feats, oracle_depth(probs.argmax(2) == y[:, None]), model.num_exits,
+                                         seed=cfg.seed)
+    elif est.coef.numel() == feats.shape[1]:
+        with torch.no_grad():
+            extra["alpha_learned"] = est.predict(torch.from_numpy(feats)).numpy()
+    else:
+        raise InputError("make_trace(run_dir=...): trace the 'cal' split first; the learned difficulty is fitted on it")
+    difficulty_mod.save_estimators(est, run_dir / ESTIMATORS)
+    save_images(run_dir / IMAGES.format(split=split), images, y)
+    meta.update(dataset=cfg.data.dataset, config_name=cfg.name, config_fingerprint=config_fingerprint(cfg),
+                run=str(run_dir), inputs_fingerprint=inputs_fingerprint(cfg, run_dir), difficulty=cfg.difficulty,
+                exit_macs_include="stages, exit heads passed, and the configured difficulty estimator")
+    exit_macs = np.asarray(model.exit_macs()) + meta["estimator_macs"][cfg.difficulty]
+    t = Trace(probs, y, np.arange(len(probs)), exit_macs, extra[f"alpha_{cfg.difficulty}"], meta, extra)
+    save(t, run_dir / trace_file(split))
+    return t

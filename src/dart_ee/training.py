@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from dart_ee import artifacts, data
 from dart_ee.config import Config, check_exit_lists, config_fingerprint, dump_config, step_fingerprint
 from dart_ee.console import log, progress
+from dart_ee.custom import CUSTOM, rebuild
 from dart_ee.errors import ArtifactError, ConfigError, DataError
-from dart_ee.lock import holds_run_lock
+from dart_ee.lock import holds_run_lock, run_lock
 from dart_ee.models import MultiExitNet, create_model, optimize_for_inference
 from dart_ee.run import CHECKPOINT, CONFIG, METRICS, MODEL, SPLIT
 
@@ -318,19 +319,26 @@ def load_model(path: str | Path, optimize: bool = False) -> MultiExitNet:
     """Rebuild a trained model from ``model.pt`` (weights only; no code is unpickled).
 
     ``optimize=True`` returns the inference-optimised copy (``models.optimize_for_inference``) that
-    traces, the runtime and benchmarks share.
+    traces, the runtime and benchmarks share. A custom model (``dart_ee.custom``) is used as it was
+    given: its traces were made from it unchanged, and the runtime must decide as they do.
     """
     ck = artifacts.load_torch(path, "model file")
     if not isinstance(ck, dict) or ck.get("format") != "dart-ee-model":
         raise ArtifactError(f"{path} is not a dart-ee model file")
     arch = dict(ck["arch"])
-    model = create_model(arch.pop("name"), **arch)
+    custom = arch["name"] == CUSTOM
+    if custom:  # your own network, rebuilt by the class it records (dart_ee.custom)
+        model = rebuild(arch)
+        model.arch = arch
+    else:
+        model = create_model(arch.pop("name"), **arch)
     model.load_state_dict(ck["state_dict"])
-    return optimize_for_inference(model) if optimize else model.eval()
+    return optimize_for_inference(model) if optimize and not custom else model.eval()
 
 
 def fit_exits(model: MultiExitNet, train_loader: Iterable, val_loader: Iterable | None = None,
-              freeze_backbone: bool = True, checkpoint: str | Path | None = None, **train: Any) -> list[dict]:
+              freeze_backbone: bool = True, checkpoint: str | Path | None = None, run_dir: str | Path | None = None,
+              **train: Any) -> list[dict]:
     """Train a model's exits from your own loaders of ``(images, labels)`` batches, with ``dart-ee train``'s
     joint loss (w_i = i/N), self-distillation and bf16 autocast; returns each epoch's losses (and the
     validation accuracy per exit when ``val_loader`` is given).
@@ -339,10 +347,49 @@ def fit_exits(model: MultiExitNet, train_loader: Iterable, val_loader: Iterable 
     they are (for a network you cannot retrain; its final exit is then its own classifier). ``train``
     takes ``TrainConfig`` fields (``epochs``, ``lr``, ``distill``, ``bf16``...). With ``checkpoint``, the
     state after each epoch is written there atomically and a later call resumes from it.
+
+    With ``run_dir``, the model is saved as a run folder that every command reads (config.yaml,
+    model.pt, metrics.json, under the run's lock; the checkpoint defaults to ``RUN/checkpoint.pt``):
+    then ``make_trace(..., run_dir=...)`` adds its traces (see ``dart_ee.custom``).
     """
     from dart_ee.config import TrainConfig
+    from dart_ee.custom import check_rebuilds
 
     cfg = Config(train=TrainConfig(**{"epochs": 5, "lr": 0.05, "distill": 0.5, **train}))
+    if run_dir is None:
+        return _fit_exits(model, train_loader, val_loader, freeze_backbone, checkpoint, cfg)
+    run_dir = Path(run_dir)
+    check_rebuilds(model)  # a run that commands could not load is refused before any training
+    with run_lock(run_dir):
+        t0 = time.perf_counter()
+        history = _fit_exits(model, train_loader, val_loader, freeze_backbone, checkpoint or run_dir / CHECKPOINT, cfg)
+        _write_custom_run(run_dir, model, cfg, history, freeze_backbone, time.perf_counter() - t0)
+    return history
+
+
+def _write_custom_run(run_dir: Path, model: MultiExitNet, cfg: Config, history: list[dict], frozen: bool,
+                      wall: float) -> None:
+    """config.yaml, model.pt and metrics.json of a model trained from Python (``fit_exits(run_dir=...)``)."""
+    from dart_ee.bench import hardware_info
+    from dart_ee.config import DataConfig, ModelConfig
+
+    cfg = cfg.model_copy(update={"name": run_dir.name, "data": DataConfig(dataset=CUSTOM),
+                                 "model": ModelConfig(name=CUSTOM, head_width=model.arch.get("head_width", 128))})
+    fp = config_fingerprint(cfg)
+    artifacts.write_text(run_dir / CONFIG, dump_config(cfg))
+    save_model(model.cpu(), run_dir / MODEL, fp)
+    macs = model.exit_macs()
+    artifacts.write_json(run_dir / METRICS, {
+        "name": cfg.name, "model": CUSTOM, "dataset": CUSTOM, "epochs": cfg.train.epochs, "arch": model.arch,
+        "freeze_backbone": frozen, "train_wall_time_s": round(wall, 1), "threads": torch.get_num_threads(),
+        "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
+        "exit_val_accuracy": history[-1].get("val_exit_accuracy") if history else None, "history": history,
+        "exit_macs": macs, "exit_macs_fraction": [m / macs[-1] for m in macs], "static_macs": model.static_macs(),
+        "config_fingerprint": fp, "train_fingerprint": step_fingerprint(cfg, "train")})
+
+
+def _fit_exits(model: MultiExitNet, train_loader: Iterable, val_loader: Iterable | None, freeze_backbone: bool,
+               checkpoint: str | Path | None, cfg: Config) -> list[dict]:
     t, n = cfg.train, model.num_exits
     dev = next(model.parameters()).device
     weights, cost = exit_weights(cfg, n), [m / model.exit_macs()[-1] for m in model.exit_macs()]
