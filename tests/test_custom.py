@@ -216,3 +216,28 @@ def test_a_network_reading_its_own_tensors_in_forward_splits_and_trains_them():
     with torch.no_grad():
         torch.testing.assert_close(model(x)[-1], net(x), rtol=0, atol=0)
     assert any(p is net.scale for p in model.parameters())  # still the same, trainable parameter
+
+
+class MyHead(nn.Module):
+    """A custom exit head: global average pool and one linear layer."""
+
+    def __init__(self, feature_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(feature_shape[0], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean((2, 3)))
+
+
+def test_custom_heads_are_sized_by_the_probe_and_rebuilt_from_the_run(tmp_path):
+    from dart_ee.custom import check_rebuilds, rebuild
+
+    model = attach_exits(Net(), after=["layer1", "layer2"], input_shape=(3, 16, 16), builder=BUILDER,
+                         head=f"{__file__}:MyHead")
+    assert [type(h).__name__ for h in model.heads[:-1]] == ["MyHead", "MyHead"]
+    check_rebuilds(model)
+    copy = rebuild(model.arch)
+    copy.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(copy.eval()(x), model.eval()(x), rtol=0, atol=0)

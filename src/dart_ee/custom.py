@@ -43,12 +43,11 @@ CUSTOM = "custom"  # arch["name"] and config data.dataset of a run written from 
 IMAGES = "images_{split}.npz"  # a custom run's own images (uint8 x, int64 y), which benchmark and adapt read
 
 
-def builder_ref(builder: type[nn.Module] | str | None, model: nn.Module) -> str | None:
-    """``"module:Class"`` (or ``"file.py:Class"`` for a class defined in the script being run) naming the
-    class that builds ``model``; ``None`` when it cannot be named (checked again when the run is saved)."""
-    if isinstance(builder, str):
-        return builder
-    cls = builder or type(model)
+def builder_ref(cls: type[nn.Module] | str) -> str | None:
+    """``"module:Class"`` (or ``"file.py:Class"`` for a class defined in the script being run) naming an
+    ``nn.Module`` class; ``None`` when it cannot be named (checked again when the run is saved)."""
+    if isinstance(cls, str):
+        return cls
     module = cls.__module__
     if module == "__main__":  # a script: name its file, which imports without running its __main__ block
         main = getattr(sys.modules["__main__"], "__file__", None)
@@ -100,9 +99,9 @@ def rebuild(arch: dict) -> MultiExitNet:
     if arch.get("after") is None:  # stages listed by hand: the builder makes the sequence of stages
         stages = list(cast("Iterable[nn.Module]", net))
         return MultiExitNet.from_stages(stages, shape, arch["head_width"], builder=arch["builder"],
-                                        builder_kwargs=arch.get("builder_kwargs"))
+                                        builder_kwargs=arch.get("builder_kwargs"), head=arch.get("head"))
     return attach_exits(net, arch["after"], input_shape=shape, head_width=arch["head_width"],
-                        builder=arch["builder"], builder_kwargs=arch.get("builder_kwargs"))
+                        builder=arch["builder"], builder_kwargs=arch.get("builder_kwargs"), head=arch.get("head"))
 
 
 def check_rebuilds(model: MultiExitNet) -> None:

@@ -124,9 +124,11 @@ class MultiExitNet(nn.Module):
 
     @classmethod
     def from_stages(cls, stages: Sequence[nn.Module], input_shape: Sequence[int], head_width: int = 128,
-                    builder: str | None = None, builder_kwargs: dict | None = None) -> MultiExitNet:
+                    builder: str | None = None, builder_kwargs: dict | None = None,
+                    head: type[nn.Module] | str | None = None) -> MultiExitNet:
         """Stages listed by hand (for a network torch.fx cannot trace): the last must output the logits;
-        a head sized from a probe pass goes after each of the others.
+        a head sized from a probe pass goes after each of the others (``head(feature_shape, num_classes)``,
+        an ``nn.Module`` class of yours, or ``make_head``'s pooled conv head by default).
 
         To save it in a run folder, name ``builder``: an ``nn.Module`` class (``"pkg.module:Class"``) whose
         instance, iterated, gives these stages (an ``nn.Sequential`` subclass, say); see ``dart_ee.custom``.
@@ -134,8 +136,12 @@ class MultiExitNet(nn.Module):
         out_shape = _feature_shapes(stages, input_shape)[-1]
         if len(out_shape) != 1:
             raise ConfigError(f"the last stage's output has shape {out_shape} per sample, expected (num_classes,) logits")
-        net = _build(stages, nn.Identity(), out_shape[0], input_shape, head_width)
-        net.arch = _custom_arch(out_shape[0], input_shape, head_width, None, builder, builder_kwargs)
+        from dart_ee.custom import builder_ref, import_builder
+
+        head_cls = import_builder(head) if isinstance(head, str) else head
+        net = _build(stages, nn.Identity(), out_shape[0], input_shape, head_width, head_cls)
+        net.arch = _custom_arch(out_shape[0], input_shape, head_width, None, builder, builder_kwargs,
+                                builder_ref(head_cls) if head_cls else None)
         return net
 
     @property
@@ -242,11 +248,13 @@ def _feature_shapes(stages: Sequence[nn.Module], input_shape: Sequence[int]) -> 
 
 
 def _build(stages: Sequence[nn.Module], final_head: nn.Module | None, num_classes: int,
-           input_shape: Sequence[int], head_width: int) -> MultiExitNet:
-    """Size heads for every stage but the last; the last gets ``final_head`` (the backbone's classifier)."""
+           input_shape: Sequence[int], head_width: int, head: Callable[..., nn.Module] | None = None) -> MultiExitNet:
+    """Size heads for every stage but the last; the last gets ``final_head`` (the backbone's classifier).
+    ``head(feature_shape, num_classes)`` makes a custom head; by default ``make_head``."""
     shapes = _feature_shapes(stages, input_shape)
-    heads = [make_head(s, num_classes, head_width) for s in shapes[:-1]]
-    heads.append(final_head if final_head is not None else make_head(shapes[-1], num_classes, head_width))
+    make = head or (lambda shape, k: make_head(shape, k, head_width))
+    heads = [make(s, num_classes) for s in shapes[:-1]]
+    heads.append(final_head if final_head is not None else make(shapes[-1], num_classes))
     return MultiExitNet(stages, heads, input_shape)
 
 
@@ -506,17 +514,17 @@ def split_stages(model: nn.Module, after: Sequence[str]) -> list[nn.Module]:
 
 
 def _custom_arch(num_classes: int, input_shape: Sequence[int], head_width: int, after: list[str] | None,
-                 builder: str | None, builder_kwargs: dict | None) -> dict:
+                 builder: str | None, builder_kwargs: dict | None, head: str | None) -> dict:
     """What ``dart_ee.custom.rebuild`` needs to make the model again (weights come from the state dict)."""
     return {"name": "custom", "num_classes": num_classes, "in_channels": int(input_shape[0]),
             "image_size": int(input_shape[-1]), "head_width": head_width, "after": after, "builder": builder,
-            "builder_kwargs": dict(builder_kwargs or {})}
+            "builder_kwargs": dict(builder_kwargs or {}), "head": head}
 
 
 def attach_exits(model: nn.Module, after: Sequence[str | int], example_input: torch.Tensor | None = None,
                  input_shape: Sequence[int] | None = None, num_classes: int | None = None,
                  head_width: int = 128, builder: type[nn.Module] | str | None = None,
-                 builder_kwargs: dict | None = None) -> MultiExitNet:
+                 builder_kwargs: dict | None = None, head: type[nn.Module] | str | None = None) -> MultiExitNet:
     """Put exits on any network: cut it into stages after the modules named in ``after`` (torch.fx, so
     residual networks and token models work), with a head sized from a probe pass after each cut.
 
@@ -526,7 +534,8 @@ def attach_exits(model: nn.Module, after: Sequence[str | int], example_input: to
     what the original does.
 
     ``builder`` (default: the network's own class) and ``builder_kwargs`` say how commands rebuild the
-    network from a run folder (``fit_exits(..., run_dir=...)``, see ``dart_ee.custom``).
+    network from a run folder (``fit_exits(..., run_dir=...)``, see ``dart_ee.custom``). ``head``: your own
+    exit head class, called as ``head(feature_shape, num_classes)``.
     """
     from dart_ee.custom import builder_ref
 
@@ -550,6 +559,6 @@ def attach_exits(model: nn.Module, after: Sequence[str | int], example_input: to
     out_shape = _feature_shapes(stages, input_shape)[-1]
     if num_classes is not None and out_shape != (num_classes,):
         raise ConfigError(f"the network's output has shape {out_shape} per sample, expected ({num_classes},) logits")
-    net = MultiExitNet.from_stages(stages, input_shape, head_width)
-    net.arch = _custom_arch(out_shape[0], input_shape, head_width, cuts, builder_ref(builder, model), builder_kwargs)
+    net = MultiExitNet.from_stages(stages, input_shape, head_width, head=head)
+    net.arch.update(after=cuts, builder=builder_ref(builder or type(model)), builder_kwargs=dict(builder_kwargs or {}))
     return net

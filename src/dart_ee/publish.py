@@ -293,6 +293,36 @@ def int8_section(root: Path, rel: str = "onnx_cpu/cifar10_alexnet_int8.json") ->
         "Record: " + _bench_prov(rec, rel) + ".", "\n".join(acc), "\n".join(rows), verdict])
 
 
+def heads_section(root: Path, rel: str = "cpu/resnet18_heads.json") -> str:
+    """Exits added to a trained single-exit ResNet-18 (frozen backbone) against the jointly trained 4-exit one."""
+    rec = _load(root, rel)
+    nets = rec["networks"]
+    names = {"heads": f"heads on the frozen single-exit backbone ({rec['head_epochs']} epochs, "
+                      f"{rec['head_train_s'] / 60:.0f} min)", "joint": "the registry's 4-exit network, trained jointly"}
+    acc = ["| Exit | Share of the MACs | Test accuracy: heads on a frozen backbone | Test accuracy: trained jointly |",
+           "|---|---|---|---|"]
+    h, j = nets["heads"], nets["joint"]
+    for i, (a, b) in enumerate(zip(h["exit_test_accuracy"], j["exit_test_accuracy"])):
+        acc.append(f"| {i + 1} | {100 * h['exit_macs'][i] / h['exit_macs'][-1]:.1f}% | {100 * a:.2f}% | {100 * b:.2f}% |")
+    rows = ["| Network | Policy | Certified | Test accuracy | Drop (points) | MAC reduction | Speedup, batch 256 | "
+            "Latency speedup, batch 1 |", "|---|---|---|---|---|---|---|---|"]
+    for key, net in nets.items():
+        bench = {r["method"]: r for r in net["benchmark"]["rows"]}
+        for row in net["compare"]["rows"]:
+            if row["policy"] not in bench or row["policy"] == "static":
+                continue
+            t, b = row["test"], bench[row["policy"]]
+            rows.append(f"| {names[key]} | {row['policy']} | {'yes' if row['certified'] else 'no'} | "
+                        f"{100 * t['accuracy']:.2f}% | {t['drop_points']:+.2f} | {100 * t['mac_reduction']:.1f}% | "
+                        f"{b['speedup']:.2f}x | {b['latency_speedup']:.2f}x |")
+    return "\n\n".join([
+        f"Budget: at most {rec['max_drop']} points below each network's own final exit, certified at confidence "
+        f"{rec['confidence']}, policies fitted on the calibration split held out from training, measured on the "
+        f"{h['compare']['rows'][0]['test']['n']:,} test images; speedups over each network's own static forward, in one "
+        "process. Record: "
+        + _prov(rec["provenance"]) + ".", "\n".join(acc), "\n".join(rows)])
+
+
 def runner_summary(root: Path) -> str:
     """README's short table: DART and threshold speedups over static under each runner, CPU and GPU."""
     rows = ["| Hardware | Model | Batch | DART: eager / queued | Threshold: eager / queued | MAC prediction (DART) |",
@@ -331,6 +361,7 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "runner summary": runner_summary,
     "onnxruntime": onnx_section,
     "int8": int8_section,
+    "heads on a trained network": heads_section,
 }
 
 
