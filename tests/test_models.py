@@ -234,7 +234,9 @@ def test_fit_exits_with_a_frozen_backbone_changes_no_backbone_weight(tmp_path):
     assert all(torch.equal(v, model.stages.state_dict()[k]) for k, v in before.items())
     assert hist[-1]["exit_loss"][0] < hist[0]["exit_loss"][0] and len(hist[-1]["val_exit_accuracy"]) == 3
     # a later call resumes after the last finished epoch instead of starting again
-    assert len(fit_exits(model, train, val, epochs=3, bf16=False, checkpoint=tmp_path / "ck.pt")) == 3
+    assert len(fit_exits(model, train, val, epochs=3, lr=0.1, bf16=False, checkpoint=tmp_path / "ck.pt")) == 3
+    with pytest.raises(ConfigError, match="another network or other settings"):  # never resumed with other settings
+        fit_exits(model, train, val, epochs=3, lr=0.5, bf16=False, checkpoint=tmp_path / "ck.pt")
 
 
 def test_joint_fit_exits_lowers_every_exit_loss():

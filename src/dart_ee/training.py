@@ -403,8 +403,14 @@ def _fit_exits(model: MultiExitNet, train_loader: Iterable, val_loader: Iterable
     steps = len(train_loader) if isinstance(train_loader, Sized) else 0
     sched = one_cycle(opt, t.lr, t.epochs * steps) if steps else None  # a loader without a length: constant lr
     history: list[dict] = []
+    # what must match for a checkpoint to be resumed: the settings and the network (its weights' names and shapes)
+    settings = step_fingerprint(cfg, "train") + str(freeze_backbone)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     if checkpoint is not None and Path(checkpoint).is_file():
         ck = artifacts.load_torch(checkpoint, "fit_exits checkpoint")
+        if ck.get("settings") != settings or ck.get("shapes") != shapes:
+            raise ConfigError(f"{checkpoint} was written by fit_exits for another network or other settings; "
+                              "delete it to start again, or pass another checkpoint / run_dir")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if sched is not None:
@@ -442,6 +448,7 @@ def _fit_exits(model: MultiExitNet, train_loader: Iterable, val_loader: Iterable
             + (f", val exit acc% {' '.join(f'{100 * a:.1f}' for a in rec['val_exit_accuracy'])}" if val_loader else ""))
         if checkpoint is not None:
             artifacts.save_torch(checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                              "scheduler": sched.state_dict() if sched else None, "history": history})
+                                              "scheduler": sched.state_dict() if sched else None, "history": history,
+                                              "settings": settings, "shapes": shapes})
     model.eval()
     return history
