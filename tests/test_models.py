@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dart_ee import MultiExitNet, attach_exits, create_model, list_models
 from dart_ee.errors import ConfigError, InputError
 
-EXITS = {"alexnet": 6, "resnet18": 4, "vgg16": 5}
+EXITS = {"alexnet": 6, "resnet18": 4, "vgg16": 5, "levit_128s": 6, "levit_192": 6, "levit_256": 6}
 
 
 @pytest.mark.parametrize("name", sorted(EXITS))

@@ -137,7 +137,7 @@ def trace(run: RunOpt, data_dir: DataDirOpt = None) -> None:
 
 
 @app.command()
-def info(model: Annotated[str, typer.Option("--model", help="Registered model name (alexnet, resnet18, vgg16).")] = "alexnet",
+def info(model: Annotated[str, typer.Option("--model", help="Registered model name (see list_models()).")] = "alexnet",
          dataset: Annotated[str, typer.Option("--dataset", help="Dataset whose input shape to use.")] = "cifar10",
          width_mult: Annotated[float, typer.Option("--width-mult", help="Channel width multiplier.")] = 1.0,
          as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -147,11 +147,15 @@ def info(model: Annotated[str, typer.Option("--model", help="Registered model na
     from dart_ee.data import get_spec
     from dart_ee.difficulty import DifficultyEstimator
     from dart_ee.models import create_model
+    from dart_ee.reference import PAPER_PARAMS
 
     spec = get_spec(dataset)
     rec = create_model(model, spec.num_classes, spec.in_channels, spec.image_size, width_mult=width_mult,
                        mean=spec.mean, std=spec.std).describe()
     rec["difficulty_estimator"] = DifficultyEstimator().flops(rec["input_shape"])
+    if model in PAPER_PARAMS:
+        rec["params"]["paper"] = PAPER_PARAMS[model]
+        rec["params"]["paper_note"] = "the published count, for the ImageNet model (1,000 classes)"
     if as_json:
         typer.echo(json.dumps(rec, indent=2))
         return
@@ -166,7 +170,9 @@ def info(model: Annotated[str, typer.Option("--model", help="Registered model na
                     f"{e['stage_macs'] / 1e6:.2f}", f"{e['head_macs'] / 1e6:.3f}", f"{100 * e['head_to_stage']:.1f}")
     Console().print(tab)
     typer.echo(f"static network (no exit heads): {rec['static_macs'] / 1e6:.2f} MMACs; parameters: "
-               f"{rec['params']['total']:,} ({rec['params']['heads']:,} in exit heads)")
+               f"{rec['params']['total']:,} ({rec['params']['heads']:,} in exit heads)"
+               + (f"; published: {rec['params']['paper'] / 1e6:.1f} M ({rec['params']['paper_note']})"
+                  if "paper" in rec["params"] else ""))
     est = rec["difficulty_estimator"]
     typer.echo(f"paper difficulty estimator: {est['total']:,} FLOPs per image ({est['method']})")
     if timing:

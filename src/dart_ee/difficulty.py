@@ -216,10 +216,13 @@ class LearnedDifficulty(nn.Module):
     def macs(self, model: MultiExitNet) -> dict[str, int]:
         """MACs (FLOPs / 2) per image of the paper's and of the learned estimator (added to every exit's cost)."""
         paper = self.paper.flops(model.input_shape)["total"] // 2
-        c, h, w = model.feature_shapes()[0]
+        shape = model.feature_shapes()[0]  # (C, H, W) feature maps or (tokens, D)
         # softmax, sort, logs and entropy of exit 1's K outputs (about 12 K), then standardisation and
         # one dot product (4 FLOPs a feature)
-        n_classes = model.heads[0](torch.zeros(1, c, h, w, device=next(model.parameters()).device)).shape[1]
+        was = model.training
+        model.eval()
+        n_classes = model.heads[0](torch.zeros(1, *shape, device=next(model.parameters()).device)).shape[1]
+        model.train(was)
         learned = paper + (12 * n_classes + 4 * self.coef.numel()) // 2
         return {"paper": int(paper), "learned": int(learned)}
 

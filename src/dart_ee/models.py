@@ -87,20 +87,21 @@ class ExitHead(nn.Module):
 
 
 class TokenHead(nn.Module):
-    """A classifier on tokens (N, T, D): the mean token, LayerNorm, linear."""
+    """A classifier on tokens (N, T, D), Eq 16: MLP(LayerNorm(mean token)), the MLP with one Hardswish layer."""
 
-    def __init__(self, dim: int, num_classes: int) -> None:
+    def __init__(self, dim: int, num_classes: int, width: int = 128) -> None:
         super().__init__()
-        self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, width), nn.Hardswish(), nn.Linear(width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(x.mean(1)))
+        return self.mlp(self.norm(x.mean(1)))
 
 
 def make_head(feature_shape: Sequence[int], num_classes: int, width: int = 128) -> nn.Module:
     """Size a head from the shape (without batch) of the features it reads."""
     if len(feature_shape) == 2:
-        return TokenHead(feature_shape[1], num_classes)
+        return TokenHead(feature_shape[1], num_classes, width)
     if len(feature_shape) == 3:
         return ExitHead(feature_shape[0], min(feature_shape[1:]), num_classes, width)
     if len(feature_shape) == 1:
@@ -562,3 +563,6 @@ def attach_exits(model: nn.Module, after: Sequence[str | int], example_input: to
     net = MultiExitNet.from_stages(stages, input_shape, head_width, head=head)
     net.arch.update(after=cuts, builder=builder_ref(builder or type(model)), builder_kwargs=dict(builder_kwargs or {}))
     return net
+
+
+from dart_ee import levit as _levit  # noqa: E402, F401  (registers the LeViT family in the registry)

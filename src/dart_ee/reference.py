@@ -44,3 +44,24 @@ README_SAVINGS: dict[str, dict[str, float]] = {
     "branchynet": {"accuracy": 90.1, "flops_reduction": 32, "throughput": 1.3},
     "dart": {"accuracy": 90.9, "flops_reduction": 45, "throughput": 1.7},
 }
+
+# Table II: LeViT on CIFAR-10, model -> method -> (accuracy %, MMACs, time ms, speedup x); Table I's LeViT rows
+# (accuracy %, ms, mJ, W, x, x, DAES) are added to PAPER_TABLE_I below.
+PAPER_TABLE_II: dict[str, dict[str, tuple[float, ...]]] = {
+    "levit_128s": {"static": (95.80, 282.1, 11.55, 1.00), "dart": (81.73, 56.4, 4.56, 2.53)},
+    "levit_192": {"static": (96.91, 601.1, 19.94, 1.00), "dart": (80.33, 120.2, 5.57, 3.58)},
+    "levit_256": {"static": (97.28, 1053.3, 62.55, 1.00), "dart": (86.11, 210.7, 18.89, 3.31)},
+}
+PAPER_TABLE_I.update({
+    ("cifar10", "levit_128s"): {"static": (95.80, 11.55, 750.75, 65.00, 1.0, 1.00, 0.518),
+                                "dart": (81.73, 4.56, 150.10, 32.92, 2.53, 5.00, 5.588)},
+    ("cifar10", "levit_192"): {"static": (96.91, 19.94, 1296.10, 65.00, 1.0, 1.00, 0.524),
+                               "dart": (80.33, 5.57, 259.18, 46.53, 3.58, 5.00, 7.772)},
+    ("cifar10", "levit_256"): {"static": (97.28, 62.55, 4065.75, 65.00, 1.0, 1.00, 0.526),
+                               "dart": (86.11, 18.89, 813.30, 43.05, 3.31, 5.00, 7.704)},
+})
+
+# Parameter counts the papers give (ImageNet models, 1,000 classes; LeViT's with its distillation head): the
+# DART paper's section IV for the CNNs and LeViT-128S, the LeViT paper's Table 1 for LeViT-192 and -256.
+PAPER_PARAMS: dict[str, float] = {"alexnet": 61e6, "resnet18": 11e6, "vgg16": 138e6, "levit_128s": 7.8e6,
+                                  "levit_192": 11.0e6, "levit_256": 18.9e6}
