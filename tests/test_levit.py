@@ -98,3 +98,19 @@ def test_runtime_on_token_tensors_equals_trace_evaluation_for_every_policy(tiny_
         np.testing.assert_array_equal(out.pred.numpy(), preds, err_msg=name)
         depths[name] = len(np.unique(exits))
     assert depths["threshold"] > 1 and depths["dart"] > 1  # real early exits on tokens
+
+
+def test_a_levit_report_shows_the_papers_table_ii_beside_this_run():
+    from test_publish import _table_shapes
+
+    from dart_ee.report import paper_tables
+
+    res = {"config": {"data": {"dataset": "cifar10"}, "model": {"name": "levit_128s"}},
+           "compare": {"rows": [{"policy": p, "test": {"accuracy": 0.8, "mac_reduction": 0.4, "macs_per_image": 2e8}}
+                                for p in ("static", "dart")]},
+           "benchmark": {"rows": [{"method": p, "speedup": 1.5, "time_ms": 1.0, "daes": 1.0} for p in ("static", "dart")]}}
+    text = "\n\n".join(paper_tables(res))
+    assert "Table II (levit_128s on CIFAR-10)" in text and "Table I (levit_128s on cifar10)" in text
+    assert "| dart | 81.73% | 80.00% | 56.4 | 200.0 | 4.56 | 1.000 | 2.53x | 1.50x |" in text
+    for line, rows in _table_shapes(text):
+        assert len(set(rows)) == 1, (line, rows)
