@@ -12,7 +12,7 @@ are accepted, so a run folder cannot name an arbitrary function (``os:system``) 
     fit_exits(model, train_loader, val_loader, run_dir="runs/mine")            # config, model, metrics
     make_trace(model, cal_loader, "cal", estimator, run_dir="runs/mine")       # trace, estimator, images
     make_trace(model, test_loader, "test", estimator, run_dir="runs/mine")
-    # then: dart-ee calibrate / compare / benchmark / adapt / export --run runs/mine
+    # then: dart-ee benchmark / adapt / export --run runs/mine; calibrate, compare, evaluate on its traces
 """
 
 from __future__ import annotations
