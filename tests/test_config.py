@@ -71,3 +71,19 @@ def test_defaults_have_one_source():
         (a.audit_share, a.shift_gate, a.shift_scale)
     scen = inspect.signature(run_scenario).parameters
     assert (scen["n_clean"].default, scen["n_shift"].default, scen["batch_size"].default) == (a.clean, a.shifted, a.batch_size)
+
+
+def test_a_field_added_at_its_default_keeps_every_runs_fingerprints():
+    """train.optimizer came after runs were made: at its default ("sgd", what they did) it is not hashed."""
+    from dart_ee.artifacts import fingerprint
+    from dart_ee.config import _STEP_INPUTS, Config, config_fingerprint, step_fingerprint
+
+    cfg = Config()
+    before = cfg.model_dump(mode="json", include=_STEP_INPUTS["train"])
+    before["train"].pop("optimizer")
+    assert step_fingerprint(cfg, "train") == fingerprint({"fields": before})
+    whole = cfg.model_dump(mode="json", exclude={"train": {"device"}})
+    whole["train"].pop("optimizer")
+    assert config_fingerprint(cfg) == fingerprint(whole)
+    adamw = cfg.model_copy(update={"train": cfg.train.model_copy(update={"optimizer": "adamw"})})
+    assert step_fingerprint(adamw, "train") != step_fingerprint(cfg, "train")  # a change of recipe still counts

@@ -76,9 +76,9 @@ def tiny_levit_traces():
     with torch.no_grad():  # labels the final exit gets right, so that an early exit pays only where it agrees
         y = model(x.float() / 255)[-1].argmax(1)
     est = fit_estimators(xs[:240])
-    cal = make_trace(model, [(x[240:420], y[240:420])], "cal", est)
-    test = make_trace(model, [(x[420:], y[420:])], "test", est)
-    return model, est, cal, test, x[420:]
+    cal = make_trace(model, [(x[240:480], y[240:480])], "cal", est)
+    test = make_trace(model, [(x[480:], y[480:])], "test", est)
+    return model, est, cal, test, x[480:]
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 256])

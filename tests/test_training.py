@@ -17,14 +17,16 @@ from dart_ee.errors import ArtifactError, ConfigError
 from dart_ee.training import load_model, train
 
 
-@pytest.mark.parametrize("name", ["alexnet", "resnet18", "vgg16"])
+@pytest.mark.parametrize("name", ["alexnet", "resnet18", "vgg16", "levit_128s"])
 def test_one_epoch_smoke_each_model(tmp_path, name):
     root = make_cifar_python(tmp_path / "data", per_batch=20)
     raw = tiny_config(root)
     raw["data"]["dataset"] = "cifar10"
     raw["model"] = {"name": name, "width_mult": 0.125, "head_width": 8}
+    if name.startswith("levit"):  # a transformer's usual optimiser
+        raw["train"].update(optimizer="adamw", lr=1e-3, weight_decay=0.05)
     m = train(parse_config(raw), tmp_path / "run")
-    assert len(m["exit_test_accuracy"]) == {"alexnet": 6, "resnet18": 4, "vgg16": 5}[name]
+    assert len(m["exit_test_accuracy"]) == {"alexnet": 6, "resnet18": 4, "vgg16": 5, "levit_128s": 6}[name]
     assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / "split.json").is_file()
     assert load_model(tmp_path / "run" / "model.pt").num_exits == len(m["exit_macs"])
 

@@ -41,6 +41,8 @@ class TrainConfig(_Strict):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(0.1, gt=0)  # OneCycle peak learning rate
+    # SGD with (Nesterov) momentum for the CNNs; AdamW, the usual choice for transformers trained from scratch
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
@@ -168,16 +170,29 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+# Fields added after runs were made, with the default that is what those runs did: left out of the
+# fingerprints at that default, so that existing runs stay current.
+_ADDED_LATER = {("train", "optimizer"): "sgd"}
+
+
+def _dump(cfg: Config, **kw: Any) -> dict:
+    out = cfg.model_dump(mode="json", **kw)
+    for (section, field), default in _ADDED_LATER.items():
+        if out.get(section, {}).get(field, default) == default:
+            out.get(section, {}).pop(field, None)
+    return out
+
+
 def config_fingerprint(cfg: Config) -> str:
     """Identifies a training recipe; where it runs (``train.device``) is not part of it, so a run can resume elsewhere."""
-    return fingerprint(cfg.model_dump(mode="json", exclude={"train": {"device"}}))
+    return fingerprint(_dump(cfg, exclude={"train": {"device"}}))
 
 
 # What each cached step reads from the config. Where it runs, how many threads and the evaluation batch
 # size change no result, and calibration or benchmark settings are read only by later steps.
 _STEP_INPUTS: dict[str, Any] = {
     "train": {"seed": True, "data": {"dataset", "cal_fraction", "split_seed", "train_subset", "test_subset"},
-              "model": True, "train": {"epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
+              "model": True, "train": {"epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov", "weight_decay",
                                        "label_smoothing", "exit_weights", "distill", "distill_temperature",
                                        "policy_lambda", "bf16", "channels_last", "crop_pad", "flip"}},
     "trace": {"seed": True, "data": {"dataset", "cal_fraction", "split_seed", "train_subset", "test_subset"},
@@ -188,7 +203,7 @@ _STEP_INPUTS: dict[str, Any] = {
 def step_fingerprint(cfg: Config, step: str, **inputs: str) -> str:
     """Identifies what a cached step (``train``, ``trace``) was made from: its config fields and ``inputs``
     (e.g. the fingerprint of the model it traced). Equal fingerprints mean its output can be reused."""
-    return fingerprint({"fields": cfg.model_dump(mode="json", include=_STEP_INPUTS[step]), **inputs})
+    return fingerprint({"fields": _dump(cfg, include=_STEP_INPUTS[step]), **inputs})
 
 
 def changed_fields(old: Config, new: Config, step: str | None = None) -> list[str]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dart_ee import artifacts, data
-from dart_ee.config import Config, check_exit_lists, config_fingerprint, dump_config, step_fingerprint
+from dart_ee.config import Config, TrainConfig, check_exit_lists, config_fingerprint, dump_config, step_fingerprint
 from dart_ee.console import log, progress
 from dart_ee.custom import CUSTOM, rebuild
 from dart_ee.errors import ArtifactError, ConfigError, DataError
@@ -158,6 +158,14 @@ def training_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def make_optimizer(params: Iterable, t: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's optimiser: SGD with Nesterov momentum, or AdamW (``train.optimizer``)."""
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0,
+                           weight_decay=t.weight_decay)
+
+
 def one_cycle(opt: torch.optim.Optimizer, lr: float, total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
     """The recipe's schedule: a quarter of the steps warm up linearly to ``lr``, the rest anneal.
 
@@ -214,8 +222,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     mem = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(dev, memory_format=mem)  # type: ignore[call-overload]  # the stubs lack memory_format
 
-    opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0,
-                          weight_decay=t.weight_decay)
+    opt = make_optimizer(model.parameters(), t)
     steps = len(splits.train) // t.batch_size
     if steps == 0:
         raise ConfigError(f"train.batch_size={t.batch_size} exceeds the {len(splits.train)} training images")
@@ -352,7 +359,6 @@ def fit_exits(model: MultiExitNet, train_loader: Iterable, val_loader: Iterable 
     model.pt, metrics.json, under the run's lock; the checkpoint defaults to ``RUN/checkpoint.pt``):
     then ``make_trace(..., run_dir=...)`` adds its traces (see ``dart_ee.custom``).
     """
-    from dart_ee.config import TrainConfig
     from dart_ee.custom import check_rebuilds
 
     cfg = Config(train=TrainConfig(**{"epochs": 5, "lr": 0.05, "distill": 0.5, **train}))
@@ -398,8 +404,7 @@ def _fit_exits(model: MultiExitNet, train_loader: Iterable, val_loader: Iterable
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("fit_exits: nothing to train (the heads have no parameters and the backbone is frozen)")
-    opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0,
-                          weight_decay=t.weight_decay)
+    opt = make_optimizer(params, t)
     steps = len(train_loader) if isinstance(train_loader, Sized) else 0
     sched = one_cycle(opt, t.lr, t.epochs * steps) if steps else None  # a loader without a length: constant lr
     history: list[dict] = []
