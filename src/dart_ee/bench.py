@@ -95,7 +95,9 @@ def provenance() -> dict:
     """Where and when a record was made: the command line, git revision, hardware, torch and date (UTC)."""
     import sys
 
-    return {"command": " ".join(["dart-ee", *sys.argv[1:]]), "git_revision": git_revision(),
+    prog = Path(sys.argv[0]).name  # dart-ee, or python -m dart_ee (__main__.py), or a script of yours
+    command = ["dart-ee", *sys.argv[1:]] if prog in ("dart-ee", "__main__.py") else ["python", *sys.argv]
+    return {"command": " ".join(command), "git_revision": git_revision(),
             "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
