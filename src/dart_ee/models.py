@@ -142,7 +142,7 @@ class MultiExitNet(nn.Module):
         head_cls = import_builder(head) if isinstance(head, str) else head
         net = _build(stages, nn.Identity(), out_shape[0], input_shape, head_width, head_cls)
         net.arch = _custom_arch(out_shape[0], input_shape, head_width, None, builder, builder_kwargs,
-                                builder_ref(head_cls) if head_cls else None)
+                                head if isinstance(head, str) else builder_ref(head_cls) if head_cls else None)
         return net
 
     @property

@@ -21,7 +21,7 @@ from dart_ee.run import ESTIMATORS, MODEL, Run, trace_file
 from dart_ee.trace import Trace, save
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from dart_ee.config import Config
     from dart_ee.difficulty import LearnedDifficulty
@@ -52,7 +52,6 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
     every sample's alpha in the traces.
     """
     from dart_ee.config import config_fingerprint
-    from dart_ee.difficulty import oracle_depth
     from dart_ee.training import predict_exits, prepare_splits
 
     run_dir = Path(run_dir)
@@ -62,21 +61,13 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
     est = difficulty_mod.fit_estimators(splits.train.x, seed=cfg.seed)
 
     results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for split, images in (("cal", splits.cal), ("test", splits.test)):
+    for split, images in (("cal", splits.cal), ("test", splits.test)):  # the calibration split first
         feats: list[np.ndarray] = []
         terms: list[np.ndarray] = []
-
-        def collect(x: torch.Tensor, h1: torch.Tensor, logits1: torch.Tensor, feats: list = feats,
-                    terms: list = terms) -> None:
-            t = est.paper.terms(x)
-            terms.append(t.numpy())
-            feats.append(est.features(t, h1, logits1).numpy())
-
-        probs = predict_exits(model, images.x, cfg.train.eval_batch_size, stage1_hook=collect)
-        results[split] = (probs, np.concatenate(terms), np.concatenate(feats))
-    cal_probs, _, cal_feats = results["cal"]
-    depth = oracle_depth(cal_probs.argmax(2) == splits.cal.y[:, None])
-    learned_oof = est.fit(cal_feats, depth, model.num_exits, seed=cfg.seed)
+        probs = predict_exits(model, images.x, cfg.train.eval_batch_size, stage1_hook=_collector(est, terms, feats))
+        feats_a = np.concatenate(feats)
+        learned = _learned_alpha(est, split, probs, images.y, feats_a, model.num_exits, cfg.seed)
+        results[split] = (probs, np.concatenate(terms), learned)
     difficulty_mod.save_estimators(est, run_dir / ESTIMATORS)
 
     est_macs = est.macs(model)
@@ -90,14 +81,36 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
     out = {}
     for split, images, index in (("cal", splits.cal, splits.manifest["cal_indices"]),
                                  ("test", splits.test, np.arange(len(splits.test)))):
-        probs, split_terms, split_feats = results[split]
-        with torch.no_grad():
-            learned = learned_oof if split == "cal" else est.predict(torch.from_numpy(split_feats)).numpy()
+        probs, split_terms, learned = results[split]
         extra: dict[str, np.ndarray] = {"alpha_paper": est.paper.fuse(torch.from_numpy(split_terms)).numpy(),
                                         "alpha_learned": learned, "terms": split_terms}
         t = Trace(probs, images.y, np.asarray(index), exit_macs, extra[selected], {**base, "split": split}, extra)
         out[split] = save(t, run_dir / trace_file(split))
     return out
+
+
+def _collector(est: LearnedDifficulty, terms: list, feats: list | None) -> Callable:
+    """A ``predict_exits`` hook keeping each batch's paper terms (and, with ``feats``, the learned estimator's
+    features: they read stage 1 and exit 1, which the hook sees)."""
+    def collect(x: torch.Tensor, h1: torch.Tensor, logits1: torch.Tensor) -> None:
+        t = est.paper.terms(x.to(next(est.buffers()).device)).cpu()
+        terms.append(t.numpy())
+        if feats is not None:
+            feats.append(est.features(t, h1.cpu(), logits1.cpu()).numpy())
+    return collect
+
+
+def _learned_alpha(est: LearnedDifficulty, split: str, probs: np.ndarray, labels: np.ndarray, feats: np.ndarray,
+                   num_exits: int, seed: int) -> np.ndarray:
+    """The learned alpha: fitted on the calibration split (its out-of-fold values), predicted on the test split."""
+    from dart_ee.difficulty import oracle_depth
+
+    if split == "cal":
+        return est.fit(feats, oracle_depth(probs.argmax(2) == labels[:, None]), num_exits, seed=seed)
+    if est.coef.numel() != feats.shape[1]:
+        raise InputError("the learned difficulty is fitted on the calibration split: trace the 'cal' split first")
+    with torch.no_grad():
+        return est.predict(torch.from_numpy(feats)).numpy()
 
 
 @torch.no_grad()
@@ -122,19 +135,14 @@ def make_trace(model: MultiExitNet, batches: Iterable, split: str, estimator: Le
     if run_dir is not None and estimator is None:
         raise InputError("make_trace(run_dir=...) needs the fitted estimator: commands read every sample's alpha "
                          "(estimator = dart_ee.difficulty.fit_estimators(train_images))")
-    probs, labels, images, terms, feats = [], [], [], [], []
-
-    def collect(x: torch.Tensor, h1: torch.Tensor, logits1: torch.Tensor) -> None:
-        assert estimator is not None
-        t = estimator.paper.terms(x.to(next(estimator.buffers()).device)).cpu()
-        terms.append(t.numpy())
-        if run_dir is not None:
-            feats.append(estimator.features(t, h1.cpu(), logits1.cpu()).numpy())
-
+    probs, labels, images = [], [], []
+    terms: list[np.ndarray] = []
+    feats: list[np.ndarray] = []
+    hook = _collector(estimator, terms, feats if run_dir is not None else None) if estimator is not None else None
     for batch, y in batches:
         batch = torch.as_tensor(batch)
         x = to_float(batch)
-        probs.append(predict_exits(model, x, max(len(x), 1), stage1_hook=collect if estimator is not None else None))
+        probs.append(predict_exits(model, x, max(len(x), 1), stage1_hook=hook))
         labels.append(torch.as_tensor(y).cpu().numpy())
         if run_dir is not None:
             images.append(batch.cpu().numpy())
@@ -161,7 +169,6 @@ def _save_custom_trace(run_dir: Path, model: MultiExitNet, est: LearnedDifficult
     """``make_trace(run_dir=...)``: the trace, the estimators and the images of a run written from Python."""
     from dart_ee.config import config_fingerprint
     from dart_ee.custom import IMAGES, save_images
-    from dart_ee.difficulty import oracle_depth
 
     if not (run_dir / MODEL).is_file():
         raise InputError(f"make_trace: {run_dir} holds no model; write the run first with "
@@ -173,14 +180,7 @@ def _save_custom_trace(run_dir: Path, model: MultiExitNet, est: LearnedDifficult
         raise InputError(f"make_trace: this model is not the one saved in {run_dir / MODEL}; trace the model "
                          "fit_exits(..., run_dir=...) trained, or train it into this folder first")
     split = meta["split"]
-    if split == "cal":  # out-of-fold on the calibration split, as trace_run does
-        extra["alpha_learned"] = est.fit(feats, oracle_depth(probs.argmax(2) == y[:, None]), model.num_exits,
-                                         seed=cfg.seed)
-    elif est.coef.numel() == feats.shape[1]:
-        with torch.no_grad():
-            extra["alpha_learned"] = est.predict(torch.from_numpy(feats)).numpy()
-    else:
-        raise InputError("make_trace(run_dir=...): trace the 'cal' split first; the learned difficulty is fitted on it")
+    extra["alpha_learned"] = _learned_alpha(est, split, probs, y, feats, model.num_exits, cfg.seed)
     difficulty_mod.save_estimators(est, run_dir / ESTIMATORS)
     save_images(run_dir / IMAGES.format(split=split), images, y)
     meta.update(dataset=cfg.data.dataset, config_name=cfg.name, config_fingerprint=config_fingerprint(cfg),

@@ -336,7 +336,6 @@ def load_model(path: str | Path, optimize: bool = False) -> MultiExitNet:
     custom = arch["name"] == CUSTOM
     if custom:  # your own network, rebuilt by the class it records (dart_ee.custom)
         model = rebuild(arch)
-        model.arch = arch
     else:
         model = create_model(arch.pop("name"), **arch)
     model.load_state_dict(ck["state_dict"])
