@@ -9,7 +9,7 @@ from dart_ee.difficulty import load_estimators
 from dart_ee.errors import ConfigError
 from dart_ee.policies import make_policy
 from dart_ee.runtime import EarlyExitRunner
-from dart_ee.shift import SCENARIOS, gaussian_blur, make_stream
+from dart_ee.shift import FAMILIES, SCENARIOS, gaussian_blur, make_stream
 from dart_ee.training import load_model
 
 
@@ -135,12 +135,16 @@ def test_controller_validation(trained_run):
 def test_shift_streams_are_deterministic(scenario, trained_run):
     imgs = trained_run["images"].numpy()
     labels = np.arange(len(imgs)) % 10
-    a = make_stream(imgs, labels, scenario, 0.5, 100, 120, seed=3)
-    b = make_stream(imgs, labels, scenario, 0.5, 100, 120, seed=3)
+    sev = FAMILIES[scenario].levels if scenario in FAMILIES else (0.2, 0.5, 0.8)
+    a = make_stream(imgs, labels, scenario, sev[1], 100, 120, seed=3)
+    b = make_stream(imgs, labels, scenario, sev[1], 100, 120, seed=3)
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.shift_start == 100 and len(a.y) == 220
-    assert a.x.min() >= 0 and a.x.max() <= 1
-    if scenario != "class-prior":
-        assert not torch.equal(a.x[100:], make_stream(imgs, labels, scenario, 0.0, 100, 120, seed=3).x[100:])
+    assert a.x.min() >= 0 and a.x.max() <= 1 and a.x.dtype == torch.float32
+    assert torch.equal(a.x[:100], make_stream(imgs, labels, scenario, sev[2], 100, 120, seed=3).x[:100])
+    if scenario != "class-prior":  # grades differ, and a corruption moves pixels away from the clean images
+        assert not torch.equal(a.x[100:], make_stream(imgs, labels, scenario, sev[2], 100, 120, seed=3).x[100:])
+        clean = make_stream(imgs, labels, "class-prior", 0.0, 100, 120, seed=3)
+        assert not torch.equal(a.x[100:], clean.x[100:]) or scenario == "ramp"
 
 
 def test_stream_longer_than_the_split_keeps_its_clean_part_clean(trained_run):
@@ -159,3 +163,15 @@ def test_controller_overhead_measurement(trained_run, tmp_path):
     rec = controller_overhead(trained_run["run"], tmp_path / "dart.json", batch_size=64, n_images=128, repeats=1,
                               threads=1)
     assert rec["images"] == 128 and rec["runner_ms_per_image"] > 0 and rec["controller_ms_per_image"] > 0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_corrupts_more_at_each_grade(family):
+    gen = torch.Generator().manual_seed(0)  # smooth random colour images, like photographs at 32 pixels
+    imgs = (255 * torch.nn.functional.avg_pool2d(torch.rand(60, 3, 32, 32, generator=gen), 3, 1, 1)).byte().numpy()
+    labels = np.zeros(len(imgs), dtype=np.int64)
+    clean = make_stream(imgs, labels, family, FAMILIES[family].levels[0], 0, 60, seed=1).x
+    ref = torch.from_numpy(imgs[np.random.default_rng(1).permutation(60)]).float() / 255
+    dist = [float((make_stream(imgs, labels, family, s, 0, 60, seed=1).x - ref).abs().mean())
+            for s in FAMILIES[family].levels]
+    assert clean.shape == ref.shape and 0 < dist[0] < dist[1] < dist[2], dist

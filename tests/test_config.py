@@ -39,9 +39,22 @@ def test_overrides(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_adapt_lists_must_match():
-    with pytest.raises(ConfigError, match="adapt: Value error, severities has 1 entries for 3 scenarios"):
-        parse_config({"adapt": {"severities": [0.1]}})
+def test_adaptation_reports_only_on_families_its_settings_were_not_chosen_on():
+    with pytest.raises(ConfigError, match="'noise' builds the development streams"):
+        parse_config({"adapt": {"families": ["impulse", "noise"]}})
+    with pytest.raises(ConfigError, match="unknown shift family 'fog'"):
+        parse_config({"adapt": {"families": ["fog"]}})
+    with pytest.raises(ConfigError, match="adapt.levels"):
+        parse_config({"adapt": {"levels": [4]}})
+
+
+def test_run_folders_of_the_first_adaptation_design_still_load():
+    """Before 2026-11-26 a run's config.yaml held adapt.scenarios/severities and the controller's fields flat."""
+    cfg = parse_config({"adapt": {"scenarios": ["noise", "blur", "contrast"], "severities": [0.1, 1.0, 0.7],
+                                  "audit_share": 0.05, "shift_gate": 0.7, "clean": 100}})
+    assert cfg.adapt.controller.audit_share == 0.05 and cfg.adapt.controller.shift_gate == 0.7 and cfg.adapt.clean == 100
+    with pytest.raises(ConfigError, match="adapt.scenarios is gone"):
+        parse_config({"adapt": {"scenarios": ["ramp"], "severities": [0.1]}})
 
 
 @pytest.mark.parametrize("override, field", [("train.lr=.inf", "train.lr"), ("train.weight_decay=.nan", "train.weight_decay"),
@@ -58,19 +71,22 @@ def test_defaults_have_one_source():
     """The CLI shows the config classes' defaults, and the library's signatures agree with them."""
     import inspect
 
-    from dart_ee.adapt import AdaptiveController, run_scenario
+    from dart_ee.adapt import AdaptiveController
+    from dart_ee.adapt_eval import study
     from dart_ee.bench import benchmark
-    from dart_ee.config import AdaptConfig, BenchmarkConfig
+    from dart_ee.config import AdaptConfig, BenchmarkConfig, ControllerSettings
 
-    b, a = BenchmarkConfig(), AdaptConfig()
+    b, a, c = BenchmarkConfig(), AdaptConfig(), ControllerSettings()
     bench = inspect.signature(benchmark).parameters
     assert (bench["batch_size"].default, bench["n_images"].default, bench["repeats"].default,
             bench["latency_images"].default) == (b.batch_size, b.images, b.repeats, b.latency_images)
     ctrl = inspect.signature(AdaptiveController).parameters
-    assert (ctrl["audit_share"].default, ctrl["shift_gate"].default, ctrl["shift_scale"].default) == \
-        (a.audit_share, a.shift_gate, a.shift_scale)
-    scen = inspect.signature(run_scenario).parameters
-    assert (scen["n_clean"].default, scen["n_shift"].default, scen["batch_size"].default) == (a.clean, a.shifted, a.batch_size)
+    assert (ctrl["audit_share"].default, ctrl["shift_gate"].default, ctrl["shift_scale"].default, ctrl["window"].default,
+            ctrl["update_every"].default, ctrl["z_gate"].default, ctrl["ucb"].default) == \
+        (c.audit_share, c.shift_gate, c.shift_scale, c.window, c.update_every, c.z_gate, c.ucb)
+    scen = inspect.signature(study).parameters
+    assert (scen["n_clean"].default, scen["n_shift"].default, scen["batch_size"].default, list(scen["families"].default),
+            list(scen["levels"].default)) == (a.clean, a.shifted, a.batch_size, a.families, a.levels)
 
 
 def test_a_field_added_at_its_default_keeps_every_runs_fingerprints():

@@ -55,7 +55,7 @@ def test_policy_reads_its_own_difficulty_score(trained_run):
 @pytest.mark.parametrize("args,needle", [
     (["benchmark", "--batch-size", "0"], "--batch-size"), (["benchmark", "--images", "0"], "--images"),
     (["benchmark", "--repeats", "0"], "--repeats"), (["adapt", "--batch-size", "0"], "--batch-size"),
-    (["adapt", "--window", "0"], "--window"), (["guarantee", "--resplits", "0"], "--resplits"),
+    (["adapt", "--clean", "0"], "--clean"), (["guarantee", "--resplits", "0"], "--resplits"),
     (["difficulty", "fit-weights", "--folds", "0"], "--folds"),
 ])
 def test_numeric_options_have_minimums(args, needle):

@@ -128,8 +128,9 @@ def test_every_command_reads_a_custom_run(custom_run, tmp_path):
     res = cli.invoke(app, ["benchmark", "--run", str(path), "--policy", str(pol), "--images", "64", "--repeats", "1",
                            "--latency-images", "2", "--batch-size", "32"])
     assert res.exit_code == 0, res.output
-    res = cli.invoke(app, ["adapt", "--run", str(path), "--policy", str(pol), "--scenario", "noise", "--severity",
-                           "0.1", "--clean", "40", "--shifted", "40", "--batch-size", "16", "--out", str(tmp_path / "ad")])
+    res = cli.invoke(app, ["adapt", "--run", str(path), "--policy", str(pol), "--family", "impulse", "--level", "2",
+                           "--no-mechanisms", "--clean", "40", "--shifted", "40", "--batch-size", "16",
+                           "--out", str(tmp_path / "ad" / "study.json")])
     assert res.exit_code == 0, res.output
     onnx = pytest.importorskip("onnxruntime")
     del onnx

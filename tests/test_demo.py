@@ -22,8 +22,8 @@ def test_demo_shortened(tmp_path, monkeypatch):
     monkeypatch.delenv("DART_DATA", raising=False)  # the demo needs no data directory
     res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--set", "train.epochs=2",
                                    "--set", "benchmark.repeats=1", "--set", "benchmark.images=64",
-                                   "--set", "benchmark.latency_images=4", "--set", "adapt.scenarios=[noise]",
-                                   "--set", "adapt.severities=[0.1]", "--set", "adapt.clean=120",
+                                   "--set", "benchmark.latency_images=4", "--set", "adapt.families=[impulse]",
+                                   "--set", "adapt.levels=[2]", "--set", "adapt.clean=120",
                                    "--set", "adapt.shifted=120"])
     assert res.exit_code == 0, res.output
     assert "| dart |" in res.output and "| oracle |" in res.output and "Speedup" in res.output

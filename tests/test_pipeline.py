@@ -15,14 +15,14 @@ def test_run_pipeline_end_to_end(tmp_path):
     raw = tiny_config(tmp_path / "data", epochs=3, batch_size=16)
     raw["data"]["cal_fraction"] = 0.5
     raw["benchmark"] = {"images": 64, "repeats": 1, "latency_images": 4, "threads": 1}
-    raw["adapt"] = {"scenarios": ["noise", "class-prior"], "severities": [0.2, 0.9], "clean": 150, "shifted": 150,
-                    "batch_size": 50}
+    raw["adapt"] = {"families": ["impulse"], "levels": [1, 3], "clean": 150, "shifted": 150, "batch_size": 50}
     raw["single_exit_baseline"] = True
     cfg = parse_config(raw)
     res = run_pipeline(cfg, tmp_path / "run")
     out = tmp_path / "run"
     for f in ("results.json", "report.md", "tradeoff_curves.png", "alpha_histogram.png", "exit_by_difficulty_dart.png",
-              "noise_over_time.png", "noise_coefficients.png", "policies/dart.json"):
+              "impulse_over_time.png", "impulse_coefficients.png", "class-prior_coefficients.png", "adapt.json",
+              "adapt/study.json", "policies/dart.json"):
         assert (out / f).is_file(), f
     rec = json.loads((out / "results.json").read_text())
     assert {r["policy"] for r in rec["compare"]["rows"]} >= {"static", "dart", "threshold"}
@@ -38,10 +38,12 @@ def test_run_pipeline_end_to_end(tmp_path):
     assert "original README's CIFAR-10 table" not in report  # that table is CIFAR-10 only
     # `dart-ee report` redraws the figures and the report from results.json alone
     (out / "report.md").unlink()
-    (out / "noise_coefficients.png").unlink()
+    (out / "impulse_coefficients.png").unlink()
     cli = CliRunner().invoke(app, ["report", "--run", str(out)])
     assert cli.exit_code == 0, cli.output
-    assert (out / "report.md").read_text() == report and (out / "noise_coefficients.png").is_file()
+    assert (out / "report.md").read_text() == report and (out / "impulse_coefficients.png").is_file()
+    assert "chosen by `dart-ee adapt-tune` on development streams from the calibration split" in report
+    assert "| impulse | 3 (0.06) |" in report and "Eq 13 updates" in report
     # a second run finds every step's output and resumes without retraining
     again = run_pipeline(cfg, tmp_path / "run")
     assert again["training"] == res["training"]
@@ -61,7 +63,8 @@ def test_run_killed_mid_pipeline_resumes_to_the_same_results(tmp_path):
     raw = tiny_config(tmp_path / "data", epochs=3, batch_size=16)
     raw["data"]["cal_fraction"] = 0.5
     raw["benchmark"] = {"enabled": False}
-    raw["adapt"] = {"scenarios": ["noise"], "severities": [0.2], "clean": 150, "shifted": 150, "batch_size": 50}
+    raw["adapt"] = {"families": ["impulse"], "levels": [2], "mechanisms": False, "clean": 150, "shifted": 150,
+                    "batch_size": 50}
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
 
@@ -86,6 +89,8 @@ def test_run_killed_mid_pipeline_resumes_to_the_same_results(tmp_path):
         assert a["training"][key] == b["training"][key], key
     for key in ("compare", "ablation", "sweep", "difficulty", "adaptation"):  # every figure but wall times
         assert a[key] == b[key], key
+    study = [json.loads((tmp_path / d / "adapt" / "study.json").read_text()) for d in ("ref", "killed")]
+    assert study[0]["families"] == study[1]["families"]
 
 
 @pytest.mark.slow

@@ -96,6 +96,10 @@ def test_every_report_table_renders(tmp_path):
     for rec in sorted((ROOT / "benchmarks").glob("*/results.json")):
         out = tmp_path / rec.parent.name
         out.mkdir()
+        study = rec.parent / "adaptation.json"
+        if study.is_file():  # the run's adaptation study, where report.md reads it
+            (out / "adapt").mkdir()
+            (out / "adapt" / "study.json").write_text(study.read_text())
         tables = _table_shapes(write_report(artifacts.read_json(rec, "record"), out).read_text())
         assert tables
         for line, rows in tables:

@@ -42,16 +42,14 @@ import numpy as np
 import torch
 
 from dart_ee import artifacts
-from dart_ee.config import AdaptConfig
+from dart_ee.config import ControllerSettings
 from dart_ee.errors import ArtifactError, ConfigError
-from dart_ee.evaluation import leave_costs
 from dart_ee.policies import DartPolicy
 from dart_ee.runtime import EarlyExitRunner, ExitResult
 from dart_ee.trace import Trace
 
 if TYPE_CHECKING:
-    from dart_ee.difficulty import LearnedDifficulty
-    from dart_ee.models import MultiExitNet
+    from dart_ee.evaluation import TraceReplay
 
 STATE_FORMAT = "dart-ee-adapt-state"
 
@@ -100,20 +98,27 @@ def agreement_targets(policy: DartPolicy, cal_trace: Trace) -> list[float]:
     return out
 
 
-_DEFAULT = AdaptConfig()  # the one source of the controller's and the scenario's defaults
+_DEFAULT = ControllerSettings()  # the one source of the controller's defaults
 
 
 class AdaptiveController:
-    """Adapt a DART policy's coefficients online from audits (and labels when they arrive)."""
+    """Adapt a DART policy's coefficients online from audits (and labels when they arrive).
+
+    ``runner`` is an ``EarlyExitRunner`` (deployment: batches of images) or a
+    ``dart_ee.evaluation.TraceReplay`` (evaluation: batches of a traced stream's row indices); both
+    decide alike.
+    """
 
     FIELDS = {"exit": torch.long, "pred": torch.long, "macs": torch.float64, "audited": torch.bool,
               "agree": torch.bool, "label": torch.long}
 
-    def __init__(self, runner: EarlyExitRunner, targets: Sequence[float] | float = 0.85, window: int = _DEFAULT.window,
-                 audit_share: float = _DEFAULT.audit_share, update_every: int = _DEFAULT.update_every,
+    def __init__(self, runner: EarlyExitRunner | TraceReplay, targets: Sequence[float] | float = 0.85,
+                 window: int = _DEFAULT.window, audit_share: float = _DEFAULT.audit_share,
+                 update_every: int = _DEFAULT.update_every,
                  a_decay: float = 0.95, gain: float = 10.0, eta: float = 0.2, prior: float = 20.0,
                  bounds: tuple[float, float] = (0.5, 3.0), pseudo_conf: float = 0.5, min_audits: int = 5,
-                 z_gate: float = _DEFAULT.z_gate, ucb: bool = _DEFAULT.ucb, arm_scales: Sequence[float] = (1.05, 1.0, 0.95),
+                 z_gate: float = _DEFAULT.z_gate, ucb: bool = _DEFAULT.ucb,
+                 arm_scales: Sequence[float] = (1 + _DEFAULT.arm_spread, 1.0, 1 - _DEFAULT.arm_spread),
                  beta_opt: float | None = None, alpha_ref: AlphaReference | None = None,
                  shift_gate: float = _DEFAULT.shift_gate, shift_scale: float = _DEFAULT.shift_scale,
                  shift_memory: int = 256, seed: int = 0) -> None:
@@ -123,7 +128,7 @@ class AdaptiveController:
         if not 0 <= audit_share <= 1:
             raise ConfigError(f"audit_share must lie in [0, 1], got {audit_share}")
         self.runner, self.policy = runner, runner.policy
-        n_exits = runner.model.num_exits
+        n_exits = runner.num_exits
         self.targets = [float(targets)] * (n_exits - 1) if isinstance(targets, (int, float)) else list(targets)
         if len(self.targets) != n_exits - 1:
             raise ConfigError(f"targets has {len(self.targets)} entries; give one per early exit ({n_exits - 1})")
@@ -140,35 +145,33 @@ class AdaptiveController:
         self.alpha_ema = alpha_ref.mean if alpha_ref else 0.0
         self.shifted = False
         self.gen = torch.Generator().manual_seed(seed)
-        self.static_macs = float(runner.model.static_macs())
-        est = runner.estimator.macs(runner.model) if runner.estimator is not None else {}
-        self.exit_costs = torch.tensor(leave_costs(self.policy, runner.model.exit_macs(), self.static_macs, est))
+        self.static_macs = runner.static_macs()
+        self.exit_costs = torch.as_tensor(runner.leave_macs(), dtype=torch.float64)
         self.c_exit = [float(c) for c in self.policy.coef_exit_]
         self.c_class = [[float(c) for c in row] for row in self.policy.coef_class_]
         self.arm = self.arm_scales.index(1.0) if 1.0 in self.arm_scales else 0
         self.buf = {k: torch.zeros(window, dtype=t) for k, t in self.FIELDS.items()}
         self.buf["label"].fill_(-1)
         self.pos, self.filled, self.batches, self.audits_total = 0, 0, 0, 0
+        self.fired = {"eq13": 0, "eq14": 0}  # coefficient updates that changed a coefficient
         self.history: list[dict] = []
         self._last_slots = torch.zeros(0, dtype=torch.long)
         self._apply()
 
     # -- the hot path ------------------------------------------------------------------------------
     def process(self, x: torch.Tensor) -> tuple[ExitResult, torch.Tensor]:
-        """Run one batch; returns the runner's result and each sample's MACs (audits included)."""
+        """Run one batch (images, or row indices for a ``TraceReplay``); returns the runner's result and each
+        sample's MACs (audits included)."""
         res = self.runner(x)
         if self.alpha_ref is not None and res.alpha is not None:  # a guard needs alpha (checked in __init__)
             self._watch_shift(res.alpha)
-        n_exits = self.runner.model.num_exits
-        early = res.exit < n_exits - 1
+        early = res.exit < self.runner.num_exits - 1
         audit = early & (torch.rand(len(x), generator=self.gen) < self.audit_share)
         macs = self.exit_costs[res.exit].clone()
         agree = torch.zeros(len(x), dtype=torch.bool)
         idx = audit.nonzero().flatten()
         if idx.numel():
-            with torch.inference_mode():
-                probs = torch.softmax(self.runner.model.forward_static(x[idx]).float(), 1)
-            conf, final = probs.max(1)
+            conf, final = self.runner.final_probs(x[idx]).max(1)
             confident = conf >= self.pseudo_conf  # only confident final predictions serve as pseudo-labels
             audit[idx[~confident]] = False
             agree[idx] = final == res.pred[idx]
@@ -227,6 +230,8 @@ class AdaptiveController:
         """One update of every coefficient (called every ``update_every`` batches)."""
         exits, preds, known, right = self._window_evidence()
         lo, hi = self.bounds
+        eq13: list[int] = []  # exits whose coefficient this update changed
+        eq14 = 0  # class coefficients it changed
         n_classes = len(self.c_class[0])
         early = known & (exits < len(self.targets))
         n_all = int(early.sum())
@@ -245,7 +250,10 @@ class AdaptiveController:
                 continue
             if self._significant(tgt, acc, n):
                 proposal = self.c_exit[i] * (1 + self.gain * (tgt - acc))  # Eq 13's f(performance)
-                self.c_exit[i] = min(hi, max(lo, self.a_decay * self.c_exit[i] + (1 - self.a_decay) * proposal))
+                new = min(hi, max(lo, self.a_decay * self.c_exit[i] + (1 - self.a_decay) * proposal))
+                if new != self.c_exit[i]:
+                    eq13.append(i)
+                self.c_exit[i] = new
             if not m.any():
                 continue
             counts = torch.bincount(preds[m], minlength=n_classes).double()
@@ -253,20 +261,25 @@ class AdaptiveController:
             acc_k = (hits + self.prior * acc) / (counts + self.prior)
             for k in torch.nonzero(counts).flatten().tolist():  # Eq 14, where the class has evidence
                 if self._significant(target, float(acc_k[k]), int(counts[k])):
-                    self.c_class[i][k] = min(hi, max(lo, self.c_class[i][k] + self.eta * (target - float(acc_k[k]))))
+                    new = min(hi, max(lo, self.c_class[i][k] + self.eta * (target - float(acc_k[k]))))
+                    eq14 += new != self.c_class[i][k]
+                    self.c_class[i][k] = new
+        reward = None
         if self.bandit is not None:
-            self.bandit.reward(self.arm, self.tradeoff())
+            reward = self.tradeoff()
+            self.bandit.reward(self.arm, reward)
             self.arm = self.bandit.select()
         self._apply()
+        self.fired["eq13"] += len(eq13)
+        self.fired["eq14"] += eq14
         self.history.append({"batch": self.batches, "shifted": self.shifted, "c_exit": list(self.c_exit),
-                             "c_class": [list(r) for r in self.c_class],
-                             "arm": self.arm})
+                             "c_class": [list(r) for r in self.c_class], "arm": self.arm, "reward": reward,
+                             "eq13_exits": eq13, "eq14_classes": eq14})
 
     def tradeoff(self) -> float:
         """Windowed Eq 10: estimated accuracy (relative to the final exit) - beta_opt * MACs / static MACs."""
         exits, _, known, right = self._window_evidence()
-        n_exits = self.runner.model.num_exits
-        early = exits < n_exits - 1
+        early = exits < self.runner.num_exits - 1
         k = known & early
         agree_rate = float(right[k].float().mean()) if k.any() else 1.0
         acc = 1 - float(early.float().mean()) * (1 - agree_rate)
@@ -285,7 +298,7 @@ class AdaptiveController:
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"format": STATE_FORMAT, "version": 2, "buf": dict(self.buf), "pos": self.pos, "filled": self.filled,
-                "batches": self.batches, "audits_total": self.audits_total, "c_exit": self.c_exit,
+                "batches": self.batches, "audits_total": self.audits_total, "fired": dict(self.fired), "c_exit": self.c_exit,
                 "c_class": self.c_class, "arm": self.arm, "targets": self.targets,
                 "bandit": None if self.bandit is None else {"counts": self.bandit.counts, "values": self.bandit.values},
                 "rng": self.gen.get_state(), "history": self.history, "last_slots": self._last_slots,
@@ -301,6 +314,7 @@ class AdaptiveController:
             raise ArtifactError("adaptation state was saved for a different model or window size")
         self.buf = {k: v.clone() for k, v in s["buf"].items()}
         self.pos, self.filled, self.batches, self.audits_total = s["pos"], s["filled"], s["batches"], s["audits_total"]
+        self.fired = dict(s.get("fired", {"eq13": 0, "eq14": 0}))
         self.c_exit, self.c_class, self.arm, self.targets = list(s["c_exit"]), [list(r) for r in s["c_class"]], s["arm"], \
             list(s["targets"])
         if self.bandit is not None and s["bandit"] is not None:
@@ -318,85 +332,42 @@ class AdaptiveController:
         self.load_state_dict(artifacts.load_torch(path, "adaptation state"))
 
 
-def controller_for_run(run_dir: str | Path, policy_path: str | Path, model: MultiExitNet, estimator: LearnedDifficulty,
-                       shift_guard: bool = _DEFAULT.shift_guard, **controller_kw) -> AdaptiveController:
-    """A controller for a run's fitted DART policy: agreement targets and the shift guard's alpha reference
-    both come from the run's calibration trace."""
+def bandit_stats(ctrl: AdaptiveController) -> list[dict] | None:
+    """UCB1's arms: scale on the thresholds, times chosen, mean reward (None without the bandit)."""
+    if ctrl.bandit is None:
+        return None
+    return [{"scale": sc, "count": n, "mean_reward": v}
+            for sc, n, v in zip(ctrl.arm_scales, ctrl.bandit.counts, ctrl.bandit.values)]
+
+
+def make_controller(runner: EarlyExitRunner | TraceReplay, cal: Trace, settings: ControllerSettings, seed: int = 0,
+                    **controller_kw: Any) -> AdaptiveController:
+    """A controller for the runner's (fitted DART) policy with ``settings``: its agreement targets and the shift
+    guard's alpha reference both come from the calibration trace ``cal``."""
+    policy = runner.policy
+    if not isinstance(policy, DartPolicy):
+        raise ConfigError(f"adaptation needs a DART policy; this one is {policy.name!r}")
+    if policy.alpha_source_:
+        cal = cal.with_alpha(f"alpha_{policy.alpha_source_}")
+    guard = settings.shift_guard and runner.alpha_source is not None and cal.alpha is not None
+    s = settings.arm_spread
+    kw: dict[str, Any] = {"audit_share": settings.audit_share, "window": settings.window,
+                          "update_every": settings.update_every, "z_gate": settings.z_gate, "ucb": settings.ucb,
+                          "arm_scales": (1 + s, 1.0, 1 - s), "shift_gate": settings.shift_gate,
+                          "shift_scale": settings.shift_scale, **controller_kw}
+    alpha_ref = AlphaReference.from_alpha(cal.alpha, settings.hard_quantile) if guard and cal.alpha is not None else None
+    return AdaptiveController(runner, agreement_targets(policy, cal), alpha_ref=alpha_ref, seed=seed, **kw)
+
+
+def controller_for_run(run_dir: str | Path, policy_path: str | Path, settings: ControllerSettings | None = None,
+                       seed: int = 0, **controller_kw: Any) -> AdaptiveController:
+    """A controller over the live runtime for a run's fitted DART policy (``settings``: the run's
+    ``adapt.json`` when it has one, else the defaults)."""
+    from dart_ee.adapt_tuning import load_settings
     from dart_ee.policies import load_policy
     from dart_ee.run import Run
 
-    policy = load_policy(policy_path)
-    if not isinstance(policy, DartPolicy):
-        raise ConfigError(f"{policy_path} is a {policy.name!r} policy; adaptation needs a DART policy")
-    cal = Run(run_dir).trace("cal")
-    if policy.alpha_source_:
-        cal = cal.with_alpha(f"alpha_{policy.alpha_source_}")
-    runner = EarlyExitRunner(model, policy, estimator)
-    alpha_ref = (AlphaReference.from_alpha(cal.alpha) if shift_guard and runner.alpha_source and cal.alpha is not None
-                 else None)
-    return AdaptiveController(runner, agreement_targets(policy, cal), alpha_ref=alpha_ref, **controller_kw)
-
-
-def run_scenario(run_dir: str | Path, policy_path: str | Path, scenario: str, severity: float,
-                 n_clean: int = _DEFAULT.clean, n_shift: int = _DEFAULT.shifted, batch_size: int = _DEFAULT.batch_size,
-                 report_window: int = 500, seed: int = 0, data_dir: str | Path | None = None,
-                 shift_guard: bool = _DEFAULT.shift_guard, **controller_kw) -> dict:
-    """Full network, frozen DART and adaptive DART on the same shifted stream; per-window and total figures.
-
-    ``shift_guard`` references alpha on the calibration split (when the policy uses alpha).
-    """
-    from dart_ee.policies import StaticPolicy, load_policy
-    from dart_ee.run import Run
-    from dart_ee.shift import make_stream
-
     run = Run(run_dir)
-    model, est, test = run.model(), run.estimators(), run.test_images(data_dir)
-    stream = make_stream(test.x, test.y, scenario, severity, n_clean, n_shift, seed)
-    ctrl = controller_for_run(run_dir, policy_path, model, est, shift_guard, seed=seed, **controller_kw)
-    full, frozen = EarlyExitRunner(model, StaticPolicy(), est), EarlyExitRunner(model, load_policy(policy_path), est)
-    static_macs = ctrl.static_macs
-    out: dict[str, dict[str, list]] = {k: {"correct": [], "macs": [], "exit": []} for k in ("full", "frozen", "adaptive")}
-    coef_trace: list[dict[str, Any]] = []
-    for s in range(0, len(stream.y), batch_size):
-        x, y = stream.x[s: s + batch_size], stream.y[s: s + batch_size]
-        for name, runner in (("full", full), ("frozen", frozen)):
-            r = runner(x)
-            out[name]["correct"].append(r.pred == y)
-            out[name]["exit"].append(r.exit)
-            out[name]["macs"].append(torch.full((len(y),), static_macs, dtype=torch.float64) if name == "full"
-                                     else ctrl.exit_costs[r.exit])
-        r, macs = ctrl.process(x)
-        out["adaptive"]["correct"].append(r.pred == y)
-        out["adaptive"]["exit"].append(r.exit)
-        out["adaptive"]["macs"].append(macs)
-        coef_trace.append({"image": s + len(y), "c_exit": ctrl.exit_coefficients(), "shift_score": ctrl.shift_score(),
-                           "shifted": ctrl.shifted,
-                           "c_class_mean": [float(np.mean([row[k] for row in ctrl.c_class]))
-                                            for k in range(len(ctrl.c_class[0]))]})
-    series = {}
-    parts = {"clean": slice(0, stream.shift_start), "shifted": slice(stream.shift_start, len(stream.y))}
-    totals = {}
-    for name, d in out.items():
-        correct, macs = torch.cat(d["correct"]).double(), torch.cat(d["macs"])
-        cut, n = stream.shift_start, len(correct)  # windows never straddle the shift
-        w = [(a, min(a + report_window, cut)) for a in range(0, cut, report_window)] + \
-            [(a, min(a + report_window, n)) for a in range(cut, n, report_window)]
-        series[name] = {"window_start": [a for a, _ in w], "window_end": [b for _, b in w],
-                        "accuracy": [float(correct[a:b].mean()) for a, b in w],
-                        "mac_fraction": [float(macs[a:b].mean()) / static_macs for a, b in w]}
-        totals[name] = {p: {"accuracy": float(correct[sl].mean()), "mac_fraction": float(macs[sl].mean()) / static_macs}
-                        for p, sl in parts.items()}
-    f, z, a = (totals[k]["shifted"]["accuracy"] for k in ("full", "frozen", "adaptive"))
-    lost = f - z
-    summary = {"accuracy_lost_by_frozen": lost, "accuracy_recovered": a - z,
-               "recovered_share": (a - z) / lost if lost > 0 else float("nan"),
-               "adaptive_macs_vs_full_shifted": totals["adaptive"]["shifted"]["mac_fraction"],
-               "clean_savings_gap_points": 100 * (totals["adaptive"]["clean"]["mac_fraction"]
-                                                  - totals["frozen"]["clean"]["mac_fraction"])}
-    guard = None if ctrl.alpha_ref is None else {**ctrl.alpha_ref._asdict(), "gate": ctrl.shift_gate,
-                                                 "scale": ctrl.shift_scale,
-                                                 "batches_guarded": sum(c["shifted"] for c in coef_trace)}
-    return {"scenario": scenario, "severity": severity, "n_clean": n_clean, "n_shift": n_shift, "shift_start": stream.shift_start,
-            "batch_size": batch_size, "report_window": report_window, "audit_share": ctrl.audit_share,
-            "audited_samples": ctrl.audits_total, "targets": ctrl.targets, "shift_guard": guard, "series": series,
-            "totals": totals, "summary": summary, "coefficients": coef_trace, "final_c_class": ctrl.c_class}
+    settings = settings if settings is not None else load_settings(run_dir)[0]
+    runner = EarlyExitRunner(run.model(), load_policy(policy_path), run.estimators())
+    return make_controller(runner, run.trace("cal"), settings, seed, **controller_kw)

@@ -99,7 +99,7 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] =
     """DART end to end in minutes, with no data to download: real 8x8 digits shipped with scikit-learn.
 
     Trains a 6-exit AlexNet, fits the difficulty estimators, calibrates every policy on a held-out
-    split, sweeps, benchmarks with real early exit, runs two shift scenarios, writes report.md and
+    split, sweeps, benchmarks with real early exit, measures adaptation under shift, writes report.md and
     prints the comparison table.
     """
     from importlib import resources
@@ -673,64 +673,91 @@ def train_speed(model: str = typer.Option("alexnet"), dataset: str = typer.Optio
                    f"({r['speedup_vs_fp32_nchw']:.2f}x vs fp32 NCHW)")
 
 
+PolicyDartOpt = Annotated[Optional[Path], typer.Option("--policy", help="Fitted DART policy JSON; default the run's "
+                                                                          "(RUN/policies/dart.json, or its uncertified "
+                                                                          "DART where that is the static network).")]
+
+
+def _dart_policy_path(run: Path, policy: Path | None) -> Path:
+    from dart_ee.adapt_eval import run_policy
+
+    return policy or run_policy(run)
+
+
+@app.command("adapt-tune")
+def adapt_tune(run: RunOpt, policy: PolicyDartOpt = None,
+               images: Optional[int] = typer.Option(None, min=10, help="Clean and shifted images per development "
+                                                                       "stream; default half the calibration split."),
+               batch_size: int = typer.Option(_ADAPT.batch_size, min=1), seed: int = 0,
+               data_dir: DataDirOpt = None) -> None:
+    """Choose the adaptive controller's settings on development streams from the calibration split (RUN/adapt.json)."""
+    from dart_ee import adapt_tuning
+    from dart_ee.console import log
+
+    rec = adapt_tuning.tune(run, _dart_policy_path(run, policy), n=images, batch_size=batch_size, seed=seed,
+                            data_dir=data_dir, progress=log)
+    path = adapt_tuning.save_settings(run, rec)
+    typer.echo(f"chose from {rec['candidates']} candidates in {rec['seconds']:.0f} s on the calibration split "
+               f"(families {', '.join(rec['chosen_on']['families'])}; budget D = {rec['budget_points']:g} points):")
+    typer.echo("  " + ", ".join(f"{k} {v}" for k, v in rec["settings"].items()))
+    for r in rec["chosen_streams"]:
+        typer.echo(f"  {r['family']:9} grade {r['level']}: shifted part adaptive {100 * r['shifted_accuracy']:.2f}% "
+                   f"(full {100 * r['full_shifted_accuracy']:.2f}%, frozen {100 * r['frozen_shifted_accuracy']:.2f}%) "
+                   f"at {100 * r['shifted_mac_fraction']:.1f}% MACs; within D: {'yes' if r['within_budget'] else 'no'}; "
+                   f"clean MAC cost {r['clean_mac_cost_points']:+.2f} points")
+    typer.echo(f"wrote {path}")
+
+
 @app.command()
-def adapt(run: RunOpt,
-          policy: Annotated[Path, typer.Option("--policy", help="Fitted DART policy JSON.")],
-          scenario: Annotated[list[str], typer.Option("--scenario", help="noise, blur, contrast, class-prior or ramp. "
-                                                                         "Repeatable.")],
-          severity: Annotated[Optional[list[float]], typer.Option("--severity", help="One per scenario.")] = None,
-          clean: int = typer.Option(_ADAPT.clean, min=1, help="Clean images before the shift."),
-          shifted: int = typer.Option(_ADAPT.shifted, min=1, help="Shifted images after it."),
-          batch_size: int = typer.Option(_ADAPT.batch_size, min=1),
-          audit_share: float = typer.Option(_ADAPT.audit_share, min=0, max=1, help="Share of early exits audited."),
-          ucb: bool = typer.Option(_ADAPT.ucb, "--ucb", help="Let UCB1 choose a conservative/balanced/aggressive scale."),
-          window: int = typer.Option(_ADAPT.window, min=1, help="Sliding window of recent inferences."),
-          update_every: int = typer.Option(_ADAPT.update_every, min=1, help="Update the coefficients every k batches."),
-          z_gate: float = typer.Option(_ADAPT.z_gate, min=0, help="Act only on accuracy gaps beyond this many standard "
-                                                                   "errors."),
-          shift_guard: bool = typer.Option(_ADAPT.shift_guard, "--shift-guard/--no-shift-guard",
-                                           help="Scale thresholds up while alpha has left its calibration range."),
-          shift_gate: float = typer.Option(_ADAPT.shift_gate, min=0, help="Shift guard trigger, in calibration standard "
-                                                                   "deviations of alpha."),
-          shift_scale: float = typer.Option(_ADAPT.shift_scale, min=1, help="Factor on every exit coefficient while the guard "
-                                                                     "is on."),
+def adapt(run: RunOpt, policy: PolicyDartOpt = None,
+          family: Annotated[Optional[list[str]], typer.Option("--family", help="Reporting-only shift family (impulse, "
+                                                              "pixelate, brightness, jpeg). Repeatable.")] = None,
+          level: Annotated[Optional[list[int]], typer.Option("--level", min=1, max=3, help="Severity grade 1-3. "
+                                                             "Repeatable.")] = None,
+          mechanisms: Optional[bool] = typer.Option(None, "--mechanisms/--no-mechanisms",
+                                                    help="Also run the label-prior scenario: each mechanism alone at "
+                                                         "each audit share."),
+          clean: Optional[int] = typer.Option(None, min=1, help="Clean images before the shift."),
+          shifted: Optional[int] = typer.Option(None, min=1, help="Shifted images after it."),
+          batch_size: Optional[int] = typer.Option(None, min=1),
           overhead: bool = typer.Option(False, "--overhead", help="Also time the controller against the runner alone "
                                                                   "(stationary stream, batch 256, audits off)."),
-          seed: int = 0, data_dir: DataDirOpt = None, out: OutOpt = None) -> None:
-    """Frozen vs adaptive DART on a stream that shifts part-way: accuracy/MACs over time and coefficient plots."""
-    from dart_ee import artifacts, plots
-    from dart_ee.adapt import run_scenario
-    from dart_ee.shift import SEVERITY, SEVERITY_HELP
+          seed: int = 0, data_dir: DataDirOpt = None,
+          out: Annotated[Optional[Path], typer.Option("--out", help="Where the study goes; default RUN/adapt/study.json "
+                                                      "(read by dart-ee report).")] = None) -> None:
+    """Adaptive DART against the full network, frozen DART and a matched-compute baseline on test-split streams that
+    shift part-way, with settings chosen on the calibration split (dart-ee adapt-tune runs first when needed).
+    Options left out come from the run's config (its adapt section)."""
+    from dart_ee import adapt_tuning, artifacts, plots
+    from dart_ee.adapt_eval import study
+    from dart_ee.console import log
+    from dart_ee.report import adaptation_parts
+    from dart_ee.run import RESULTS, STUDY, Run
 
-    sev = severity or [SEVERITY.get(s, 0.1) for s in scenario]
-    if len(sev) != len(scenario):
-        _fail(DartError(f"--severity given {len(sev)} times for {len(scenario)} scenarios; give one per scenario"))
-    out = out or Path(run) / "adapt"
-    for sc, sv in zip(scenario, sev):
-        res = run_scenario(run, policy, sc, sv, clean, shifted, batch_size, seed=seed, data_dir=data_dir,
-                           audit_share=audit_share, ucb=ucb, window=window, update_every=update_every,
-                           z_gate=z_gate, shift_guard=shift_guard, shift_gate=shift_gate, shift_scale=shift_scale)
-        artifacts.write_json(out / f"{sc}.json", res)
-        plots.adaptation_figures(res, out)
-        t, sm = res["totals"], res["summary"]
-        guard = res["shift_guard"]
-        typer.echo(f"{sc} (severity {sv}: {SEVERITY_HELP.get(sc, '')}), {res['audited_samples']} audited samples, "
-                   + (f"shift guard on for {guard['batches_guarded']} batches" if guard else "no shift guard"))
-        for part in ("clean", "shifted"):
-            cells = [f"  {k}: acc {100 * t[k][part]['accuracy']:.2f}% MACs {100 * t[k][part]['mac_fraction']:.1f}%"
-                     for k in ("full", "frozen", "adaptive")]
-            typer.echo(f"  {part:8}" + "".join(cells))
-        typer.echo(f"  recovered {100 * sm['accuracy_recovered']:.2f} of {100 * sm['accuracy_lost_by_frozen']:.2f} points lost "
-                   f"({100 * sm['recovered_share']:.0f}%); clean MAC gap {sm['clean_savings_gap_points']:+.2f} points")
+    a = Run(run).config().adapt
+    batch_size = batch_size or a.batch_size
+    pol = _dart_policy_path(run, policy)
+    if not adapt_tuning.is_current(run, pol):
+        log("no settings chosen for this policy yet: choosing them on the calibration split first (dart-ee adapt-tune)")
+        adapt_tuning.save_settings(run, adapt_tuning.tune(run, pol, batch_size=batch_size, seed=seed, data_dir=data_dir,
+                                                          base=a.controller, progress=log))
+    res = study(run, pol, family or a.families, level or a.levels, clean or a.clean, shifted or a.shifted, batch_size,
+                seed, data_dir, a.mechanisms if mechanisms is None else mechanisms, progress=log)
+    path = artifacts.write_json(out or Path(run) / STUDY, res)
+    if out is None and (Path(run) / RESULTS).is_file():  # the run's results point at its study
+        results = artifacts.read_json(Path(run) / RESULTS, "results")
+        artifacts.write_json(Path(run) / RESULTS, {**results, "adaptation": STUDY})
+    plots.study_figures(res, path.parent)
+    typer.echo("\n\n".join(adaptation_parts(res, h="#")))
     if overhead:
         from dart_ee.bench import controller_overhead
 
-        ov = controller_overhead(run, policy, data_dir=data_dir)
-        artifacts.write_json(out / "controller_overhead.json", ov)
+        ov = controller_overhead(run, pol, data_dir=data_dir)
+        artifacts.write_json(path.parent / "controller_overhead.json", ov)
         typer.echo(f"controller overhead: {ov['controller_ms_per_image']:.4f} vs {ov['runner_ms_per_image']:.4f} ms per "
                    f"image = {100 * ov['overhead']:+.2f}% ({ov['images']} stationary images, batch {ov['batch_size']}, "
                    f"audits off, {ov['updates']} updates, median of {ov['repeats']} alternating runs)")
-    typer.echo(f"wrote {out}")
+    typer.echo(f"wrote {path} and its figures")
 
 
 def main() -> None:

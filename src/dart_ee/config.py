@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dart_ee.artifacts import fingerprint
 from dart_ee.errors import ConfigError
@@ -77,28 +77,49 @@ class BenchmarkConfig(_Strict):
     threads: int | None = Field(None, ge=1)
 
 
-class AdaptConfig(_Strict):
-    enabled: bool = True
-    scenarios: list[Literal["noise", "blur", "contrast", "class-prior", "ramp"]] = ["noise", "blur", "contrast"]
-    severities: list[float] = [0.1, 1.0, 0.7]  # one per scenario (see dart_ee.shift.SEVERITY_HELP and SEVERITY)
-    clean: int = Field(3000, ge=1)
-    shifted: int = Field(3000, ge=1)
-    batch_size: int = Field(256, ge=1)
-    audit_share: float = Field(0.02, ge=0, le=1)
-    shift_guard: bool = True  # scale thresholds up while alpha has left its calibration range
-    shift_gate: float = Field(0.5, gt=0)  # in calibration standard deviations of alpha
-    shift_scale: float = Field(1.2, ge=1)
+class ControllerSettings(_Strict):
+    """The adaptive controller's settings (dart_ee.adapt). `dart-ee adapt-tune` chooses them on development
+    streams built from the calibration split and records them in RUN/adapt.json; these are the defaults."""
+
+    audit_share: float = Field(0.02, ge=0, le=1)  # share of early exits that also run the full network
     window: int = Field(1000, ge=1)  # sliding window of recent inferences the updates read
     update_every: int = Field(4, ge=1)  # batches between coefficient updates
     z_gate: float = Field(2.0, ge=0)  # act only on accuracy gaps beyond this many standard errors
     ucb: bool = False  # let UCB1 choose a conservative / balanced / aggressive scale
+    arm_spread: float = Field(0.05, ge=0, lt=1)  # UCB1's arms scale every threshold by 1 + s, 1 and 1 - s
+    shift_guard: bool = True  # treat inputs as hard while alpha has left its calibration range
+    shift_gate: float = Field(0.5, gt=0)  # the guard's trigger, in calibration standard deviations of alpha
+    shift_scale: float = Field(1.2, ge=1)  # factor on every exit coefficient while the guard is on
+    hard_quantile: float = Field(0.9, gt=0, lt=1)  # while on, alpha counts as at least this calibration quantile
 
-    @model_validator(mode="after")
-    def _one_severity_per_scenario(self) -> AdaptConfig:
-        if len(self.severities) != len(self.scenarios):
-            raise ValueError(f"severities has {len(self.severities)} entries for {len(self.scenarios)} scenarios; "
-                             "give one severity per scenario")
-        return self
+
+class AdaptConfig(_Strict):
+    enabled: bool = True
+    # the controller's settings: chosen on development streams from the calibration split (`tune`), the
+    # `controller` values then being the search's default; with tune false, `controller` is used as given
+    tune: bool = True
+    controller: ControllerSettings = ControllerSettings()
+    # reported on the test split: these corruption families (reporting-only ones, dart_ee.shift.REPORT)
+    # at these severity grades, and the label-prior scenario where the paper's updates act
+    families: list[str] = ["impulse", "pixelate", "brightness", "jpeg"]
+    levels: list[Literal[1, 2, 3]] = [1, 2, 3]
+    mechanisms: bool = True
+    clean: int = Field(3000, ge=1)  # clean images before the shift
+    shifted: int = Field(3000, ge=1)  # shifted images after it
+    batch_size: int = Field(256, ge=1)
+
+    @field_validator("families")
+    @classmethod
+    def _reporting_families(cls, v: list[str]) -> list[str]:
+        from dart_ee.shift import FAMILIES, REPORT
+
+        for f in v:
+            if f not in FAMILIES:
+                raise ValueError(f"unknown shift family {f!r}; the reporting families are {list(REPORT)}")
+            if f not in REPORT:
+                raise ValueError(f"{f!r} builds the development streams the controller's settings are chosen on; "
+                                 f"report on the others: {list(REPORT)}")
+        return v
 
 
 class Config(_Strict):
@@ -125,9 +146,32 @@ def _format_errors(e: ValidationError, source: str) -> str:
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
+# adapt: fields of the first adaptation design. Its scenarios at their old defaults are what every run
+# folder written before 2026-11-26 recorded: they are dropped (the reported shifts are now
+# adapt.families and adapt.levels); its controller fields moved under adapt.controller.
+_OLD_ADAPT = {"scenarios": ["noise", "blur", "contrast"], "severities": [0.1, 1.0, 0.7]}
+
+
+def _upgrade_adapt(raw: dict[str, Any]) -> dict[str, Any]:
+    a = raw.get("adapt")
+    if not isinstance(a, dict):
+        return raw
+    a = dict(a)
+    for k, old in _OLD_ADAPT.items():
+        if k in a:
+            if a[k] != old:
+                raise ConfigError(f"adapt.{k} is gone: adaptation now reports the corruption families in "
+                                  "adapt.families at the severity grades in adapt.levels (see dart_ee.shift)")
+            del a[k]
+    moved = {k: a.pop(k) for k in list(a) if k in ControllerSettings.model_fields}
+    if moved:
+        a["controller"] = {**moved, **(a.get("controller") or {})}
+    return {**raw, "adapt": a}
+
+
 def parse_config(raw: dict[str, Any], source: str = "") -> Config:
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate(_upgrade_adapt(raw))
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
 

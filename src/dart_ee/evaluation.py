@@ -16,6 +16,7 @@ import torch
 from dart_ee.difficulty import oracle_depth
 from dart_ee.errors import ArtifactError
 from dart_ee.policies import ExitPolicy, StaticPolicy
+from dart_ee.runtime import ExitResult
 from dart_ee.trace import Trace
 
 
@@ -47,12 +48,10 @@ def aligned(policy: ExitPolicy, trace: Trace) -> Trace:
     return trace
 
 
-def simulate(policy: ExitPolicy, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
-    """Return (exit index, 0-based; prediction) for every sample of the trace."""
-    trace = aligned(policy, trace)
-    n, n_exits = trace.n, trace.num_exits
-    probs = torch.from_numpy(trace.probs)
-    alpha = torch.from_numpy(trace.alpha) if (policy.uses_alpha and trace.alpha is not None) else None
+def walk(policy: ExitPolicy, probs: torch.Tensor, alpha: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exit index (0-based) and prediction for each row of ``probs`` (N, exits, classes): the runtime's
+    ``policy.decide`` calls, per-sample state and compaction of the active set, on cached outputs."""
+    n, n_exits = probs.shape[:2]
     exits = torch.full((n,), n_exits - 1, dtype=torch.long)
     preds = probs[:, -1].argmax(1)
     active = torch.arange(n)
@@ -66,7 +65,51 @@ def simulate(policy: ExitPolicy, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
         preds[active[leave]] = p[leave].argmax(1)
         active = active[~leave]
         state = {k: v[~leave] for k, v in state.items()}
+    return exits, preds
+
+
+def simulate(policy: ExitPolicy, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
+    """Return (exit index, 0-based; prediction) for every sample of the trace."""
+    trace = aligned(policy, trace)
+    alpha = torch.from_numpy(trace.alpha) if (policy.uses_alpha and trace.alpha is not None) else None
+    exits, preds = walk(policy, torch.from_numpy(trace.probs), alpha)
     return exits.numpy(), preds.numpy()
+
+
+class TraceReplay:
+    """A runner that replays a trace: ``replay(idx)`` decides for the trace's rows ``idx`` as
+    ``EarlyExitRunner`` decides on those images (the trace holds the same model's outputs), without
+    running the network. It offers what the adaptive controller reads from a runner, so a controller
+    can be run over a traced stream many times (``dart_ee.adapt_tuning`` searches settings that way).
+    """
+
+    def __init__(self, policy: ExitPolicy, trace: Trace) -> None:
+        self.policy, self.trace = policy, aligned(policy, trace)
+        self.alpha_source = getattr(policy, "alpha_source_", None) if policy.uses_alpha else None
+        self._probs = torch.from_numpy(self.trace.probs)
+        self._alpha = torch.from_numpy(self.trace.alpha) if self.trace.alpha is not None else None
+        self._costs = exit_costs(policy, trace)
+
+    @property
+    def num_exits(self) -> int:
+        return self.trace.num_exits
+
+    def static_macs(self) -> float:
+        return float(self.trace.meta.get("static_macs", self.trace.exit_macs[-1]))
+
+    def leave_macs(self) -> np.ndarray:
+        return self._costs
+
+    def final_probs(self, idx: torch.Tensor) -> torch.Tensor:
+        return self._probs[idx, -1]
+
+    @one_thread()
+    def __call__(self, idx: torch.Tensor) -> ExitResult:
+        probs = self._probs[idx]
+        alpha = None if self._alpha is None else self._alpha[idx]
+        exits, preds = walk(self.policy, probs, alpha if self.alpha_source else None)
+        conf = probs[torch.arange(len(idx)), exits].max(1).values
+        return ExitResult(preds, conf, exits, alpha if self.alpha_source else None)
 
 
 def leave_costs(policy: ExitPolicy, exit_macs: Sequence[float] | np.ndarray, static_macs: float,

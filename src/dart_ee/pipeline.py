@@ -20,6 +20,7 @@ from dart_ee.run import (
     RESULTS,
     SINGLE_EXIT,
     SPLIT,
+    STUDY,
     SUPERSEDED,
     TRACE_FILES,
     Run,
@@ -68,7 +69,6 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     import torch
 
     from dart_ee import tracing
-    from dart_ee.adapt import run_scenario
     from dart_ee.analysis import difficulty_report
     from dart_ee.bench import benchmark, git_revision, hardware_info
     from dart_ee.calibration import compare, dart_ablation
@@ -150,25 +150,11 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
         bench = benchmark(out, policies, b.batch_size, b.images, b.repeats, b.latency_images, b.threads, "cpu", data_dir)
         steps["benchmark"] = time.perf_counter() - t0
 
-    adaptation = []
+    adaptation = None
     if cfg.adapt.enabled:
-        t0 = step("6/6 adaptation scenarios")
-        a = cfg.adapt
-        # adaptation changes the thresholds, which voids any certificate; where DART could not be
-        # certified (the static network stands in), adapt the uncertified DART and say so in the report
-        dart_path = pol_dir / "dart.json"
-        if load_policy(dart_path).name != "dart":
-            dart_path = pol_dir / "uncertified" / "dart.json"
-        for sc, sv in zip(a.scenarios, a.severities):
-            res = run_scenario(out, dart_path, sc, sv, a.clean, a.shifted, a.batch_size, seed=cfg.seed,
-                               data_dir=data_dir, audit_share=a.audit_share, shift_guard=a.shift_guard,
-                               shift_gate=a.shift_gate, shift_scale=a.shift_scale, window=a.window,
-                               update_every=a.update_every, z_gate=a.z_gate, ucb=a.ucb)
-            artifacts.write_json(out / "adapt" / f"{sc}.json", res)
-            adaptation.append({**{k: v for k, v in res.items() if k not in ("coefficients", "series")},
-                               "policy_file": str(dart_path.relative_to(out))})
+        t0 = step("6/6 adaptation (settings chosen on the calibration split, figures on the test split)")
+        adaptation = adapt_run(out, cfg, data_dir)
         steps["adapt"] = time.perf_counter() - t0
-
     results = {"config": cfg.model_dump(mode="json"), "seed": cfg.seed, "git_revision": revision,
                "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "training": metrics,
@@ -180,6 +166,27 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     render(out)
     log(f"wrote {out / 'results.json'}, {out / 'report.md'} and the figures")
     return results
+
+
+def adapt_run(out: Path, cfg: Config, data_dir: str | Path | None = None) -> str:
+    """Step 6: choose the controller's settings on the calibration split (unless ``adapt.tune`` is false or they
+    are current), then measure adaptation on the test split; returns the study's path in the run."""
+    from dart_ee import adapt_tuning
+    from dart_ee.adapt_eval import run_policy, study
+
+    # adaptation changes the thresholds, which voids any certificate (the report says so)
+    dart_path = run_policy(out)
+    a = cfg.adapt
+    if not a.tune:
+        adapt_tuning.save_settings(out, adapt_tuning.given(dart_path, a.controller,
+                                                           "the config's adapt.controller (adapt.tune: false)"))
+    elif not adapt_tuning.is_current(out, dart_path):
+        adapt_tuning.save_settings(out, adapt_tuning.tune(out, dart_path, batch_size=a.batch_size, seed=cfg.seed,
+                                                          data_dir=data_dir, base=a.controller, progress=log))
+    res = study(out, dart_path, a.families, a.levels, a.clean, a.shifted, a.batch_size, cfg.seed, data_dir,
+                a.mechanisms, progress=log)
+    artifacts.write_json(out / STUDY, res)
+    return STUDY
 
 
 @holds_run_lock("out")
@@ -198,6 +205,6 @@ def render(out: Path) -> Path:
                                  f"Exit distribution by difficulty (DART at --max-drop "
                                  f"{res['config']['calibration']['max_drop']}, test split)")
     plots.tradeoff_curves(res["sweep"], out / "tradeoff_curves.png")
-    for sc in res.get("adaptation") or []:
-        plots.adaptation_figures(artifacts.read_json(out / "adapt" / f"{sc['scenario']}.json", "adaptation record"), out)
+    if (out / STUDY).is_file():
+        plots.study_figures(artifacts.read_json(out / STUDY, "adaptation study"), out)
     return write_report(res, out)

@@ -140,3 +140,17 @@ def adaptation_figures(res: dict, out: str | Path) -> None:
     """Both adaptation figures of one scenario: ``SCENARIO_over_time.png`` and ``SCENARIO_coefficients.png``."""
     adaptation_over_time(res, Path(out) / f"{res['scenario']}_over_time.png")
     coefficient_evolution(res, Path(out) / f"{res['scenario']}_coefficients.png")
+
+
+def study_figures(study: dict, out: str | Path) -> None:
+    """An adaptation study's figures (``dart_ee.adapt_eval.study``): each family at its most severe grade, and the
+    label-prior scenario's drawn mechanism run (``report.study_scenarios`` names them)."""
+    from dart_ee.report import study_scenarios
+
+    mech = study.get("mechanisms") or {}
+    for sc in study_scenarios(study):
+        if sc == mech.get("scenario"):
+            run = next(r for r in mech["runs"] if "coefficients" in r)
+            adaptation_figures({**run, "scenario": sc, "severity": mech["severity"]}, out)
+        else:
+            adaptation_figures(max((r for r in study["families"] if r["scenario"] == sc), key=lambda r: r["level"]), out)

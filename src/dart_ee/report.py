@@ -6,6 +6,7 @@ from pathlib import Path
 
 from dart_ee import artifacts
 from dart_ee.analysis import distribution_markdown
+from dart_ee.run import STUDY
 
 
 def _pct(v: float) -> str:
@@ -255,22 +256,78 @@ def benchmark_parts(res: dict, h: str = "##") -> list[str]:
     return parts
 
 
-def adaptation_parts(res: dict, h: str = "##") -> list[list[str]]:
-    """Per shift scenario: full network, frozen and adaptive DART on the clean and the shifted part."""
-    out = []
-    for sc in res.get("adaptation") or []:
-        t = sc["totals"]
-        rows = ["| Part | Full network | Frozen DART | Adaptive DART |", "|---|---|---|---|"]
-        for part in ("clean", "shifted"):
-            rows.append(f"| {part} | " + " | ".join(
-                f"{_pct(t[k][part]['accuracy'])}, {100 * t[k][part]['mac_fraction']:.1f}% MACs"
-                for k in ("full", "frozen", "adaptive")) + " |")
-        source = "" if sc.get("policy_file", "policies/dart.json") == "policies/dart.json" else (
-            f" DART could not be certified at this budget, so the uncertified DART ({sc['policy_file']}) adapts.")
-        out.append([f"{h} Adaptation: {sc['scenario']} (severity {sc['severity']})",
-                    "Adaptation changes the thresholds at deployment, so no certificate covers it." + source,
-                    "\n".join(rows)])
-    return out
+def _cell(part: dict) -> str:
+    return f"{_pct(part['accuracy'])}, {100 * part['mac_fraction']:.1f}%"
+
+
+def settings_words(study: dict) -> str:
+    """Where the controller's settings came from, and what they are."""
+    src = study["settings_source"]
+    on = src.get("chosen_on")
+    where = (f"chosen by `dart-ee adapt-tune` on development streams from the calibration split ({on['n_clean']} clean "
+             f"+ {on['n_shift']} shifted images each; families {', '.join(on['families'])} at grades "
+             f"{', '.join(map(str, on['levels']))}); the test split and the families below were not read"
+             if on else src["source"])
+    st = ", ".join(f"{k} {v}" for k, v in study["settings"].items())
+    return f"Controller settings: {st}; {where}."
+
+
+def adaptation_parts(study: dict, h: str = "##") -> list[str]:
+    """An adaptation study (``dart_ee.adapt_eval.study``): settings, each reporting family and grade, and the
+    label-prior scenario with each mechanism alone at each audit share."""
+    d = study["budget_points"]
+    rows = ["| Family | Grade (severity) | Full network | Frozen DART | Matched compute | Adaptive DART | "
+            f"Adaptive within {d:g} points of full | Clean-part MAC cost (points) |", "|---|---|---|---|---|---|---|---|"]
+    for r in study["families"]:
+        t, sm = r["totals"], r["summary"]
+        rows.append(f"| {r['scenario']} | {r['level']} ({r['severity']:g}) | {_cell(t['full']['shifted'])} | "
+                    f"{_cell(t['frozen']['shifted'])} | {_cell(t['matched']['shifted'])} | {_cell(t['adaptive']['shifted'])} | "
+                    f"{'yes' if sm['within_budget'] else 'no'} | {sm['clean_mac_cost_points']:+.2f} |")
+    n_in = sum(r["summary"]["within_budget"] for r in study["families"])
+    source = "" if study.get("policy_file", "policies/dart.json") == "policies/dart.json" else (
+        f" DART could not be certified at this budget, so the uncertified DART ({study['policy_file']}) adapts.")
+    parts = [f"{h} Adaptation under shift (test split, reporting-only families)",
+             "Adaptation changes the thresholds at deployment, so no certificate covers it: whether adaptive DART "
+             f"stays within the budget D = {d:g} points of the full network on shifted data is measured here." + source,
+             settings_words(study),
+             "Each cell: accuracy and MACs (% of the static network, audits included) on the shifted part. Matched "
+             "compute: frozen DART with its exit coefficients scaled to spend what adaptive DART spent there. "
+             f"Adaptive DART within D on {n_in} of {len(study['families'])} streams.", "\n".join(rows)]
+    mech = study.get("mechanisms")
+    if mech:
+        parts += mechanism_parts(mech, h)
+    return parts
+
+
+def mechanism_parts(mech: dict, h: str = "##") -> list[str]:
+    """The label-prior scenario: each mechanism alone at each audit share, the updates that fired, UCB1's arms."""
+    first = mech["runs"][0]["totals"]
+    rows = ["| Audit share | Mechanism | Adaptive DART | Matched compute | vs frozen (points) | vs matched (points) | "
+            "Eq 13 updates | Eq 14 updates |", "|---|---|---|---|---|---|---|---|"]
+    helps: dict[str, float] = {}
+    for r in mech["runs"]:
+        t, sm = r["totals"], r["summary"]
+        rows.append(f"| {r['audit_share']:g} | {r['mechanism']} | {_cell(t['adaptive']['shifted'])} | "
+                    f"{_cell(t['matched']['shifted'])} | {100 * sm['accuracy_recovered']:+.2f} | "
+                    f"{sm['above_matched_points']:+.2f} | {r['updates_fired']['eq13']} | {r['updates_fired']['eq14']} |")
+        if sm["above_matched_points"] > 0:
+            helps.setdefault(r["mechanism"], r["audit_share"])
+    names = dict.fromkeys(r["mechanism"] for r in mech["runs"])
+    verdict = "; ".join(f"{m}: from an audit share of {helps[m]:g}" if m in helps else f"{m}: at no audit share tried"
+                        for m in names)
+    arms = []
+    for r in mech["runs"]:
+        if r["ucb1"]:
+            arms.append(f"{r['mechanism']} at {r['audit_share']:g}: " + ", ".join(
+                f"x{a['scale']:g} chosen {a['count']} times (mean reward {a['mean_reward']:.3f})" for a in r["ucb1"]))
+    return [f"{h} The paper's updates at work: a label-prior shift",
+            f"The shifted part is {100 * mech['severity']:.0f}% images of classes {mech['classes']}, the classes whose "
+            "early exits are most often wrong on the calibration split. Full network on the shifted part: "
+            f"{_cell(first['full']['shifted'])}; frozen DART: {_cell(first['frozen']['shifted'])}. Each mechanism "
+            "runs alone (the shift guard as chosen); an update counts when it changed a coefficient.",
+            "\n".join(rows),
+            f"Better than the matched-compute baseline (the audit share at which a mechanism starts to help): {verdict}.",
+            "UCB1's arms (scale on every threshold): " + ("; ".join(arms) if arms else "UCB1 did not run") + "."]
 
 
 def write_report(res: dict, out: Path) -> Path:
@@ -299,7 +356,15 @@ def write_report(res: dict, out: Path) -> Path:
               "![trade-off curves](tradeoff_curves.png)",
               f"## Ablation ({budget_words(res['compare'])}, every variant calibrated the same way)",
               ablation_table(res["ablation"])]
-    for sc, sc_parts in zip(res.get("adaptation") or [], adaptation_parts(res)):
-        parts += sc_parts + [f"![over time]({sc['scenario']}_over_time.png)",
-                             f"![coefficients]({sc['scenario']}_coefficients.png)"]
+    if (out / STUDY).is_file():
+        study = artifacts.read_json(out / STUDY, "adaptation study")
+        parts += adaptation_parts(study)
+        for sc in study_scenarios(study):
+            parts += [f"![over time]({sc}_over_time.png)", f"![coefficients]({sc}_coefficients.png)"]
     return artifacts.write_text(out / "report.md", "\n\n".join(parts) + "\n")
+
+
+def study_scenarios(study: dict) -> list[str]:
+    """The scenarios ``plots.study_figures`` draws, in its order."""
+    names = list(dict.fromkeys(r["scenario"] for r in study["families"]))
+    return names + ([study["mechanisms"]["scenario"]] if study.get("mechanisms") else [])

@@ -33,6 +33,8 @@ ESTIMATORS = "difficulty.pt"  # the fitted difficulty estimators (paper and lear
 RESULTS = "results.json"  # every figure `dart-ee run` reports
 POLICIES = "policies"  # fitted policy JSON files
 SINGLE_EXIT = "single_exit"  # the "Baseline (No EE)" network, a run of its own inside this one
+ADAPT_SETTINGS = "adapt.json"  # the adaptive controller's settings and where they were chosen (dart_ee.adapt_tuning)
+STUDY = "adapt/study.json"  # every adaptation figure of the run (dart_ee.adapt_eval.study)
 SUPERSEDED = "superseded"  # artifacts `dart-ee run` moved aside because their inputs changed
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -54,13 +55,33 @@ class EarlyExitRunner:
         self.estimator = estimator.eval() if estimator is not None else None
         self.alpha_source = alpha_source(model, policy, estimator)
 
+    # What the adaptive controller reads from a runner (``dart_ee.evaluation.TraceReplay`` offers the same).
+    @property
+    def num_exits(self) -> int:
+        return self.model.num_exits
+
+    def static_macs(self) -> float:
+        return float(self.model.static_macs())
+
+    def leave_macs(self) -> np.ndarray:
+        """MACs to leave at each exit under this runner's policy (its estimator included)."""
+        from dart_ee.evaluation import leave_costs
+
+        est = self.estimator.macs(self.model) if self.estimator is not None else {}
+        return leave_costs(self.policy, self.model.exit_macs(), self.static_macs(), est)
+
+    @torch.inference_mode()
+    def final_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain network's class probabilities (an audit: what the full network says)."""
+        return F.softmax(self.model.forward_static(x).float(), 1)
+
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> ExitResult:
         model, policy = self.model, self.policy
         model.check_input(x)
         n, dev = x.shape[0], x.device
         if isinstance(policy, StaticPolicy):  # the plain network: no heads, no estimator
-            p = F.softmax(model.forward_static(x).float(), 1)
+            p = self.final_probs(x)
             conf, pred = p.max(1)
             return ExitResult(pred, conf, torch.full((n,), model.num_exits - 1, dtype=torch.long, device=dev), None)
 

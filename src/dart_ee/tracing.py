@@ -138,7 +138,9 @@ def make_trace(model: MultiExitNet, batches: Iterable, split: str, estimator: Le
     probs, labels, images = [], [], []
     terms: list[np.ndarray] = []
     feats: list[np.ndarray] = []
-    hook = _collector(estimator, terms, feats if run_dir is not None else None) if estimator is not None else None
+    # the learned score too, once it is fitted (on a run's calibration split), for the test split or a stream
+    learned = estimator is not None and run_dir is None and split == "test" and estimator.coef.numel() > 0
+    hook = _collector(estimator, terms, feats if run_dir is not None or learned else None) if estimator is not None else None
     for batch, y in batches:
         batch = torch.as_tensor(batch)
         x = to_float(batch)
@@ -153,6 +155,9 @@ def make_trace(model: MultiExitNet, batches: Iterable, split: str, estimator: Le
     if estimator is not None:
         extra["terms"] = np.concatenate(terms)
         extra["alpha_paper"] = estimator.paper.fuse(torch.from_numpy(extra["terms"])).numpy()
+    if learned:
+        assert estimator is not None
+        extra["alpha_learned"] = _learned_alpha(estimator, split, p, y_all, np.concatenate(feats), model.num_exits, 0)
     est_macs = estimator.macs(model) if estimator is not None else {}
     meta = {**meta, "split": split, "model": model.arch, "static_macs": model.static_macs(),
             "difficulty": "paper" if extra else None, "estimator_macs": est_macs}
