@@ -36,7 +36,8 @@ _held: dict[Path, int] = {}  # folders this process holds, with a nesting count
 def run_lock(run_dir: str | Path) -> Iterator[None]:
     """Hold ``run_dir``'s lock for the duration of the block; raise ``RunLockedError`` if another process has it."""
     run_dir = Path(run_dir).resolve()
-    if run_dir in _held or fcntl is None:
+    # under torchrun, rank 0 holds the lock for all the processes of its job (the others do not write)
+    if run_dir in _held or fcntl is None or os.environ.get("RANK", "0") != "0":
         _held[run_dir] = _held.get(run_dir, 0) + 1
         try:
             yield

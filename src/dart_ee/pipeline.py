@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dart_ee import artifacts, plots
+from dart_ee import artifacts, distributed, plots
 from dart_ee.config import Config, dump_config
 from dart_ee.console import log
 from dart_ee.errors import ArtifactError, ConfigError
@@ -76,7 +76,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     from dart_ee.frontier import CERT_BUDGETS, certified_points, summarize_frontier, sweep
     from dart_ee.frontier import POLICIES as COMPARED
     from dart_ee.policies import load_policy
-    from dart_ee.training import single_exit_config, train
+    from dart_ee.training import single_exit_config, train, training_device
 
     out = Path(out)
     steps: dict[str, float] = {}
@@ -87,19 +87,26 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
         return time.perf_counter()
 
     t0 = step("1/6 train")
-    _retire_stale_model(cfg, out)
-    if (out / CONFIG).is_file():  # the run's config is now this one (its training fields are unchanged)
-        artifacts.write_text(out / CONFIG, dump_config(cfg))
+    distributed.start(training_device(cfg.train.device).type)  # under torchrun: join the other processes
+    if distributed.is_main():
+        _retire_stale_model(cfg, out)
+        if (out / CONFIG).is_file():  # the run's config is now this one (its training fields are unchanged)
+            artifacts.write_text(out / CONFIG, dump_config(cfg))
+    distributed.barrier()  # (only under torchrun, once train() has joined the processes) they all see one folder
     done = (out / MODEL).is_file() and (out / METRICS).is_file()
     metrics = train(cfg, out, data_dir, resume=True) if not done else artifacts.read_json(out / METRICS, "metrics")
     baseline = None
     if cfg.single_exit_baseline:  # only its metrics are reported, so they are its step's output
         solo_dir = out / SINGLE_EXIT
         solo_cfg = single_exit_config(cfg, len(metrics["exit_macs"]))
-        _retire_stale_model(solo_cfg, solo_dir)
+        if distributed.is_main():
+            _retire_stale_model(solo_cfg, solo_dir)
+        distributed.barrier()
         baseline = (artifacts.read_json(solo_dir / METRICS, "metrics") if (solo_dir / METRICS).is_file() else
                     train(solo_cfg, solo_dir, data_dir, resume=True))
     steps["train"] = time.perf_counter() - t0
+    if not distributed.is_main():  # under torchrun the processes share training; rank 0 alone goes on
+        return {}
 
     t0 = step("2/6 difficulty + trace")
     run = Run(out)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dart_ee import artifacts, data
+from dart_ee import artifacts, data, distributed
 from dart_ee.config import Config, TrainConfig, check_exit_lists, config_fingerprint, dump_config, step_fingerprint
 from dart_ee.console import log, progress
 from dart_ee.custom import CUSTOM, rebuild
@@ -206,12 +206,19 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     if ck is not None and ck.get("train_fingerprint", "") != train_fp and ck.get("config_fingerprint") != fp:
         raise ConfigError(f"{ckpt_path} was written by a different config; resume with the run's own "
                           f"{run_dir / CONFIG} or start a new --out")
-    threads = set_threads(cfg.train.num_threads)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    artifacts.write_text(run_dir / CONFIG, dump_config(cfg))
     dev = training_device(cfg.train.device)
-
-    splits = prepare_splits(cfg, run_dir, data_dir)
+    w = distributed.start(dev.type)
+    if w.size > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", w.local_rank)
+    # several processes share the cores (unless the config says how many threads each takes)
+    threads = set_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // w.size))
+    if w.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.write_text(run_dir / CONFIG, dump_config(cfg))
+        splits = prepare_splits(cfg, run_dir, data_dir)  # writes split.json and the decode cache once
+    distributed.barrier()
+    if not w.main:
+        splits = prepare_splits(cfg, run_dir, data_dir)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, splits.spec)
     n_exits = model.num_exits
@@ -221,6 +228,10 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     t = cfg.train
     mem = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(dev, memory_format=mem)  # type: ignore[call-overload]  # the stubs lack memory_format
+    share = distributed.local_share(t.batch_size, w)  # all of it in one process
+    # what the steps call: DDP over the network when several processes train (its BatchNorm layers are
+    # replaced in place by synchronised ones, so this comes before the optimiser takes the parameters)
+    trainee = distributed.wrap(model, w, dev)
 
     opt = make_optimizer(model.parameters(), t)
     steps = len(splits.train) // t.batch_size
@@ -242,7 +253,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     x_train, y_train = torch.from_numpy(splits.train.x).to(dev), torch.from_numpy(splits.train.y).to(dev)
     log(f"training {cfg.model.name} on {cfg.data.dataset}: {len(splits.train)} train / {len(splits.cal)} cal / "
         f"{len(splits.test)} test images, {n_exits} exits, {t.epochs} epochs, device {dev}, {threads} threads, "
-        f"bf16={t.bf16}, channels_last={t.channels_last}")
+        f"bf16={t.bf16}, channels_last={t.channels_last}" + (f", {w.size} processes" if w.size > 1 else ""))
     with progress() as bar:
         task = bar.add_task("train", total=(t.epochs - start_epoch) * steps)
         for epoch in range(start_epoch, t.epochs):
@@ -250,16 +261,17 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
             gen = torch.Generator(dev).manual_seed(_epoch_seed(cfg.seed, epoch))
             torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout
             perm = torch.randperm(len(x_train), generator=gen, device=dev)
-            model.train()
+            trainee.train()
             # running sums stay on the device: reading them every step would stall a GPU
             loss_sum, correct, seen = torch.zeros((), device=dev), torch.zeros(n_exits, device=dev), 0
             first_bad = torch.full((), -1, device=dev)  # first step with a non-finite loss, read with the sums
             for b in range(steps):
                 idx = perm[b * t.batch_size: (b + 1) * t.batch_size]
-                x = data.augment(data.to_float(x_train[idx]), crop_pad, flip, gen).to(memory_format=mem)
-                y = y_train[idx]
+                # the global batch is augmented alike in every process (same generator); each trains on its share
+                x = data.augment(data.to_float(x_train[idx]), crop_pad, flip, gen)[share].to(memory_format=mem)
+                y = y_train[idx][share]
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16):
-                    logits = model(x)
+                    logits = trainee(x)
                 loss = multi_exit_loss(logits, y, weights, cfg, cost_frac)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -274,18 +286,26 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
                     bar.update(task, description=f"epoch {epoch + 1}/{t.epochs} loss {float(loss_sum) / seen:.3f} "
                                                  f"exit acc% {accs}")
                 bar.update(task, advance=1)
-            epoch_loss = float(loss_sum) / seen
-            if int(first_bad) >= 0:  # before the checkpoint: a NaN model is never written
-                raise ConfigError(f"training diverged: non-finite loss at epoch {epoch + 1}, step {int(first_bad) + 1} "
-                                  f"of {steps}; lower train.lr (now {t.lr}) or check the data and the loss weights")
+            seen_all = float(distributed.all_sum(torch.tensor(float(seen), device=dev)))
+            epoch_loss = float(distributed.all_sum(loss_sum)) / seen_all
+            correct = distributed.all_sum(correct)
+            if float(distributed.all_sum((first_bad >= 0).float())):  # before the checkpoint: no NaN model is written
+                where = f", step {int(first_bad) + 1} of {steps}" if int(first_bad) >= 0 else " (in another process)"
+                raise ConfigError(f"training diverged: non-finite loss at epoch {epoch + 1}{where}; lower train.lr "
+                                  f"(now {t.lr}) or check the data and the loss weights")
             wall += time.perf_counter() - t0
-            artifacts.save_torch(ckpt_path, {"epoch": epoch + 1, "model": model.state_dict(),
-                                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                             "config_fingerprint": fp, "train_fingerprint": train_fp,
-                                             "wall_time_s": wall})
+            if w.main:
+                artifacts.save_torch(ckpt_path, {"epoch": epoch + 1, "model": model.state_dict(),
+                                                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                                 "config_fingerprint": fp, "train_fingerprint": train_fp,
+                                                 "wall_time_s": wall})
             log(f"epoch {epoch + 1}/{t.epochs}: loss {epoch_loss:.4f}, train exit acc% "
-                f"{' '.join(f'{100 * c / seen:.1f}' for c in correct.tolist())}, "
+                f"{' '.join(f'{100 * c / seen_all:.1f}' for c in correct.tolist())}, "
                 f"{time.perf_counter() - t0:.0f}s")
+    distributed.barrier()
+    if not w.main:  # rank 0 evaluates and writes the model; the others wait for its metrics
+        distributed.barrier()
+        return artifacts.read_json(run_dir / METRICS, "metrics")
 
     model = model.to(memory_format=torch.contiguous_format)
     t0 = time.perf_counter()  # evaluated in fp32 on the training device
@@ -304,6 +324,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     artifacts.write_json(run_dir / METRICS, metrics)
     log("test accuracy per exit: " + ", ".join(
         f"exit {i + 1} {100 * a:.2f}% @ {100 * f:.1f}% MACs" for i, (a, f) in enumerate(zip(test_acc, cost_frac))))
+    distributed.barrier()
     return metrics
 
 

@@ -1,0 +1,98 @@
+"""torchrun with two CPU processes (gloo) trains the same weights as one process with the same global batch."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_idx_dataset, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path: Path, **train) -> Path:
+    """Five steps of a global batch of 64. A small learning rate: float rounding (sums taken in another order)
+    differs between the two set-ups, and large steps amplify it through ReLUs that switch, as between
+    any two machines; the weights are compared after a few steps, to float tolerance."""
+    make_idx_dataset(tmp_path / "data" / "mnist", n_train=400, n_test=100)
+    raw = tiny_config(tmp_path / "data", **{"epochs": 1, "batch_size": 64, "lr": 0.001, **train})
+    # no dropout (AlexNet's would draw its masks per process): a slim ResNet-18, BatchNorm included
+    raw["model"] = {"name": "resnet18", "width_mult": 0.125, "head_width": 16}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _train(cfg: Path, out: Path, procs: int, *extra: str) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 \
+        else [sys.executable]
+    return subprocess.Popen([*launcher, "-m", "dart_ee", "train", "--config", str(cfg), "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+
+
+def _finish(p: subprocess.Popen) -> str:
+    out = p.communicate(timeout=300)[0].decode()
+    assert p.returncode == 0, out
+    return out
+
+
+def _weights(run: Path) -> dict:
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("exit_weights", [None, [0, 0, 0, 1]], ids=["joint", "single-exit"])
+def test_two_processes_train_what_one_does(tmp_path, exit_weights):
+    cfg = _config(tmp_path, **({"exit_weights": exit_weights} if exit_weights else {}))
+    out = _finish(_train(cfg, tmp_path / "two", 2))
+    assert "2 processes" in out and out.count("epoch 1/1") == 1  # one voice: rank 0 logs
+    _finish(_train(cfg, tmp_path / "one", 1))
+    _assert_same(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
+    assert (tmp_path / "two" / "metrics.json").is_file() and (tmp_path / "two" / "model.pt").is_file()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+def test_a_killed_process_resumes_to_the_same_weights(tmp_path):
+    cfg = _config(tmp_path, epochs=3, lr=0.05)
+    job = _train(cfg, tmp_path / "killed", 2)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    workers = _children(job.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)  # one worker dies mid-run; torchrun stops the other
+    job.communicate(timeout=300)
+    assert job.returncode != 0 and not (tmp_path / "killed" / "metrics.json").exists()
+    out = _finish(_train(cfg, tmp_path / "killed", 2, "--resume"))
+    assert "resuming" in out and (tmp_path / "killed" / "metrics.json").is_file()
+    _finish(_train(cfg, tmp_path / "whole", 2))  # the same job, never killed: the resumed one ends where it does
+    _assert_same(_weights(tmp_path / "whole"), _weights(tmp_path / "killed"))
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path):
+    cfg = _config(tmp_path, batch_size=63)
+    p = _train(cfg, tmp_path / "two", 2)
+    out = p.communicate(timeout=300)[0].decode()
+    assert p.returncode != 0 and "does not divide among 2 processes" in out
