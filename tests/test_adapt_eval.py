@@ -50,6 +50,18 @@ def _copy(policy):
     return copy.deepcopy(policy)
 
 
+def test_streams_share_their_traced_clean_part(trained_run):
+    run = Run(trained_run["run"])
+    src = StreamSource(trained_run["run"], "test")
+    for family in ("impulse", "jpeg"):
+        joined, start = src.stream(family, FAMILIES[family].levels[2], 120, 90, seed=2, batch_size=50)
+        whole = trace_stream(run.model(), run.estimators(), make_stream(src.images.x, src.images.y, family,
+                                                                          FAMILIES[family].levels[2], 120, 90, seed=2))
+        assert start == 120 and joined.n == whole.n == 210 and np.array_equal(joined.labels, whole.labels)
+        np.testing.assert_allclose(joined.probs, whole.probs, atol=1e-5)
+        np.testing.assert_allclose(joined.alpha, whole.alpha, atol=1e-6)
+
+
 def test_matched_compute_spends_what_it_is_asked(trained_run, setup):
     policy, _ = setup
     test = trained_run["test"]

@@ -180,7 +180,10 @@ def evaluate_stream(policy: DartPolicy, cal: Trace, trace: Trace, shift_start: i
 
 
 class StreamSource:
-    """A run's model, estimators and one split's images: builds and traces streams from that split only."""
+    """A run's model, estimators and one split's images: builds and traces streams from that split only.
+
+    Streams with the same seed share their clean part (``make_stream`` draws it before the shift), so it is
+    traced once and reused while its pixels are the same."""
 
     def __init__(self, run_dir: str | Path, split: str, data_dir: str | Path | None = None) -> None:
         from dart_ee.run import Run
@@ -188,11 +191,27 @@ class StreamSource:
         run = Run(run_dir)
         self.model, self.estimator, self.images = run.model(), run.estimators(), run.images(split, data_dir)
         self.split = split
+        self._clean: tuple[torch.Tensor, Trace] | None = None
 
     def stream(self, scenario: str, sev: float, n_clean: int, n_shift: int, seed: int = 0,
                classes: Sequence[int] | None = None, batch_size: int = 256) -> tuple[Trace, int]:
         st = make_stream(self.images.x, self.images.y, scenario, sev, n_clean, n_shift, seed, classes)
-        return trace_stream(self.model, self.estimator, st, batch_size), st.shift_start
+        if n_clean == 0:
+            return trace_stream(self.model, self.estimator, st, batch_size), 0
+        x_clean, y_clean = st.x[:n_clean], st.y[:n_clean]
+        if self._clean is None or not torch.equal(self._clean[0], x_clean):
+            self._clean = x_clean, trace_stream(self.model, self.estimator, Stream(x_clean, y_clean, 0, "clean", 0.0),
+                                                batch_size)
+        shifted = trace_stream(self.model, self.estimator, Stream(st.x[n_clean:], st.y[n_clean:], 0, scenario, sev),
+                               batch_size)
+        return _joined(self._clean[1], shifted), st.shift_start
+
+
+def _joined(a: Trace, b: Trace) -> Trace:
+    """Trace ``a`` followed by trace ``b`` (same model and estimator); ``b``'s metadata."""
+    return Trace(np.concatenate([a.probs, b.probs]), np.concatenate([a.labels, b.labels]), np.arange(a.n + b.n),
+                 b.exit_macs, None if b.alpha is None or a.alpha is None else np.concatenate([a.alpha, b.alpha]),
+                 dict(b.meta, n=a.n + b.n), {k: np.concatenate([a.extra[k], v]) for k, v in b.extra.items()})
 
 
 def hard_classes(policy: DartPolicy, cal: Trace, k: int = 3) -> list[int]:
