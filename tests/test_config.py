@@ -103,3 +103,9 @@ def test_a_field_added_at_its_default_keeps_every_runs_fingerprints():
     assert config_fingerprint(cfg) == fingerprint(whole)
     adamw = cfg.model_copy(update={"train": cfg.train.model_copy(update={"optimizer": "adamw"})})
     assert step_fingerprint(adamw, "train") != step_fingerprint(cfg, "train")  # a change of recipe still counts
+
+
+def test_ucb1_without_audits_is_refused():
+    """UCB1's reward reads audited accuracy: without audits it would cut MACs blind."""
+    with pytest.raises(ConfigError, match="ucb needs audits"):
+        parse_config({"adapt": {"controller": {"ucb": True, "audit_share": 0}}})

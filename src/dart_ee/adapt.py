@@ -127,6 +127,9 @@ class AdaptiveController:
                               f"{runner.policy.name!r}")
         if not 0 <= audit_share <= 1:
             raise ConfigError(f"audit_share must lie in [0, 1], got {audit_share}")
+        if ucb and audit_share == 0:
+            raise ConfigError("UCB1's reward estimates accuracy from audited samples: with audit_share 0 it would trade "
+                              "accuracy it cannot see for MACs; give audit_share > 0, or ucb=False")
         self.runner, self.policy = runner, runner.policy
         n_exits = runner.num_exits
         self.targets = [float(targets)] * (n_exits - 1) if isinstance(targets, (int, float)) else list(targets)

@@ -52,7 +52,8 @@ PASSES = 3
 def coordinate_search(grid: Mapping[str, Sequence[Any]], base: ControllerSettings,
                       score: Callable[[ControllerSettings], tuple]) -> list[tuple[tuple, ControllerSettings]]:
     """Change one setting at a time to the value that scores best, the others held, until a whole pass changes
-    nothing (at most ``PASSES``): every candidate tried, best first. A full grid would cost the product of the
+    nothing (at most ``PASSES``; incoherent combinations, ``ControllerSettings.problem``, are skipped): every
+    candidate tried, best first. A full grid would cost the product of the
     value counts; this costs about their sum per pass."""
     seen: dict[str, tuple[tuple, ControllerSettings]] = {}
 
@@ -68,7 +69,7 @@ def coordinate_search(grid: Mapping[str, Sequence[Any]], base: ControllerSetting
         for k, values in grid.items():
             for v in values:
                 c = best.model_copy(update={k: v})
-                if tried(c) < tried(best):
+                if c.problem() is None and tried(c) < tried(best):
                     best, changed = c, True
         if not changed:
             break

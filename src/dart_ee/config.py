@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dart_ee.artifacts import fingerprint
 from dart_ee.errors import ConfigError
@@ -91,6 +91,19 @@ class ControllerSettings(_Strict):
     shift_gate: float = Field(0.5, gt=0)  # the guard's trigger, in calibration standard deviations of alpha
     shift_scale: float = Field(1.2, ge=1)  # factor on every exit coefficient while the guard is on
     hard_quantile: float = Field(0.9, gt=0, lt=1)  # while on, alpha counts as at least this calibration quantile
+
+    def problem(self) -> str | None:
+        """What makes these settings incoherent (None when nothing does)."""
+        if self.ucb and self.audit_share == 0:
+            return ("ucb needs audits: UCB1's reward estimates accuracy from audited samples, and without them it would "
+                    "trade accuracy it cannot see for MACs; set audit_share > 0 or ucb false")
+        return None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> ControllerSettings:
+        if self.problem():
+            raise ValueError(self.problem())
+        return self
 
 
 class AdaptConfig(_Strict):
