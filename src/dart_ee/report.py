@@ -318,16 +318,18 @@ def mechanism_parts(mech: dict, h: str = "##") -> list[str]:
     first = mech["runs"][0]["totals"]
     rows = ["| Audit share | Mechanism | Adaptive DART | Matched compute | vs frozen (points) | vs matched (points) | "
             "Eq 13 updates | Eq 14 updates |", "|---|---|---|---|---|---|---|---|"]
-    helps: dict[str, float] = {}
+    helps: dict[str, tuple[float, float, int]] = {}  # mechanism: (audit share, points above matched, images)
     for r in mech["runs"]:
         t, sm = r["totals"], r["summary"]
         rows.append(f"| {r['audit_share']:g} | {r['mechanism']} | {_cell(t['adaptive']['shifted'])} | "
                     f"{_cell(t['matched']['shifted'])} | {100 * sm['accuracy_recovered']:+.2f} | "
                     f"{sm['above_matched_points']:+.2f} | {r['updates_fired']['eq13']} | {r['updates_fired']['eq14']} |")
-        if sm["above_matched_points"] > 0:
-            helps.setdefault(r["mechanism"], r["audit_share"])
+        acted = r["mechanism"] == "ucb1" or r["updates_fired"]["eq13"] + r["updates_fired"]["eq14"] > 0
+        if acted and sm["above_matched_points"] > 0:  # a mechanism that never changed a coefficient did nothing
+            helps.setdefault(r["mechanism"], (r["audit_share"], sm["above_matched_points"], r["n_shift"]))
     names = dict.fromkeys(r["mechanism"] for r in mech["runs"])
-    verdict = "; ".join(f"{m}: from an audit share of {helps[m]:g}" if m in helps else
+    verdict = "; ".join(f"{m}: from an audit share of {helps[m][0]:g} ({helps[m][1]:+.2f} points: "
+                        f"{round(helps[m][1] * helps[m][2] / 100)} of {helps[m][2]} images)" if m in helps else
                         f"{m}: at no audit share tried ({_why_not(m, [r for r in mech['runs'] if r['mechanism'] == m])})"
                         for m in names)
     arms = []
