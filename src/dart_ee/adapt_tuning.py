@@ -145,6 +145,20 @@ def given(policy_path: str | Path, settings: ControllerSettings, source: str) ->
             "chosen_on": None, "policy_file": str(policy_path), "policy_fingerprint": policy_fingerprint(policy_path)}
 
 
+def ensure_settings(run_dir: str | Path, policy_path: str | Path, adapt: AdaptConfig, seed: int = 0,
+                    data_dir: str | Path | None = None, batch_size: int | None = None,
+                    progress: Callable[[str], None] | None = None) -> None:
+    """Give the run settings for this policy: the config's as given (``adapt.tune`` false), or, unless current
+    ones are there, settings chosen on the calibration split."""
+    if not adapt.tune:
+        save_settings(run_dir, given(policy_path, adapt.controller, "the config's adapt.controller (adapt.tune: false)"))
+    elif not is_current(run_dir, policy_path):
+        if progress:
+            progress("choosing the controller's settings on the calibration split first (dart-ee adapt-tune)")
+        save_settings(run_dir, tune(run_dir, policy_path, batch_size=batch_size or adapt.batch_size, seed=seed,
+                                    data_dir=data_dir, base=adapt.controller, progress=progress))
+
+
 def policy_fingerprint(policy_path: str | Path) -> str:
     return artifacts.fingerprint(artifacts.read_json(policy_path, "policy file"))
 

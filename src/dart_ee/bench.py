@@ -470,7 +470,7 @@ def stage_times(model_name: str = "alexnet", dataset: str = "cifar10", batch_siz
 def controller_overhead(run_dir: str | Path, policy_path: str | Path, batch_size: int = 256, n_images: int = 2560,
                         repeats: int = 5, threads: int | None = None, data_dir: str | Path | None = None) -> dict:
     """Wall-clock cost of the adaptive controller over the runner alone, on a stationary stream, audits off."""
-    from dart_ee.adapt import make_controller
+    from dart_ee.adapt import controller_for_run
     from dart_ee.adapt_tuning import load_settings
     from dart_ee.data import to_float
     from dart_ee.policies import load_policy
@@ -488,7 +488,7 @@ def controller_overhead(run_dir: str | Path, policy_path: str | Path, batch_size
     batches = [x[s: s + batch_size] for s in range(0, len(x), batch_size)]
     runner = EarlyExitRunner(model, load_policy(policy_path), est)
     settings = load_settings(run_dir)[0].model_copy(update={"audit_share": 0.0})  # the run's guard, as deployed
-    ctrl = make_controller(EarlyExitRunner(model, load_policy(policy_path), est), run.trace("cal"), settings)
+    ctrl = controller_for_run(run_dir, policy_path, settings)
 
     def run_plain() -> None:
         for b in batches:

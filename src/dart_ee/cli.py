@@ -737,10 +737,7 @@ def adapt(run: RunOpt, policy: PolicyDartOpt = None,
     a = Run(run).config().adapt
     batch_size = batch_size or a.batch_size
     pol = _dart_policy_path(run, policy)
-    if not adapt_tuning.is_current(run, pol):
-        log("no settings chosen for this policy yet: choosing them on the calibration split first (dart-ee adapt-tune)")
-        adapt_tuning.save_settings(run, adapt_tuning.tune(run, pol, batch_size=batch_size, seed=seed, data_dir=data_dir,
-                                                          base=a.controller, progress=log))
+    adapt_tuning.ensure_settings(run, pol, a, seed, data_dir, batch_size, progress=log)
     res = study(run, pol, family or a.families, level or a.levels, clean or a.clean, shifted or a.shifted, batch_size,
                 seed, data_dir, a.mechanisms if mechanisms is None else mechanisms, progress=log)
     path = artifacts.write_json(out or Path(run) / STUDY, res)

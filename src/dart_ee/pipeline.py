@@ -184,12 +184,7 @@ def adapt_run(out: Path, cfg: Config, data_dir: str | Path | None = None) -> str
     # adaptation changes the thresholds, which voids any certificate (the report says so)
     dart_path = run_policy(out)
     a = cfg.adapt
-    if not a.tune:
-        adapt_tuning.save_settings(out, adapt_tuning.given(dart_path, a.controller,
-                                                           "the config's adapt.controller (adapt.tune: false)"))
-    elif not adapt_tuning.is_current(out, dart_path):
-        adapt_tuning.save_settings(out, adapt_tuning.tune(out, dart_path, batch_size=a.batch_size, seed=cfg.seed,
-                                                          data_dir=data_dir, base=a.controller, progress=log))
+    adapt_tuning.ensure_settings(out, dart_path, a, cfg.seed, data_dir, progress=log)
     res = study(out, dart_path, a.families, a.levels, a.clean, a.shifted, a.batch_size, cfg.seed, data_dir,
                 a.mechanisms, progress=log)
     artifacts.write_json(out / STUDY, res)
