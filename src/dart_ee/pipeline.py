@@ -76,7 +76,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     from dart_ee.frontier import CERT_BUDGETS, certified_points, summarize_frontier, sweep
     from dart_ee.frontier import POLICIES as COMPARED
     from dart_ee.policies import load_policy
-    from dart_ee.training import single_exit_config, train, training_device
+    from dart_ee.training import set_run_threads, single_exit_config, train, training_device
 
     out = Path(out)
     steps: dict[str, float] = {}
@@ -87,7 +87,8 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
         return time.perf_counter()
 
     t0 = step("1/6 train")
-    distributed.start(training_device(cfg.train.device).type)  # under torchrun: join the other processes
+    world = distributed.start(training_device(cfg.train.device).type)  # under torchrun: join the other processes
+    set_run_threads(cfg, world.size)  # also when training is skipped: a resumed run computes as a fresh one
     if distributed.is_main():
         _retire_stale_model(cfg, out)
         if (out / CONFIG).is_file():  # the run's config is now this one (its training fields are unchanged)

@@ -183,6 +183,15 @@ def set_threads(n: int | None) -> int:
     return n
 
 
+def set_run_threads(cfg: Config, world_size: int = 1) -> int:
+    """The run's intra-op threads: ``train.num_threads``, else the cores shared among the processes.
+
+    Every step of a run takes this number, whether or not training ran in the same process, so that
+    a resumed run computes what an uninterrupted one does.
+    """
+    return set_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // world_size))
+
+
 @holds_run_lock("run_dir")
 def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, resume: bool = False) -> dict:
     """Train a multi-exit model into ``run_dir`` and return its metrics (see ``metrics.json``)."""
@@ -210,8 +219,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     w = distributed.start(dev.type)
     if w.size > 1 and dev.type == "cuda":
         dev = torch.device("cuda", w.local_rank)
-    # several processes share the cores (unless the config says how many threads each takes)
-    threads = set_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // w.size))
+    threads = set_run_threads(cfg, w.size)
     if w.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         artifacts.write_text(run_dir / CONFIG, dump_config(cfg))
