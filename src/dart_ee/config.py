@@ -23,12 +23,23 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     # "custom": a run written from Python (dart_ee.custom), whose images are stored in the run folder
-    dataset: Literal["cifar10", "mnist", "fashion-mnist", "kmnist", "digits", "custom"] = "cifar10"
+    # "imagefolder": any <data_dir>/train/<class>/<image> and test/ tree, at data.image_size pixels
+    dataset: Literal["cifar10", "mnist", "fashion-mnist", "kmnist", "digits", "imagefolder", "custom"] = "cifar10"
     data_dir: str | None = None  # else --data-dir, else $DART_DATA
     cal_fraction: float = Field(0.1, gt=0, lt=1)  # share of the training set held out for calibration
     split_seed: int = 0
     train_subset: int | None = Field(None, ge=1)  # use only this many training images (smoke runs)
     test_subset: int | None = Field(None, ge=1)
+    image_size: int | None = Field(None, ge=8, le=1024)  # resize every image to this square size (default: the data's)
+    # decode ImageFolder files batch by batch in worker processes instead of holding the dataset in memory
+    stream: bool = False
+    workers: int | None = Field(None, ge=0, le=64)  # streaming decode processes (default: the cores, at most 4)
+
+    @model_validator(mode="after")
+    def _image_size_for_folders(self) -> DataConfig:
+        if self.dataset == "imagefolder" and not self.image_size:
+            raise ValueError("data.dataset 'imagefolder' needs data.image_size (e.g. 64): its images may have any size")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -229,7 +240,8 @@ def dump_config(cfg: Config) -> str:
 
 # Fields added after runs were made, with the default that is what those runs did: left out of the
 # fingerprints at that default, so that existing runs stay current.
-_ADDED_LATER = {("train", "optimizer"): "sgd"}
+_ADDED_LATER = {("train", "optimizer"): "sgd", ("data", "image_size"): None, ("data", "stream"): False,
+                ("data", "workers"): None}
 
 
 def _dump(cfg: Config, **kw: Any) -> dict:
@@ -248,11 +260,11 @@ def config_fingerprint(cfg: Config) -> str:
 # What each cached step reads from the config. Where it runs, how many threads and the evaluation batch
 # size change no result, and calibration or benchmark settings are read only by later steps.
 _STEP_INPUTS: dict[str, Any] = {
-    "train": {"seed": True, "data": {"dataset", "cal_fraction", "split_seed", "train_subset", "test_subset"},
+    "train": {"seed": True, "data": {"dataset", "cal_fraction", "split_seed", "train_subset", "test_subset", "image_size"},
               "model": True, "train": {"epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov", "weight_decay",
                                        "label_smoothing", "exit_weights", "distill", "distill_temperature",
                                        "policy_lambda", "bf16", "channels_last", "crop_pad", "flip"}},
-    "trace": {"seed": True, "data": {"dataset", "cal_fraction", "split_seed", "train_subset", "test_subset"},
+    "trace": {"seed": True, "data": {"dataset", "cal_fraction", "split_seed", "train_subset", "test_subset", "image_size"},
               "difficulty": True},
 }
 

@@ -11,6 +11,7 @@ Supported on-disk formats (no downloads, ever):
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -18,6 +19,7 @@ import os
 import pickle
 import tarfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,8 +61,22 @@ DATASETS: dict[str, DatasetSpec] = {
     "kmnist": DatasetSpec("kmnist", 1, 28, 10, (0.1918,), (0.3483,), False, 2, ("kmnist", "KMNIST/raw", ".")),
     # 1,797 real 8x8 handwritten digits (UCI), shipped inside scikit-learn: the zero-download demo data
     "digits": DatasetSpec("digits", 1, 8, 10, (0.305,), (0.375,), False, 1, ()),
+    # any ImageFolder tree at --data-dir (<root>/train/<class>/<image>, <root>/test/...): RGB, resized to
+    # data.image_size, classes counted from its folders; ImageNet's channel statistics
+    "imagefolder": DatasetSpec("imagefolder", 3, 0, 0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True, 0, (".",)),
 }
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def dataset_spec(name: str, size: int | None = None, num_classes: int | None = None) -> DatasetSpec:
+    """``name``'s spec at ``size`` pixels (random-crop padding scaled alike) with ``num_classes`` classes."""
+    spec = get_spec(name)
+    if size and size != spec.image_size:
+        pad = round(spec.crop_pad * size / spec.image_size) if spec.image_size else size // 8
+        spec = dataclasses.replace(spec, image_size=size, crop_pad=max(1, pad))
+    if num_classes and not spec.num_classes:
+        spec = dataclasses.replace(spec, num_classes=num_classes)
+    return spec
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -74,9 +90,13 @@ def get_spec(name: str) -> DatasetSpec:
 
 @dataclass
 class ImageSet:
-    """Decoded images of one split: ``x`` uint8 (N, C, H, W), ``y`` int64 (N,)."""
+    """Images of one split: ``x`` uint8 (N, C, H, W), ``y`` int64 (N,).
 
-    x: np.ndarray
+    ``x`` is an array in memory, or (``data.stream``) a ``streaming.FileImages`` that decodes the
+    files an index asks for.
+    """
+
+    x: np.ndarray  # or streaming.FileImages, which indexes like one
     y: np.ndarray
     classes: tuple[str, ...]
 
@@ -89,8 +109,13 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.y)
 
+    def decoded(self) -> ImageSet:
+        """This set with its images in memory (a streamed set decodes all its files)."""
+        return self if isinstance(self.x, np.ndarray) else ImageSet(self.x[:], self.y, self.classes)
+
     def subset(self, idx: np.ndarray) -> ImageSet:
-        return ImageSet(self.x[idx], self.y[idx], self.classes)
+        x = self.x.subset(idx) if hasattr(self.x, "subset") else self.x[idx]  # streamed files stay undecoded
+        return ImageSet(x, self.y[idx], self.classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,22 +260,42 @@ def read_cifar_python(folder: Path) -> tuple[ImageSet, ImageSet]:
 # ImageFolder trees, on disk or inside a .tar.gz
 
 
-def _decode_image(data: bytes, where: str) -> np.ndarray:
+def decode_image(data: bytes, where: str, size: int | None = None, channels: int | None = None) -> np.ndarray:
+    """One image file's bytes -> uint8 (C, H, W); resized to ``size`` x ``size`` and converted to
+    ``channels`` (1: grey, 3: RGB) when given, else grey files stay grey and the rest become RGB."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > MAX_PIXELS:  # checked on the header, before anything is decoded
                 raise DataError(f"{where}: {im.width}x{im.height} pixels is too large to decode here (at most "
-                                f"{MAX_PIXELS:,} pixels); the datasets dart-ee reads hold small images such as 32x32")
+                                f"{MAX_PIXELS:,} pixels); shrink the images first")
             im.load()
-            arr = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16") else "RGB"))
+            grey = channels == 1 if channels else im.mode in ("1", "L", "LA", "I", "I;16")
+            out = im.convert("L" if grey else "RGB")
+            if size and out.size != (size, size):
+                out = out.resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(out)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"{where}: unreadable image ({e}); remove or replace the file") from e
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _stack_folder(items: dict[str, list[tuple[str, bytes]]], where: str) -> ImageSet:
+def resize_images(x: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, C, H, W) -> (N, C, size, size) with the resampling ``decode_image`` uses."""
+    from PIL import Image
+
+    if x.shape[2:] == (size, size):
+        return x
+    out = np.empty((len(x), x.shape[1], size, size), np.uint8)
+    for i, a in enumerate(x):
+        im = Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+        r = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR))
+        out[i] = r[None] if r.ndim == 2 else r.transpose(2, 0, 1)
+    return out
+
+
+def _stack_folder(items: dict[str, list[tuple[str, bytes]]], where: str, size: int | None = None) -> ImageSet:
     classes = tuple(sorted(items))
     if not classes:
         raise DataError(f"{where}: no class folders found; expected {where}/<class>/<image>")
@@ -260,7 +305,7 @@ def _stack_folder(items: dict[str, list[tuple[str, bytes]]], where: str) -> Imag
             raise DataError(f"{where}/{cls}: empty class folder; add images or remove the folder")
         for name, data in sorted(items[cls]):
             names.append(name)
-            xs.append(_decode_image(data, name))
+            xs.append(decode_image(data, name, size))
             ys.append(label)
     if any(a.shape[0] == 3 for a in xs):  # mixed grey and colour files: promote grey to RGB
         xs = [np.repeat(a, 3, 0) if a.shape[0] == 1 else a for a in xs]
@@ -271,8 +316,8 @@ def _stack_folder(items: dict[str, list[tuple[str, bytes]]], where: str) -> Imag
     return ImageSet(np.stack(xs), np.asarray(ys, dtype=np.int64), classes)
 
 
-def read_image_folder(root: Path) -> tuple[ImageSet, ImageSet]:
-    """Read ``root/train/<class>/*`` and ``root/test/<class>/*``."""
+def read_image_folder(root: Path, size: int | None = None) -> tuple[ImageSet, ImageSet]:
+    """Read ``root/train/<class>/*`` and ``root/test/<class>/*`` (resized to ``size`` when given)."""
     out = []
     for split in ("train", "test"):
         d = root / split
@@ -282,12 +327,12 @@ def read_image_folder(root: Path) -> tuple[ImageSet, ImageSet]:
         for cls_dir in sorted(p for p in d.iterdir() if p.is_dir()):
             files = [p for p in sorted(cls_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
             items[cls_dir.name] = [(str(p), p.read_bytes()) for p in files]
-        out.append(_stack_folder(items, str(d)))
+        out.append(_stack_folder(items, str(d), size))
     _check_same_classes(out[0], out[1], root)
     return out[0], out[1]
 
 
-def read_image_folder_tar(path: Path) -> tuple[ImageSet, ImageSet]:
+def read_image_folder_tar(path: Path, size: int | None = None) -> tuple[ImageSet, ImageSet]:
     """Read an ImageFolder tree from a tarball in one streaming pass (``*/train/<class>/<file>``)."""
     items: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
     try:
@@ -306,7 +351,7 @@ def read_image_folder_tar(path: Path) -> tuple[ImageSet, ImageSet]:
                         items[split].setdefault(parts[k + 1], []).append((f"{path}:{m.name}", f.read()))
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{path}: cannot read tarball ({e}); it is corrupt or truncated, re-copy it") from e
-    train, test = (_stack_folder(items[s], f"{path}:{s}") for s in ("train", "test"))
+    train, test = (_stack_folder(items[s], f"{path}:{s}", size) for s in ("train", "test"))
     _check_same_classes(train, test, path)
     return train, test
 
@@ -335,7 +380,7 @@ def _locate(spec: DatasetSpec, root: Path) -> tuple[str, Path]:
     """Find the dataset's files under ``root``: returns (reader kind, path)."""
     for folder in spec.folders:
         p = root / folder
-        if spec.name == "cifar10":
+        if spec.in_channels == 3:  # CIFAR-10 or an ImageFolder tree
             if (p / "data_batch_1").is_file():
                 return "cifar-python", p
             if (p / "train").is_dir() and (p / "test").is_dir():
@@ -353,7 +398,7 @@ def _locate(spec: DatasetSpec, root: Path) -> tuple[str, Path]:
                     "DART_DATA at the folder holding it")
 
 
-_READERS = {"cifar-python": read_cifar_python, "idx": read_idx_folder,
+_READERS: dict[str, Callable[..., tuple[ImageSet, ImageSet]]] = {"cifar-python": read_cifar_python, "idx": read_idx_folder,
             "imagefolder": read_image_folder, "imagefolder-tar": read_image_folder_tar}
 
 
@@ -394,13 +439,36 @@ def read_sklearn_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[Imag
     return (ImageSet(x[perm[n_test:]], y[perm[n_test:]], classes), ImageSet(x[perm[:n_test]], y[perm[:n_test]], classes))
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, use_cache: bool = True) -> tuple[ImageSet, ImageSet]:
-    """Return the (train, test) image sets of a named dataset, decoding once and caching as npz."""
+def load_dataset(name: str, data_dir: str | Path | None = None, use_cache: bool = True, size: int | None = None,
+                 stream: bool = False) -> tuple[ImageSet, ImageSet]:
+    """Return the (train, test) image sets of a dataset at ``size`` pixels (default: its own size).
+
+    In memory (the default), decoded once and cached as npz. With ``stream``, an ImageFolder
+    directory is listed, not decoded: the sets hold ``streaming.FileImages``, decoded batch by batch.
+    """
+    from dart_ee.streaming import FileImages, list_image_folder
+
     spec = get_spec(name)
     if name == "digits":  # ships with an installed package: no data directory, nothing to cache
-        return read_sklearn_digits()
+        if stream:
+            raise DataError("data.stream reads ImageFolder trees; the digits dataset is tiny: set data.stream: false")
+        train, test = read_sklearn_digits()
+        return (train, test) if not size else (_resized(train, size), _resized(test, size))
     kind, path = _locate(spec, resolve_data_dir(data_dir))
-    cache = cache_dir() / f"{spec.name}-{_source_key(kind, path)}.npz"
+    if stream:
+        if kind != "imagefolder":
+            raise DataError(f"{path}: data.stream reads ImageFolder directories (<root>/train/<class>/<image>), but "
+                            f"this is {kind} data; extract the tree from its archive or set data.stream: false "
+                            "(the in-memory path)")
+        sets = []
+        for split in ("train", "test"):
+            names, labels, classes = list_image_folder(path / split, IMAGE_SUFFIXES)
+            channels = 3 if name == "imagefolder" else spec.in_channels
+            files = FileImages(path, names, channels, size or spec.image_size)
+            sets.append(ImageSet(files, labels, classes))  # type: ignore[arg-type]  # indexes like an array
+        _check_same_classes(sets[0], sets[1], path)
+        return sets[0], sets[1]
+    cache = cache_dir() / f"{spec.name}-{_source_key(kind, path)}{f'-{size}px' if size else ''}.npz"
     if use_cache and cache.is_file():
         try:
             with np.load(cache) as z:
@@ -408,14 +476,19 @@ def load_dataset(name: str, data_dir: str | Path | None = None, use_cache: bool 
                 return ImageSet(z["x_train"], z["y_train"], classes), ImageSet(z["x_test"], z["y_test"], classes)
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, DataError):
             pass  # a corrupt cache is rebuilt below
-    train, test = _READERS[kind](path)
-    if len(train.classes) != spec.num_classes:
+    if kind.startswith("imagefolder"):
+        train, test = _READERS[kind](path, size)  # the folder readers resize as they decode
+    else:
+        train, test = _READERS[kind](path)
+        train, test = (_resized(train, size), _resized(test, size)) if size else (train, test)
+    want = size or spec.image_size
+    if spec.num_classes and len(train.classes) != spec.num_classes:
         raise DataError(f"{path}: {len(train.classes)} classes ({', '.join(map(str, train.classes[:12]))}), but "
                         f"{spec.name} has {spec.num_classes}; point --data-dir at a {spec.name} copy")
     for s, what in ((train, "train"), (test, "test")):
-        if s.x.shape[1:] != (spec.in_channels, spec.image_size, spec.image_size):
+        if (want and s.x.shape[2:] != (want, want)) or (spec.in_channels and s.x.shape[1] != spec.in_channels):
             raise DataError(f"{path}: {what} images have shape {s.x.shape[1:]}, but {spec.name} expects "
-                            f"{(spec.in_channels, spec.image_size, spec.image_size)}")
+                            f"{(spec.in_channels, want, want)}; set data.image_size to resize them")
     if use_cache:
         try:
             artifacts.atomic_write(cache, lambda p: np.savez(p.open("wb"), x_train=train.x, y_train=train.y,
@@ -425,6 +498,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None, use_cache: bool 
             log(f"[yellow]warning: cannot write the dataset cache {cache} ({e.strerror or e}); going on without it "
                 "(set DART_CACHE to a writable folder to decode the data only once)[/yellow]")
     return train, test
+
+
+def _resized(s: ImageSet, size: int) -> ImageSet:
+    return ImageSet(resize_images(s.x, size), s.y, s.classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,7 +522,10 @@ def content_fingerprint(*sets: ImageSet) -> str:
     """A hash of the pixels and labels themselves: the same data moved to another folder keeps it."""
     h = hashlib.sha256()
     for s in sets:
-        h.update(np.ascontiguousarray(s.x).data)
+        if hasattr(s.x, "fingerprint"):  # streamed: the files' names, sizes and times, not their pixels
+            h.update(s.x.fingerprint().encode())
+        else:
+            h.update(np.ascontiguousarray(s.x).data)
         h.update(np.ascontiguousarray(s.y).data)
     return h.hexdigest()[:16]
 

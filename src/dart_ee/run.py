@@ -85,14 +85,15 @@ class Run:
 
     def images(self, split: str, data_dir: str | Path | None = None) -> ImageSet:
         """The ``"cal"`` or ``"test"`` images the run's traces were made from: from its data folder, checked
-        against its split, or, for a run written from Python (``dart_ee.custom``), from the run folder."""
+        against its split, or, for a run written from Python (``dart_ee.custom``), from the run folder.
+        Decoded into memory, also for a streamed run (the tools that read them time the network, not the files)."""
         from dart_ee.custom import IMAGES, load_images
         from dart_ee.training import prepare_splits
 
         own = self.path / IMAGES.format(split=split)
         if own.is_file():
             return load_images(own)
-        return getattr(prepare_splits(self.config(), self.path, data_dir), split)
+        return getattr(prepare_splits(self.config(), self.path, data_dir), split).decoded()
 
     def test_images(self, data_dir: str | Path | None = None) -> ImageSet:
         """The test split the run measures on."""

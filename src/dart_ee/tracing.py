@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from dart_ee.config import Config
     from dart_ee.difficulty import LearnedDifficulty
     from dart_ee.models import MultiExitNet
+    from dart_ee.training import Splits
 
 
 def inputs_fingerprint(cfg: Config, run_dir: Path) -> str:
@@ -52,19 +53,21 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
     every sample's alpha in the traces.
     """
     from dart_ee.config import config_fingerprint
-    from dart_ee.training import predict_exits, prepare_splits
+    from dart_ee.training import decode_workers, predict_exits, prepare_splits
 
     run_dir = Path(run_dir)
     run = Run(run_dir)
     cfg, model = run.config(), run.model()
     splits = prepare_splits(cfg, run_dir, data_dir)
-    est = difficulty_mod.fit_estimators(splits.train.x, seed=cfg.seed)
+    est = difficulty_mod.fit_estimators(_fit_images(splits, cfg), seed=cfg.seed)
+    workers = decode_workers(cfg)
 
     results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for split, images in (("cal", splits.cal), ("test", splits.test)):  # the calibration split first
         feats: list[np.ndarray] = []
         terms: list[np.ndarray] = []
-        probs = predict_exits(model, images.x, cfg.train.eval_batch_size, stage1_hook=_collector(est, terms, feats))
+        probs = predict_exits(model, images.x, cfg.train.eval_batch_size, stage1_hook=_collector(est, terms, feats),
+                              workers=workers)
         feats_a = np.concatenate(feats)
         learned = _learned_alpha(est, split, probs, images.y, feats_a, model.num_exits, cfg.seed)
         results[split] = (probs, np.concatenate(terms), learned)
@@ -87,6 +90,19 @@ def trace_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[s
         t = Trace(probs, images.y, np.asarray(index), exit_macs, extra[selected], {**base, "split": split}, extra)
         out[split] = save(t, run_dir / trace_file(split))
     return out
+
+
+FIT_IMAGES = 20_000  # a streamed training set fits the paper's estimator on a seeded draw of this many
+
+
+def _fit_images(splits: Splits, cfg: Config) -> np.ndarray:
+    """The images the paper's estimator is fitted on: the training split, or a draw from a streamed one
+    (its quantiles need thousands of images, not millions; the fit decodes 2,000 at a time)."""
+    x = splits.train.x
+    if not cfg.data.stream or len(x) <= FIT_IMAGES:
+        return x
+    pick = np.sort(np.random.default_rng(cfg.seed).choice(len(x), FIT_IMAGES, replace=False))
+    return splits.train.subset(pick).x
 
 
 def _collector(est: LearnedDifficulty, terms: list, feats: list | None) -> Callable:

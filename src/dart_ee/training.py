@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dart_ee import artifacts, data, distributed
+from dart_ee import artifacts, data, distributed, streaming
 from dart_ee.config import Config, TrainConfig, check_exit_lists, config_fingerprint, dump_config, step_fingerprint
 from dart_ee.console import log, progress
 from dart_ee.custom import CUSTOM, rebuild
@@ -45,13 +45,15 @@ class Splits:
 
 def prepare_splits(cfg: Config, run_dir: Path, data_dir: str | Path | None = None) -> Splits:
     """Load the dataset and the run's calibration split (created once, then read from ``split.json``)."""
-    spec = data.get_spec(cfg.data.dataset)
+    d = cfg.data
+    spec = data.get_spec(d.dataset)
     path = run_dir / SPLIT
     manifest = artifacts.read_json(path, "split manifest") if path.is_file() else None
     # the run remembers where its data was, so later steps need no --data-dir
     data_dir = data_dir or cfg.data.data_dir or os.environ.get("DART_DATA") or (manifest or {}).get("data_dir")
     root = None if not spec.folders else data.resolve_data_dir(data_dir)  # packaged data needs no folder
-    train, test = data.load_dataset(cfg.data.dataset, root)
+    train, test = data.load_dataset(d.dataset, root, size=d.image_size, stream=d.stream)
+    spec = data.dataset_spec(d.dataset, d.image_size, len(train.classes))
     # Subsets are seeded random draws: the files are often sorted by class.
     if cfg.data.train_subset:
         train = train.subset(_draw(len(train), cfg.data.train_subset, cfg.data.split_seed))
@@ -60,14 +62,17 @@ def prepare_splits(cfg: Config, run_dir: Path, data_dir: str | Path | None = Non
     if manifest is not None:
         data.check_split(manifest, len(train))
         # runs split before the fingerprint was recorded are not checked (and their data is not hashed)
-        if "data_fingerprint" in manifest and manifest["data_fingerprint"] != data.content_fingerprint(train, test):
+        # a streamed split hashes file names and times, an in-memory one pixels: compared within one mode
+        same_mode = manifest.get("streamed", False) == d.stream
+        if "data_fingerprint" in manifest and same_mode and manifest["data_fingerprint"] != data.content_fingerprint(
+                train, test):
             raise DataError(f"{run_dir} was made from other data than {root or cfg.data.dataset} holds (the pixels or "
                             f"labels differ from those recorded in {path}); point --data-dir at the run's own data, "
                             f"{manifest.get('data_dir')}, or start a new --out")
     else:
         manifest = data.make_split(len(train), cfg.data.cal_fraction, cfg.data.split_seed)
         manifest.update(dataset=cfg.data.dataset, data_dir=str(root.resolve()) if root else None,
-                        data_fingerprint=data.content_fingerprint(train, test))
+                        data_fingerprint=data.content_fingerprint(train, test), streamed=d.stream)
         artifacts.write_json(path, manifest)
     return Splits(train.subset(np.asarray(manifest["train_indices"])), train.subset(np.asarray(manifest["cal_indices"])),
                   test, spec, manifest)
@@ -118,19 +123,29 @@ def multi_exit_loss(logits: list[torch.Tensor], y: torch.Tensor, weights: list[f
     return loss
 
 
+def decode_workers(cfg: Config) -> int:
+    """Processes that decode streamed images: ``data.workers``, else the cores (at most 4); 0 in memory."""
+    if not cfg.data.stream:
+        return 0
+    return cfg.data.workers if cfg.data.workers is not None else min(4, os.cpu_count() or 1)
+
+
 @torch.inference_mode()
-def predict_exits(model: MultiExitNet, images: np.ndarray | torch.Tensor, batch_size: int = 500,
-                  stage1_hook: Callable | None = None) -> np.ndarray:
+def predict_exits(model: MultiExitNet, images: np.ndarray | torch.Tensor | streaming.FileImages, batch_size: int = 500,
+                  stage1_hook: Callable | None = None, workers: int = 0) -> np.ndarray:
     """Softmax probabilities of every exit, shape (N, exits, classes), computed in fp32.
 
     ``stage1_hook(x, stage1_features, exit1_logits)`` sees each batch's first stage (the learned
-    difficulty estimator reads it).
+    difficulty estimator reads it). Streamed images are decoded by ``workers`` processes.
     """
     model.eval()
     dev = next(model.parameters()).device
     out = []
-    for s in range(0, len(images), batch_size):
-        x = data.to_float(torch.as_tensor(images[s: s + batch_size]).to(dev))
+    source = (streaming.batches(images, streaming.in_order(len(images), batch_size), workers)
+              if isinstance(images, streaming.FileImages) else
+              (torch.as_tensor(images[s: s + batch_size]) for s in range(0, len(images), batch_size)))
+    for xb in source:
+        x = data.to_float(xb.to(dev))
         h, logits = x, []
         for i, (stage, head) in enumerate(zip(model.stages, model.heads)):
             h = stage(h)
@@ -256,9 +271,12 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
 
     crop_pad = splits.spec.crop_pad if t.crop_pad is None else t.crop_pad
     flip = splits.spec.flip if t.flip is None else t.flip
-    # The uint8 training set lives on the training device (138 MB for CIFAR-10), so a GPU step never
-    # waits for a host copy; batches are cast and augmented there.
-    x_train, y_train = torch.from_numpy(splits.train.x).to(dev), torch.from_numpy(splits.train.y).to(dev)
+    # In memory, the uint8 training set lives on the training device (138 MB for CIFAR-10), so a GPU step
+    # never waits for a host copy. Streamed, worker processes decode each batch ahead of its step. Either
+    # way batches are cast and augmented on the device, so both paths train on the same pixels.
+    workers = decode_workers(cfg)
+    x_train = None if cfg.data.stream else torch.from_numpy(splits.train.x).to(dev)
+    y_train = torch.from_numpy(splits.train.y).to(dev)
     log(f"training {cfg.model.name} on {cfg.data.dataset}: {len(splits.train)} train / {len(splits.cal)} cal / "
         f"{len(splits.test)} test images, {n_exits} exits, {t.epochs} epochs, device {dev}, {threads} threads, "
         f"bf16={t.bf16}, channels_last={t.channels_last}" + (f", {w.size} processes" if w.size > 1 else ""))
@@ -268,15 +286,18 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
             t0 = time.perf_counter()
             gen = torch.Generator(dev).manual_seed(_epoch_seed(cfg.seed, epoch))
             torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout
-            perm = torch.randperm(len(x_train), generator=gen, device=dev)
+            perm = torch.randperm(len(y_train), generator=gen, device=dev)
+            order = [perm[b * t.batch_size: (b + 1) * t.batch_size] for b in range(steps)]
+            pixels = (streaming.batches(splits.train.x, [o.cpu().numpy() for o in order], workers, dev.type == "cuda")
+                      if x_train is None else (x_train[o] for o in order))
             trainee.train()
             # running sums stay on the device: reading them every step would stall a GPU
             loss_sum, correct, seen = torch.zeros((), device=dev), torch.zeros(n_exits, device=dev), 0
             first_bad = torch.full((), -1, device=dev)  # first step with a non-finite loss, read with the sums
-            for b in range(steps):
-                idx = perm[b * t.batch_size: (b + 1) * t.batch_size]
+            for b, (idx, xb) in enumerate(zip(order, pixels)):
                 # the global batch is augmented alike in every process (same generator); each trains on its share
-                x = data.augment(data.to_float(x_train[idx]), crop_pad, flip, gen)[share].to(memory_format=mem)
+                x = data.augment(data.to_float(xb.to(dev, non_blocking=True)), crop_pad, flip, gen)[share]
+                x = x.to(memory_format=mem)
                 y = y_train[idx][share]
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16):
                     logits = trainee(x)
@@ -317,8 +338,8 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
 
     model = model.to(memory_format=torch.contiguous_format)
     t0 = time.perf_counter()  # evaluated in fp32 on the training device
-    test_acc = exit_accuracies(predict_exits(model, splits.test.x, t.eval_batch_size), splits.test.y)
-    cal_acc = exit_accuracies(predict_exits(model, splits.cal.x, t.eval_batch_size), splits.cal.y)
+    test_acc = exit_accuracies(predict_exits(model, splits.test.x, t.eval_batch_size, workers=workers), splits.test.y)
+    cal_acc = exit_accuracies(predict_exits(model, splits.cal.x, t.eval_batch_size, workers=workers), splits.cal.y)
     metrics = {
         "name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.dataset, "epochs": t.epochs,
         "train_wall_time_s": round(wall, 1), "eval_wall_time_s": round(time.perf_counter() - t0, 1),
