@@ -673,6 +673,47 @@ def train_speed(model: str = typer.Option("alexnet"), dataset: str = typer.Optio
                    f"({r['speedup_vs_fp32_nchw']:.2f}x vs fp32 NCHW)")
 
 
+@app.command("data-speed")
+def data_speed(config: ConfigOpt = None, data_dir: DataDirOpt = None,
+               steps: Annotated[int, typer.Option(min=1, help="Training steps per data path.")] = 100,
+               mode: Annotated[Optional[list[str]], typer.Option(help="memory and/or stream (default both).")] = None,
+               workers: Annotated[Optional[int], typer.Option(min=0, help="Streaming decode processes (default: "
+                                                                          "data.workers, else the cores, at most 4).")] = None,
+               cap_mb: Annotated[Optional[float], typer.Option(help="Also say whether each path stayed under this "
+                                                                    "peak memory (MB).")] = None,
+               set_: SetOpt = None,
+               out: Annotated[Optional[Path], typer.Option("--out", help="Also write the record (with its provenance) "
+                                                                          "as JSON.")] = None) -> None:
+    """Training throughput and peak memory of the in-memory and the streamed data paths, on one config."""
+    from dart_ee.data_bench import MODES
+    from dart_ee.data_bench import data_speed as measure
+
+    if config is None:
+        raise DartError("data-speed needs --config (the run to train for a few steps)")
+    rec = _recorded(measure(config, steps, tuple(mode or MODES), workers, data_dir, cap_mb, set_ or []), out)
+    typer.echo(f"{config}, {steps} steps, {rec['hardware']['cpu']} ({rec['hardware']['cpu_count']} cores):")
+    for r in rec["rows"]:
+        cap = "" if r["under_cap"] is None else f", {'under' if r['under_cap'] else 'OVER'} the {cap_mb:.0f} MB cap"
+        typer.echo(f"  {r['mode']:6} {r['images_per_s']:8.0f} images/s ({r['workers']} decode workers), setup "
+                   f"{r['setup_s']:.0f} s, peak memory {r['peak_pss_mb']:.0f} MB{cap}")
+    if rec["stream_vs_memory"] is not None:
+        typer.echo(f"  streamed / in memory: {rec['stream_vs_memory']:.2f}x images/s")
+
+
+@app.command("make-tree")
+def make_tree(out: Annotated[Path, typer.Option("--out", help="Folder to create.")],
+              train_images: Annotated[int, typer.Option(min=1)] = 200_000,
+              test_images: Annotated[int, typer.Option(min=1)] = 10_000,
+              size: Annotated[int, typer.Option(min=8)] = 64,
+              classes: Annotated[int, typer.Option(min=2)] = 10) -> None:
+    """Write a synthetic ImageFolder tree of JPEGs (for trying the streamed data path at scale)."""
+    from dart_ee.data_bench import make_tree as write
+
+    rec = write(out, train_images, test_images, size, classes)
+    typer.echo(f"wrote {rec['n_train']:,} + {rec['n_test']:,} images of {size}x{size} pixels ({rec['bytes'] / 2**20:.0f} "
+               f"MB) under {out}; train on it with data.dataset: imagefolder, data.image_size: {size}")
+
+
 PolicyDartOpt = Annotated[Optional[Path], typer.Option("--policy", help="Fitted DART policy JSON; default the run's "
                                                                           "(RUN/policies/dart.json, or its uncertified "
                                                                           "DART where that is the static network).")]

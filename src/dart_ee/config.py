@@ -50,6 +50,7 @@ class ModelConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(30, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # at most this many steps an epoch (smoke runs, data benchmarks)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(0.1, gt=0)  # OneCycle peak learning rate
     # SGD with (Nesterov) momentum for the CNNs; AdamW, the usual choice for transformers trained from scratch
@@ -241,7 +242,7 @@ def dump_config(cfg: Config) -> str:
 # Fields added after runs were made, with the default that is what those runs did: left out of the
 # fingerprints at that default, so that existing runs stay current.
 _ADDED_LATER = {("train", "optimizer"): "sgd", ("data", "image_size"): None, ("data", "stream"): False,
-                ("data", "workers"): None}
+                ("data", "workers"): None, ("train", "max_steps"): None}
 
 
 def _dump(cfg: Config, **kw: Any) -> dict:
@@ -261,8 +262,8 @@ def config_fingerprint(cfg: Config) -> str:
 # size change no result, and calibration or benchmark settings are read only by later steps.
 _STEP_INPUTS: dict[str, Any] = {
     "train": {"seed": True, "data": {"dataset", "cal_fraction", "split_seed", "train_subset", "test_subset", "image_size"},
-              "model": True, "train": {"epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov", "weight_decay",
-                                       "label_smoothing", "exit_weights", "distill", "distill_temperature",
+              "model": True, "train": {"epochs", "max_steps", "batch_size", "lr", "optimizer", "momentum", "nesterov",
+                                       "weight_decay", "label_smoothing", "exit_weights", "distill", "distill_temperature",
                                        "policy_lambda", "bf16", "channels_last", "crop_pad", "flip"}},
     "trace": {"seed": True, "data": {"dataset", "cal_fraction", "split_seed", "train_subset", "test_subset", "image_size"},
               "difficulty": True},

@@ -257,7 +257,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     trainee = distributed.wrap(model, w, dev)
 
     opt = make_optimizer(model.parameters(), t)
-    steps = len(splits.train) // t.batch_size
+    steps = min(len(splits.train) // t.batch_size, t.max_steps or len(splits.train))
     if steps == 0:
         raise ConfigError(f"train.batch_size={t.batch_size} exceeds the {len(splits.train)} training images")
     sched = one_cycle(opt, t.lr, t.epochs * steps)
@@ -347,6 +347,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
         "exit_test_accuracy": test_acc, "exit_cal_accuracy": cal_acc,
         "exit_macs": macs, "exit_macs_fraction": cost_frac, "static_macs": model.static_macs(),
         "n_train": len(splits.train), "n_cal": len(splits.cal), "n_test": len(splits.test),
+        "steps_per_epoch": steps, "batch_size": t.batch_size, "streamed": cfg.data.stream, "decode_workers": workers,
         "config_fingerprint": fp, "train_fingerprint": train_fp,
     }
     save_model(model.cpu(), run_dir / MODEL, fp)
