@@ -2,7 +2,7 @@
 
 Each path trains the same config for the same number of steps in a child process (`dart-ee train`,
 with a fresh decode cache, so the in-memory path pays its decode as a first run does). Memory is the
-peak, sampled every 0.1 s, of the proportional set size (PSS) summed over the child and its
+peak, sampled every 0.5 s, of the proportional set size (PSS) summed over the child and its
 DataLoader workers: pages the workers share with their parent after the fork count once, not once
 per process as RSS would count them. Throughput is training images per second over the training
 loop alone (the run's own ``train_wall_time_s``); setup (listing or decoding) is reported apart.
@@ -79,7 +79,7 @@ def _train_child(config: Path, mode: str, steps: int, workers: int | None, data_
         def sample() -> None:
             while child.poll() is None:
                 peak[0] = max(peak[0], tree_pss_mb(child.pid))
-                time.sleep(0.1)
+                time.sleep(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()

@@ -408,6 +408,30 @@ def runner_summary(root: Path) -> str:
     return "\n".join(rows)
 
 
+DATA_RECORDS = {"synthetic 64x64 tree, 200,000 training JPEGs": "data/tree64_resnet18.json",
+                "CIFAR-10 (JPEG tree)": "data/cifar10_alexnet.json"}
+
+
+def data_paths_section(root: Path) -> str:
+    """In-memory against streamed training data (``dart-ee data-speed``)."""
+    rows = ["| Data | Config | Path | Decode workers | Training images/s | Setup (s) | Peak memory (MB, PSS) |",
+            "|---|---|---|---|---|---|---|"]
+    notes, provs = [], []
+    for what, rel in DATA_RECORDS.items():
+        rec = _load(root, rel)
+        provs.append(_prov(rec["provenance"]))
+        for r in rec["rows"]:
+            cap = "" if r["under_cap"] is None else (" (under the cap)" if r["under_cap"] else " (**over the cap**)")
+            rows.append(f"| {what} | `{rec['config']}` | {r['mode']} | {r['workers']} | {r['images_per_s']:.0f} | "
+                        f"{r['setup_s']:.0f} | {r['peak_pss_mb']:,.0f}{cap} |")
+        by = {r["mode"]: r for r in rec["rows"]}
+        cap = (f"; cap {rec['cap_mb']:,.0f} MB: in memory **{'under' if by['memory']['under_cap'] else 'over'}**, "
+               f"streamed **{'under' if by['stream']['under_cap'] else 'over'}**") if rec["cap_mb"] else ""
+        notes.append(f"{what}: {rec['steps']} steps, streamed / in memory **{rec['stream_vs_memory']:.2f}x** images/s, "
+                     f"peak memory {by['stream']['peak_pss_mb']:,.0f} against {by['memory']['peak_pss_mb']:,.0f} MB{cap}.")
+    return "\n\n".join(["\n".join(rows), " ".join(notes), "Records: " + "; ".join(provs) + "."])
+
+
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "population coverage": population_section,
     "cifar10_alexnet re-split coverage": lambda root: resplit_section(root, "cifar10_alexnet"),
@@ -435,6 +459,7 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "cifar10_levit128s certified run": lambda root: run_section(root, "cifar10_levit128s"),
     "cifar10_levit128s details": functools.partial(details_section, run="cifar10_levit128s"),
     "levit goal": levit_section,
+    "data paths": data_paths_section,
 }
 
 
