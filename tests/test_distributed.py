@@ -10,17 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_idx_dataset, tiny_config
+from conftest import make_idx_dataset, make_image_folder, tiny_config
 
 pytestmark = pytest.mark.slow
 
 
-def _config(tmp_path: Path, **train) -> Path:
+def _config(tmp_path: Path, stream: bool = False, **train) -> Path:
     """Five steps of a global batch of 64. A small learning rate: float rounding (sums taken in another order)
     differs between the two set-ups, and large steps amplify it through ReLUs that switch, as between
-    any two machines; the weights are compared after a few steps, to float tolerance."""
-    make_idx_dataset(tmp_path / "data" / "mnist", n_train=400, n_test=100)
-    raw = tiny_config(tmp_path / "data", **{"epochs": 1, "batch_size": 64, "lr": 0.001, **train})
+    any two machines; the weights are compared after a few steps, to float tolerance. ``stream``: an
+    ImageFolder tree decoded by a worker in each process (each decodes only its share of a batch)."""
+    if stream:
+        make_image_folder(tmp_path / "tree", per_class=140, classes=3, size=16)
+        raw = tiny_config(tmp_path / "tree", **{"epochs": 1, "batch_size": 64, "lr": 0.001, **train})
+        raw["data"].update(dataset="imagefolder", image_size=16, stream=True, workers=1)
+    else:
+        make_idx_dataset(tmp_path / "data" / "mnist", n_train=400, n_test=100)
+        raw = tiny_config(tmp_path / "data", **{"epochs": 1, "batch_size": 64, "lr": 0.001, **train})
     # no dropout (AlexNet's would draw its masks per process): a slim ResNet-18, BatchNorm included
     raw["model"] = {"name": "resnet18", "width_mult": 0.125, "head_width": 16}
     path = tmp_path / "cfg.yaml"
@@ -51,9 +57,10 @@ def _assert_same(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("exit_weights", [None, [0, 0, 0, 1]], ids=["joint", "single-exit"])
-def test_two_processes_train_what_one_does(tmp_path, exit_weights):
-    cfg = _config(tmp_path, **({"exit_weights": exit_weights} if exit_weights else {}))
+@pytest.mark.parametrize("exit_weights, stream", [(None, False), ([0, 0, 0, 1], False), (None, True)],
+                         ids=["joint", "single-exit", "streamed"])
+def test_two_processes_train_what_one_does(tmp_path, exit_weights, stream):
+    cfg = _config(tmp_path, stream, **({"exit_weights": exit_weights} if exit_weights else {}))
     out = _finish(_train(cfg, tmp_path / "two", 2))
     assert "2 processes" in out and out.count("epoch 1/1") == 1  # one voice: rank 0 logs
     _finish(_train(cfg, tmp_path / "one", 1))

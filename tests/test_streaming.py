@@ -149,3 +149,11 @@ def test_data_speed_measures_both_paths(tmp_path):
     for r in rec["rows"]:
         assert r["steps"] == 3 and r["images_per_s"] > 0 and r["peak_pss_mb"] > 50 and r["under_cap"]
     assert rec["rows"][1]["workers"] == 1 and rec["stream_vs_memory"] > 0
+
+
+def test_a_share_of_a_batch_is_augmented_as_in_the_whole_batch():
+    """Each torchrun process decodes only its share of a global batch and must augment it as one process would."""
+    x = torch.rand(10, 3, 12, 12)
+    whole = data.augment(x, 2, True, torch.Generator().manual_seed(5))
+    part = data.augment(x[4:7], 2, True, torch.Generator().manual_seed(5), batch=10, share=slice(4, 7))
+    torch.testing.assert_close(part, whole[4:7], rtol=0, atol=0)

@@ -681,6 +681,8 @@ def data_speed(config: ConfigOpt = None, data_dir: DataDirOpt = None,
                                                                           "data.workers, else the cores, at most 4).")] = None,
                cap_mb: Annotated[Optional[float], typer.Option(help="Also say whether each path stayed under this "
                                                                     "peak memory (MB).")] = None,
+               repeats: Annotated[int, typer.Option(min=1, help="Rounds, the modes alternating; the median "
+                                                                "images/s is reported.")] = 1,
                set_: SetOpt = None,
                out: Annotated[Optional[Path], typer.Option("--out", help="Also write the record (with its provenance) "
                                                                           "as JSON.")] = None) -> None:
@@ -690,8 +692,9 @@ def data_speed(config: ConfigOpt = None, data_dir: DataDirOpt = None,
 
     if config is None:
         raise DartError("data-speed needs --config (the run to train for a few steps)")
-    rec = _recorded(measure(config, steps, tuple(mode or MODES), workers, data_dir, cap_mb, set_ or []), out)
-    typer.echo(f"{config}, {steps} steps, {rec['hardware']['cpu']} ({rec['hardware']['cpu_count']} cores):")
+    rec = _recorded(measure(config, steps, tuple(mode or MODES), workers, data_dir, cap_mb, set_ or [], repeats), out)
+    typer.echo(f"{config}, {steps} steps, median of {repeats} round(s), {rec['hardware']['cpu']} "
+               f"({rec['hardware']['cpu_count']} cores):")
     for r in rec["rows"]:
         cap = "" if r["under_cap"] is None else f", {'under' if r['under_cap'] else 'OVER'} the {cap_mb:.0f} MB cap"
         typer.echo(f"  {r['mode']:6} {r['images_per_s']:8.0f} images/s ({r['workers']} decode workers), setup "

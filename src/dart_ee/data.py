@@ -295,7 +295,8 @@ def resize_images(x: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _stack_folder(items: dict[str, list[tuple[str, bytes]]], where: str, size: int | None = None) -> ImageSet:
+def _stack_folder(items: dict[str, list[tuple[str, bytes]]], where: str, size: int | None = None,
+                  channels: int | None = None) -> ImageSet:
     classes = tuple(sorted(items))
     if not classes:
         raise DataError(f"{where}: no class folders found; expected {where}/<class>/<image>")
@@ -305,7 +306,7 @@ def _stack_folder(items: dict[str, list[tuple[str, bytes]]], where: str, size: i
             raise DataError(f"{where}/{cls}: empty class folder; add images or remove the folder")
         for name, data in sorted(items[cls]):
             names.append(name)
-            xs.append(decode_image(data, name, size))
+            xs.append(decode_image(data, name, size, channels))
             ys.append(label)
     if any(a.shape[0] == 3 for a in xs):  # mixed grey and colour files: promote grey to RGB
         xs = [np.repeat(a, 3, 0) if a.shape[0] == 1 else a for a in xs]
@@ -316,8 +317,8 @@ def _stack_folder(items: dict[str, list[tuple[str, bytes]]], where: str, size: i
     return ImageSet(np.stack(xs), np.asarray(ys, dtype=np.int64), classes)
 
 
-def read_image_folder(root: Path, size: int | None = None) -> tuple[ImageSet, ImageSet]:
-    """Read ``root/train/<class>/*`` and ``root/test/<class>/*`` (resized to ``size`` when given)."""
+def read_image_folder(root: Path, size: int | None = None, channels: int | None = None) -> tuple[ImageSet, ImageSet]:
+    """Read ``root/train/<class>/*`` and ``root/test/<class>/*`` (``decode_image``'s ``size`` and ``channels``)."""
     out = []
     for split in ("train", "test"):
         d = root / split
@@ -327,12 +328,12 @@ def read_image_folder(root: Path, size: int | None = None) -> tuple[ImageSet, Im
         for cls_dir in sorted(p for p in d.iterdir() if p.is_dir()):
             files = [p for p in sorted(cls_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
             items[cls_dir.name] = [(str(p), p.read_bytes()) for p in files]
-        out.append(_stack_folder(items, str(d), size))
+        out.append(_stack_folder(items, str(d), size, channels))
     _check_same_classes(out[0], out[1], root)
     return out[0], out[1]
 
 
-def read_image_folder_tar(path: Path, size: int | None = None) -> tuple[ImageSet, ImageSet]:
+def read_image_folder_tar(path: Path, size: int | None = None, channels: int | None = None) -> tuple[ImageSet, ImageSet]:
     """Read an ImageFolder tree from a tarball in one streaming pass (``*/train/<class>/<file>``)."""
     items: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
     try:
@@ -351,7 +352,7 @@ def read_image_folder_tar(path: Path, size: int | None = None) -> tuple[ImageSet
                         items[split].setdefault(parts[k + 1], []).append((f"{path}:{m.name}", f.read()))
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{path}: cannot read tarball ({e}); it is corrupt or truncated, re-copy it") from e
-    train, test = (_stack_folder(items[s], f"{path}:{s}", size) for s in ("train", "test"))
+    train, test = (_stack_folder(items[s], f"{path}:{s}", size, channels) for s in ("train", "test"))
     _check_same_classes(train, test, path)
     return train, test
 
@@ -455,6 +456,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, use_cache: bool 
         train, test = read_sklearn_digits()
         return (train, test) if not size else (_resized(train, size), _resized(test, size))
     kind, path = _locate(spec, resolve_data_dir(data_dir))
+    channels = 3 if name == "imagefolder" else None  # an arbitrary tree is read as RGB, grey files too
     if stream:
         if kind != "imagefolder":
             raise DataError(f"{path}: data.stream reads ImageFolder directories (<root>/train/<class>/<image>), but "
@@ -463,8 +465,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, use_cache: bool 
         sets = []
         for split in ("train", "test"):
             names, labels, classes = list_image_folder(path / split, IMAGE_SUFFIXES)
-            channels = 3 if name == "imagefolder" else spec.in_channels
-            files = FileImages(path, names, channels, size or spec.image_size)
+            files = FileImages(path, names, channels or spec.in_channels, size or spec.image_size)
             sets.append(ImageSet(files, labels, classes))  # type: ignore[arg-type]  # indexes like an array
         _check_same_classes(sets[0], sets[1], path)
         return sets[0], sets[1]
@@ -477,7 +478,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, use_cache: bool 
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, DataError):
             pass  # a corrupt cache is rebuilt below
     if kind.startswith("imagefolder"):
-        train, test = _READERS[kind](path, size)  # the folder readers resize as they decode
+        train, test = _READERS[kind](path, size, channels)  # the folder readers resize as they decode
     else:
         train, test = _READERS[kind](path)
         train, test = (_resized(train, size), _resized(test, size)) if size else (train, test)
@@ -547,18 +548,24 @@ def to_float(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
 
 
-def augment(x: torch.Tensor, crop_pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Random translation by up to ``crop_pad`` pixels (reflect-padded crop) and horizontal flips."""
+def augment(x: torch.Tensor, crop_pad: int, flip: bool, gen: torch.Generator, batch: int | None = None,
+            share: slice = slice(None)) -> torch.Tensor:
+    """Random translation by up to ``crop_pad`` pixels (reflect-padded crop) and horizontal flips.
+
+    ``x`` may be the rows ``share`` of a batch of ``batch`` samples: the draws are made for the whole
+    batch and those rows' applied, so processes that each hold a share of a batch augment it as one would.
+    """
     n, _, h, w = x.shape
+    total = batch or n
     if crop_pad > 0:
         xp = torch.nn.functional.pad(x, (crop_pad,) * 4, mode="reflect")
         dev = x.device  # ``gen`` must live there too
-        oy = torch.randint(0, 2 * crop_pad + 1, (n, 1), generator=gen, device=dev)
-        ox = torch.randint(0, 2 * crop_pad + 1, (n, 1), generator=gen, device=dev)
+        oy = torch.randint(0, 2 * crop_pad + 1, (total, 1), generator=gen, device=dev)[share]
+        ox = torch.randint(0, 2 * crop_pad + 1, (total, 1), generator=gen, device=dev)[share]
         rows = (oy + torch.arange(h, device=dev))[:, :, None]  # (n, h, 1)
         cols = (ox + torch.arange(w, device=dev))[:, None, :]  # (n, 1, w)
         x = xp[torch.arange(n, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
     if flip:
-        mask = torch.rand(n, generator=gen, device=x.device) < 0.5
+        mask = torch.rand(total, generator=gen, device=x.device)[share] < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x.contiguous()

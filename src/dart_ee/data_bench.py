@@ -99,8 +99,10 @@ def _train_child(config: Path, mode: str, steps: int, workers: int | None, data_
 
 
 def data_speed(config: Path, steps: int = 100, modes: tuple[str, ...] = MODES, workers: int | None = None,
-               data_dir: Path | None = None, cap_mb: float | None = None, sets: list[str] | None = None) -> dict:
-    """Train ``config`` for ``steps`` steps in each of ``modes``; images/s and peak memory of each."""
+               data_dir: Path | None = None, cap_mb: float | None = None, sets: list[str] | None = None,
+               repeats: int = 1) -> dict:
+    """Train ``config`` for ``steps`` steps in each of ``modes``, ``repeats`` rounds in alternation; per mode
+    the median images/s and setup time and the highest peak memory (every round's figures are kept)."""
     from dart_ee.bench import hardware_info
 
     bad = sorted(set(modes) - set(MODES))
@@ -108,13 +110,18 @@ def data_speed(config: Path, steps: int = 100, modes: tuple[str, ...] = MODES, w
         raise ConfigError(f"unknown data mode(s) {bad or list(modes)}: choose memory and/or stream")
     if not Path("/proc/self/smaps_rollup").is_file():
         raise ConfigError("data-speed reads memory from /proc/<pid>/smaps_rollup, which this system lacks (Linux 4.14+)")
-    rows = [_train_child(Path(config), m, steps, workers, data_dir, sets or []) for m in modes]
-    for r in rows:
-        r["under_cap"] = None if cap_mb is None else r["peak_pss_mb"] <= cap_mb
+    rounds = [[_train_child(Path(config), m, steps, workers, data_dir, sets or []) for m in modes] for _ in range(repeats)]
+    rows = []
+    for i in range(len(modes)):
+        runs = [r[i] for r in rounds]
+        peak = max(r["peak_pss_mb"] for r in runs)
+        rows.append({**runs[0], "images_per_s": float(np.median([r["images_per_s"] for r in runs])),
+                     "setup_s": float(np.median([r["setup_s"] for r in runs])), "peak_pss_mb": peak,
+                     "under_cap": None if cap_mb is None else peak <= cap_mb, "rounds": runs})
     by = {r["mode"]: r for r in rows}
     ratio = by["stream"]["images_per_s"] / by["memory"]["images_per_s"] if len(by) == 2 else None
-    return {"config": str(config), "steps": steps, "cap_mb": cap_mb, "rows": rows, "stream_vs_memory": ratio,
-            "hardware": hardware_info(torch.device("cpu"))}
+    return {"config": str(config), "steps": steps, "repeats": repeats, "cap_mb": cap_mb, "rows": rows,
+            "stream_vs_memory": ratio, "hardware": hardware_info(torch.device("cpu"))}
 
 
 def _write_images(args: tuple[Path, list[tuple[str, int]], int, int, int]) -> None:

@@ -427,7 +427,8 @@ def data_paths_section(root: Path) -> str:
         by = {r["mode"]: r for r in rec["rows"]}
         cap = (f"; cap {rec['cap_mb']:,.0f} MB: in memory **{'under' if by['memory']['under_cap'] else 'over'}**, "
                f"streamed **{'under' if by['stream']['under_cap'] else 'over'}**") if rec["cap_mb"] else ""
-        notes.append(f"{what}: {rec['steps']} steps, streamed / in memory **{rec['stream_vs_memory']:.2f}x** images/s, "
+        notes.append(f"{what}: {rec['steps']} steps, median of {rec['repeats']} round(s), streamed / in memory "
+                     f"**{rec['stream_vs_memory']:.2f}x** images/s, "
                      f"peak memory {by['stream']['peak_pss_mb']:,.0f} against {by['memory']['peak_pss_mb']:,.0f} MB{cap}.")
     return "\n\n".join(["\n".join(rows), " ".join(notes), "Records: " + "; ".join(provs) + "."])
 

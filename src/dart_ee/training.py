@@ -287,7 +287,8 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
             gen = torch.Generator(dev).manual_seed(_epoch_seed(cfg.seed, epoch))
             torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout
             perm = torch.randperm(len(y_train), generator=gen, device=dev)
-            order = [perm[b * t.batch_size: (b + 1) * t.batch_size] for b in range(steps)]
+            # every process draws the same global batches and takes its share of each: only that is decoded
+            order = [perm[b * t.batch_size: (b + 1) * t.batch_size][share] for b in range(steps)]
             pixels = (streaming.batches(splits.train.x, [o.cpu().numpy() for o in order], workers, dev.type == "cuda")
                       if x_train is None else (x_train[o] for o in order))
             trainee.train()
@@ -295,10 +296,10 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
             loss_sum, correct, seen = torch.zeros((), device=dev), torch.zeros(n_exits, device=dev), 0
             first_bad = torch.full((), -1, device=dev)  # first step with a non-finite loss, read with the sums
             for b, (idx, xb) in enumerate(zip(order, pixels)):
-                # the global batch is augmented alike in every process (same generator); each trains on its share
-                x = data.augment(data.to_float(xb.to(dev, non_blocking=True)), crop_pad, flip, gen)[share]
+                # augmented with draws for the whole global batch (same generator in every process)
+                x = data.augment(data.to_float(xb.to(dev, non_blocking=True)), crop_pad, flip, gen, t.batch_size, share)
                 x = x.to(memory_format=mem)
-                y = y_train[idx][share]
+                y = y_train[idx]
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16):
                     logits = trainee(x)
                 loss = multi_exit_loss(logits, y, weights, cfg, cost_frac)
