@@ -90,19 +90,26 @@ def test_defaults_have_one_source():
 
 
 def test_a_field_added_at_its_default_keeps_every_runs_fingerprints():
-    """train.optimizer came after runs were made: at its default ("sgd", what they did) it is not hashed."""
+    """train.optimizer, train.max_steps and data.image_size/stream/workers came after runs were made: at their
+    defaults (what those runs did) they are not hashed."""
     from dart_ee.artifacts import fingerprint
     from dart_ee.config import _STEP_INPUTS, Config, config_fingerprint, step_fingerprint
 
+    later = [("train", "optimizer"), ("train", "max_steps"), ("data", "image_size"), ("data", "stream"),
+             ("data", "workers")]
     cfg = Config()
     before = cfg.model_dump(mode="json", include=_STEP_INPUTS["train"])
-    before["train"].pop("optimizer")
-    assert step_fingerprint(cfg, "train") == fingerprint({"fields": before})
     whole = cfg.model_dump(mode="json", exclude={"train": {"device"}})
-    whole["train"].pop("optimizer")
+    for section, field in later:
+        before[section].pop(field, None)
+        whole[section].pop(field)
+    assert step_fingerprint(cfg, "train") == fingerprint({"fields": before})
     assert config_fingerprint(cfg) == fingerprint(whole)
-    adamw = cfg.model_copy(update={"train": cfg.train.model_copy(update={"optimizer": "adamw"})})
-    assert step_fingerprint(adamw, "train") != step_fingerprint(cfg, "train")  # a change of recipe still counts
+    for section, field, value in (("train", "optimizer", "adamw"), ("train", "max_steps", 5), ("data", "image_size", 64)):
+        changed = cfg.model_copy(update={section: getattr(cfg, section).model_copy(update={field: value})})
+        assert step_fingerprint(changed, "train") != step_fingerprint(cfg, "train"), field  # a change of recipe counts
+    streamed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"stream": True, "workers": 2})})
+    assert step_fingerprint(streamed, "train") == step_fingerprint(cfg, "train")  # the same pixels, the same model
 
 
 def test_ucb1_without_audits_is_refused():
