@@ -157,3 +157,29 @@ def test_a_share_of_a_batch_is_augmented_as_in_the_whole_batch():
     whole = data.augment(x, 2, True, torch.Generator().manual_seed(5))
     part = data.augment(x[4:7], 2, True, torch.Generator().manual_seed(5), batch=10, share=slice(4, 7))
     torch.testing.assert_close(part, whole[4:7], rtol=0, atol=0)
+
+
+def test_an_uncompressed_tar_streams_like_its_tree_and_a_gzipped_one_is_refused(tmp_path):
+    import tarfile
+
+    root = _mixed_tree(tmp_path / "tree")
+    with tarfile.open(tmp_path / "tree.tar", "w") as tar:
+        tar.add(root, arcname="tree")
+    with tarfile.open(tmp_path / "tree.tar.gz", "w:gz") as tar:
+        tar.add(root, arcname="tree")
+    tree = data.load_dataset("imagefolder", root, size=16, stream=True)
+    from_tar = data.load_dataset("imagefolder", tmp_path / "tree.tar", size=16, stream=True)
+    in_memory = data.load_dataset("imagefolder", tmp_path / "tree.tar", use_cache=False, size=16)
+    for a, b, c in zip(tree, from_tar, in_memory):
+        assert a.classes == b.classes == c.classes and (a.y == b.y).all() and (b.y == c.y).all()
+        assert b.x.spans is not None
+        np.testing.assert_array_equal(b.x[:], a.x[:])
+        np.testing.assert_array_equal(b.x[:], c.x)
+        np.testing.assert_array_equal(b.subset(np.array([3, 0])).x[:], c.x[[3, 0]])
+    with pytest.raises(DataError, match="gunzip"):
+        data.load_dataset("imagefolder", tmp_path / "tree.tar.gz", size=16, stream=True)
+    train = from_tar[0]
+    with open(tmp_path / "tree.tar", "r+b") as f:
+        f.truncate(int(train.x.spans[:, 0].max()))  # the last member's bytes are gone
+    with pytest.raises(DataError, match="truncated"):
+        train.x[int(train.x.spans[:, 0].argmax())]

@@ -447,7 +447,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, use_cache: bool 
     In memory (the default), decoded once and cached as npz. With ``stream``, an ImageFolder
     directory is listed, not decoded: the sets hold ``streaming.FileImages``, decoded batch by batch.
     """
-    from dart_ee.streaming import FileImages, list_image_folder
+    from dart_ee.streaming import FileImages, list_image_folder, list_image_tar
 
     spec = get_spec(name)
     if name == "digits":  # ships with an installed package: no data directory, nothing to cache
@@ -458,15 +458,14 @@ def load_dataset(name: str, data_dir: str | Path | None = None, use_cache: bool 
     kind, path = _locate(spec, resolve_data_dir(data_dir))
     channels = 3 if name == "imagefolder" else None  # an arbitrary tree is read as RGB, grey files too
     if stream:
-        if kind != "imagefolder":
-            raise DataError(f"{path}: data.stream reads ImageFolder directories (<root>/train/<class>/<image>), but "
-                            f"this is {kind} data; extract the tree from its archive or set data.stream: false "
-                            "(the in-memory path)")
-        sets = []
-        for split in ("train", "test"):
-            names, labels, classes = list_image_folder(path / split, IMAGE_SUFFIXES)
-            files = FileImages(path, names, channels or spec.in_channels, size or spec.image_size)
-            sets.append(ImageSet(files, labels, classes))  # type: ignore[arg-type]  # indexes like an array
+        if not kind.startswith("imagefolder"):
+            raise DataError(f"{path}: data.stream reads ImageFolder trees (<root>/train/<class>/<image>, a directory or "
+                            f"an uncompressed .tar), but this is {kind} data; set data.stream: false (the in-memory path)")
+        ch, px = channels or spec.in_channels, size or spec.image_size
+        listed = ({split: list_image_folder(path / split, IMAGE_SUFFIXES) for split in ("train", "test")}
+                  if kind == "imagefolder" else list_image_tar(path, IMAGE_SUFFIXES))
+        sets = [ImageSet(FileImages(path, names, ch, px, spans), labels, classes)  # type: ignore[arg-type]  # like an array
+                for names, labels, classes, spans in (listed["train"], listed["test"])]
         _check_same_classes(sets[0], sets[1], path)
         return sets[0], sets[1]
     cache = cache_dir() / f"{spec.name}-{_source_key(kind, path)}{f'-{size}px' if size else ''}.npz"

@@ -1,12 +1,13 @@
-"""Images decoded on demand: an ImageFolder tree read in batches by worker processes.
+"""Images decoded on demand: an ImageFolder tree (a directory, or an uncompressed tar) read in batches by
+worker processes.
 
 The in-memory path (``dart_ee.data``) decodes a whole dataset into one uint8 array: right for
 CIFAR-10 and MNIST, wrong for a tree of hundreds of thousands of images. ``FileImages`` stands in
 for that array. It holds only the file names (one fixed-width byte string each, so that forked
-workers share the pages instead of touching a Python object per file), and indexing it decodes the
-files asked for. ``batches`` hands a sequence of index batches to a ``torch.utils.data.DataLoader``
-whose workers decode them ahead of the training step, in order: memory is bounded by
-workers x prefetch x batch, not by the dataset.
+workers share the pages instead of touching a Python object per file), and for a tar each member's
+byte offset and size; indexing it decodes the files asked for. ``batches`` hands a sequence of
+index batches to a ``torch.utils.data.DataLoader`` whose workers decode them ahead of the training
+step, in order: memory is bounded by workers x prefetch x batch, not by the dataset.
 
 Both paths decode and resize with the same function (``data.decode_image``), so a streamed run sees
 the very pixels an in-memory run of the same tree sees.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -27,7 +29,8 @@ from dart_ee.errors import DataError
 
 
 class FileImages:
-    """A lazily decoded (N, C, H, W) uint8 "array" of image files under ``root``.
+    """A lazily decoded (N, C, H, W) uint8 "array" of image files: under a directory ``root``, or the
+    members of an uncompressed tar file ``root`` at byte ``spans`` (offset, size).
 
     Supports what the pipeline does with an image array: ``len``, ``shape``, ``dtype``, ``ndim`` and
     indexing by an integer, a slice or an index array (which decodes those files).
@@ -36,10 +39,11 @@ class FileImages:
     dtype = np.dtype(np.uint8)
     ndim = 4
 
-    def __init__(self, root: Path, names: np.ndarray, channels: int, size: int) -> None:
+    def __init__(self, root: Path, names: np.ndarray, channels: int, size: int, spans: np.ndarray | None = None) -> None:
         self.root = Path(root)
-        self.names = np.asarray(names, dtype=np.bytes_)  # paths relative to root, UTF-8
+        self.names = np.asarray(names, dtype=np.bytes_)  # paths relative to root (or member names), UTF-8
         self.channels, self.size = int(channels), int(size)
+        self.spans = None if spans is None else np.asarray(spans, dtype=np.int64).reshape(-1, 2)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -48,37 +52,88 @@ class FileImages:
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self.names), self.channels, self.size, self.size)
 
+    def _files(self, idx: slice | np.ndarray | Sequence[int]) -> Iterator[tuple[str, bytes]]:
+        """(where, bytes) of the files at ``idx``."""
+        if self.spans is None:
+            for name in self.names[idx]:
+                path = self.root / name.decode()
+                try:
+                    yield str(path), path.read_bytes()
+                except OSError as e:
+                    raise DataError(f"{path}: cannot read the image ({e.strerror or e}); the tree changed since it was "
+                                    "listed: restore the file or start a new run") from e
+            return
+        with open(self.root, "rb") as f:  # one open per batch; a seek and a read per member
+            for name, (offset, size) in zip(self.names[idx], self.spans[idx]):
+                f.seek(offset)
+                raw = f.read(size)
+                if len(raw) != size:
+                    raise DataError(f"{self.root}: truncated at member {name.decode()}; the tar file changed since it "
+                                    "was listed: re-copy it or start a new run")
+                yield f"{self.root}:{name.decode()}", raw
+
     def __getitem__(self, idx: int | slice | np.ndarray | Sequence[int]) -> np.ndarray:
         from dart_ee.data import decode_image
 
         if isinstance(idx, (int, np.integer)):
             return self[np.array([idx])][0]
-        names = self.names[idx]
-        out = np.empty((len(names), self.channels, self.size, self.size), np.uint8)
-        for i, name in enumerate(names):
-            path = self.root / name.decode()
-            try:
-                raw = path.read_bytes()
-            except OSError as e:
-                raise DataError(f"{path}: cannot read the image ({e.strerror or e}); the tree changed since it was "
-                                "listed: restore the file or start a new run") from e
-            out[i] = decode_image(raw, str(path), self.size, self.channels)
+        n = len(self.names[idx])
+        out = np.empty((n, self.channels, self.size, self.size), np.uint8)
+        for i, (where, raw) in enumerate(self._files(idx)):
+            out[i] = decode_image(raw, where, self.size, self.channels)
         return out
 
     def subset(self, idx: np.ndarray) -> FileImages:
-        return FileImages(self.root, self.names[idx], self.channels, self.size)
+        return FileImages(self.root, self.names[idx], self.channels, self.size,
+                          None if self.spans is None else self.spans[idx])
 
     def fingerprint(self) -> str:
         """A hash of the file names, sizes and modification times (the pixels are never all read at once)."""
         h = hashlib.sha256(f"{self.channels}|{self.size}".encode())
+        if self.spans is not None:  # one file: its size and time, and where each member lies in it
+            st = os.stat(self.root)
+            h.update(f"{st.st_size}|{st.st_mtime_ns}".encode() + self.names.tobytes() + self.spans.tobytes())
+            return h.hexdigest()[:16]
         for name in self.names:
             st = os.stat(self.root / name.decode())
             h.update(name + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
 
 
-def list_image_folder(split_dir: Path, suffixes: Sequence[str]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """File names (relative to ``split_dir``'s parent), labels and class names of ``split_dir/<class>/*``."""
+Listing = tuple[np.ndarray, np.ndarray, tuple[str, ...], "np.ndarray | None"]  # names, labels, classes, byte spans
+
+
+def list_image_tar(path: Path, suffixes: Sequence[str]) -> dict[str, Listing]:
+    """Per split (``train``, ``test``): member names, labels, classes and byte spans of an uncompressed tar of an
+    ImageFolder tree (``*/train/<class>/<file>``), listed in one pass without reading the images."""
+    found: dict[str, dict[str, list[tuple[str, int, int]]]] = {"train": {}, "test": {}}
+    try:
+        with tarfile.open(path, "r:") as tar:  # "r:" alone: a compressed tar cannot be read at an offset
+            for m in tar:
+                parts = Path(m.name).parts
+                k = max((i for i, p in enumerate(parts) if p in found), default=-1)
+                if k < 0 or len(parts) != k + 3 or not m.isfile() or Path(m.name).suffix.lower() not in suffixes:
+                    continue
+                found[parts[k]].setdefault(parts[k + 1], []).append((m.name, m.offset_data, m.size))
+    except tarfile.ReadError as e:
+        raise DataError(f"{path}: not an uncompressed tar ({e}); streaming reads members at their offsets, which a "
+                        f"compressed archive does not allow: decompress it first (gunzip {path.name} gives a .tar) "
+                        "or extract it, or set data.stream: false") from e
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{path}: cannot read tarball ({e}); it is corrupt or truncated, re-copy it") from e
+    out: dict[str, Listing] = {}
+    for split, by_class in found.items():
+        classes = tuple(sorted(by_class))
+        if not classes:
+            raise DataError(f"{path}: no {split}/<class>/<image> members; expected an ImageFolder tree inside")
+        rows = [(name, off, size, label) for label, c in enumerate(classes) for name, off, size in sorted(by_class[c])]
+        out[split] = (np.array([r[0].encode() for r in rows], dtype=np.bytes_), np.array([r[3] for r in rows], np.int64),
+                      classes, np.array([(r[1], r[2]) for r in rows], dtype=np.int64))
+    return out
+
+
+def list_image_folder(split_dir: Path, suffixes: Sequence[str]) -> Listing:
+    """File names (relative to ``split_dir``'s parent), labels and class names of ``split_dir/<class>/*`` (no spans)."""
     if not split_dir.is_dir():
         raise DataError(f"ImageFolder split directory not found: {split_dir}")
     classes = tuple(sorted(p.name for p in split_dir.iterdir() if p.is_dir()))
@@ -93,7 +148,7 @@ def list_image_folder(split_dir: Path, suffixes: Sequence[str]) -> tuple[np.ndar
             raise DataError(f"{split_dir / cls}: empty class folder; add images or remove the folder")
         names += [f"{split_dir.name}/{cls}/{f}".encode() for f in files]
         labels += [label] * len(files)
-    return np.array(names, dtype=np.bytes_), np.asarray(labels, np.int64), classes
+    return np.array(names, dtype=np.bytes_), np.asarray(labels, np.int64), classes, None
 
 
 class _Batches(Dataset):
