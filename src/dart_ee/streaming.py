@@ -160,20 +160,20 @@ class _Batches(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, idx: np.ndarray) -> torch.Tensor:  # type: ignore[override]  # a batch, not one index
+    def __getitem__(self, idx: np.ndarray | slice) -> torch.Tensor:  # type: ignore[override]  # a batch, not one index
         return torch.from_numpy(self.images[idx])
 
 
-def batches(images: np.ndarray | FileImages, order: Iterable[np.ndarray], workers: int = 0,
+def batches(images: np.ndarray | torch.Tensor | FileImages, order: Iterable[np.ndarray | slice], workers: int = 0,
             pin_memory: bool = False) -> Iterator[torch.Tensor]:
-    """uint8 tensors of ``images[i]`` for each index array ``i`` in ``order``, in order.
+    """uint8 tensors of ``images[i]`` for each index array or slice ``i`` in ``order``, in order.
 
-    An in-memory array is sliced; ``FileImages`` are decoded by ``workers`` processes (0: in this
-    one), two batches ahead per worker.
+    An array or tensor in memory is indexed in place; ``FileImages`` are decoded by ``workers``
+    processes (0: in this one), two batches ahead per worker.
     """
     if not isinstance(images, FileImages):
         for idx in order:
-            yield torch.from_numpy(np.ascontiguousarray(images[idx]))
+            yield torch.as_tensor(images[idx])
         return
     # its own generator: a DataLoader otherwise draws its worker seed from torch's global one, which
     # would shift the training's dropout masks and make a streamed run differ from an in-memory one
@@ -183,6 +183,6 @@ def batches(images: np.ndarray | FileImages, order: Iterable[np.ndarray], worker
     yield from loader
 
 
-def in_order(n: int, batch_size: int) -> list[np.ndarray]:
-    """Index arrays 0..n-1 in batches of ``batch_size`` (the last may be shorter)."""
-    return [np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+def in_order(n: int, batch_size: int) -> list[slice]:
+    """0..n-1 in slices of ``batch_size`` (the last may be shorter)."""
+    return [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]

@@ -141,10 +141,7 @@ def predict_exits(model: MultiExitNet, images: np.ndarray | torch.Tensor | strea
     model.eval()
     dev = next(model.parameters()).device
     out = []
-    source = (streaming.batches(images, streaming.in_order(len(images), batch_size), workers)
-              if isinstance(images, streaming.FileImages) else
-              (torch.as_tensor(images[s: s + batch_size]) for s in range(0, len(images), batch_size)))
-    for xb in source:
+    for xb in streaming.batches(images, streaming.in_order(len(images), batch_size), workers):
         x = data.to_float(xb.to(dev))
         h, logits = x, []
         for i, (stage, head) in enumerate(zip(model.stages, model.heads)):
