@@ -175,6 +175,10 @@ def test_benchmark_times_both_engines(trained_run, exported, tmp_path):
     from dart_ee.export import is_current
 
     assert is_current(tmp_path / "onnx", trained_run["run"], [pol])
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    manifest["code_fingerprint"] = "made-by-older-code"  # graphs traced from other code are exported again
+    (tmp_path / "onnx" / "manifest.json").write_text(json.dumps(manifest))
+    assert not is_current(tmp_path / "onnx", trained_run["run"], [pol])
     code, out = invoke("benchmark", "--run", trained_run["run"], "--policy", pol, "--engine", "tensorrt")
     assert code != 0 and "choose torch or onnxruntime" in out
 

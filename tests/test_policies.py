@@ -171,3 +171,14 @@ def test_patience_needs_agreement():
               meta={"split": "cal", "static_macs": 4})
     exits, _ = simulate(make_policy("patience", k=2).fit(t), t)
     assert exits.tolist() == [1, 2, 3, 1, 1, 3]
+
+
+def test_bins_are_bucketize_for_sorted_edges():
+    """The policies' binning (a comparison and a sum, which exports to few ONNX nodes) is torch.bucketize."""
+    import torch
+
+    from dart_ee.policies import _bin
+
+    edges = torch.tensor([0.1, 0.27, 0.27, 0.45, 0.9])
+    v = torch.cat([torch.rand(1000), edges, torch.tensor([0.0, 1.0, -1.0, 2.0])])
+    assert torch.equal(_bin(v, edges), torch.bucketize(v, edges, right=True))

@@ -185,6 +185,15 @@ def _normalisation(model: MultiExitNet) -> dict[str, list[float]] | None:
     return None if norm is None else {"mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}
 
 
+def code_fingerprint() -> str:
+    """A checksum of the code that an export traces into its graphs (the models, the estimators, the
+    policies' decisions and this exporter): an export that other code made is not reused."""
+    from dart_ee import difficulty, levit, models, policies
+
+    return artifacts.fingerprint([artifacts.file_fingerprint(f) for f in (models.__file__, levit.__file__,
+                                                                          difficulty.__file__, policies.__file__, __file__)])
+
+
 def _policy_paths(run: Run, policies: Sequence[str | Path] | None) -> list[Path]:
     if policies:
         return [Path(p) for p in policies]
@@ -285,6 +294,7 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = 17, dtype: str
             "num_exits": model.num_exits, "num_classes": int(probs.shape[1]),
             "exit_macs": [float(m) for m in exit_macs], "static_macs": static_macs,
             "estimator_macs": {k: float(v) for k, v in est_macs.items()},
+            "code_fingerprint": code_fingerprint(),
             "model_fingerprint": artifacts.file_fingerprint(run.path / MODEL),
             "estimators_fingerprint": artifacts.file_fingerprint(run.path / ESTIMATORS),
             "train_fingerprint": metrics.get("train_fingerprint"),
@@ -323,13 +333,13 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = 17, dtype: str
 
 def is_current(export_dir: str | Path, run_dir: str | Path, policies: Sequence[str | Path]) -> bool:
     """Whether ``export_dir`` holds an fp32 export of the run's present model and estimators and of the given
-    policies (their files unchanged), so that it can be reused."""
+    policies (their files unchanged), made by this code, so that it can be reused."""
     path = Path(export_dir) / MANIFEST
     if not path.is_file():
         return False
     m, run = artifacts.read_json(path, "export manifest"), Path(run_dir)
     pols = m.get("policies", {})
-    return (m.get("format") == FORMAT and m.get("dtype") == "fp32"
+    return (m.get("format") == FORMAT and m.get("dtype") == "fp32" and m.get("code_fingerprint") == code_fingerprint()
             and m.get("model_fingerprint") == artifacts.file_fingerprint(run / MODEL)
             and m.get("estimators_fingerprint") == artifacts.file_fingerprint(run / ESTIMATORS)
             and all(Path(p).stem in pols and m["files"].get(pols[Path(p).stem]["file"])
