@@ -19,6 +19,25 @@ def _runner(run, policy, batch_size, **kw):
                         load_estimators(run["run"] / "difficulty.pt"), batch_size=batch_size, **kw)
 
 
+def test_queue_takes_rows_in_arrival_order_across_parts():
+    """Parts queue rows lazily (an index, or a run of consecutive rows); a take gathers them in order, and a
+    run at the front of one part comes back as a view, uncopied."""
+    from dart_ee.queued import _Queue
+
+    h = torch.arange(6 * 2 * 3 * 3, dtype=torch.float32).reshape(6, 2, 3, 3).contiguous(memory_format=torch.channels_last)
+    a = torch.arange(6, dtype=torch.float32)
+    q = _Queue()
+    q.append(torch.tensor([10, 11, 12]), {"h": h, "alpha": a}, torch.tensor([4, 0, 2]))
+    q.append(torch.tensor([20, 21, 22, 23]), {"h": h, "alpha": a}, 1)  # rows 1-4
+    idx, batch = q.take(5)
+    assert idx.tolist() == [10, 11, 12, 20, 21] and q.size == 2
+    assert torch.equal(batch["h"], h[[4, 0, 2, 1, 2]]) and batch["alpha"].tolist() == [4, 0, 2, 1, 2]
+    assert batch["h"].is_contiguous(memory_format=torch.channels_last)
+    idx, batch = q.take(2)
+    assert idx.tolist() == [22, 23] and batch["alpha"].tolist() == [3, 4] and q.size == 0
+    assert batch["h"].data_ptr() == h[3].data_ptr()  # a view: no copy
+
+
 @pytest.mark.parametrize("name", ["dart", "patience", "threshold"])
 def test_stream_in_pieces_equals_one_piece(trained_run, name):
     policy = _fitted(name, trained_run["cal"])

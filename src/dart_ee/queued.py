@@ -33,31 +33,59 @@ Batch = dict[str, torch.Tensor]  # "h" (the stage's input), "alpha", "st_<name>"
 
 
 class _Queue:
-    """Samples waiting for one stage, kept as a list of parts with a global-position tensor each."""
+    """Samples waiting for one stage: parts of earlier stage outputs, each with the rows of it that wait.
+
+    The rows are selected only when a stage takes them, so a stage's batch is gathered from its parts in
+    one copy per tensor (selecting the stayers at the split and concatenating the parts at the take
+    would copy every activation twice, which on a CPU costs more than full batches win back).
+    """
 
     def __init__(self) -> None:
-        self.parts: list[tuple[torch.Tensor, Batch]] = []
+        self.parts: list[tuple[torch.Tensor, Batch, torch.Tensor | int]] = []
         self.size = 0
 
-    def append(self, idx: torch.Tensor, batch: Batch) -> None:
+    def append(self, idx: torch.Tensor, batch: Batch, rows: torch.Tensor | int = 0) -> None:
+        """Queue the samples at global positions ``idx``: rows ``rows`` of ``batch`` (an index tensor, or the
+        first row of a run of ``len(idx)`` consecutive ones). The batch must not change while queued."""
         if len(idx):
-            self.parts.append((idx, batch))
+            self.parts.append((idx, batch, rows))
             self.size += len(idx)
 
     def take(self, n: int) -> tuple[torch.Tensor, Batch]:
-        """The first ``n`` samples (in arrival order); the rest stay queued."""
-        if len(self.parts) == 1:
-            idx, batch = self.parts[0]
-        else:
-            idx = torch.cat([p[0] for p in self.parts])
-            batch = {k: _cat([p[1][k] for p in self.parts]) for k in self.parts[0][1]}
-        self.parts = [(idx[n:], {k: v[n:] for k, v in batch.items()})] if n < len(idx) else []
-        self.size = len(idx) - n
-        return idx[:n], {k: v[:n] for k, v in batch.items()}
+        """The first ``n`` samples (in arrival order); the rest stay queued. Leading consecutive rows of one
+        part come back as views, without a copy."""
+        pieces, left = [], n
+        while left:
+            idx, batch, rows = self.parts[0]
+            k = min(left, len(idx))
+            pieces.append((idx[:k], batch, rows if isinstance(rows, int) else rows[:k]))
+            if k == len(idx):
+                self.parts.pop(0)
+            else:
+                self.parts[0] = (idx[k:], batch, rows + k if isinstance(rows, int) else rows[k:])
+            left -= k
+        self.size -= n
+        if len(pieces) == 1 and isinstance(pieces[0][2], int):
+            idx, batch, start = pieces[0]
+            return idx, {k: v[start: start + n] for k, v in batch.items()}
+        out = {k: _empty_rows(v, n) for k, v in pieces[0][1].items()}
+        at = 0
+        for idx, batch, rows in pieces:
+            m = len(idx)
+            for k, v in batch.items():
+                if isinstance(rows, int):
+                    out[k][at: at + m].copy_(v[rows: rows + m])
+                else:
+                    torch.index_select(v, 0, rows, out=out[k][at: at + m])
+            at += m
+        return torch.cat([p[0] for p in pieces]), out
 
 
-def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
-    return keep_layout(torch.cat(ts), ts[0])
+def _empty_rows(like: torch.Tensor, n: int) -> torch.Tensor:
+    """An uninitialised tensor of ``n`` rows shaped and laid out like ``like``'s (channels_last kept)."""
+    cl = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty((n, *like.shape[1:]), dtype=like.dtype, device=like.device,
+                       memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 class _Graph:
@@ -193,11 +221,15 @@ class QueuedRunner:
             self._pred[gone], self._conf[gone], self._exit[gone] = out["pred"][go], out["conf"][go], exit_id
             self._done[gone] = True
         if n_leave < n:
-            # nobody left and nothing was captured: the stage's output is already in order, no copy needed
-            stay = slice(0, n) if n_leave == 0 and not self.graphs else out["order"][n_leave:n]
-            nxt = {k: v[stay] for k, v in out.items() if k == "alpha" or k.startswith("st_")}
-            nxt["h"] = keep_layout(out["h"][stay], out["h"])
-            self.queues[i + 1].append(idx[stay], nxt)
+            nxt = {k: v for k, v in out.items() if k in ("h", "alpha") or k.startswith("st_")}
+            if self.graphs:  # a captured graph's outputs are overwritten by its next replay: copy the stayers now
+                stay = out["order"][n_leave:n]
+                self.queues[i + 1].append(idx[stay], {k: keep_layout(v[stay], v) for k, v in nxt.items()})
+            elif n_leave == 0:  # nobody left: the stage's output is already in order
+                self.queues[i + 1].append(idx, nxt)
+            else:  # the stayers are selected when the next stage takes them
+                stay = out["order"][n_leave:n]
+                self.queues[i + 1].append(idx[stay], nxt, stay)
         stats = self.stage_stats[i]
         stats["calls"] += 1
         stats["samples"] += n
