@@ -289,6 +289,13 @@ def runner_section(root: Path, folder: str, runs: tuple[str, ...], batches: tupl
     verdicts.append("Queued against eager (time ratio below 1: queued faster): " + ", ".join(
         f"{run} {m} at {b}: {_rows(recs[run, b])['queued', m]['time_ms'] / _rows(recs[run, b])['eager', m]['time_ms']:.2f}"
         for (run, b) in recs for m in ("dart",)) + ".")
+    if (root / folder / "earlier").is_dir():  # the records these replaced: what a change of the runner did
+        old = {(run, b): _load(root, f"{folder}/earlier/{run}_b{b}.json") for (run, b) in recs}
+        verdicts.append(f"The records these replaced (`{folder}/earlier/`, git "
+                        f"{', '.join(sorted({o['git_revision'] for o in old.values()}))}, before a stage gathered its "
+                        "batch in one copy) had, for DART: " + ", ".join(
+                            f"{run} at {b}: {_rows(o)['queued', 'dart']['time_ms'] / _rows(o)['eager', 'dart']['time_ms']:.2f}"
+                            for (run, b), o in old.items()) + ".")
     return "\n\n".join(["\n".join(rows), "Latency at batch 1 (each runner against its own static network):",
                          "\n".join(lat), " ".join(verdicts), "Records: " + "; ".join(provs) + "."])
 
