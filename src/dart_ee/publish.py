@@ -356,8 +356,8 @@ def _earlier_alexnet(root: Path, folder: str) -> str:
         rows = {r["method"]: r for r in rec["rows"] if r["runner"] == "onnxruntime"}
         return rec, rows["dart"], rows["static"]
 
-    (old, d0, s0), (new, d1, s1) = dart_static(f"{folder}/earlier/cifar10_alexnet.json"), \
-        dart_static(f"{folder}/cifar10_alexnet.json")
+    old, d0, s0 = dart_static(f"{folder}/earlier/cifar10_alexnet.json")
+    new, d1, s1 = dart_static(f"{folder}/cifar10_alexnet.json")
     return (f"the record this one replaced (`{folder}/earlier/cifar10_alexnet.json`, git {old['git_revision']}, "
             f"{old['date']}, before the alpha-bin lookup was made smaller) measured {d0['latency_speedup']:.2f}x with "
             f"the static network's p50 at {s0['latency_p50_ms']:.2f} ms; this one (git {new['git_revision']}) "
