@@ -167,6 +167,7 @@ def test_benchmark_times_both_engines(trained_run, exported, tmp_path):
                        "--engine", "onnxruntime", "--export", tmp_path / "onnx", "--out", tmp_path / "b.json")
     assert code == 0, out
     rec = json.loads((tmp_path / "b.json").read_text())
+    assert rec["command"] and rec["git_revision"]  # a record names what made it
     rows = {(r["runner"], r["method"]): r for r in rec["rows"]}
     assert set(rows) == {(e, m) for e in ("eager", "onnxruntime") for m in ("static", "dart")}
     assert rows["onnxruntime", "dart"]["decisions_differing_from_eager"] == 0

@@ -91,13 +91,17 @@ def git_revision() -> str:
         return "unknown"
 
 
-def provenance() -> dict:
-    """Where and when a record was made: the command line, git revision, hardware, torch and date (UTC)."""
+def command_line() -> str:
+    """The command this process runs, as one would type it again."""
     import sys
 
     prog = Path(sys.argv[0]).name  # dart-ee, or python -m dart_ee (__main__.py), or a script of yours
-    command = ["dart-ee", *sys.argv[1:]] if prog in ("dart-ee", "__main__.py") else ["python", *sys.argv]
-    return {"command": " ".join(command), "git_revision": git_revision(),
+    return " ".join(["dart-ee", *sys.argv[1:]] if prog in ("dart-ee", "__main__.py") else ["python", *sys.argv])
+
+
+def provenance() -> dict:
+    """Where and when a record was made: the command line, git revision, hardware, torch and date (UTC)."""
+    return {"command": command_line(), "git_revision": git_revision(),
             "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -288,7 +292,8 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
                     n_threads, device)
     graphs = dev.type == "cuda"
     return {
-        "hardware": hardware_info(dev), "threads": n_threads, "torch": torch.__version__, "git_revision": git_revision(),
+        "command": command_line(), "hardware": hardware_info(dev), "threads": n_threads, "torch": torch.__version__,
+        "git_revision": git_revision(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": str(run_dir), "config": cfg.model_dump(mode="json"),
         "batch_size": batch_size, "timed_images": len(x), "accuracy_images": len(all_x), "repeats": repeats,
         "latency_images": len(singles), "energy_source": meter.source, "mean_alpha_paper": mean_alpha,

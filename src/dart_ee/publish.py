@@ -251,7 +251,8 @@ def _rows(rec: dict) -> dict[tuple[str, str], dict]:
 def _bench_prov(rec: dict, rel: str) -> str:
     hw = rec["hardware"]
     where = hw.get("gpu") or f"{hw['cpu']}, {rec['threads']} threads"
-    return f"`{rel}` ({where}, torch {rec['torch']}, {rec['date']})"
+    made = f"`{rec['command']}`, " if rec.get("command") else ""  # records before 2026-11-26 19:40 lack it
+    return f"`{rel}` ({made}git {rec['git_revision']}, {where}, torch {rec['torch']}, {rec['date']})"
 
 
 def runner_section(root: Path, folder: str, runs: tuple[str, ...], batches: tuple[int, ...]) -> str:

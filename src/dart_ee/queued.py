@@ -57,13 +57,13 @@ class _Queue:
         pieces, left = [], n
         while left:
             idx, batch, rows = self.parts[0]
-            k = min(left, len(idx))
-            pieces.append((idx[:k], batch, rows if isinstance(rows, int) else rows[:k]))
-            if k == len(idx):
+            cut = min(left, len(idx))
+            pieces.append((idx[:cut], batch, rows if isinstance(rows, int) else rows[:cut]))
+            if cut == len(idx):
                 self.parts.pop(0)
             else:
-                self.parts[0] = (idx[k:], batch, rows + k if isinstance(rows, int) else rows[k:])
-            left -= k
+                self.parts[0] = (idx[cut:], batch, rows + cut if isinstance(rows, int) else rows[cut:])
+            left -= cut
         self.size -= n
         if len(pieces) == 1 and isinstance(pieces[0][2], int):
             idx, batch, start = pieces[0]
