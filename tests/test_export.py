@@ -180,6 +180,10 @@ def test_benchmark_times_both_engines(trained_run, exported, tmp_path):
     manifest["code_fingerprint"] = "made-by-older-code"  # graphs traced from other code are exported again
     (tmp_path / "onnx" / "manifest.json").write_text(json.dumps(manifest))
     assert not is_current(tmp_path / "onnx", trained_run["run"], [pol])
+    code, out = invoke("benchmark", "--run", trained_run["run"], "--policy", pol, "--images", "16", "--repeats", "1",
+                       "--latency-images", "0", "--threads", "1", "--engine", "onnxruntime", "--export", tmp_path / "onnx")
+    assert code == 0, out
+    assert is_current(tmp_path / "onnx", trained_run["run"], [pol])  # a named fp32 export that was stale: made again
     code, out = invoke("benchmark", "--run", trained_run["run"], "--policy", pol, "--engine", "tensorrt")
     assert code != 0 and "choose torch or onnxruntime" in out
 

@@ -311,19 +311,18 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
 
 def _onnx_runners(run_dir: Path, export_dir: str | Path | None, policy_paths: Sequence[str | Path],
                   exported: dict[str, str], threads: int) -> dict:
-    """An ``OnnxRunner`` per method: on ``export_dir`` as it is (exported there first if it holds no export), or
-    on the run's own export (``RUN/export``), (re)exported first when it is not current."""
+    """An ``OnnxRunner`` per method, on ``export_dir`` (default: the run's own, ``RUN/export``). An fp32 export
+    there is made again first when it is not current (another model, estimator, policy or exporting code);
+    an int8 one is measured as it is when named, and refused as the default (re-exporting would overwrite it)."""
     from dart_ee.export import export_run, is_current
     from dart_ee.onnx_runner import MANIFEST, OnnxRunner, load_manifest
 
-    if export_dir is None:  # the run's own export, made (again) when it does not hold these policies
-        export_dir = run_dir / "export"
-        if (export_dir / MANIFEST).is_file() and (dtype := load_manifest(export_dir)["dtype"]) != "fp32":
-            raise ConfigError(f"{export_dir} holds an {dtype} export, which re-exporting would overwrite: pass "
-                              f"--export {export_dir} to measure it, or move it")
-        if not is_current(export_dir, run_dir, policy_paths):
-            export_run(run_dir, export_dir, policies=policy_paths)
-    elif not (Path(export_dir) / MANIFEST).is_file():  # a folder named for it: export there first
+    named, export_dir = export_dir is not None, Path(export_dir or run_dir / "export")
+    dtype = load_manifest(export_dir)["dtype"] if (export_dir / MANIFEST).is_file() else None
+    if dtype not in (None, "fp32") and not named:
+        raise ConfigError(f"{export_dir} holds an {dtype} export, which re-exporting would overwrite: pass "
+                          f"--export {export_dir} to measure it, or move it")
+    if dtype in (None, "fp32") and not is_current(export_dir, run_dir, policy_paths):
         export_run(run_dir, export_dir, policies=policy_paths)
     m = load_manifest(export_dir)
     if "static_fp32" in m["policies"]:  # an int8 export: its fp32 network is the baseline too

@@ -595,8 +595,9 @@ def benchmark(run: RunOpt,
               engine: Annotated[Optional[list[str]], typer.Option(
                   "--engine", help="torch (the eager runner) or onnxruntime: shorthand for --runner. Repeatable.")] = None,
               export_dir: Annotated[Optional[Path], typer.Option(
-                  "--export", help="onnxruntime: an export folder, used as it is (e.g. an int8 export), or exported "
-                                   "to when empty; default RUN/export, (re)exported when it is not current.")] = None,
+                  "--export", help="onnxruntime: an export folder (default RUN/export). An fp32 export there is made "
+                                   "again first when it is not current (another model, estimators, policies or "
+                                   "exporting code); an int8 export is measured as it is.")] = None,
               data_dir: DataDirOpt = None,
               out: Annotated[Optional[Path], typer.Option("--out", help="Write the JSON record here.")] = None,
               as_json: Annotated[bool, typer.Option("--json", help="Print the JSON record.")] = False) -> None:
