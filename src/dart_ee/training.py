@@ -340,7 +340,7 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     cal_acc = exit_accuracies(predict_exits(model, splits.cal.x, t.eval_batch_size, workers=workers), splits.cal.y)
     metrics = {
         "name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.dataset, "epochs": t.epochs,
-        "train_wall_time_s": round(wall, 1), "eval_wall_time_s": round(time.perf_counter() - t0, 1),
+        "train_wall_time_s": round(wall, 3), "eval_wall_time_s": round(time.perf_counter() - t0, 3),
         "threads": threads, "device": str(dev), "hardware": hardware_info(dev), "torch": torch.__version__,
         "exit_test_accuracy": test_acc, "exit_cal_accuracy": cal_acc,
         "exit_macs": macs, "exit_macs_fraction": cost_frac, "static_macs": model.static_macs(),
@@ -435,7 +435,7 @@ def _write_custom_run(run_dir: Path, model: MultiExitNet, cfg: Config, history: 
     macs = model.exit_macs()
     artifacts.write_json(run_dir / METRICS, {
         "name": cfg.name, "model": CUSTOM, "dataset": CUSTOM, "epochs": cfg.train.epochs, "arch": model.arch,
-        "freeze_backbone": frozen, "train_wall_time_s": round(wall, 1), "threads": torch.get_num_threads(),
+        "freeze_backbone": frozen, "train_wall_time_s": round(wall, 3), "threads": torch.get_num_threads(),
         "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
         "exit_val_accuracy": history[-1].get("val_exit_accuracy") if history else None, "history": history,
         "exit_macs": macs, "exit_macs_fraction": [m / macs[-1] for m in macs], "static_macs": model.static_macs(),
