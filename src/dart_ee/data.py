@@ -335,21 +335,21 @@ def read_image_folder(root: Path, size: int | None = None, channels: int | None 
 
 def read_image_folder_tar(path: Path, size: int | None = None, channels: int | None = None) -> tuple[ImageSet, ImageSet]:
     """Read an ImageFolder tree from a tarball in one streaming pass (``*/train/<class>/<file>``)."""
+    from dart_ee.streaming import tree_place
+
     items: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
     try:
         with tarfile.open(path, "r:*") as tar:
             for m in tar:
-                parts = Path(m.name).parts
-                if "train" not in parts and "test" not in parts:
+                if (place := tree_place(m.name)) is None:
                     continue
-                k = max(i for i, p in enumerate(parts) if p in ("train", "test"))
-                split = parts[k]
-                if m.isdir() and len(parts) == k + 2:
-                    items[split].setdefault(parts[k + 1], [])
-                elif m.isfile() and len(parts) == k + 3 and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
+                split, rest = place
+                if m.isdir() and len(rest) == 1:
+                    items[split].setdefault(rest[0], [])
+                elif m.isfile() and len(rest) == 2 and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
                     f = tar.extractfile(m)
                     if f is not None:  # a regular file always has a reader
-                        items[split].setdefault(parts[k + 1], []).append((f"{path}:{m.name}", f.read()))
+                        items[split].setdefault(rest[0], []).append((f"{path}:{m.name}", f.read()))
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{path}: cannot read tarball ({e}); it is corrupt or truncated, re-copy it") from e
     train, test = (_stack_folder(items[s], f"{path}:{s}", size, channels) for s in ("train", "test"))

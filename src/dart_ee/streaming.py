@@ -103,6 +103,14 @@ class FileImages:
 Listing = tuple[np.ndarray, np.ndarray, tuple[str, ...], "np.ndarray | None"]  # names, labels, classes, byte spans
 
 
+def tree_place(member: str) -> tuple[str, tuple[str, ...]] | None:
+    """Where a tar member lies in an ImageFolder tree (``*/train/<class>/<file>``): its split and the path parts
+    after it (``(class,)`` for a class folder, ``(class, file)`` for an image), or None outside train/ and test/."""
+    parts = Path(member).parts
+    k = max((i for i, p in enumerate(parts) if p in ("train", "test")), default=-1)
+    return None if k < 0 else (parts[k], parts[k + 1:])
+
+
 def list_image_tar(path: Path, suffixes: Sequence[str]) -> dict[str, Listing]:
     """Per split (``train``, ``test``): member names, labels, classes and byte spans of an uncompressed tar of an
     ImageFolder tree (``*/train/<class>/<file>``), listed in one pass without reading the images."""
@@ -110,11 +118,10 @@ def list_image_tar(path: Path, suffixes: Sequence[str]) -> dict[str, Listing]:
     try:
         with tarfile.open(path, "r:") as tar:  # "r:" alone: a compressed tar cannot be read at an offset
             for m in tar:
-                parts = Path(m.name).parts
-                k = max((i for i, p in enumerate(parts) if p in found), default=-1)
-                if k < 0 or len(parts) != k + 3 or not m.isfile() or Path(m.name).suffix.lower() not in suffixes:
+                place = tree_place(m.name)
+                if place is None or len(place[1]) != 2 or not m.isfile() or Path(m.name).suffix.lower() not in suffixes:
                     continue
-                found[parts[k]].setdefault(parts[k + 1], []).append((m.name, m.offset_data, m.size))
+                found[place[0]].setdefault(place[1][0], []).append((m.name, m.offset_data, m.size))
     except tarfile.ReadError as e:
         raise DataError(f"{path}: not an uncompressed tar ({e}); streaming reads members at their offsets, which a "
                         f"compressed archive does not allow: decompress it first (gunzip {path.name} gives a .tar) "
