@@ -120,6 +120,13 @@ def _percentile(v: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(v), q))
 
 
+def timing_sample(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """``k`` indices into a split of ``n`` images: a seeded random order of the split, repeated while ``k > n``
+    (each repetition a new order). Timing a prefix of a class-sorted split would time some classes only."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(n) for _ in range(-(-k // n))])[:k]
+
+
 def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_size: int = 256, n_images: int = 2560,
               repeats: int = 5, latency_images: int = 100, threads: int | None = None, device: str = "cpu",
               data_dir: str | Path | None = None, memory: bool = False,
@@ -201,9 +208,11 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
         mean_alpha = float(torch.cat([est.paper(to_float(all_x[s: s + 1000]).to(dev))
                                       for s in range(0, len(all_x), 1000)]).mean())
 
-    # throughput at batch_size: at least 4 full batches, the test split repeated if it is smaller
+    # throughput at batch_size: at least 4 full batches, the test split repeated if it is smaller. The images
+    # are a seeded random draw, not the split's first ones: image folders list the test split by class, and
+    # the first 2,560 CIFAR-10 images are airplanes, cars and birds, whose exits are not the split's
     n_timed = max(n_images, 4 * batch_size)
-    x = to_float(all_x[torch.arange(n_timed) % len(all_x)]).to(dev)
+    x = to_float(all_x[torch.from_numpy(timing_sample(len(all_x), n_timed))]).to(dev)
     batches = [x[s: s + batch_size] for s in range(0, len(x), batch_size)]
     queued = {k: QueuedRunner(model, pol, est, batch_size) for k, pol in methods.items()} if "queued" in runners else {}
 
@@ -247,7 +256,7 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
                 {"stage": i + 1, "calls": st["calls"], "fill": st["samples"] / max(st["calls"] * batch_size, 1),
                  "ms_per_image": 1e3 * st["seconds"] / len(x)} for i, st in enumerate(q.stage_stats)]
 
-    # latency at batch size 1: alternating per image
+    # latency at batch size 1: alternating per image, on the first images of the same random draw
     singles = x[:latency_images]
     latency: dict[tuple[str, str], Callable[[torch.Tensor], object]] = {}
     for k in keys:  # a queue of one: each stage runs as soon as its one sample arrives
@@ -487,7 +496,7 @@ def controller_overhead(run_dir: str | Path, policy_path: str | Path, batch_size
     model, est, test = run.model(), run.estimators(), run.test_images(data_dir)
     # a stationary stream is a random draw: the test files are often sorted by class, and a run of one
     # class is a class-prior shift (which the shift guard may rightly react to)
-    pick = np.random.default_rng(0).permutation(len(test.x))[:n_images]
+    pick = timing_sample(len(test.x), n_images)
     x = to_float(torch.from_numpy(test.x[pick]))
     batches = [x[s: s + batch_size] for s in range(0, len(x), batch_size)]
     runner = EarlyExitRunner(model, load_policy(policy_path), est)
