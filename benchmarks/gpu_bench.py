@@ -23,7 +23,7 @@ def main(out: Path, runs: list[Path]) -> None:
     for run in runs:
         policies = [run / "policies" / "dart.json", run / "policies" / "threshold.json"]
         for b in BATCHES:
-            rec = benchmark(run, policies, b, IMAGES, repeats=5, latency_images=100 if b == 256 else 0,
+            rec = benchmark(run, policies, b, IMAGES, repeats=5, latency_images=1000 if b == 256 else 0,
                             device="cuda", runners=("eager", "queued"))
             artifacts.write_json(out / f"{run.name}_b{b}.json", rec)
             print(f"## {run.name}, batch {b}, {rec['hardware'].get('gpu')}, energy: {rec['energy_source']}")

@@ -258,20 +258,22 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
 
     # latency at batch size 1: alternating per image, on the first images of the same random draw
     singles = x[:latency_images]
-    latency: dict[tuple[str, str], Callable[[torch.Tensor], object]] = {}
+    latency: dict[tuple[str, str], Callable[[torch.Tensor], Any]] = {}
     for k in keys:  # a queue of one: each stage runs as soon as its one sample arrives
         latency[k] = (QueuedRunner(model, methods[k[1]], est, 1).run if k[0] == "queued" else
                       _numpy_input(onnx[k[1]]) if k[0] == "onnxruntime" else eager[k[1]])
     lat: dict = {k: [] for k in keys}
+    lat_exits: dict = {k: [] for k in keys}  # where each timed image left: the p50 sits among some exit's images
     for k in keys if len(singles) else []:
         latency[k](singles[:1])
     for group, j in ((g, j) for g in groups for j in range(len(singles))):
         for k in _rotated(group, j):
             _sync(dev)
             t0 = time.perf_counter()
-            latency[k](singles[j: j + 1])
+            res = latency[k](singles[j: j + 1])
             _sync(dev)
             lat[k].append(time.perf_counter() - t0)
+            lat_exits[k].append(int(res.exit[0]))
 
     for k, row in rows.items():
         static = (k[0], "static")
@@ -293,6 +295,7 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
             row.update({"latency_p50_ms": 1e3 * statistics.median(lat[k]), "latency_p95_ms": 1e3 * _percentile(lat[k], 95),
                         "latency_speedup": statistics.median(lat[static]) / statistics.median(lat[k])})
             row["latency_speedup_vs_mac_prediction"] = row["latency_speedup"] / row["mac_speedup"]
+            row["latency_exit_histogram"] = np.bincount(lat_exits[k], minlength=len(exit_macs)).tolist()
         pe = row["power_efficiency"]
         row["daes"] = row["accuracy"] * row["speedup"] * (pe if pe is not None else 1.0) / (1 + mean_alpha)
         row["daes_note"] = "measured energy" if pe is not None else "energy unavailable: power efficiency taken as 1"
@@ -348,7 +351,7 @@ def _export_summary(runner: Any) -> dict:
             "shared_thread_pool": runner.shared_pool, "model_fingerprint": m["model_fingerprint"], "int8": m.get("int8")}
 
 
-def _numpy_input(runner: Any) -> Callable[[torch.Tensor], object]:
+def _numpy_input(runner: Any) -> Callable[[torch.Tensor], Any]:
     return lambda x: runner(x.cpu().numpy())
 
 
