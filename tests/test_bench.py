@@ -3,6 +3,7 @@
 import numpy as np
 
 from dart_ee.bench import timing_sample
+from dart_ee.timing import alternate, alternate_singles
 
 
 def test_timing_sample_is_a_random_draw_of_the_split():
@@ -13,3 +14,18 @@ def test_timing_sample_is_a_random_draw_of_the_split():
     more = timing_sample(len(labels), 2500)  # larger than the split: every image, then again
     assert len(more) == 2500 and np.array_equal(np.sort(more[:1000]), np.arange(1000))
     assert np.bincount(more, minlength=1000).min() == 2
+
+
+def test_timing_loops_alternate_the_methods():
+    order = []
+    seconds, joules = alternate({k: (lambda k=k: order.append(k)) for k in "abc"}, repeats=3, n_images=10, warmup=0)
+    assert order == list("abcbcacab")  # each method goes first in turn: drift favours none
+    assert all(len(v) == 3 for v in seconds.values()) and joules == {k: [] for k in "abc"}  # no energy counter
+
+    class Res:
+        def __init__(self, e):
+            self.exit = [e]
+
+    lat, exits = alternate_singles({"static": lambda j: Res(2), "early": lambda j: Res(j % 2)}, 4)
+    assert exits == {"static": [2, 2, 2, 2], "early": [0, 1, 0, 1]} and len(lat["early"]) == 4
+    assert alternate({}, 2) == ({}, {})  # an engine without methods here

@@ -171,6 +171,8 @@ def test_benchmark_times_both_engines(trained_run, exported, tmp_path):
     rows = {(r["runner"], r["method"]): r for r in rec["rows"]}
     assert set(rows) == {(e, m) for e in ("eager", "onnxruntime") for m in ("static", "dart")}
     assert rows["onnxruntime", "dart"]["decisions_differing_from_eager"] == 0
+    assert rec["onnx_export"]["timed_in_process_with_torch"] is False  # timed as served: numpy and onnxruntime only
+    assert sum(rows["onnxruntime", "dart"]["latency_exit_histogram"]) == 4
     assert rows["onnxruntime", "dart"]["accuracy"] == rows["eager", "dart"]["accuracy"]
     assert (tmp_path / "onnx" / "manifest.json").is_file()  # exported on the way, reused when current
     from dart_ee.export import is_current

@@ -18,21 +18,8 @@ from dart_ee.data import get_spec
 from dart_ee.difficulty import DifficultyEstimator
 from dart_ee.errors import ConfigError
 from dart_ee.models import create_model, optimize_for_inference
+from dart_ee.timing import alternate, alternate_singles, time_exported
 from dart_ee.training import set_threads
-
-
-def time_alternating(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Run each function ``warmup`` times, then ``repeats`` rounds in alternation; seconds per call."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 @torch.inference_mode()
@@ -49,8 +36,8 @@ def difficulty_cost(model_name: str = "alexnet", dataset: str = "cifar10", repea
     timing = []
     for bs in (1, 256):
         x = torch.rand(bs, *shape, generator=gen)
-        t = time_alternating({"estimator": functools.partial(est, x), "model": functools.partial(model.forward_static, x)},
-                             repeats if bs > 1 else 5 * repeats)
+        t, _ = alternate({"estimator": functools.partial(est, x), "model": functools.partial(model.forward_static, x)},
+                         repeats if bs > 1 else 5 * repeats, warmup=3)
         e, m = statistics.median(t["estimator"]), statistics.median(t["model"])
         timing.append({"batch_size": bs, "estimator_ms": 1e3 * e, "model_ms": 1e3 * m, "share": e / m})
     return {"model": model_name, "dataset": dataset, "threads": n_threads, "torch": torch.__version__,
@@ -109,11 +96,6 @@ def provenance() -> dict:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _rotated(keys: list, r: int) -> list:
-    """``keys`` starting at position ``r``: each method goes first in turn, so drift does not favour one."""
-    return keys[r % len(keys):] + keys[: r % len(keys)]
 
 
 def _percentile(v: list[float], q: float) -> float:
@@ -216,36 +198,18 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     batches = [x[s: s + batch_size] for s in range(0, len(x), batch_size)]
     queued = {k: QueuedRunner(model, pol, est, batch_size) for k, pol in methods.items()} if "queued" in runners else {}
 
-    x_np = [b.cpu().numpy() for b in batches] if onnx else []
-
     def throughput(key: tuple[str, str]) -> Callable[[], object]:
         if key[0] == "queued":
             return functools.partial(queued[key[1]].run, x)
-        if key[0] == "onnxruntime":
-            ort_runner = onnx[key[1]]
-            return lambda: [ort_runner(b) for b in x_np]
         runner = eager[key[1]]
         return lambda: [runner(b) for b in batches]
 
-    fns = {k: throughput(k) for k in keys}
+    # torch runners here, methods alternating; onnxruntime in a process of its own, as it is served
+    # (dart_ee.timing says why), and where torch's OpenMP workers cannot take the cores from its pool
+    torch_keys = [k for k in keys if k[0] != "onnxruntime"]
     meter = energy_meter(dev)
-    for fn in fns.values():  # warm-up (and CUDA graph capture)
-        fn()
-    t_per_img: dict = {k: [] for k in keys}
-    e_per_img: dict = {k: [] for k in keys}
-    # engines are timed apart, each with its methods alternating: torch's OpenMP workers spin for a while
-    # after each parallel region and would take the cores from onnxruntime's (and the reverse)
-    groups = [g for g in ([k for k in keys if k[0] != "onnxruntime"], [k for k in keys if k[0] == "onnxruntime"]) if g]
-    for rep, group in ((rep, g) for rep in range(repeats) for g in groups):
-        for k in _rotated(group, rep):
-            _sync(dev)
-            e0, t0 = meter.read(), time.perf_counter()
-            fns[k]()
-            _sync(dev)
-            t1, e1 = time.perf_counter(), meter.read()
-            t_per_img[k].append((t1 - t0) / len(x))
-            if e0 is not None and e1 is not None:
-                e_per_img[k].append((e1 - e0) / len(x))
+    t_per_img, e_per_img = alternate({k: throughput(k) for k in torch_keys}, repeats, len(x), lambda: _sync(dev),
+                                     meter.read)
     if profile and queued:  # where the time goes, in a separate pass: the per-stage syncs would slow the timed one
         for name, pol in methods.items():
             q = QueuedRunner(model, pol, est, batch_size, profile=True)
@@ -258,22 +222,18 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
 
     # latency at batch size 1: alternating per image, on the first images of the same random draw
     singles = x[:latency_images]
-    latency: dict[tuple[str, str], Callable[[torch.Tensor], Any]] = {}
-    for k in keys:  # a queue of one: each stage runs as soon as its one sample arrives
-        latency[k] = (QueuedRunner(model, methods[k[1]], est, 1).run if k[0] == "queued" else
-                      _numpy_input(onnx[k[1]]) if k[0] == "onnxruntime" else eager[k[1]])
-    lat: dict = {k: [] for k in keys}
-    lat_exits: dict = {k: [] for k in keys}  # where each timed image left: the p50 sits among some exit's images
-    for k in keys if len(singles) else []:
-        latency[k](singles[:1])
-    for group, j in ((g, j) for g in groups for j in range(len(singles))):
-        for k in _rotated(group, j):
-            _sync(dev)
-            t0 = time.perf_counter()
-            res = latency[k](singles[j: j + 1])
-            _sync(dev)
-            lat[k].append(time.perf_counter() - t0)
-            lat_exits[k].append(int(res.exit[0]))
+    latency: dict[tuple[str, str], Callable[[int], Any]] = {}
+    for k in torch_keys:  # a queue of one: each stage runs as soon as its one sample arrives
+        run_one = QueuedRunner(model, methods[k[1]], est, 1).run if k[0] == "queued" else eager[k[1]]
+        latency[k] = functools.partial(lambda f, j: f(singles[j: j + 1]), run_one)
+    lat, lat_exits = alternate_singles(latency, len(singles), lambda: _sync(dev))
+    if onnx:
+        names = {m: r.policy for m, r in onnx.items()}
+        ort = time_exported(str(next(iter(onnx.values())).folder), names, x.cpu().numpy(), batch_size, repeats,
+                            len(singles), n_threads)
+        for part, into in (("seconds", t_per_img), ("latency", lat), ("latency_exits", lat_exits)):
+            into.update({("onnxruntime", m): v for m, v in ort[part].items()})
+        e_per_img.update({("onnxruntime", m): [] for m in names})  # energy is not read in that process
 
     for k, row in rows.items():
         static = (k[0], "static")
@@ -310,7 +270,8 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
         "batch_size": batch_size, "timed_images": len(x), "accuracy_images": len(all_x), "repeats": repeats,
         "latency_images": len(singles), "energy_source": meter.source, "mean_alpha_paper": mean_alpha,
         "static_macs": static_macs, "runners": list(runners), "rows": list(rows.values()),
-        "onnx_export": _export_summary(next(iter(onnx.values()))) if onnx else None,
+        "onnx_export": {**_export_summary(next(iter(onnx.values()))), "timed_in_process_with_torch": ort["torch_imported"]}
+        if onnx else None,
         "cuda_graphs": graphs if "queued" in runners else None,
         "method": "throughput: median over R alternating repetitions of the per-image time at the given batch size, "
                   "after warm-up; latency: batch size 1, methods alternating per image; speedup = T_static / T_m "
@@ -349,10 +310,6 @@ def _export_summary(runner: Any) -> dict:
     m = runner.manifest
     return {"folder": str(runner.folder), "dtype": m["dtype"], "opset": m["opset"], "onnxruntime": ort.__version__,
             "shared_thread_pool": runner.shared_pool, "model_fingerprint": m["model_fingerprint"], "int8": m.get("int8")}
-
-
-def _numpy_input(runner: Any) -> Callable[[torch.Tensor], Any]:
-    return lambda x: runner(x.cpu().numpy())
 
 
 def _memory_child(run_dir: str, policy_path: str | None, images_path: str, batch_size: int, threads: int,
@@ -475,7 +432,7 @@ def stage_times(model_name: str = "alexnet", dataset: str = "cifar10", batch_siz
         for i, (stage, head) in enumerate(zip(model.stages, model.heads)):
             fns[f"stage{i}"] = functools.partial(stage, feats[i])
             fns[f"head{i}"] = functools.partial(head, stage(feats[i]))
-        t = {k: statistics.median(v) for k, v in time_alternating(fns, repeats if bs > 1 else 10 * repeats).items()}
+        t = {k: statistics.median(v) for k, v in alternate(fns, repeats if bs > 1 else 10 * repeats, warmup=3)[0].items()}
         static = sum(t[f"stage{i}"] for i in range(model.num_exits))
         out["rows"][bs] = [{"exit": i + 1, "stage_ms": 1e3 * t[f"stage{i}"], "head_ms": 1e3 * t[f"head{i}"],
                             "stage_time_share": t[f"stage{i}"] / static,
@@ -514,7 +471,7 @@ def controller_overhead(run_dir: str | Path, policy_path: str | Path, batch_size
         for b in batches:
             ctrl.process(b)
 
-    t = time_alternating({"runner": run_plain, "controller": run_ctrl}, repeats, warmup=1)
+    t, _ = alternate({"runner": run_plain, "controller": run_ctrl}, repeats)
     r, c = statistics.median(t["runner"]), statistics.median(t["controller"])
     return {"threads": n_threads, "batch_size": batch_size, "images": len(x), "repeats": repeats,
             "runner_ms_per_image": 1e3 * r / len(x), "controller_ms_per_image": 1e3 * c / len(x),
