@@ -18,7 +18,7 @@ from dart_ee.data import get_spec
 from dart_ee.difficulty import DifficultyEstimator
 from dart_ee.errors import ConfigError
 from dart_ee.models import create_model, optimize_for_inference
-from dart_ee.timing import alternate, alternate_singles, time_exported
+from dart_ee.timing import alternate, alternate_singles, median_ratio_ci, time_exported
 from dart_ee.training import set_threads
 
 
@@ -253,7 +253,8 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
         })
         if lat[k]:
             row.update({"latency_p50_ms": 1e3 * statistics.median(lat[k]), "latency_p95_ms": 1e3 * _percentile(lat[k], 95),
-                        "latency_speedup": statistics.median(lat[static]) / statistics.median(lat[k])})
+                        "latency_speedup": statistics.median(lat[static]) / statistics.median(lat[k]),
+                        "latency_speedup_ci95": median_ratio_ci(lat[static], lat[k])})
             row["latency_speedup_vs_mac_prediction"] = row["latency_speedup"] / row["mac_speedup"]
             row["latency_exit_histogram"] = np.bincount(lat_exits[k], minlength=len(exit_macs)).tolist()
         pe = row["power_efficiency"]
@@ -267,7 +268,8 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
         "command": command_line(), "hardware": hardware_info(dev), "threads": n_threads, "torch": torch.__version__,
         "git_revision": git_revision(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": str(run_dir), "config": cfg.model_dump(mode="json"),
-        "batch_size": batch_size, "timed_images": len(x), "accuracy_images": len(all_x), "repeats": repeats,
+        "batch_size": batch_size, "timed_images": len(x), "image_sample": "a seeded random draw of the test split",
+        "accuracy_images": len(all_x), "repeats": repeats,
         "latency_images": len(singles), "energy_source": meter.source, "mean_alpha_paper": mean_alpha,
         "static_macs": static_macs, "runners": list(runners), "rows": list(rows.values()),
         "onnx_export": {**_export_summary(next(iter(onnx.values()))), "timed_in_process_with_torch": ort["torch_imported"]}

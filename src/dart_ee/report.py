@@ -236,6 +236,15 @@ def difficulty_parts(res: dict, h: str = "##") -> list[str]:
                     + ", ".join(f"{k} {v:+.3f}" for k, v in d["spearman_with_oracle_depth"].items())]
 
 
+def sample_note(rec: dict) -> str:
+    """What a benchmark record timed, where it was not a random draw of the test split (older records)."""
+    if rec.get("image_sample"):
+        return ""
+    return (f"; timed on the test split's first {rec['timed_images']:,} images, batch 1 on its first "
+            f"{rec.get('latency_images', 0):,}: image folders list the split by class, so those are a few classes "
+            "only (made before the benchmark drew its images at random)")
+
+
 def benchmark_parts(res: dict, h: str = "##") -> list[str]:
     """Table I measured: every policy against the static network in one process, and DART against its MACs."""
     from dart_ee.bench import table_markdown
@@ -245,7 +254,7 @@ def benchmark_parts(res: dict, h: str = "##") -> list[str]:
         return []
     parts = [f"{h} Table I (measured on this machine)",
              f"{b['hardware']['cpu']}, {b['threads']} threads, batch {b['batch_size']}, {b['repeats']} repeats; "
-             f"energy: {b['energy_source']}.", table_markdown(b)]
+             f"energy: {b['energy_source']}{sample_note(b)}.", table_markdown(b)]
     d = next((r for r in b["rows"] if r["method"] == "dart"), None)
     if d:
         lat = (f"; at batch 1, {d['latency_speedup']:.2f}x ({d['latency_speedup_vs_mac_prediction']:.2f} of it)"

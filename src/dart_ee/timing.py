@@ -72,6 +72,19 @@ def alternate_singles(fns: Mapping[K, Callable[[int], Any]], n: int,
     return seconds, exits
 
 
+def median_ratio_ci(base: list[float], other: list[float], level: float = 0.95, resamples: int = 2000,
+                    seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of median(base) / median(other) over paired samples (entry j of both timed
+    the same image): how far a batch-1 speedup could move with another draw of images and timings alike."""
+    a, b = np.asarray(base), np.asarray(other)
+    if a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"paired samples of one length needed, got {len(a)} and {len(b)}")
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    ratios = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def _exported_child(folder: str, names: dict[str, str], images_path: str, batch_size: int, repeats: int,
                     latency_images: int, threads: int) -> dict:
     """In a fresh process: time each exported method (``names``: method -> policy in the export)."""
