@@ -241,8 +241,8 @@ def sample_note(rec: dict) -> str:
     if rec.get("image_sample"):
         return ""
     return (f"; timed on the test split's first {rec['timed_images']:,} images, batch 1 on its first "
-            f"{rec.get('latency_images', 0):,}: image folders list the split by class, so those are a few classes "
-            "only (made before the benchmark drew its images at random)")
+            f"{rec.get('latency_images', 0):,} (made before the benchmark drew its images at random: where the split "
+            "is listed by class, as CIFAR-10's image folders list it, those are a few classes only)")
 
 
 def benchmark_parts(res: dict, h: str = "##") -> list[str]:
