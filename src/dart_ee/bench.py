@@ -110,7 +110,7 @@ def timing_sample(n: int, k: int, seed: int = 0) -> np.ndarray:
 
 
 def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_size: int = 256, n_images: int = 2560,
-              repeats: int = 5, latency_images: int = 100, threads: int | None = None, device: str = "cpu",
+              repeats: int = 5, latency_images: int = 1000, threads: int | None = None, device: str = "cpu",
               data_dir: str | Path | None = None, memory: bool = False,
               runners: Sequence[str] = ("eager",), profile: bool = True, export_dir: str | Path | None = None) -> dict:
     """Time the static network against each fitted policy on the run's test images (see ``dart-ee benchmark``).
