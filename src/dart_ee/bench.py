@@ -222,10 +222,11 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
 
     # latency at batch size 1: alternating per image, on the first images of the same random draw
     singles = x[:latency_images]
-    latency: dict[tuple[str, str], Callable[[int], Any]] = {}
-    for k in torch_keys:  # a queue of one: each stage runs as soon as its one sample arrives
-        run_one = QueuedRunner(model, methods[k[1]], est, 1).run if k[0] == "queued" else eager[k[1]]
-        latency[k] = functools.partial(lambda f, j: f(singles[j: j + 1]), run_one)
+    def on_image(run: Callable[[torch.Tensor], Any]) -> Callable[[int], Any]:
+        return lambda j: run(singles[j: j + 1])
+
+    latency = {k: on_image(QueuedRunner(model, methods[k[1]], est, 1).run if k[0] == "queued" else eager[k[1]])
+               for k in torch_keys}  # queued: a queue of one, each stage runs as soon as its one sample arrives
     lat, lat_exits = alternate_singles(latency, len(singles), lambda: _sync(dev))
     if onnx:
         names = {m: r.policy for m, r in onnx.items()}

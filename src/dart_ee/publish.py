@@ -341,8 +341,7 @@ def onnx_section(root: Path, folder: str = "onnx_cpu", runs: tuple[str, ...] = G
             if run == "cifar10_alexnet" and r["runner"] == "onnxruntime" and r["method"] in ("dart", "threshold"):
                 median.append(_median_exit(r))
     verdict = ("" if goal is None else f"Goal: DART with onnxruntime at batch 1 at least 1.5x faster than the static "
-               f"network with onnxruntime on AlexNet: **{goal['latency_speedup']:.2f}x, "
-               f"{'met' if goal['latency_speedup'] >= 1.5 else 'not met'}**{_interval_verdict(goal, 1.5)}. "
+               f"network with onnxruntime on AlexNet: {_goal_verdict(goal, '**{x}, {met}**')}. "
                f"Where the median falls on AlexNet: {' and '.join(median)}; the p50 lies among the images that leave "
                "at that exit, and moves with every per-call cost on their path (for DART, the difficulty estimator "
                "in exit 1's graph and the alpha-bin lookup at each exit) and with the machine's load. "
@@ -357,10 +356,9 @@ def _whole_split_alexnet(root: Path, folder: str) -> str:
     if not (root / rel).is_file():
         return ""
     rec = _load(root, rel)
-    d = next(r for r in rec["rows"] if r["runner"] == "onnxruntime" and r["method"] == "dart")
+    d = _rows(rec)["onnxruntime", "dart"]
     return (f"Measured again over all {rec['latency_images']:,} test images at batch 1 ({_bench_prov(rec, rel)}): "
-            f"DART with onnxruntime **{d['latency_speedup']:.2f}x** the static network, "
-            f"{'met' if d['latency_speedup'] >= 1.5 else 'not met'}{_interval_verdict(d, 1.5)}; {_median_exit(d)}. ")
+            f"DART with onnxruntime {_goal_verdict(d, '**{x}** the static network, {met}')}; {_median_exit(d)}. ")
 
 
 def _with_interval(row: dict) -> str:
@@ -368,14 +366,17 @@ def _with_interval(row: dict) -> str:
     return f"{row['latency_speedup']:.2f}x" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci and row["method"] != "static" else "")
 
 
-def _interval_verdict(row: dict, goal: float) -> str:
-    """Whether the goal holds across the batch-1 speedup's bootstrap interval, or only at its point estimate."""
+def _goal_verdict(row: dict, form: str, goal: float = 1.5) -> str:
+    """The batch-1 speedup against ``goal`` (``form`` places ``{x}`` and ``{met}``), and whether the goal holds
+    across the speedup's bootstrap interval or only at its point estimate."""
+    x = row["latency_speedup"]
+    text = form.format(x=f"{x:.2f}x", met="met" if x >= goal else "not met")
     ci = row.get("latency_speedup_ci95")
     if not ci:
-        return ""
+        return text
     where = ("the whole interval is above it" if ci[0] >= goal else "the whole interval is below it" if ci[1] < goal
              else "the interval straddles it, so another draw of images and timings could fall on either side")
-    return f" (95% bootstrap interval over the batch-1 images {ci[0]:.2f}-{ci[1]:.2f}x: {where})"
+    return f"{text} (95% bootstrap interval over the batch-1 images {ci[0]:.2f}-{ci[1]:.2f}x: {where})"
 
 
 def _median_exit(row: dict) -> str:
@@ -393,8 +394,8 @@ def _earlier_alexnet(root: Path, folder: str) -> str:
     """The AlexNet batch-1 figures of the record this one replaced, and how it was measured."""
     def dart_static(rel: str) -> tuple[dict, dict, dict]:
         rec = _load(root, rel)
-        rows = {r["method"]: r for r in rec["rows"] if r["runner"] == "onnxruntime"}
-        return rec, rows["dart"], rows["static"]
+        rows = _rows(rec)
+        return rec, rows["onnxruntime", "dart"], rows["onnxruntime", "static"]
 
     old, d0, s0 = dart_static(f"{folder}/earlier/cifar10_alexnet.json")
     new, d1, s1 = dart_static(f"{folder}/cifar10_alexnet.json")
