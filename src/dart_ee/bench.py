@@ -17,6 +17,7 @@ import torch
 from dart_ee.data import get_spec
 from dart_ee.difficulty import DifficultyEstimator
 from dart_ee.errors import ConfigError
+from dart_ee.malloc import freed_memory_kept, keep_freed_memory, malloc_setting
 from dart_ee.models import create_model, optimize_for_inference
 from dart_ee.timing import alternate, alternate_singles, median_ratio_ci, time_exported
 from dart_ee.training import set_threads
@@ -61,7 +62,8 @@ def hardware_info(device: torch.device) -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "device": str(device)}
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "device": str(device),
+            "malloc": malloc_setting()}  # CPU times depend on it (dart_ee.malloc)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -120,6 +122,8 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     (``OnnxRunner`` on the run's export in ``export_dir``, default ``RUN/export``, re-exported when it is
     not current). Each runner times its own static network (captured too under "queued"; the exported
     static graph under "onnxruntime"), and every method and runner alternates in one process.
+    The record's hardware "malloc" says how freed memory was treated (``dart_ee.malloc``; the ``dart-ee`` command
+    keeps it, as it should be kept in serving).
     """
     from dart_ee.data import to_float
     from dart_ee.energy import energy_meter
@@ -316,8 +320,9 @@ def _export_summary(runner: Any) -> dict:
 
 
 def _memory_child(run_dir: str, policy_path: str | None, images_path: str, batch_size: int, threads: int,
-                  device: str) -> dict:
-    """In a fresh process: peak RSS while running one method over the images (returned to the parent)."""
+                  device: str, keep_memory: bool) -> dict:
+    """In a fresh process: peak RSS while running one method over the images (returned to the parent), with
+    freed memory kept or not as in the parent (kept, the process holds its peak: the figure that matters)."""
     import resource
 
     from dart_ee.data import to_float
@@ -325,6 +330,8 @@ def _memory_child(run_dir: str, policy_path: str | None, images_path: str, batch
     from dart_ee.run import Run
     from dart_ee.runtime import EarlyExitRunner
 
+    if keep_memory:
+        keep_freed_memory()
     torch.set_num_threads(threads)
     run = Run(run_dir)
     pol = load_policy(policy_path) if policy_path else StaticPolicy()
@@ -335,7 +342,8 @@ def _memory_child(run_dir: str, policy_path: str | None, images_path: str, batch
     for s in range(0, len(images), batch_size):
         runner(to_float(images[s: s + batch_size]).to(device))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_rss_mb": peak / 2**20, "rss_before_mb": base / 2**20, "increase_mb": (peak - base) / 2**20}
+    return {"peak_rss_mb": peak / 2**20, "rss_before_mb": base / 2**20, "increase_mb": (peak - base) / 2**20,
+            "malloc": malloc_setting()}
 
 
 def _add_memory(rows: dict, run_dir: Path, policy_paths: Sequence[str | Path], methods: dict, images: torch.Tensor,
@@ -351,7 +359,8 @@ def _add_memory(rows: dict, run_dir: Path, policy_paths: Sequence[str | Path], m
         ctx = mp.get_context("spawn")
         with ctx.Pool(1, maxtasksperchild=1) as pool:
             for name, pp in paths.items():
-                rows[name]["memory"] = pool.apply(_memory_child, (str(run_dir), pp, img_path, batch_size, threads, device))
+                rows[name]["memory"] = pool.apply(_memory_child, (str(run_dir), pp, img_path, batch_size, threads, device,
+                                                                    freed_memory_kept()))
     static = rows["static"]["memory"]
     for row in rows.values():
         m = row["memory"]

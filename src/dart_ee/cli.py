@@ -598,6 +598,10 @@ def benchmark(run: RunOpt,
                   "--export", help="onnxruntime: an export folder (default RUN/export). An fp32 export there is made "
                                    "again first when it is not current (another model, estimators, policies or "
                                    "exporting code); an int8 export is measured as it is.")] = None,
+              keep_memory: Annotated[bool, typer.Option(
+                  "--keep-freed-memory/--default-malloc",
+                  help="Keep freed memory in the process for reuse, as a CPU server should (dart_ee.malloc): with "
+                       "glibc's default every large activation is page-faulted in afresh.")] = _BENCH.keep_freed_memory,
               data_dir: DataDirOpt = None,
               out: Annotated[Optional[Path], typer.Option("--out", help="Write the JSON record here.")] = None,
               as_json: Annotated[bool, typer.Option("--json", help="Print the JSON record.")] = False) -> None:
@@ -605,6 +609,10 @@ def benchmark(run: RunOpt,
     from dart_ee import artifacts
     from dart_ee.bench import benchmark as run_bench
     from dart_ee.bench import table_markdown
+    from dart_ee.malloc import keep_freed_memory
+
+    if keep_memory:
+        keep_freed_memory()
 
     engines = {"torch": "eager", "onnxruntime": "onnxruntime"}
     bad = [e for e in engine or [] if e not in engines]
@@ -619,6 +627,7 @@ def benchmark(run: RunOpt,
         typer.echo(json.dumps(rec, indent=2))
         return
     typer.echo(f"{rec['hardware']['cpu']} ({rec['hardware']['device']}), {rec['threads']} threads, torch {rec['torch']}, "
+               f"malloc: {rec['hardware']['malloc']}, "
                f"git {rec['git_revision']}; batch {rec['batch_size']} x {rec['timed_images']} images, "
                f"{rec['repeats']} repeats; energy: {rec['energy_source']}")
     typer.echo(table_markdown(rec))

@@ -89,6 +89,9 @@ class BenchmarkConfig(_Strict):
     # a half, and over a hundred images that share is off by five points (one standard error) or so
     latency_images: int = Field(1000, ge=0)
     threads: int | None = Field(None, ge=1)
+    # before timing, make glibc's malloc keep freed memory, as a CPU server should (dart_ee.malloc); it stays so
+    # for the rest of the process, which then holds the memory of its largest batches
+    keep_freed_memory: bool = True
 
 
 class ControllerSettings(_Strict):

@@ -75,6 +75,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     from dart_ee.evaluation import simulate
     from dart_ee.frontier import CERT_BUDGETS, certified_points, summarize_frontier, sweep
     from dart_ee.frontier import POLICIES as COMPARED
+    from dart_ee.malloc import keep_freed_memory
     from dart_ee.policies import load_policy
     from dart_ee.training import set_run_threads, single_exit_config, train, training_device
 
@@ -154,6 +155,8 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     if cfg.benchmark.enabled:
         t0 = step("5/6 benchmark")
         b = cfg.benchmark
+        if b.keep_freed_memory:  # after training, whose peak memory it would raise
+            keep_freed_memory()
         policies = [pol_dir / f"{n}.json" for n in ("threshold", "branchynet", "rl", "patience", "dart")]
         bench = benchmark(out, policies, b.batch_size, b.images, b.repeats, b.latency_images, b.threads, "cpu", data_dir)
         steps["benchmark"] = time.perf_counter() - t0

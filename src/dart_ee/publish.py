@@ -23,8 +23,9 @@ from dart_ee.report import (
     certified_table,
     difficulty_parts,
     frontier_markdown,
+    malloc_note,
     paper_tables,
-    sample_note,
+    timing_note,
     training_table,
 )
 
@@ -35,10 +36,11 @@ def _load(root: Path, rel: str) -> dict:
     return artifacts.read_json(root / rel, "benchmark record")
 
 
-def _prov(p: dict) -> str:
+def _prov(p: dict, timed: bool = False) -> str:
+    """A record's provenance; ``timed``: its figures are times or memory, which depend on malloc's setting too."""
     hw = p.get("hardware", {})
     return (f"`{p.get('command', '?')}` (git {p.get('git_revision', '?')}, {hw.get('cpu', '?')}, {hw.get('cpu_count', '?')} "
-            f"cores, torch {p.get('torch', '?')}, {p.get('date', '?')})")
+            f"cores, torch {p.get('torch', '?')}, {p.get('date', '?')}{malloc_note(hw) if timed else ''})")
 
 
 def _results_prov(res: dict, rel: str) -> str:
@@ -225,7 +227,7 @@ def training_speed_section(root: Path, rel: str = "cpu/train_speed_alexnet.json"
         rows.append(f"| {'yes' if r['bf16'] else 'no'} | {'yes' if r['channels_last'] else 'no'} | "
                     f"{r['ms_per_step']:.0f} | {r['speedup_vs_fp32_nchw']:.2f}x |")
     return "\n\n".join([f"{rec['model']} on {rec['dataset']}, batch {rec['batch_size']}, {rec['threads']} threads. Record: "
-                         + _prov(rec["provenance"]) + ".", "\n".join(rows)])
+                         + _prov(rec["provenance"], timed=True) + ".", "\n".join(rows)])
 
 
 def difficulty_cost_section(root: Path, rel: str = "cpu/difficulty_cost.json") -> str:
@@ -238,7 +240,7 @@ def difficulty_cost_section(root: Path, rel: str = "cpu/difficulty_cost.json") -
     return "\n\n".join([
         f"The paper's estimator costs **{f['total']:,} FLOPs per image** ({f['method']}); its wall-clock share of "
         f"the inference-optimised {rec['model']} forward, median of alternating runs, {rec['threads']} threads: "
-        f"**{100 * big['share']:.2f}%** at batch {big['batch_size']}. Record: " + _prov(rec["provenance"]) + ".",
+        f"**{100 * big['share']:.2f}%** at batch {big['batch_size']}. Record: " + _prov(rec["provenance"], timed=True) + ".",
         "\n".join(rows)])
 
 
@@ -253,7 +255,7 @@ def _bench_prov(rec: dict, rel: str) -> str:
     hw = rec["hardware"]
     where = hw.get("gpu") or f"{hw['cpu']}, {rec['threads']} threads"
     made = f"`{rec['command']}`, " if rec.get("command") else ""  # records before 2026-11-26 19:40 lack it
-    return f"`{rel}` ({made}git {rec['git_revision']}, {where}, torch {rec['torch']}, {rec['date']}{sample_note(rec)})"
+    return f"`{rel}` ({made}git {rec['git_revision']}, {where}, torch {rec['torch']}, {rec['date']}{timing_note(rec)})"
 
 
 def runner_section(root: Path, folder: str, runs: tuple[str, ...], batches: tuple[int, ...]) -> str:
@@ -293,7 +295,7 @@ def runner_section(root: Path, folder: str, runs: tuple[str, ...], batches: tupl
         for (run, b) in recs for m in ("dart",)) + ".")
     if (root / folder / "earlier").is_dir():  # the records these replaced: what a change of the runner did
         old = {(run, b): _load(root, f"{folder}/earlier/{run}_b{b}.json") for (run, b) in recs}
-        how = sample_note(next(iter(old.values())))
+        how = timing_note(next(iter(old.values())))
         verdicts.append(f"The records these replaced (`{folder}/earlier/`, git "
                         f"{', '.join(sorted({o['git_revision'] for o in old.values()}))}{how}) had, for DART: " + ", ".join(
                             f"{run} at {b}: {_rows(o)['queued', 'dart']['time_ms'] / _rows(o)['eager', 'dart']['time_ms']:.2f}"
@@ -399,7 +401,7 @@ def _earlier_alexnet(root: Path, folder: str) -> str:
 
     old, d0, s0 = dart_static(f"{folder}/earlier/cifar10_alexnet.json")
     new, d1, s1 = dart_static(f"{folder}/cifar10_alexnet.json")
-    how = [sample_note(old).removeprefix("; ")] if sample_note(old) else []
+    how = [timing_note(old).removeprefix("; ")] if timing_note(old) else []
     if "timed_in_process_with_torch" not in (old.get("onnx_export") or {}):
         how.append("onnxruntime was timed in the process in which torch had just run")
     return (f"The record this one replaced (`{folder}/earlier/cifar10_alexnet.json`, git {old['git_revision']}, "
@@ -465,7 +467,7 @@ def heads_section(root: Path, rel: str = "cpu/resnet18_heads.json") -> str:
         f"{rec['confidence']}, policies fitted on the calibration split held out from training, measured on the "
         f"{h['compare']['rows'][0]['test']['n']:,} test images; speedups over each network's own static forward, in one "
         "process. Record: "
-        + _prov(rec["provenance"]) + ".", "\n".join(acc), "\n".join(rows)])
+        + _prov(rec["provenance"], timed=True) + ".", "\n".join(acc), "\n".join(rows)])
 
 
 def runner_summary(root: Path) -> str:
@@ -496,7 +498,7 @@ def data_paths_section(root: Path) -> str:
     notes, provs = [], []
     for what, rel in DATA_RECORDS.items():
         rec = _load(root, rel)
-        provs.append(_prov(rec["provenance"]))
+        provs.append(_prov(rec["provenance"], timed=True))
         for r in rec["rows"]:
             cap = "" if r["under_cap"] is None else (" (under the cap)" if r["under_cap"] else " (**over the cap**)")
             rows.append(f"| {what} | `{rec['config']}` | {r['mode']} | {r['workers']} | {r['images_per_s']:.0f} | "

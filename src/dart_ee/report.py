@@ -236,13 +236,22 @@ def difficulty_parts(res: dict, h: str = "##") -> list[str]:
                     + ", ".join(f"{k} {v:+.3f}" for k, v in d["spearman_with_oracle_depth"].items())]
 
 
-def sample_note(rec: dict) -> str:
-    """What a benchmark record timed, where it was not a random draw of the test split (older records)."""
+def malloc_note(hw: dict) -> str:
+    """How a record's process treated freed memory, where it did not keep it (``dart_ee.malloc``)."""
+    setting = hw.get("malloc")
+    if setting is None:
+        return "; glibc's default malloc: freed memory not kept (dart_ee.malloc)"
+    return "" if setting.startswith("glibc, freed memory kept") else f"; malloc: {setting}"
+
+
+def timing_note(rec: dict) -> str:
+    """What a benchmark record timed and how, where it differs from what the benchmark does now."""
+    note = malloc_note(rec["hardware"])
     if rec.get("image_sample"):
-        return ""
+        return note
     return (f"; timed on the test split's first {rec['timed_images']:,} images, batch 1 on its first "
             f"{rec.get('latency_images', 0):,} (made before the benchmark drew its images at random: where the split "
-            "is listed by class, as CIFAR-10's image folders list it, those are a few classes only)")
+            f"is listed by class, as CIFAR-10's image folders list it, those are a few classes only){note}")
 
 
 def benchmark_parts(res: dict, h: str = "##") -> list[str]:
@@ -254,7 +263,7 @@ def benchmark_parts(res: dict, h: str = "##") -> list[str]:
         return []
     parts = [f"{h} Table I (measured on this machine)",
              f"{b['hardware']['cpu']}, {b['threads']} threads, batch {b['batch_size']}, {b['repeats']} repeats; "
-             f"energy: {b['energy_source']}{sample_note(b)}.", table_markdown(b)]
+             f"energy: {b['energy_source']}{timing_note(b)}.", table_markdown(b)]
     d = next((r for r in b["rows"] if r["method"] == "dart"), None)
     if d:
         lat = (f"; at batch 1, {d['latency_speedup']:.2f}x ({d['latency_speedup_vs_mac_prediction']:.2f} of it)"
