@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from dart_ee import create_model
 from dart_ee.cli import app
+from dart_ee.malloc import malloc_setting
 
 cli = CliRunner()
 
@@ -103,12 +104,18 @@ def test_benchmark_command(trained_run, tmp_path):
     rec = json.loads((tmp_path / "b.json").read_text())
     assert [r["method"] for r in rec["rows"]] == ["static", "threshold"]
     assert rec["rows"][0]["speedup"] == pytest.approx(1.0)
-    # both runners, timed in alternation; the queued one decides exactly as the eager one on the CPU
+    # both runners, timed in alternation; the queued one decides exactly as the eager one on the CPU. Peak memory
+    # per method in a child process of its own: its figure is the child's, however large this process is
+    ballast = torch.ones(2**28)  # 1 GiB held here
     code, out = invoke("benchmark", "--run", trained_run["run"], "--policy", tmp_path / "t.json", "--images", "64",
                        "--batch-size", "16", "--repeats", "2", "--latency-images", "4", "--threads", "1",
-                       "--runner", "eager", "--runner", "queued", "--out", tmp_path / "q.json")
+                       "--runner", "eager", "--runner", "queued", "--memory", "--out", tmp_path / "q.json")
     assert code == 0, out
     rec = json.loads((tmp_path / "q.json").read_text())
+    memory = [r["memory"] for r in rec["rows"] if "memory" in r]
+    assert len(memory) == 2 and "memory threshold: peak RSS" in out  # measured under the first runner, eager
+    assert all(0 < m["peak_rss_mb"] < ballast.numel() * 4 / 2**20 for m in memory)
+    assert rec["hardware"]["malloc"] == memory[0]["malloc"] == malloc_setting() != "glibc default"  # the CLI kept it
     assert [(r["runner"], r["method"]) for r in rec["rows"]] == [
         ("eager", "static"), ("eager", "threshold"), ("queued", "static"), ("queued", "threshold")]
     queued = rec["rows"][3]

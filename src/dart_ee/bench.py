@@ -323,8 +323,6 @@ def _memory_child(run_dir: str, policy_path: str | None, images_path: str, batch
                   device: str, keep_memory: bool) -> dict:
     """In a fresh process: peak RSS while running one method over the images (returned to the parent), with
     freed memory kept or not as in the parent (kept, the process holds its peak: the figure that matters)."""
-    import resource
-
     from dart_ee.data import to_float
     from dart_ee.policies import StaticPolicy, load_policy
     from dart_ee.run import Run
@@ -337,13 +335,22 @@ def _memory_child(run_dir: str, policy_path: str | None, images_path: str, batch
     pol = load_policy(policy_path) if policy_path else StaticPolicy()
     runner = EarlyExitRunner(run.model(device=device), pol, run.estimators(device))
     images = torch.from_numpy(np.load(images_path))
-    page = os.sysconf("SC_PAGE_SIZE")
-    base = int(open("/proc/self/statm").read().split()[1]) * page
+    base = _status_bytes("VmRSS")
     for s in range(0, len(images), batch_size):
         runner(to_float(images[s: s + batch_size]).to(device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
     return {"peak_rss_mb": peak / 2**20, "rss_before_mb": base / 2**20, "increase_mb": (peak - base) / 2**20,
             "malloc": malloc_setting()}
+
+
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status. VmHWM, the peak RSS, is this process's own: getrusage's
+    ru_maxrss also counts the parent's RSS at the fork before the spawned child's exec, which is larger than the
+    child's peak when the parent keeps its freed memory."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # in kB
+    raise RuntimeError(f"/proc/self/status has no {field}: peak memory is measured on Linux only")
 
 
 def _add_memory(rows: dict, run_dir: Path, policy_paths: Sequence[str | Path], methods: dict, images: torch.Tensor,

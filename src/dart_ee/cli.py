@@ -637,7 +637,7 @@ def benchmark(run: RunOpt,
                 f"stage {s['stage']} {s['calls']} calls, {100 * s['fill']:.0f}% full, {s['ms_per_image']:.4f} ms/img"
                 for s in r["stages"]) + f"; decisions differing from eager: {r['decisions_differing_from_eager']}")
     if memory:
-        for r in rec["rows"]:
+        for r in (r for r in rec["rows"] if "memory" in r):  # measured under the first runner
             m = r["memory"]
             typer.echo(f"memory {r['method']}: peak RSS {m['peak_rss_mb']:.0f} MB ({m['peak_ratio_vs_static']:.2f}x static), "
                        f"increase during the run {m['increase_mb']:.0f} MB ({m['increase_ratio_vs_static']:.2f}x static)")

@@ -304,6 +304,36 @@ def runner_section(root: Path, folder: str, runs: tuple[str, ...], batches: tupl
                          "\n".join(lat), " ".join(verdicts), "Records: " + "; ".join(provs) + "."])
 
 
+def malloc_section(root: Path, folder: str = "runner_cpu", run: str = "cifar10_resnet18", batch: int = 256) -> str:
+    """Freed memory kept against glibc's default (``dart_ee.malloc``): two records, same code, one after the other."""
+    kept_rel, default_rel = f"{folder}/{run}_b{batch}.json", f"{folder}/default_malloc/{run}_b{batch}.json"
+    kept, default = _rows(_load(root, kept_rel)), _rows(_load(root, default_rel))
+    rows = ["| Runner | Method | glibc default (ms/img) | Freed memory kept (ms/img) | Default / kept time "
+            "| Speedup over static: default / kept | Peak memory (MB): default / kept |", "|---|---|---|---|---|---|---|"]
+    for key, k in kept.items():
+        d = default[key]
+        mem = (f"{d['memory']['peak_rss_mb']:,.0f} / {k['memory']['peak_rss_mb']:,.0f}"
+               if "memory" in k and "memory" in d else "not measured")
+        rows.append(f"| {key[0]} | {key[1]} | {d['time_ms']:.2f} | {k['time_ms']:.2f} | {d['time_ms'] / k['time_ms']:.2f}x "
+                    f"| {d['speedup']:.2f}x / {k['speedup']:.2f}x | {mem} |")
+    provs = [_bench_prov(_load(root, r), r) for r in (default_rel, kept_rel)]
+    return "\n\n".join(["\n".join(rows), malloc_summary(root, folder, run, batch), "Records: " + "; ".join(provs) + "."])
+
+
+def malloc_summary(root: Path, folder: str = "runner_cpu", run: str = "cifar10_resnet18", batch: int = 256) -> str:
+    """What keeping freed memory gave and cost, in a sentence (BENCHMARKS.md section 4 and the README)."""
+    kept = _rows(_load(root, f"{folder}/{run}_b{batch}.json"))
+    default = _rows(_load(root, f"{folder}/default_malloc/{run}_b{batch}.json"))
+    st, q = ("eager", "static"), ("queued", "dart")
+    m_d, m_k = default[st].get("memory"), kept[st].get("memory")
+    mem = (f" The price: the static network's process peaked at {m_k['peak_rss_mb']:,.0f} MB against "
+           f"{m_d['peak_rss_mb']:,.0f} MB ({m_k['peak_rss_mb'] / m_d['peak_rss_mb']:.2f}x; the whole test split at "
+           f"batch {batch}, a process per method)." if m_d and m_k else "")
+    return (f"{run}, batch {batch}, on the CPU: keeping freed memory made the static network "
+            f"**{default[st]['time_ms'] / kept[st]['time_ms']:.2f}x** faster and DART under the queued runner "
+            f"**{default[q]['time_ms'] / kept[q]['time_ms']:.2f}x**.{mem}")
+
+
 def stage_section(root: Path, folder: str, runs: tuple[str, ...], batch: int) -> str:
     """Where the time goes: DART's queued stages, time per sample against the stage's share of the MACs."""
     rows = ["| Model | Stage | Calls | Batch fill | Time per sample reaching it (us) | Share of the stages' time "
@@ -484,7 +514,14 @@ def runner_summary(root: Path) -> str:
                             f"{r['eager', 'dart']['speedup']:.2f}x / {r['queued', 'dart']['speedup']:.2f}x | "
                             f"{r['eager', 'threshold']['speedup']:.2f}x / {r['queued', 'threshold']['speedup']:.2f}x | "
                             f"{r['queued', 'dart']['mac_speedup']:.2f}x |")
-    return "\n".join(rows)
+    cpu = {run: _rows(_load(root, f"runner_cpu/{run}_b256.json")) for run in GPU_RUNS}
+    ratio = ", ".join(f"{run.removeprefix('cifar10_')} {r['queued', 'dart']['time_ms'] / r['eager', 'dart']['time_ms']:.2f}"
+                      for run, r in cpu.items())
+    of_mac = ", ".join(f"{run.removeprefix('cifar10_')} {r['queued', 'dart']['speedup_vs_mac_prediction']:.2f}"
+                       for run, r in cpu.items())
+    return "\n".join(rows) + (f"\n\nOn the CPU at batch 256, DART's time under the queued runner over its time under the "
+                              f"eager one (below 1: queued faster): {ratio}; the queued runner's DART speedup over the "
+                              f"MAC prediction: {of_mac}.")
 
 
 DATA_RECORDS = {"synthetic 64x64 tree, 200,000 training JPEGs": "data/tree64_resnet18.json",
@@ -530,6 +567,8 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "GPU stages": lambda root: stage_section(root, "gpu_h200", GPU_RUNS, 1024),
     "CPU runners": lambda root: runner_section(root, "runner_cpu", GPU_RUNS, (256,)),
     "CPU stages": lambda root: stage_section(root, "runner_cpu", GPU_RUNS, 256),
+    "CPU malloc": malloc_section,
+    "malloc summary": malloc_summary,
     "runner summary": runner_summary,
     "onnxruntime": onnx_section,
     "int8": int8_section,
