@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from dart_ee import artifacts
@@ -258,6 +258,14 @@ def _bench_prov(rec: dict, rel: str) -> str:
     return f"`{rel}` ({made}git {rec['git_revision']}, {where}, torch {rec['torch']}, {rec['date']}{timing_note(rec)})"
 
 
+def _spread(recs: Iterable[dict]) -> str:
+    """How far a method's repetitions spread, (max - min) / median, the widest over these records' early-exit rows."""
+    widest = max(((r["time_ms_max"] - r["time_ms_min"]) / r["time_ms"], rec["repeats"]) for rec in recs
+                 for r in rec["rows"] if r["method"] != "static")
+    return (f"For scale: the {widest[1]} repetitions of one method spread by up to {100 * widest[0]:.1f}% of its "
+            "median (fastest to slowest).")
+
+
 def runner_section(root: Path, folder: str, runs: tuple[str, ...], batches: tuple[int, ...]) -> str:
     """Eager against queued runner: measured speedup over static, its ratio to the MAC prediction, goals."""
     rows = ["| Model | Batch | Method | Eager speedup | Queued speedup | Queued / eager time | MAC-predicted "
@@ -291,8 +299,8 @@ def runner_section(root: Path, folder: str, runs: tuple[str, ...], batches: tupl
     verdicts = ["Queued runner slower than the static network at a batch of 256 or more: "
                 + ("none." if not slower else "; ".join(slower) + ".")]
     verdicts.append("Queued against eager (time ratio below 1: queued faster): " + ", ".join(
-        f"{run} {m} at {b}: {_rows(recs[run, b])['queued', m]['time_ms'] / _rows(recs[run, b])['eager', m]['time_ms']:.2f}"
-        for (run, b) in recs for m in ("dart",)) + ".")
+        f"{run} {m} at {b}: {_rows(recs[run, b])['queued', m]['time_ms'] / _rows(recs[run, b])['eager', m]['time_ms']:.3f}"
+        for (run, b) in recs for m in ("dart", "threshold")) + f". {_spread(recs.values())}")
     if (root / folder / "earlier").is_dir():  # the records these replaced: what a change of the runner did
         old = {(run, b): _load(root, f"{folder}/earlier/{run}_b{b}.json") for (run, b) in recs}
         how = timing_note(next(iter(old.values())))
@@ -515,7 +523,7 @@ def runner_summary(root: Path) -> str:
                             f"{r['eager', 'threshold']['speedup']:.2f}x / {r['queued', 'threshold']['speedup']:.2f}x | "
                             f"{r['queued', 'dart']['mac_speedup']:.2f}x |")
     cpu = {run: _rows(_load(root, f"runner_cpu/{run}_b256.json")) for run in GPU_RUNS}
-    ratio = ", ".join(f"{run.removeprefix('cifar10_')} {r['queued', 'dart']['time_ms'] / r['eager', 'dart']['time_ms']:.2f}"
+    ratio = ", ".join(f"{run.removeprefix('cifar10_')} {r['queued', 'dart']['time_ms'] / r['eager', 'dart']['time_ms']:.3f}"
                       for run, r in cpu.items())
     of_mac = ", ".join(f"{run.removeprefix('cifar10_')} {r['queued', 'dart']['speedup_vs_mac_prediction']:.2f}"
                        for run, r in cpu.items())
