@@ -10,7 +10,8 @@ trimming off, freed blocks are reused and the faults go away (BENCHMARKS.md sect
 The cost: the process keeps the memory of its largest batches until it exits, and somewhat more, since an
 aligned request does not always fit the block just freed and the heap grows by a few blocks of each size
 before it reuses them. ``dart-ee benchmark`` (and the benchmark step of ``dart-ee run``) keeps freed memory
-unless told ``--default-malloc``; training does not, so that its peak memory stays as measured.
+unless told ``--default-malloc``, as do ``dart-ee info --timing`` and ``dart-ee difficulty cost``; training does
+not, so that its peak memory stays as measured.
 
 The same, set before a process starts (for a server that does not import dart_ee first)::
 
