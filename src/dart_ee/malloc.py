@@ -27,6 +27,7 @@ import platform
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (glibc's malloc.h)
 _TRIM_NEVER = 2**31 - 1  # mallopt takes an int: trim only when 2 GiB lie free at the heap's top
 _kept = False
+KEPT = "glibc, freed memory kept (mmap_max=0, trim_threshold=2 GiB)"  # malloc_setting() once kept
 
 
 def is_glibc() -> bool:
@@ -57,7 +58,7 @@ def freed_memory_kept() -> bool:
 def malloc_setting() -> str:
     """How this process's malloc treats freed memory, for a benchmark record."""
     if _kept:
-        return "glibc, freed memory kept (mmap_max=0, trim_threshold=2 GiB)"
+        return KEPT
     if not is_glibc():
         return f"not glibc ({platform.system()}): the C library's own"
     tunables = os.environ.get("GLIBC_TUNABLES", "")

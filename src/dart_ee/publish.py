@@ -312,10 +312,16 @@ def runner_section(root: Path, folder: str, runs: tuple[str, ...], batches: tupl
                          "\n".join(lat), " ".join(verdicts), "Records: " + "; ".join(provs) + "."])
 
 
+def _malloc_records(root: Path, folder: str, run: str, batch: int) -> dict[str, tuple[str, dict]]:
+    """The record with freed memory kept and the ``--default-malloc`` one beside it: setting -> (path, record)."""
+    rels = {"kept": f"{folder}/{run}_b{batch}.json", "default": f"{folder}/default_malloc/{run}_b{batch}.json"}
+    return {k: (rel, _load(root, rel)) for k, rel in rels.items()}
+
+
 def malloc_section(root: Path, folder: str = "runner_cpu", run: str = "cifar10_resnet18", batch: int = 256) -> str:
     """Freed memory kept against glibc's default (``dart_ee.malloc``): two records, same code, one after the other."""
-    kept_rel, default_rel = f"{folder}/{run}_b{batch}.json", f"{folder}/default_malloc/{run}_b{batch}.json"
-    kept, default = _rows(_load(root, kept_rel)), _rows(_load(root, default_rel))
+    recs = _malloc_records(root, folder, run, batch)
+    kept, default = _rows(recs["kept"][1]), _rows(recs["default"][1])
     rows = ["| Runner | Method | glibc default (ms/img) | Freed memory kept (ms/img) | Default / kept time "
             "| Speedup over static: default / kept | Peak memory (MB): default / kept |", "|---|---|---|---|---|---|---|"]
     for key, k in kept.items():
@@ -324,14 +330,17 @@ def malloc_section(root: Path, folder: str = "runner_cpu", run: str = "cifar10_r
                if "memory" in k and "memory" in d else "not measured")
         rows.append(f"| {key[0]} | {key[1]} | {d['time_ms']:.2f} | {k['time_ms']:.2f} | {d['time_ms'] / k['time_ms']:.2f}x "
                     f"| {d['speedup']:.2f}x / {k['speedup']:.2f}x | {mem} |")
-    provs = [_bench_prov(_load(root, r), r) for r in (default_rel, kept_rel)]
-    return "\n\n".join(["\n".join(rows), malloc_summary(root, folder, run, batch), "Records: " + "; ".join(provs) + "."])
+    provs = [_bench_prov(rec, rel) for rel, rec in (recs["default"], recs["kept"])]
+    return "\n\n".join(["\n".join(rows), _malloc_sentence(kept, default, run, batch), "Records: " + "; ".join(provs) + "."])
 
 
 def malloc_summary(root: Path, folder: str = "runner_cpu", run: str = "cifar10_resnet18", batch: int = 256) -> str:
-    """What keeping freed memory gave and cost, in a sentence (BENCHMARKS.md section 4 and the README)."""
-    kept = _rows(_load(root, f"{folder}/{run}_b{batch}.json"))
-    default = _rows(_load(root, f"{folder}/default_malloc/{run}_b{batch}.json"))
+    """What keeping freed memory gave and cost, in a sentence (the README's; BENCHMARKS.md section 4 has the table)."""
+    recs = _malloc_records(root, folder, run, batch)
+    return _malloc_sentence(_rows(recs["kept"][1]), _rows(recs["default"][1]), run, batch)
+
+
+def _malloc_sentence(kept: dict, default: dict, run: str, batch: int) -> str:
     st, q = ("eager", "static"), ("queued", "dart")
     m_d, m_k = default[st].get("memory"), kept[st].get("memory")
     mem = (f" The price: the static network's process peaked at {m_k['peak_rss_mb']:,.0f} MB against "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from dart_ee import artifacts
 from dart_ee.analysis import distribution_markdown
+from dart_ee.malloc import KEPT
 from dart_ee.run import STUDY
 
 
@@ -241,7 +242,7 @@ def malloc_note(hw: dict) -> str:
     setting = hw.get("malloc")
     if setting is None:
         return "; glibc's default malloc: freed memory not kept (dart_ee.malloc)"
-    return "" if setting.startswith("glibc, freed memory kept") else f"; malloc: {setting}"
+    return "" if setting == KEPT else f"; malloc: {setting}"
 
 
 def timing_note(rec: dict) -> str:
