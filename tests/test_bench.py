@@ -1,9 +1,12 @@
-"""The benchmark: its choice of images, its timing loops and the interval of a batch-1 speedup."""
+"""The benchmark: its choice of images, its timing loops, the interval of a batch-1 speedup, and the speedup
+that the stages' measured prices predict."""
 
 import numpy as np
 import pytest
 
-from dart_ee.bench import timing_sample
+from dart_ee.bench import stage_costs, stage_time_speedup, timing_sample
+from dart_ee.models import create_model, optimize_for_inference
+from dart_ee.policies import StaticPolicy, make_policy
 from dart_ee.timing import alternate, alternate_singles, median_ratio_ci
 
 
@@ -41,3 +44,28 @@ def test_median_ratio_interval_covers_the_ratio_and_narrows_with_more_images():
     assert narrow[0] < point < narrow[1] and wide[1] - wide[0] > narrow[1] - narrow[0]
     with pytest.raises(ValueError, match="paired"):
         median_ratio_ci([1.0, 2.0], [1.0])
+
+
+def test_stage_time_prediction_is_the_mac_rule_with_measured_prices():
+    """Each exit costs the stages and heads passed, plus the estimator for a policy that reads alpha; the static
+    network costs its own price whatever the exit."""
+    costs = {"stage_ms": [1.0, 2.0, 3.0], "head_ms": [0.1, 0.1, 0.1], "static_ms": 6.1,
+             "estimator_ms": {"paper": 0.5}}
+    exits = np.array([0, 0, 2, 1])  # leave at 1.1, 1.1, 6.3 and 3.2 ms
+    assert stage_time_speedup(costs, make_policy("threshold", tau=0.5), exits) == pytest.approx(6.1 / 2.925)
+    assert stage_time_speedup(costs, StaticPolicy(), exits) == 1.0
+
+    class Reads:  # a policy reading the paper's alpha pays for the estimator at every exit
+        uses_alpha, alpha_source_ = True, "paper"
+
+    assert stage_time_speedup(costs, Reads(), exits) == pytest.approx(6.1 / 3.425)  # type: ignore[arg-type]
+
+
+def test_stage_costs_price_every_stage_and_head_on_the_batch():
+    import torch
+
+    model = optimize_for_inference(create_model("alexnet", 10, 1, 28))
+    costs = stage_costs(model, torch.rand(8, 1, 28, 28), repeats=2)
+    assert costs["batch_size"] == 8 and costs["estimator_ms"] == {}  # no estimator given: none priced
+    assert len(costs["stage_ms"]) == len(costs["head_ms"]) == model.num_exits
+    assert min(costs["stage_ms"] + costs["head_ms"]) > 0 and costs["static_ms"] > 0

@@ -104,6 +104,11 @@ def test_benchmark_command(trained_run, tmp_path):
     rec = json.loads((tmp_path / "b.json").read_text())
     assert [r["method"] for r in rec["rows"]] == ["static", "threshold"]
     assert rec["rows"][0]["speedup"] == pytest.approx(1.0)
+    # the stages' own prices, measured in the same process: the static network's prediction is itself
+    costs = rec["stage_costs"]
+    assert costs["batch_size"] == 256 and len(costs["stage_ms"]) == len(costs["head_ms"]) == len(rec["rows"][1]["exit_histogram"])
+    assert rec["rows"][0]["stage_time_speedup"] == 1.0 and rec["rows"][1]["stage_time_speedup"] > 0
+    assert "Stage-time-predicted speedup" in out
     # both runners, timed in alternation; the queued one decides exactly as the eager one on the CPU. Peak memory
     # per method in a child process of its own: its figure is the child's, however large this process is
     ballast = torch.ones(2**28)  # 1 GiB held here

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 from dart_ee.data import get_spec
-from dart_ee.difficulty import DifficultyEstimator
+from dart_ee.difficulty import DifficultyEstimator, LearnedDifficulty
 from dart_ee.errors import ConfigError
+from dart_ee.evaluation import leave_costs
 from dart_ee.malloc import freed_memory_kept, keep_freed_memory, malloc_setting
-from dart_ee.models import create_model, optimize_for_inference
+from dart_ee.models import MultiExitNet, create_model, optimize_for_inference
+from dart_ee.policies import ExitPolicy
 from dart_ee.timing import alternate, alternate_singles, median_ratio_ci, time_exported
 from dart_ee.training import set_threads
 
@@ -127,8 +129,7 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     """
     from dart_ee.data import to_float
     from dart_ee.energy import energy_meter
-    from dart_ee.evaluation import leave_costs
-    from dart_ee.policies import ExitPolicy, StaticPolicy, load_policy
+    from dart_ee.policies import StaticPolicy, load_policy
     from dart_ee.queued import QueuedRunner
     from dart_ee.run import Run
     from dart_ee.runtime import EarlyExitRunner
@@ -171,9 +172,11 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
         return {"method": name, "accuracy": float((pred == labels.numpy()).mean()), "macs_per_image": macs,
                 "exit_histogram": np.bincount(exits, minlength=len(exit_macs)).tolist(), "mac_speedup": static_macs / macs}
 
+    exits_of: dict[str, np.ndarray] = {}
     for name, runner in eager.items():
         res = runner.run(all_x, batch_size)
         pred, exits = res.pred.cpu().numpy(), res.exit.cpu().numpy()
+        exits_of[name] = exits
         for r in runners:
             rows[r, name] = {**summary(name, pred, exits), "runner": r}
         others = {}
@@ -214,6 +217,9 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     meter = energy_meter(dev)
     t_per_img, e_per_img = alternate({k: throughput(k) for k in torch_keys}, repeats, len(x), lambda: _sync(dev),
                                      meter.read)
+    # what the stages' own times predict (each stage, head and estimator alone at this batch size): the
+    # speedup a torch runner with no overhead of its own would reach on this device
+    costs = stage_costs(model, x[:batch_size], est, repeats) if torch_keys else None
     if profile and queued:  # where the time goes, in a separate pass: the per-stage syncs would slow the timed one
         for name, pol in methods.items():
             q = QueuedRunner(model, pol, est, batch_size, profile=True)
@@ -262,6 +268,9 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
                         "latency_speedup_ci95": median_ratio_ci(lat[static], lat[k])})
             row["latency_speedup_vs_mac_prediction"] = row["latency_speedup"] / row["mac_speedup"]
             row["latency_exit_histogram"] = np.bincount(lat_exits[k], minlength=len(exit_macs)).tolist()
+        if costs and k[0] != "onnxruntime":
+            row["stage_time_speedup"] = stage_time_speedup(costs, methods[k[1]], exits_of[k[1]])
+            row["speedup_vs_stage_time_prediction"] = row["speedup"] / row["stage_time_speedup"]
         pe = row["power_efficiency"]
         row["daes"] = row["accuracy"] * row["speedup"] * (pe if pe is not None else 1.0) / (1 + mean_alpha)
         row["daes_note"] = "measured energy" if pe is not None else "energy unavailable: power efficiency taken as 1"
@@ -276,14 +285,16 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
         "batch_size": batch_size, "timed_images": len(x), "image_sample": "a seeded random draw of the test split",
         "accuracy_images": len(all_x), "repeats": repeats,
         "latency_images": len(singles), "energy_source": meter.source, "mean_alpha_paper": mean_alpha,
-        "static_macs": static_macs, "runners": list(runners), "rows": list(rows.values()),
+        "static_macs": static_macs, "runners": list(runners), "rows": list(rows.values()), "stage_costs": costs,
         "onnx_export": {**_export_summary(next(iter(onnx.values()))), "timed_in_process_with_torch": ort["torch_imported"]}
         if onnx else None,
         "cuda_graphs": graphs if "queued" in runners else None,
         "method": "throughput: median over R alternating repetitions of the per-image time at the given batch size, "
                   "after warm-up; latency: batch size 1, methods alternating per image; speedup = T_static / T_m "
                   "with the static network timed by the same runner; MAC speedup = static MACs / expected MACs "
-                  "(heads and estimator included)" + ("" if "queued" not in runners else
+                  "(heads and estimator included); stage-time speedup = the same rule with each stage's, head's "
+                  "and estimator's median time alone at the batch size (stage_costs) in place of its MACs"
+                  + ("" if "queued" not in runners else
                   "; queued runner: " + ("stages captured as CUDA graphs" if graphs else
                                          "eager stage calls (CUDA graphs need a GPU; capture skipped on the CPU)")),
     }
@@ -383,17 +394,18 @@ def table_markdown(rec: dict) -> str:
 
     several = len(rec.get("runners", ["eager"])) > 1
     lines = [("| Runner " if several else "") + "| Method | Accuracy | Time (ms/img) | Energy (mJ/img) | Power (W) | Speedup "
-             "| MAC-predicted speedup | Speedup / MAC prediction | Power efficiency | DAES "
-             "| Latency p50 / p95 (ms, bs=1) | Latency speedup |",
-             "|---" * (12 + several) + "|"]
+             "| MAC-predicted speedup | Speedup / MAC prediction | Stage-time-predicted speedup | Power efficiency "
+             "| DAES | Latency p50 / p95 (ms, bs=1) | Latency speedup |",
+             "|---" * (13 + several) + "|"]
     for r in rec["rows"]:
         daes = f"{r['daes']:.3f}" + ("" if r["power_efficiency"] is not None else " (PE=1: energy unavailable)")
         lat = (f"{r['latency_p50_ms']:.2f} / {r['latency_p95_ms']:.2f} | {r['latency_speedup']:.2f}x"
                if "latency_p50_ms" in r else "n/a | n/a")
+        stage = f"{r['stage_time_speedup']:.2f}x" if "stage_time_speedup" in r else "n/a"
         lines.append((f"| {r.get('runner', 'eager')} " if several else "") +
                      f"| {r['method']} | {100 * r['accuracy']:.2f}% | {r['time_ms']:.4f} | {fmt(r['energy_mj'], '.3f')} | "
                      f"{fmt(r['power_w'], '.1f')} | {r['speedup']:.2f}x | {r['mac_speedup']:.2f}x | "
-                     f"{r['speedup_vs_mac_prediction']:.2f} | {fmt(r['power_efficiency'], '.2f')} | {daes} | {lat} |")
+                     f"{r['speedup_vs_mac_prediction']:.2f} | {stage} | {fmt(r['power_efficiency'], '.2f')} | {daes} | {lat} |")
     return "\n".join(lines)
 
 
@@ -432,6 +444,42 @@ def training_speed(model_name: str = "alexnet", dataset: str = "cifar10", batch_
 
 
 @torch.inference_mode()
+@torch.inference_mode()
+def stage_costs(model: MultiExitNet, x: torch.Tensor, estimator: LearnedDifficulty | None = None,
+                repeats: int = 5) -> dict:
+    """Milliseconds per image of each stage, each exit head, the plain network and the difficulty estimators, each
+    timed alone on the batch ``x`` (alternating, median after warm-up): the device's own price of every step
+    that the MAC count stands in for. With these prices in place of MACs, the cost rule
+    (``evaluation.leave_costs``) predicts what a runner with no overhead of its own would reach."""
+    feats, h = [], x
+    for stage in model.stages:  # each stage's input (and the last one's output), computed once
+        feats.append(h)
+        h = stage(h)
+    feats.append(h)
+    fns: dict[str, Callable[[], object]] = {"static": functools.partial(model.forward_static, x)}
+    for i, (stage, head) in enumerate(zip(model.stages, model.heads)):
+        fns[f"stage{i}"] = functools.partial(stage, feats[i])
+        fns[f"head{i}"] = functools.partial(head, feats[i + 1])
+    if estimator is not None:
+        fns["paper"] = functools.partial(estimator.paper, x, check=False)
+        if estimator.coef.numel():  # the learned score reads exit 1's output too
+            fns["learned"] = functools.partial(estimator, x, feats[1], model.heads[0](feats[1]), check=False)
+    seconds = alternate(fns, repeats, len(x), lambda: _sync(x.device), warmup=2)[0]
+    t = {k: 1e3 * statistics.median(v) for k, v in seconds.items()}
+    n = model.num_exits
+    return {"batch_size": len(x), "stage_ms": [t[f"stage{i}"] for i in range(n)],
+            "head_ms": [t[f"head{i}"] for i in range(n)], "static_ms": t["static"],
+            "estimator_ms": {k: t[k] for k in ("paper", "learned") if k in t}}
+
+
+def stage_time_speedup(costs: dict, policy: ExitPolicy, exits: np.ndarray) -> float:
+    """The speedup over the plain network that ``stage_costs`` predict for ``policy`` leaving at ``exits``: the MAC
+    prediction with measured seconds in place of MACs (so it counts what MACs miss, such as memory-bound layers)."""
+    per_exit = leave_costs(policy, np.cumsum(np.add(costs["stage_ms"], costs["head_ms"])), costs["static_ms"],
+                           costs["estimator_ms"])
+    return costs["static_ms"] / float(per_exit[np.asarray(exits)].mean())
+
+
 def stage_times(model_name: str = "alexnet", dataset: str = "cifar10", batch_sizes: tuple[int, ...] = (256, 1),
                 repeats: int = 10, threads: int | None = None) -> dict:
     """Median time of each stage and each exit head of the inference-optimised model, against its MACs."""
@@ -442,19 +490,11 @@ def stage_times(model_name: str = "alexnet", dataset: str = "cifar10", batch_siz
     total_macs = sum(cost["stage_macs"])
     out: dict[str, Any] = {"model": model_name, "dataset": dataset, "threads": n_threads, "rows": {}}
     for bs in batch_sizes:
-        x = torch.rand(bs, spec.in_channels, spec.image_size, spec.image_size)
-        feats, h = [], x
-        for stage in model.stages:  # each stage's input, computed once
-            feats.append(h)
-            h = stage(h)
-        fns: dict[str, Callable[[], object]] = {}
-        for i, (stage, head) in enumerate(zip(model.stages, model.heads)):
-            fns[f"stage{i}"] = functools.partial(stage, feats[i])
-            fns[f"head{i}"] = functools.partial(head, stage(feats[i]))
-        t = {k: statistics.median(v) for k, v in alternate(fns, repeats if bs > 1 else 10 * repeats, warmup=3)[0].items()}
-        static = sum(t[f"stage{i}"] for i in range(model.num_exits))
-        out["rows"][bs] = [{"exit": i + 1, "stage_ms": 1e3 * t[f"stage{i}"], "head_ms": 1e3 * t[f"head{i}"],
-                            "stage_time_share": t[f"stage{i}"] / static,
+        c = stage_costs(model, torch.rand(bs, spec.in_channels, spec.image_size, spec.image_size),
+                        repeats=repeats if bs > 1 else 10 * repeats)
+        static = sum(c["stage_ms"])
+        out["rows"][bs] = [{"exit": i + 1, "stage_ms": bs * c["stage_ms"][i], "head_ms": bs * c["head_ms"][i],
+                            "stage_time_share": c["stage_ms"][i] / static,
                             "stage_mac_share": cost["stage_macs"][i] / total_macs} for i in range(model.num_exits)]
     return out
 
