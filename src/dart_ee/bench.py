@@ -393,19 +393,20 @@ def table_markdown(rec: dict) -> str:
         return "unavailable" if v is None else format(v, spec)
 
     several = len(rec.get("runners", ["eager"])) > 1
+    priced = any("stage_time_speedup" in r for r in rec["rows"])  # records before stage_costs lack the column
     lines = [("| Runner " if several else "") + "| Method | Accuracy | Time (ms/img) | Energy (mJ/img) | Power (W) | Speedup "
-             "| MAC-predicted speedup | Speedup / MAC prediction | Stage-time-predicted speedup | Power efficiency "
-             "| DAES | Latency p50 / p95 (ms, bs=1) | Latency speedup |",
-             "|---" * (13 + several) + "|"]
+             "| MAC-predicted speedup | Speedup / MAC prediction " + ("| Stage-time-predicted speedup " if priced else "")
+             + "| Power efficiency | DAES | Latency p50 / p95 (ms, bs=1) | Latency speedup |",
+             "|---" * (12 + priced + several) + "|"]
     for r in rec["rows"]:
         daes = f"{r['daes']:.3f}" + ("" if r["power_efficiency"] is not None else " (PE=1: energy unavailable)")
         lat = (f"{r['latency_p50_ms']:.2f} / {r['latency_p95_ms']:.2f} | {r['latency_speedup']:.2f}x"
                if "latency_p50_ms" in r else "n/a | n/a")
-        stage = f"{r['stage_time_speedup']:.2f}x" if "stage_time_speedup" in r else "n/a"
+        stage = (f"{r['stage_time_speedup']:.2f}x | " if "stage_time_speedup" in r else "n/a | ") if priced else ""
         lines.append((f"| {r.get('runner', 'eager')} " if several else "") +
                      f"| {r['method']} | {100 * r['accuracy']:.2f}% | {r['time_ms']:.4f} | {fmt(r['energy_mj'], '.3f')} | "
                      f"{fmt(r['power_w'], '.1f')} | {r['speedup']:.2f}x | {r['mac_speedup']:.2f}x | "
-                     f"{r['speedup_vs_mac_prediction']:.2f} | {stage} | {fmt(r['power_efficiency'], '.2f')} | {daes} | {lat} |")
+                     f"{r['speedup_vs_mac_prediction']:.2f} | {stage}{fmt(r['power_efficiency'], '.2f')} | {daes} | {lat} |")
     return "\n".join(lines)
 
 

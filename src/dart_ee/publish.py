@@ -266,11 +266,19 @@ def _spread(recs: Iterable[dict]) -> str:
             "median (fastest to slowest).")
 
 
+def _stage_prediction(row: dict) -> str:
+    """The speedup the stages' own times predict, and the measured one over it (two table cells)."""
+    if "stage_time_speedup" not in row:  # records made before the benchmark priced the stages
+        return "not measured | not measured"
+    return f"{row['stage_time_speedup']:.2f}x | {row['speedup_vs_stage_time_prediction']:.2f}"
+
+
 def runner_section(root: Path, folder: str, runs: tuple[str, ...], batches: tuple[int, ...]) -> str:
     """Eager against queued runner: measured speedup over static, its ratio to the MAC prediction, goals."""
     rows = ["| Model | Batch | Method | Eager speedup | Queued speedup | Queued / eager time | MAC-predicted "
-            "| Queued / MAC prediction | Energy mJ/img: eager / queued (static) | Decisions differing |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| Queued / MAC prediction | Stage-time-predicted | Queued / stage-time prediction "
+            "| Energy mJ/img: eager / queued (static) | Decisions differing |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lat = ["| Model | Method | Eager p50 / p95 (ms) | Queued p50 / p95 (ms) | Eager latency speedup | "
            "Queued latency speedup |", "|---|---|---|---|---|---|"]
     provs, recs = [], {}
@@ -286,7 +294,8 @@ def runner_section(root: Path, folder: str, runs: tuple[str, ...], batches: tupl
                           f"{e['energy_mj']:.2f} / {q['energy_mj']:.2f} ({r['queued', 'static']['energy_mj']:.2f})")
                 rows.append(f"| {run} | {b} | {m} | {e['speedup']:.2f}x | {q['speedup']:.2f}x | "
                             f"{q['time_ms'] / e['time_ms']:.2f} | {q['mac_speedup']:.2f}x | "
-                            f"{q['speedup_vs_mac_prediction']:.2f} | {energy} | {q['decisions_differing_from_eager']} |")
+                            f"{q['speedup_vs_mac_prediction']:.2f} | {_stage_prediction(q)} | {energy} | "
+                            f"{q['decisions_differing_from_eager']} |")
             if "latency_p50_ms" in r["eager", "static"]:
                 for m in ("static", "dart", "threshold"):
                     e, q = r["eager", m], r["queued", m]
@@ -313,12 +322,12 @@ def runner_section(root: Path, folder: str, runs: tuple[str, ...], batches: tupl
 
 
 def _malloc_records(root: Path, folder: str, run: str, batch: int) -> dict[str, tuple[str, dict]]:
-    """The record with freed memory kept and the ``--default-malloc`` one beside it: setting -> (path, record)."""
-    rels = {"kept": f"{folder}/{run}_b{batch}.json", "default": f"{folder}/default_malloc/{run}_b{batch}.json"}
+    """The record with freed memory kept and the ``--default-malloc`` one made after it: setting -> (path, record)."""
+    rels = {k: f"{folder}/{k}/{run}_b{batch}.json" for k in ("kept", "default")}
     return {k: (rel, _load(root, rel)) for k, rel in rels.items()}
 
 
-def malloc_section(root: Path, folder: str = "runner_cpu", run: str = "cifar10_resnet18", batch: int = 256) -> str:
+def malloc_section(root: Path, folder: str = "malloc_cpu", run: str = "cifar10_resnet18", batch: int = 256) -> str:
     """Freed memory kept against glibc's default (``dart_ee.malloc``): two records, same code, one after the other."""
     recs = _malloc_records(root, folder, run, batch)
     kept, default = _rows(recs["kept"][1]), _rows(recs["default"][1])
@@ -334,7 +343,7 @@ def malloc_section(root: Path, folder: str = "runner_cpu", run: str = "cifar10_r
     return "\n\n".join(["\n".join(rows), _malloc_sentence(kept, default, run, batch), "Records: " + "; ".join(provs) + "."])
 
 
-def malloc_summary(root: Path, folder: str = "runner_cpu", run: str = "cifar10_resnet18", batch: int = 256) -> str:
+def malloc_summary(root: Path, folder: str = "malloc_cpu", run: str = "cifar10_resnet18", batch: int = 256) -> str:
     """What keeping freed memory gave and cost, in a sentence (the README's; BENCHMARKS.md section 4 has the table)."""
     recs = _malloc_records(root, folder, run, batch)
     return _malloc_sentence(_rows(recs["kept"][1]), _rows(recs["default"][1]), run, batch)
@@ -352,16 +361,19 @@ def _malloc_sentence(kept: dict, default: dict, run: str, batch: int) -> str:
 
 
 def stage_section(root: Path, folder: str, runs: tuple[str, ...], batch: int) -> str:
-    """Where the time goes: DART's queued stages, time per sample against the stage's share of the MACs."""
-    rows = ["| Model | Stage | Calls | Batch fill | Time per sample reaching it (us) | Share of the stages' time "
-            "| Share of the MACs |", "|---|---|---|---|---|---|---|"]
+    """Where the time goes: DART's queued stages, time per sample against the stage's share of the MACs, and
+    against the stage's and its head's own time alone (the rest is the runner's: decision, queues, copies)."""
+    rows = ["| Model | Stage | Calls | Batch fill | Time per sample reaching it (us) | Stage and head alone (us) "
+            "| Share of the stages' time | Share of the MACs |", "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         rec = _load(root, f"{folder}/{run}_b{batch}.json")
         q = _rows(rec)["queued", "dart"]
         frac = _load(root, f"{run}/results.json")["training"]["exit_macs_fraction"]
         per = [1e3 * s["ms_per_image"] * rec["timed_images"] / max(s["calls"] * s["fill"] * batch, 1) for s in q["stages"]]
+        costs = rec.get("stage_costs")  # absent from records made before the benchmark priced the stages
         for i, (s, t) in enumerate(zip(q["stages"], per)):
-            rows.append(f"| {run} | {s['stage']} | {s['calls']} | {100 * s['fill']:.0f}% | {t:.2f} | "
+            alone = f"{1e3 * (costs['stage_ms'][i] + costs['head_ms'][i]):.2f}" if costs else "not measured"
+            rows.append(f"| {run} | {s['stage']} | {s['calls']} | {100 * s['fill']:.0f}% | {t:.2f} | {alone} | "
                         f"{100 * t / sum(per):.0f}% | {100 * (frac[i] - (frac[i - 1] if i else 0)):.0f}% |")
     return "\n".join(rows)
 
@@ -534,11 +546,12 @@ def runner_summary(root: Path) -> str:
     cpu = {run: _rows(_load(root, f"runner_cpu/{run}_b256.json")) for run in GPU_RUNS}
     ratio = ", ".join(f"{run.removeprefix('cifar10_')} {r['queued', 'dart']['time_ms'] / r['eager', 'dart']['time_ms']:.3f}"
                       for run, r in cpu.items())
-    of_mac = ", ".join(f"{run.removeprefix('cifar10_')} {r['queued', 'dart']['speedup_vs_mac_prediction']:.2f}"
-                       for run, r in cpu.items())
+    of = {key: ", ".join(f"{run.removeprefix('cifar10_')} {r['queued', 'dart'][key]:.2f}" for run, r in cpu.items())
+          for key in ("speedup_vs_mac_prediction", "speedup_vs_stage_time_prediction")}
     return "\n".join(rows) + (f"\n\nOn the CPU at batch 256, DART's time under the queued runner over its time under the "
                               f"eager one (below 1: queued faster): {ratio}; the queued runner's DART speedup over the "
-                              f"MAC prediction: {of_mac}.")
+                              f"MAC prediction: {of['speedup_vs_mac_prediction']}, and over the speedup its stages' own "
+                              f"times predict: {of['speedup_vs_stage_time_prediction']}.")
 
 
 DATA_RECORDS = {"synthetic 64x64 tree, 200,000 training JPEGs": "data/tree64_resnet18.json",
