@@ -51,9 +51,10 @@ class _Queue:
             self.parts.append((idx, batch, rows))
             self.size += len(idx)
 
-    def take(self, n: int) -> tuple[torch.Tensor, Batch]:
+    def take(self, n: int, into: Batch | None = None) -> tuple[torch.Tensor, Batch]:
         """The first ``n`` samples (in arrival order); the rest stay queued. Leading consecutive rows of one
-        part come back as views, without a copy."""
+        part come back as views, without a copy; with ``into`` (a captured graph's input buffers), every row
+        is gathered straight into the first ``n`` rows of those buffers, in one copy per tensor."""
         pieces, left = [], n
         while left:
             idx, batch, rows = self.parts[0]
@@ -65,10 +66,10 @@ class _Queue:
                 self.parts[0] = (idx[cut:], batch, rows + cut if isinstance(rows, int) else rows[cut:])
             left -= cut
         self.size -= n
-        if len(pieces) == 1 and isinstance(pieces[0][2], int):
+        if into is None and len(pieces) == 1 and isinstance(pieces[0][2], int):
             idx, batch, start = pieces[0]
             return idx, {k: v[start: start + n] for k, v in batch.items()}
-        out = {k: _empty_rows(v, n) for k, v in pieces[0][1].items()}
+        out = {k: _empty_rows(v, n) if into is None else into[k][:n] for k, v in pieces[0][1].items()}
         at = 0
         for idx, batch, rows in pieces:
             m = len(idx)
@@ -92,9 +93,13 @@ class _Graph:
     """One stage step captured as a CUDA graph for batch size B, with static input buffers."""
 
     def __init__(self, step: Callable[[Batch, torch.Tensor], Batch], example: Batch, batch_size: int) -> None:
-        dev = example["h"].device
         self.inputs = {k: keep_layout(v.new_zeros((batch_size, *v.shape[1:])), v) for k, v in example.items()}
-        self.valid = torch.ones(batch_size, dtype=torch.bool, device=dev)
+        self.valid = torch.ones(batch_size, dtype=torch.bool, device=example["h"].device)
+        self.outputs = self._capture(step)
+
+    def _capture(self, step: Callable[[Batch, torch.Tensor], Batch]) -> Batch:
+        """Capture ``step`` on the static inputs; return its static outputs (rewritten by every replay)."""
+        dev = self.valid.device
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up off the capture: kernels chosen, lazy tensors built
@@ -103,11 +108,12 @@ class _Graph:
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.outputs = step(self.inputs, self.valid)
+            return step(self.inputs, self.valid)
 
     def __call__(self, batch: Batch, m: int) -> Batch:
         for k, v in batch.items():
-            self.inputs[k][:m].copy_(v)
+            if v.data_ptr() != self.inputs[k].data_ptr():  # not already gathered into the buffer (Queue.take)
+                self.inputs[k][:m].copy_(v)
         self.valid[:m] = True
         self.valid[m:] = False  # padded rows: computed, never leave, never queued
         self.graph.replay()
@@ -203,7 +209,8 @@ class QueuedRunner:
             setattr(self, name, buf)
 
     def _run_stage(self, i: int, n: int) -> None:
-        idx, batch = self.queues[i].take(n)
+        graph = self._captured.get(i)  # once captured, the stage's batch is gathered into the graph's inputs
+        idx, batch = self.queues[i].take(n, into=graph.inputs if graph else None)
         t0 = time.perf_counter() if self.profile else 0.0
         if self.graphs:
             if i not in self._captured:
