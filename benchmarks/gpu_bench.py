@@ -20,13 +20,15 @@ BATCHES = (256, 1024, 4096)
 IMAGES = 32768  # per timed repetition: energy counters need windows of a good fraction of a second
 
 
-def main(out: Path, runs: list[Path]) -> None:
+def main(out: Path, runs: list[Path], device: str = "cuda", batches: tuple[int, ...] = BATCHES, images: int = IMAGES,
+         repeats: int = 5, latency_images: int = 1000) -> None:
+    """Every record; batch-1 latency with the first batch size. The keywords are for a rehearsal on the CPU (tests)."""
     keep_freed_memory()  # as the dart-ee command does (dart_ee.malloc): the host side is timed too
     for run in runs:
         policies = [run / "policies" / "dart.json", run / "policies" / "threshold.json"]
-        for b in BATCHES:
-            rec = benchmark(run, policies, b, IMAGES, repeats=5, latency_images=1000 if b == 256 else 0,
-                            device="cuda", runners=("eager", "queued"))
+        for b in batches:
+            rec = benchmark(run, policies, b, images, repeats=repeats, latency_images=latency_images if b == batches[0] else 0,
+                            device=device, runners=("eager", "queued"))
             artifacts.write_json(out / f"{run.name}_b{b}.json", rec)
             print(f"## {run.name}, batch {b}, {rec['hardware'].get('gpu')}, energy: {rec['energy_source']}")
             print(table_markdown(rec), flush=True)

@@ -36,3 +36,30 @@ def test_heads_on_resnet18_example_rebuilds_the_registry_network_and_compares(tm
     out = _example("heads_on_resnet18.py", "--out", str(tmp_path / "heads"), "--record", str(rec))
     assert "heads: exits' test accuracy" in out
     assert set(json.loads(rec.read_text())["networks"]) == {"heads"}
+
+
+def test_gpu_benchmark_script_rehearses_on_the_cpu(trained_run, tmp_path):
+    """benchmarks/gpu_bench.py, the one command a lent GPU runs, works end to end here on a tiny run (on the CPU,
+    small batches): its records have both runners at every batch size and batch-1 latency at the first."""
+    import importlib.util
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from dart_ee.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run"], run)
+    for name in ("dart", "threshold"):
+        res = CliRunner().invoke(app, ["calibrate", "--trace", str(trained_run["cal_path"]), "--policy", name,
+                                       "--max-drop", "5", "--out", str(run / "policies" / f"{name}.json")])
+        assert res.exit_code == 0, res.output
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(tmp_path / "out", [run], device="cpu", batches=(8, 16), images=32, repeats=1, latency_images=3)
+    for b in (8, 16):
+        rec = json.loads((tmp_path / "out" / f"run_b{b}.json").read_text())
+        assert {(r["runner"], r["method"]) for r in rec["rows"]} == {
+            (k, m) for k in ("eager", "queued") for m in ("static", "dart", "threshold")}
+        assert ("latency_p50_ms" in rec["rows"][0]) == (b == 8) and rec["stage_costs"]["batch_size"] == b
