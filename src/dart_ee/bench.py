@@ -445,7 +445,6 @@ def training_speed(model_name: str = "alexnet", dataset: str = "cifar10", batch_
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def stage_costs(model: MultiExitNet, x: torch.Tensor, estimator: LearnedDifficulty | None = None,
                 repeats: int = 5) -> dict:
     """Milliseconds per image of each stage, each exit head, the plain network and the difficulty estimators, each
@@ -475,7 +474,7 @@ def stage_costs(model: MultiExitNet, x: torch.Tensor, estimator: LearnedDifficul
 
 def stage_time_speedup(costs: dict, policy: ExitPolicy, exits: np.ndarray) -> float:
     """The speedup over the plain network that ``stage_costs`` predict for ``policy`` leaving at ``exits``: the MAC
-    prediction with measured seconds in place of MACs (so it counts what MACs miss, such as memory-bound layers)."""
+    prediction with measured times in place of MACs (so it counts what MACs miss, such as memory-bound layers)."""
     per_exit = leave_costs(policy, np.cumsum(np.add(costs["stage_ms"], costs["head_ms"])), costs["static_ms"],
                            costs["estimator_ms"])
     return costs["static_ms"] / float(per_exit[np.asarray(exits)].mean())
