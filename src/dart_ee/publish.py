@@ -310,7 +310,7 @@ def runner_section(root: Path, folder: str, runs: tuple[str, ...], batches: tupl
     verdicts.append("Queued against eager (time ratio below 1: queued faster): " + ", ".join(
         f"{run} {m} at {b}: {_rows(recs[run, b])['queued', m]['time_ms'] / _rows(recs[run, b])['eager', m]['time_ms']:.3f}"
         for (run, b) in recs for m in ("dart", "threshold")) + f". {_spread(recs.values())}")
-    if (root / folder / "earlier").is_dir():  # the records these replaced: what a change of the runner did
+    if (root / folder / "earlier").is_dir():  # the records these replaced: how far the ratios moved since
         old = {(run, b): _load(root, f"{folder}/earlier/{run}_b{b}.json") for (run, b) in recs}
         how = timing_note(next(iter(old.values())))
         verdicts.append(f"The records these replaced (`{folder}/earlier/`, git "

@@ -213,9 +213,9 @@ class QueuedRunner:
         idx, batch = self.queues[i].take(n, into=graph.inputs if graph else None)
         t0 = time.perf_counter() if self.profile else 0.0
         if self.graphs:
-            if i not in self._captured:
-                self._captured[i] = _Graph(functools.partial(self._step, i), batch, self.batch_size)
-            out = self._captured[i](batch, n)
+            if graph is None:
+                graph = self._captured[i] = _Graph(functools.partial(self._step, i), batch, self.batch_size)
+            out = graph(batch, n)
         else:
             out = self._step(i, batch, torch.ones(n, dtype=torch.bool, device=self.device))
         n_leave = int(out["n_leave"])  # the one read back to the host per stage call
