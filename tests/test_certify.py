@@ -16,7 +16,8 @@ from dart_ee.certify import (
     losses,
     mcnemar_p,
     min_cert_samples,
-    shift_thresholds,
+    scale_family,
+    scale_thresholds,
     split_fit_cert,
 )
 from dart_ee.coverage import MAX_EXCEED, population_coverage, synthetic_trace, true_risk
@@ -33,6 +34,11 @@ def test_binomial_units():
     assert binomial_p(9, 3000, 0.005) == pytest.approx(0.069, abs=5e-4) and binomial_p(9, 3000, 0.005) > 0.05
     assert binomial_p(0, 598, 0.005) <= 0.05 < binomial_p(0, 597, 0.005)
     assert min_cert_samples(0.5, 0.05) == 598
+    # McNemar's Clopper-Pearson bound runs at delta / 10: zero losses pass only from 1,058 samples
+    assert min_cert_samples(0.5, 0.05, "drop", "mcnemar") == 1058
+    assert mcnemar_p(0, 0, 1058, 0.005, 0.05) <= 0.05 < mcnemar_p(0, 0, 1057, 0.005, 0.05)
+    n_hb = min_cert_samples(0.5, 0.05, "new-errors", "hb")
+    assert hoeffding_bentkus_p(0.0, n_hb, 0.005) <= 0.05 < hoeffding_bentkus_p(0.0, n_hb - 1, 0.005)
 
 
 def test_mcnemar_and_hoeffding_bentkus():
@@ -98,18 +104,58 @@ def test_fit_and_cert_are_disjoint_and_recorded():
     assert rec_t["guarantee"]["n_cert"] == 5000 and rec_t["guarantee"]["n_fit"] == 0
 
 
-def test_quantile_shift_is_monotone():
-    s = [np.sort(np.random.default_rng(0).random(1000).astype(np.float32))]
-    tau = [[0.3, 0.7, math.inf]]
+@pytest.mark.parametrize("seed", range(20))
+def test_share_scaling_is_monotone_and_switches_no_exit_off(seed):
+    """Property over random score maps and thresholds: as the scale grows every threshold falls (a sample can
+    only leave earlier), an exit with a share at scale 1 has one at every scale above 0, and scale 0 is static."""
+    rng = np.random.default_rng(seed)
+    maps = [np.sort(rng.random(int(rng.integers(50, 2000))).astype(np.float32)) for _ in range(3)]
+    tau = [[float(rng.choice(m)), math.inf, float(rng.random())] for m in maps]
     prev = None
-    for lam in np.arange(-0.3, 1.01, 0.05):
-        row = shift_thresholds(tau, s, float(lam))[0]
+    for sc in np.round(np.arange(0, 3.01, 0.01), 2):
+        rows = scale_thresholds(tau, maps, float(sc))
+        if sc == 0:
+            assert all(t == math.inf for row in rows for t in row)
+        else:
+            assert all((t < math.inf) == (t0 < math.inf) for row, row0 in zip(rows, tau) for t, t0 in zip(row, row0))
         if prev is not None:
-            assert all(a >= b for a, b in zip(row, prev))
-        prev = row
-    assert shift_thresholds(tau, s, 0.0)[0][:2] == [float(s[0][s[0] >= 0.3][0]), float(s[0][s[0] >= 0.7][0])]
-    assert shift_thresholds(tau, s, 1.0)[0] == [math.inf] * 3
-    assert shift_thresholds(tau, s, -1.0)[0] == [float(s[0][0])] * 3  # the lowest confidence seen: scalable
+            assert all(a <= b for row, prow in zip(rows, prev) for a, b in zip(row, prow))
+        prev = rows
+    # scale 1 lets the same fit samples leave as the thresholds it scales
+    for m, row, row1 in zip(maps, tau, scale_thresholds(tau, maps, 1.0)):
+        assert [(m >= t).sum() for t in row] == [(m >= t).sum() for t in row1]
+
+
+@pytest.mark.parametrize("name", ["dart", "score"])
+def test_candidate_path_is_monotone_in_macs_and_keeps_every_exit(name):
+    """The certified path of a fitted policy on the fit split: MACs fall with every step, and every exit
+    that the fit-split winner uses keeps leaving samples at every candidate but the static one."""
+    fit = synthetic_trace(2000, "nested", seed=5)
+    pol = make_policy(name, beta_opt=0.1).fit(fit)
+    fam = scale_family(pol, fit)
+    macs = [evaluate(p, fit)["macs_per_image"] for _, p in fam]
+    assert macs[0] == pytest.approx(float(fit.exit_macs[-1])) and all(a >= b - 1e-6 for a, b in zip(macs, macs[1:]))
+    used = [i for i, row in enumerate(pol.tau_) if row[0] < math.inf]
+    assert used
+    for _, p in fam[1:]:
+        assert all(p.tau_[i][0] < math.inf for i in used)
+
+
+def test_score_model_reads_fit_rows_only():
+    """Scrambling every certification row leaves the learned score and the fit-split winner unchanged."""
+    cal = synthetic_trace(5000, "nested", seed=6)
+    fit, cert = split_fit_cert(cal, 0.4, seed=3)
+    pol, rec = certify("score", cal, 0.5, 0.95, seed=3)
+    cert_rows = np.isin(cal.index, cert.index)
+    rng = np.random.default_rng(0)
+    probs = cal.probs.copy()
+    probs[cert_rows] = rng.dirichlet(np.ones(cal.num_classes), (int(cert_rows.sum()), cal.num_exits)).astype(np.float32)
+    alpha = np.where(cert_rows, rng.random(cal.n), cal.alpha)
+    scrambled = Trace(probs, cal.labels, cal.index, cal.exit_macs, alpha, cal.meta)
+    pol2, rec2 = certify("score", scrambled, 0.5, 0.95, seed=3)
+    assert rec2["fit_split_winner"] == rec["fit_split_winner"]
+    for k in ("mean_", "scale_", "coef_", "intercept_"):
+        np.testing.assert_array_equal(np.asarray(getattr(pol, k)), np.asarray(getattr(pol2, k)))
 
 
 def test_too_little_data_and_nothing_certifiable():

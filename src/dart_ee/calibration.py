@@ -54,9 +54,9 @@ def calibrate(name: str, cal: Trace, *, beta_opt: float | None = None, max_drop:
         raise ConfigError("calibrate with exactly one target: --beta-opt B (trade-off) or --max-drop X (budget)")
     if max_drop is not None:
         check_max_drop(max_drop)
-    if confidence is not None:
+    if confidence is not None or params.get("in_expectation"):
         if max_drop is None:
-            raise ConfigError("--confidence certifies an accuracy budget: give --max-drop too")
+            raise ConfigError("--confidence and --in-expectation certify an accuracy budget: give --max-drop too")
         return certify(name, cal, max_drop, confidence, risk=risk, seed=seed, tune_beta_diff=tune_beta_diff, **params)
     cert_only = {k for k in ("fit_share", "bound", "in_expectation") if k in params}
     if cert_only:
@@ -137,7 +137,7 @@ def _certified(rec: dict) -> bool | None:
 
 
 def compare(cal: Trace, test: Trace, max_drop: float, confidence: float | None = 0.95, risk: str = "drop", seed: int = 0,
-            policies: tuple[str, ...] = ("static", "threshold", "branchynet", "patience", "rl", "dart"),
+            policies: tuple[str, ...] = ("static", "threshold", "branchynet", "patience", "rl", "dart", "score"),
             fit_share: float = FIT_SHARE) -> dict:
     """Calibrate every policy at the same budget on ``cal`` (certified when ``confidence``) and measure it on ``test``.
 

@@ -9,14 +9,15 @@ A budget ``--max-drop D --confidence 1-delta`` is a promise about data the calib
 How it is kept:
 
 1. the calibration split is cut, with a recorded seed, into **fit** (40%) and **cert** (60%);
-   everything learned (edges, the beta / beta_diff search, the DP and its refinement, the quantile
+   everything learned (edges, the beta / beta_diff search, the DP and its refinement, the score model, the share
    maps) sees fit only;
 2. fit yields one **sequence of candidates fixed in advance**, from the most conservative (the
-   static network) to more and more aggressive: for DART, the fit-split winner's thresholds shifted
-   per exit in quantile space by lambda = 1.00, 0.99, ..., -0.30 (``shift_family``); for the other
-   policies their knob in order. Policies whose sequence needs no data (the global threshold,
-   patience) certify on the whole calibration split;
-3. cert tests H_lambda: risk > D for each candidate in order and stops at the first p-value above
+   static network) to more and more aggressive: for DART and the learned-score policy, the fit-split
+   winner's thresholds moved so that each exit's share of leaving fit samples is scaled by a common
+   factor s = 0.00, 0.01, ..., 3.00 (``scale_family``: no exit is switched off on the way, and MACs
+   fall monotonically); for the other policies their knob in order. Policies whose sequence needs no
+   data (the global threshold, patience) certify on the whole calibration split;
+3. cert tests H_s: risk > D for each candidate in order and stops at the first p-value above
    delta (``fixed_sequence``); no multiplicity correction is needed. The last accepted candidate is
    the certified policy; if none is, the answer is the static network, "not certifiable at this budget".
 
@@ -36,15 +37,22 @@ import numpy as np
 from scipy import stats
 
 from dart_ee.errors import ConfigError
-from dart_ee.evaluation import evaluate, simulate
-from dart_ee.policies import POLICIES, DartPolicy, ExitPolicy, check_calibration_trace, make_policy
+from dart_ee.evaluation import aligned, evaluate, simulate
+from dart_ee.policies import POLICIES, DartPolicy, ExitPolicy, ScorePolicy, check_calibration_trace, make_policy
 from dart_ee.trace import Trace
 
 RISKS = ("drop", "new-errors", "disagree")
-BOUNDS = ("exact", "hb")
+# "exact": the exact binomial on the per-sample loss; for the drop, on new errors (final exit right, chosen exit
+# wrong), whose rate bounds the drop from above. Chosen a priori for every policy: where few samples are right only
+# at the early exit (the usual case), it certifies where the conditional McNemar test ("mcnemar") cannot: at
+# n = 3,000 and D = 0.5 points it accepts up to 8 new errors, McNemar at most 4-5, and McNemar needs n >= 1,058
+# before even zero losses pass. "hb": Hoeffding-Bentkus on the loss itself.
+BOUNDS = ("exact", "mcnemar", "hb")
 FIT_SHARE = 0.4
-LAMBDAS = tuple(np.round(np.arange(100, -31, -1) / 100, 2).tolist())  # 1.00 (static) down to -0.30
-# The fit-split search only has to seed the lambda family, which sets the aggressiveness on cert: a
+SCALES = tuple(np.round(np.arange(0, 301) / 100, 2).tolist())  # 0.00 (static) up to 3.00
+# policies whose candidate path is the exit-share scaling of a fit-split winner's thresholds
+SCALED = ("dart", "score")
+# The fit-split search only has to seed the scaled path, which sets the aggressiveness on cert: a
 # third of the budget search's beta grid and three margins keep certification fast (fixed a priori).
 CERT_BETA_DIFFS = (0.0, 0.1, 0.3)
 
@@ -57,10 +65,23 @@ RISK_WORDS = {"drop": "accuracy drop against the final exit", "new-errors": "rat
 
 
 # -- p-values ----------------------------------------------------------------------------------
-def min_cert_samples(max_drop: float, delta: float) -> int:
-    """Smallest n at which zero losses pass the exact binomial test: (1 - D)^n <= delta. ``max_drop`` in points."""
+def min_cert_samples(max_drop: float, delta: float, risk: str = "drop", bound: str = "exact") -> int:
+    """Smallest n at which zero losses can pass the test. ``max_drop`` in points.
+
+    Exact binomial: (1 - D)^n <= delta. McNemar on the drop: its Clopper-Pearson bound on the disagreement rate,
+    at level delta / 10, must fall below D with no disagreement: (1 - D)^n <= delta / 10. Hoeffding-Bentkus:
+    the smallest n whose p-value at zero loss is <= delta (found by doubling, then bisection)."""
     d = max_drop / 100
-    return int(math.ceil(math.log(delta) / math.log1p(-d) - 1e-9))
+    if bound == "hb":
+        lo, hi = 1, 1
+        while p_value(np.zeros(hi, np.int8), max_drop, delta, risk, bound) > delta:
+            lo, hi = hi, hi * 2
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if p_value(np.zeros(mid, np.int8), max_drop, delta, risk, bound) <= delta else (mid + 1, hi)
+        return hi
+    level = delta / 10 if (bound == "mcnemar" and risk == "drop") else delta
+    return int(math.ceil(math.log(level) / math.log1p(-d) - 1e-9))
 
 
 def binomial_p(k: int, n: int, d: float) -> float:
@@ -109,14 +130,16 @@ def losses(risk: str, trace: Trace, preds: np.ndarray) -> np.ndarray:
 
 
 def p_value(loss: np.ndarray, max_drop: float, delta: float, risk: str = "drop", bound: str = "exact") -> float:
-    """p-value for H: E[loss] > D (D = ``max_drop`` points) from per-sample losses (drop: -1/0/1, else 0/1)."""
+    """p-value for H: E[loss] > D (D = ``max_drop`` points) from per-sample losses (drop: -1/0/1, else 0/1).
+
+    Any bound is valid for the drop; "exact" tests the rate of its positive part (new errors), which is larger."""
     n, d = len(loss), max_drop / 100
     if bound == "hb":  # a drop in [-1, 1] maps affinely to [0, 1]
         return (hoeffding_bentkus_p((loss.mean() + 1) / 2, n, (d + 1) / 2) if risk == "drop"
                 else hoeffding_bentkus_p(float(loss.mean()), n, d))
-    if risk == "drop":
+    if risk == "drop" and bound == "mcnemar":
         return mcnemar_p(int((loss > 0).sum()), int((loss < 0).sum()), n, d, delta)
-    return binomial_p(int(loss.sum()), n, d)
+    return binomial_p(int((loss > 0).sum()), n, d)  # for the drop: new errors, an upper bound of it
 
 
 def fixed_sequence(pvalues: Iterable[float], delta: float) -> tuple[int, list[float]]:
@@ -142,42 +165,51 @@ def split_fit_cert(cal: Trace, fit_share: float = FIT_SHARE, seed: int = 0) -> t
     return cal.subset(np.sort(perm[:k])), cal.subset(np.sort(perm[k:]))
 
 
-def _quantile_maps(fit: Trace) -> list[np.ndarray]:
-    return [np.sort(fit.conf[:, i]) for i in range(fit.num_exits - 1)]
+def scale_thresholds(tau: list[list[float]], sorted_scores: list[np.ndarray], scale: float) -> list[list[float]]:
+    """Thresholds whose share of leaving fit samples is ``scale`` times the share under ``tau`` (at most all).
 
-
-def shift_thresholds(tau: list[list[float]], sorted_conf: list[np.ndarray], lam: float) -> list[list[float]]:
-    """tau_i(a; lambda) = Q_i(F_i(tau_i(a)) + lambda): +inf when the argument is >= 1.
-
-    F_i(t) is the share of fit samples whose exit-i confidence is below t, Q_i its inverse on the
-    same sorted confidences, so lambda = 0 keeps every fit decision and a larger lambda raises every
-    threshold: a sample can only leave later. At or below 0 the threshold is the lowest confidence
-    seen (every fit sample leaves), like the DP's lowest bin: unlike -inf, a threshold that the
-    adaptive coefficients can still raise.
+    Per exit i (and alpha bin), s_i = the share of fit samples whose exit-i score is >= tau_i; the new
+    threshold lets the top min(1, scale * s_i) of them leave: +inf at scale 0, ``tau`` itself at scale 1
+    (up to ties), the lowest score seen once every fit sample leaves. Every threshold falls as ``scale``
+    grows, so a sample can only leave earlier and MACs fall monotonically; an exit that ``tau`` uses is
+    used at every scale above 0, so no exit is switched off on the way (a quantile shift removes every
+    exit whose share is below the shift).
     """
     out = []
-    for row, s in zip(tau, sorted_conf):
-        n = len(s)
+    for row, srt in zip(tau, sorted_scores):
+        n = len(srt)
         new = []
         for t in row:
-            u = np.searchsorted(s, t, side="left") / n + lam
-            new.append(math.inf if u >= 1 else float(s[min(n - 1, max(0, int(math.floor(u * n + 1e-9))))]))
+            share = (n - np.searchsorted(srt, t, side="left")) / n if t != math.inf else 0.0
+            k = int(math.ceil(min(1.0, scale * share) * n - 1e-9))  # fit samples that leave
+            new.append(math.inf if k == 0 else float(srt[n - k]))
         out.append(new)
     return out
 
 
-def shift_family(policy: DartPolicy, fit: Trace, lambdas: Iterable[float] = LAMBDAS) -> list[tuple[dict, DartPolicy]]:
-    """The monotone quantile-shift family of a fitted DART policy: one (label, policy) per lambda."""
-    maps = _quantile_maps(fit)
+def scale_family(policy: ExitPolicy, fit: Trace, scales: Iterable[float] = SCALES) -> list[tuple[dict, ExitPolicy]]:
+    """The monotone exit-share scaling path of a fitted DART or score policy: one (label, policy) per scale."""
+    scores = exit_scores(policy, fit)
+    maps = [np.sort(scores[:, i]) for i in range(scores.shape[1])]
+    tau = cast(list, policy.tau_)  # type: ignore[attr-defined]
     fam = []
-    for lam in lambdas:
-        p = cast(DartPolicy, make_policy("dart", **policy.get_params()))
+    for sc in scales:
+        p = make_policy(policy.name, **policy.get_params())
         for k, v in policy.fitted_state().items():
             setattr(p, k, v)
-        p.tau_ = shift_thresholds(policy.tau_, maps, lam)
-        p.set_coefficients(policy.coef_exit_, policy.coef_class_)
-        fam.append(({"lambda": lam}, p))
+        p.tau_ = scale_thresholds(tau, maps, sc)  # type: ignore[attr-defined]
+        if isinstance(p, DartPolicy):
+            p.set_coefficients(p.coef_exit_, p.coef_class_)
+        fam.append(({"scale": sc}, p))
     return fam
+
+
+def exit_scores(policy: ExitPolicy, trace: Trace) -> np.ndarray:
+    """(n, E-1): what the policy's thresholds are compared with at each exit (DART: confidence)."""
+    if isinstance(policy, ScorePolicy):
+        feats = policy._walk_features(aligned(policy, trace))
+        return np.stack([policy.score(i, f).numpy() for i, f in enumerate(feats)], 1)
+    return trace.conf[:, :-1]
 
 
 def uses_fit_split(name: str) -> bool:
@@ -203,20 +235,39 @@ def knob_sequence(name: str, fit: Trace, params: dict[str, Any]) -> list[tuple[d
     return [({knob: v}, make_policy(name, **{**params, knob: v}).fit(fit)) for v in grid]
 
 
-def dart_fit_search(fit: Trace, params: dict[str, Any], tune_beta_diff: bool) -> list[tuple[dict, DartPolicy, dict]]:
+def dart_fit_search(fit: Trace, params: dict[str, Any], tune_beta_diff: bool) -> list[tuple[dict, ExitPolicy, dict]]:
     """Every (beta_opt, beta_diff) candidate fitted and evaluated on the fit split (reused across budgets)."""
     betas = DartPolicy.knob_grid[::3]
     diffs = CERT_BETA_DIFFS if tune_beta_diff else (params.get("beta_diff", 0.0),)
-    out: list[tuple[dict, DartPolicy, dict]] = []
+    out: list[tuple[dict, ExitPolicy, dict]] = []
     for bd in diffs:
         for b in betas:
             p = {**params, "beta_opt": b, "beta_diff": bd}
-            pol = cast(DartPolicy, make_policy("dart", **p).fit(fit))
+            pol = make_policy("dart", **p).fit(fit)
             out.append((p, pol, evaluate(pol, fit)))
     return out
 
 
-def fit_winner(search: list[tuple[dict, DartPolicy, dict]], max_drop: float) -> tuple[dict, DartPolicy]:
+def score_fit_search(fit: Trace, params: dict[str, Any]) -> list[tuple[dict, ExitPolicy, dict]]:
+    """The score policy fitted once on the fit split, then its thresholds for every beta_opt of the grid."""
+    base = cast(ScorePolicy, make_policy("score", **params).fit(fit))
+    scores = exit_scores(base, fit)
+    out: list[tuple[dict, ExitPolicy, dict]] = []
+    for b in ScorePolicy.knob_grid[::3]:
+        pol = cast(ScorePolicy, make_policy("score", **{**params, "beta_opt": b}))
+        for k, v in base.fitted_state().items():
+            setattr(pol, k, v)
+        pol.fit_thresholds(fit, scores)
+        out.append(({**params, "beta_opt": b}, pol, evaluate(pol, fit)))
+    return out
+
+
+def fit_search(name: str, fit: Trace, params: dict[str, Any], tune_beta_diff: bool = True) -> list[tuple[dict, ExitPolicy, dict]]:
+    """The fit-split search whose budget winner seeds a scaled path (``SCALED`` policies)."""
+    return score_fit_search(fit, params) if name == "score" else dart_fit_search(fit, params, tune_beta_diff)
+
+
+def fit_winner(search: list[tuple[dict, ExitPolicy, dict]], max_drop: float) -> tuple[dict, ExitPolicy]:
     """The in-sample budget winner on the fit split: fewest MACs with fit drop <= D, else the most accurate."""
     ok = [s for s in search if s[2]["drop_points"] <= max_drop + 1e-9]
     best = (min(ok, key=lambda s: (s[2]["macs_per_image"], -s[2]["accuracy"])) if ok
@@ -253,7 +304,7 @@ def certify_sequence(family: list[tuple[dict, ExitPolicy]], cert: Trace, max_dro
     return {"index": idx, "pvalues": ps}
 
 
-def certify(name: str, cal: Trace, max_drop: float, confidence: float = 0.95, *, risk: str = "drop",
+def certify(name: str, cal: Trace, max_drop: float, confidence: float | None = 0.95, *, risk: str = "drop",
             fit_share: float = FIT_SHARE, seed: int = 0, bound: str = "exact", in_expectation: bool = False,
             tune_beta_diff: bool = True, **params: Any) -> tuple[ExitPolicy, dict]:
     """Calibrate ``name`` so that its budget holds on unseen data; returns (policy, record).
@@ -272,33 +323,35 @@ def certify(name: str, cal: Trace, max_drop: float, confidence: float = 0.95, *,
     return pol, rec
 
 
-def certify_split(name: str, fit: Trace, cert: Trace, max_drop: float, confidence: float = 0.95, *, risk: str = "drop",
+def certify_split(name: str, fit: Trace, cert: Trace, max_drop: float, confidence: float | None = 0.95, *, risk: str = "drop",
                   bound: str = "exact", in_expectation: bool = False, tune_beta_diff: bool = True,
                   search: list | None = None, family: list | None = None, data_free: bool = False,
                   **params: Any) -> tuple[ExitPolicy, dict]:
     """``certify`` on a given fit / cert pair (``data_free``: the sequence ignores ``fit``, which may be ``cert``).
 
-    Reused across budgets on the same fit split: ``search`` (DART: a precomputed ``dart_fit_search``)
+    ``confidence`` may be None with ``in_expectation`` (conformal risk control has no confidence level).
+    Reused across budgets on the same fit split: ``search`` (DART, score: a precomputed ``fit_search``)
     or ``family`` (the other policies: a precomputed ``knob_sequence``).
     """
     check_calibration_trace(cert)
-    _check_target(max_drop, confidence, risk, bound)
+    _check_target(max_drop, confidence, risk, bound, in_expectation)
     uses_fit_split(name)  # a clear error for an unknown policy
-    delta, winner = 1 - confidence, None
+    delta, winner = (1 - confidence if confidence is not None else 1.0), None
     if name == "static":  # its risk is 0 by definition: nothing to test
         res: dict = {"index": -1, "pvalues": []}
         family = []
     else:
-        n_min = min_cert_samples(max_drop, delta)
+        n_min = min_cert_samples(max_drop, delta, risk, bound)
         if cert.n < n_min and not in_expectation:
             raise ConfigError(
                 f"certifying --max-drop {max_drop} at --confidence {confidence} needs at least {n_min} certification "
-                f"samples (the smallest n at which zero losses pass: ln(1/delta) / -ln(1 - D)); {name} gets {cert.n}"
+                f"samples (the smallest n at which zero losses pass the {bound} test); {name} gets {cert.n}"
                 + ("" if data_free else f" (the calibration split less the {fit.n} that fit the policy)")
                 + ". Hold out more calibration data (data.cal_fraction), raise --max-drop or lower --confidence.")
-        if family is None or name == "dart":
+        if family is None or name in SCALED:
             family, winner = family_for(name, fit, max_drop, params, tune_beta_diff, search)
         res = certify_sequence(family, cert, max_drop, delta, risk, bound, in_expectation)
+        res["last_accepted"] = res["index"]  # where the test stopped, for the record's p-values
         if res["index"] >= 0 and family[res["index"]][1].never_leaves_early():
             res["index"] = -1  # nothing that exits early was certified: the plain network is cheaper than its twin
     label, pol = family[res["index"]] if res["index"] >= 0 else ({}, make_policy("static").fit(cert))
@@ -313,9 +366,9 @@ def check_max_drop(max_drop: float) -> None:
         raise ConfigError(f"--max-drop must be a number of points in (0, 100), got {max_drop}")
 
 
-def _check_target(max_drop: float, confidence: float, risk: str, bound: str) -> None:
+def _check_target(max_drop: float, confidence: float | None, risk: str, bound: str, in_expectation: bool = False) -> None:
     check_max_drop(max_drop)
-    if not (isinstance(confidence, (int, float)) and 0.5 <= confidence < 1):
+    if not (in_expectation and confidence is None) and not (isinstance(confidence, (int, float)) and 0.5 <= confidence < 1):
         raise ConfigError(f"--confidence must lie in [0.5, 1), got {confidence}")
     if risk not in RISKS:
         raise ConfigError(f"--risk must be one of {', '.join(RISKS)}, got {risk!r}")
@@ -327,18 +380,20 @@ def _fingerprint(trace: Trace) -> str:
     return hashlib.sha256(np.sort(trace.index).tobytes()).hexdigest()[:16]
 
 
-def _record(name: str, cert: Trace, max_drop: float, confidence: float, risk: str, bound: str, in_expectation: bool,
+def _record(name: str, cert: Trace, max_drop: float, confidence: float | None, risk: str, bound: str, in_expectation: bool,
             pol: ExitPolicy, label: dict, certified: bool, winner: dict | None, res: dict, n_fit: int) -> dict:
     idx = res["index"]
     if in_expectation:
         stat = {"method": "conformal risk control (in expectation over calibration and test draws; no per-draw "
                           "guarantee)", "adjusted_risk": res["crc_risks"][idx] if idx >= 0 else None}
     else:
-        ps = res["pvalues"]
+        ps, last = res["pvalues"], res.get("last_accepted", idx)
         stat = {"method": "fixed-sequence Learn-then-Test, " + ("Hoeffding-Bentkus" if bound == "hb" else
-                          "conditional McNemar (Berger-Boos)" if risk == "drop" else "exact binomial"),
+                          "conditional McNemar (Berger-Boos)" if (risk == "drop" and bound == "mcnemar") else
+                          "exact binomial on new errors (an upper bound of the drop)" if risk == "drop" else
+                          "exact binomial"),
                 "p_value": ps[idx] if idx >= 0 else None,
-                "p_value_first_rejected": ps[idx + 1] if idx + 1 < len(ps) else None,
+                "p_value_first_rejected": ps[last + 1] if last + 1 < len(ps) else None,
                 "candidates_tested": len(ps)}
     what = RISK_WORDS[risk]
     statement = (GUARANTEED.format(conf=confidence, n=f"{cert.n:,}", what=what, d=max_drop) if not in_expectation else
@@ -346,7 +401,8 @@ def _record(name: str, cert: Trace, max_drop: float, confidence: float, risk: st
                  "(conformal risk control; says nothing about any single draw)")
     if not certified:
         statement = "not certifiable at this budget: the static network is returned instead (its risk is 0)"
-    guarantee = {"certified": certified, "max_drop": max_drop, "confidence": confidence, "delta": 1 - confidence,
+    guarantee = {"certified": certified, "max_drop": max_drop, "confidence": confidence,
+                 "delta": None if confidence is None else 1 - confidence,
                  "risk": risk, "in_expectation": in_expectation, "n_cert": cert.n, "n_fit": n_fit,
                  "cert_fingerprint": _fingerprint(cert), "candidate": label, "candidate_index": idx, **stat,
                  "cert_risk_points": 100 * float(losses(risk, cert, simulate(pol, cert)[1]).mean()),
@@ -366,7 +422,7 @@ def family_for(name: str, fit: Trace, max_drop: float, params: dict[str, Any], t
 
     Not certifying any of them leaves the static network, whose risk is 0 by definition.
     """
-    if name != "dart":
+    if name not in SCALED:
         return knob_sequence(name, fit, params), None
-    wparams, wpol = fit_winner(search if search is not None else dart_fit_search(fit, params, tune_beta_diff), max_drop)
-    return [({**wparams, **lab}, p) for lab, p in shift_family(wpol, fit)], {"params": wparams, "fit": evaluate(wpol, fit)}
+    wparams, wpol = fit_winner(search if search is not None else fit_search(name, fit, params, tune_beta_diff), max_drop)
+    return [({**wparams, **lab}, p) for lab, p in scale_family(wpol, fit)], {"params": wparams, "fit": evaluate(wpol, fit)}

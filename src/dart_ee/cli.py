@@ -340,7 +340,8 @@ RiskOpt = Annotated[str, typer.Option("--risk", help="What the budget bounds: dr
 @app.command()
 def calibrate(
         trace: Annotated[Path, typer.Option("--trace", help="Calibration trace (RUN/trace_cal.npz); never the test trace.")],
-        policy: Annotated[str, typer.Option("--policy", help="static, threshold, branchynet, patience, rl or dart.")],
+        policy: Annotated[str, typer.Option("--policy", help="static, threshold, branchynet, patience, rl, dart or "
+                                                             "score (DART's thresholds on a learned exit score).")],
         out: Annotated[Path, typer.Option("--out", help="Where to write the fitted policy JSON.")],
         max_drop: Annotated[Optional[float], typer.Option(
             "--max-drop", help="Accuracy budget: at most X points below the final exit.")] = None,
@@ -351,7 +352,8 @@ def calibrate(
         fit_share: Annotated[float, typer.Option("--fit-share", help="Share of the calibration split that fits "
                                                                      "(certified only); the rest certifies.")] = 0.4,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the fit / cert split (recorded).")] = 0,
-        bound: Annotated[str, typer.Option("--bound", help="p-values: exact (binomial / McNemar) or hb "
+        bound: Annotated[str, typer.Option("--bound", help="p-values: exact (binomial; for the drop, on new errors), "
+                                                           "mcnemar (conditional McNemar, drop only) or hb "
                                                            "(Hoeffding-Bentkus).")] = "exact",
         in_expectation: Annotated[bool, typer.Option(
             "--in-expectation", help="Conformal risk control instead: the budget holds in expectation over "
@@ -373,10 +375,10 @@ def calibrate(
         tune = policy == "dart" and beta_diff == "tune"
         if policy == "dart" and not tune:
             params["beta_diff"] = float(beta_diff)
-        if confidence is not None:
+        if confidence is not None or in_expectation:  # conformal risk control has no confidence level
             params.update(risk=risk, seed=seed, fit_share=fit_share, bound=bound, in_expectation=in_expectation)
-        elif in_expectation or risk != "drop" or bound != "exact":
-            raise DartError("--risk, --bound and --in-expectation apply to certified budgets: give --confidence too")
+        elif risk != "drop" or bound != "exact":
+            raise DartError("--risk and --bound apply to certified budgets: give --confidence too")
         pol, rec = run_calibration(policy, cal, beta_opt=beta_opt, max_drop=max_drop, confidence=confidence,
                                    tune_beta_diff=tune, **params)
         pol.save(out, calibration=rec)

@@ -99,8 +99,8 @@ def resplit_coverage(cal: Trace, test: Trace, policy: str, max_drop: float, conf
 
     - ``replacement``: fit and cert drawn with replacement from the pool; the reference risk is the
       whole pool's, which carries no test noise;
-    - ``split``: n_fit / n_cert / rest without replacement; the reference is the risk on every
-      non-fit sample, and the rest is a test set whose realised drop is reported too.
+    - ``split``: n_fit / n_cert / rest without replacement; the reference is the risk on the rest, which
+      neither fitted nor chose the policy, and whose realised drop is reported too.
     A data-free policy (threshold, patience) certifies on fit and cert together. By default fit and
     cert split the shipped calibration split's size as certification does (5,000: 2,000 / 3,000).
     """
@@ -118,7 +118,7 @@ def resplit_coverage(cal: Trace, test: Trace, policy: str, max_drop: float, conf
             else:
                 perm = rng.permutation(pool.n)
                 fit_idx, cert_idx, test_idx = perm[:n_fit], perm[n_fit:n_fit + n_cert], perm[n_fit + n_cert:]
-                ref_idx = perm[n_fit:]
+                ref_idx = test_idx  # not the cert samples: they chose the policy
             learned = uses_fit_split(policy)
             fit, cert = pool.subset(fit_idx), pool.subset(cert_idx if learned else np.concatenate([fit_idx, cert_idx]))
             if not learned and design == "split":

@@ -19,14 +19,14 @@ import numpy as np
 from scipy import stats
 
 from dart_ee.calibration import candidates
-from dart_ee.certify import FIT_SHARE, certify_split, dart_fit_search, fit_cert_for, knob_sequence
+from dart_ee.certify import FIT_SHARE, SCALED, certify_split, fit_cert_for, fit_search, knob_sequence
 from dart_ee.coverage import pool_traces
 from dart_ee.errors import ConfigError
 from dart_ee.evaluation import evaluate, oracle
 from dart_ee.policies import check_calibration_trace, make_policy
 from dart_ee.trace import Trace
 
-POLICIES = ("threshold", "branchynet", "patience", "rl", "dart")
+POLICIES = ("threshold", "branchynet", "patience", "rl", "dart", "score")
 BUDGETS = tuple(np.round(np.linspace(0.25, 1.0, 76), 2).tolist())  # fractions of the static network's MACs
 GRID = (0.25, 0.5, 0.75)
 CERT_BUDGETS = (0.25, 0.5, 1.0, 2.0)  # points
@@ -144,7 +144,7 @@ def certified_points(cal: Trace, test: Trace, policies: tuple[str, ...], budgets
     rows = []
     for name in policies:
         f, ce, data_free = fit_cert_for(name, cal, fit_share, seed)
-        reuse = ({"search": dart_fit_search(f, {}, True)} if name == "dart" else {"family": knob_sequence(name, f, {})})
+        reuse = ({"search": fit_search(name, f, {})} if name in SCALED else {"family": knob_sequence(name, f, {})})
         for d in budgets:
             try:
                 pol, rec = certify_split(name, f, ce, d, confidence, risk=risk, data_free=data_free, **reuse)

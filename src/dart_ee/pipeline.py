@@ -157,7 +157,7 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
         b = cfg.benchmark
         if b.keep_freed_memory:  # after training, whose peak memory it would raise
             keep_freed_memory()
-        policies = [pol_dir / f"{n}.json" for n in ("threshold", "branchynet", "rl", "patience", "dart")]
+        policies = [pol_dir / f"{n}.json" for n in ("threshold", "branchynet", "rl", "patience", "dart", "score")]
         bench = benchmark(out, policies, b.batch_size, b.images, b.repeats, b.latency_images, b.threads, "cpu", data_dir)
         steps["benchmark"] = time.perf_counter() - t0
 

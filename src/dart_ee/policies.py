@@ -483,8 +483,173 @@ class DartPolicy(ExitPolicy):
         return all(t == math.inf for row in self.tau_ for t in row)
 
 
+# ----------------------------------------------------------------------------------------------
+# DART on a learned exit score
+
+
+class ScorePolicy(ExitPolicy):
+    """DART's per-exit thresholds acting on a learned exit score instead of the max-softmax confidence.
+
+    Max-softmax confidence ranks samples badly for one decision that matters here: whether leaving at
+    exit i loses a sample that the final exit gets right. Per exit, a logistic regression fitted on the
+    fit split predicts P(safe) = P(not (final exit right and exit i wrong)) from what the runtime
+    already has at that exit (``FEATURES``): the top-1 confidence and its log-odds, the top-1 / top-2
+    margin, the normalised entropy, whether exit i agrees with the exit before it, for how many exits
+    in a row the prediction has held, the previous exit's confidence, and the difficulty score alpha
+    (the learned estimator's when the trace holds it). Leave at exit i when P(safe) >= tau_i.
+
+    The thresholds maximise the same objective as DART's refinement, mean(correct - beta_opt * C_i / C_N),
+    by coordinate ascent on the fit samples' real paths (each exit scores candidate thresholds on the
+    samples that really reach it, with their real payoff downstream). Certification then walks the
+    exit-share scaling path of these thresholds (``dart_ee.certify.scale_family``).
+    """
+
+    name = "score"
+    knob = "beta_opt"
+    knob_grid = DartPolicy.knob_grid
+    FEATURES: ClassVar[tuple[str, ...]] = ("conf", "log_odds", "margin", "entropy", "agree_prev", "streak",
+                                          "prev_conf", "alpha")
+
+    def __init__(self, beta_opt: float = 0.1, l2: float = 1.0, alpha_feature: bool = True, threshold_grid: int = 64,
+                 max_sweeps: int = 20) -> None:
+        self.beta_opt, self.l2, self.alpha_feature = float(beta_opt), float(l2), bool(alpha_feature)
+        self.threshold_grid, self.max_sweeps = int(threshold_grid), int(max_sweeps)
+
+    @property
+    def uses_alpha(self) -> bool:  # type: ignore[override]
+        return self.alpha_feature
+
+    def init_state(self, n: int, device: torch.device | str = "cpu") -> State:
+        return {"prev": torch.full((n,), -1, dtype=torch.long, device=device),
+                "streak": torch.zeros(n, dtype=torch.long, device=device),
+                "prev_conf": torch.zeros(n, dtype=torch.float32, device=device)}
+
+    def features(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
+        """(n, len(FEATURES)) float32 features at exit ``i``; advances ``state`` (what later exits read)."""
+        top = probs.float().topk(2, 1).values
+        conf, pred = top[:, 0], probs.argmax(1)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(probs.shape[1])
+        agree = (pred == state["prev"]).float()
+        streak = torch.where(pred == state["prev"], state["streak"] + 1, torch.ones_like(state["streak"]))
+        a = alpha.float() if (alpha is not None and self.alpha_feature) else torch.zeros_like(conf)
+        eps = 1e-6
+        f = torch.stack([conf, torch.log(conf + eps) - torch.log1p(eps - conf), top[:, 0] - top[:, 1], entropy, agree,
+                         streak.float() / (i + 1), state["prev_conf"], a], 1)
+        state["prev"], state["streak"], state["prev_conf"] = pred, streak, conf
+        return f
+
+    def score(self, i: int, feats: torch.Tensor) -> torch.Tensor:
+        """P(safe to leave at exit ``i``) from its features."""
+        mean, scale = self._tensor(self.mean_[i], feats.device), self._tensor(self.scale_[i], feats.device)
+        w = self._tensor(self.coef_[i], feats.device)
+        return torch.sigmoid(((feats - mean) / scale) @ w + self.intercept_[i])
+
+    def decide(self, i: int, probs: torch.Tensor, alpha: torch.Tensor | None, state: State) -> torch.Tensor:
+        return self.score(i, self.features(i, probs, alpha, state)) >= self._tensor(self.tau_[i], probs.device)[0]
+
+    def _walk_features(self, trace: Trace) -> list[torch.Tensor]:
+        """Every exit's features for every sample, as ``decide`` computes them (no sample leaves)."""
+        probs = torch.from_numpy(trace.probs)
+        alpha = torch.from_numpy(trace.alpha) if (self.alpha_feature and trace.alpha is not None) else None
+        state = self.init_state(trace.n)
+        return [self.features(i, probs[:, i], alpha, state) for i in range(trace.num_exits - 1)]
+
+    def fit(self, trace: Trace) -> ScorePolicy:
+        if self.alpha_feature and "alpha_learned" in trace.extra:
+            trace = trace.with_alpha("alpha_learned")  # the learned estimator ranks difficulty; the paper's barely does
+        if self.alpha_feature and trace.alpha is None:
+            raise ArtifactError("the score policy reads alpha, which this trace lacks; regenerate it with `dart-ee trace` "
+                                "or set alpha_feature=False")
+        super().fit(trace)
+        feats = self._walk_features(trace)
+        unsafe = trace.correct[:, -1:] & ~trace.correct[:, :-1]  # (n, E-1): leaving here loses a right answer
+        self.mean_, self.scale_, self.coef_, self.intercept_ = [], [], [], []
+        for i, f in enumerate(feats):
+            mean, scale, w, b = _logistic(f.double().numpy(), ~unsafe[:, i], self.l2)
+            self.mean_.append(mean)
+            self.scale_.append(scale)
+            self.coef_.append(w)
+            self.intercept_.append(b)
+        self._tensors = {}
+        scores = np.stack([self.score(i, f).numpy() for i, f in enumerate(feats)], 1)
+        return self.fit_thresholds(trace, scores)
+
+    def fit_thresholds(self, trace: Trace, scores: np.ndarray) -> ScorePolicy:
+        """Thresholds for ``beta_opt`` on the fit split's ``scores`` (n, E-1), by coordinate ascent on real paths.
+
+        Separate from ``fit`` so that a search over ``beta_opt`` fits the score model once."""
+        cost = trace.exit_macs / trace.exit_macs[-1]
+        payoff = trace.correct - self.beta_opt * cost[None]
+        self.tau_ = refine_thresholds(scores, payoff, self.threshold_grid, self.max_sweeps)
+        self._tensors = {}
+        return self
+
+    def fitted_shapes(self, n: int) -> dict[str, tuple[int, ...]]:
+        f = len(self.FEATURES)
+        return {"mean_": (n - 1, f), "scale_": (n - 1, f), "coef_": (n - 1, f), "intercept_": (n - 1,), "tau_": (n - 1, 1)}
+
+    def never_leaves_early(self) -> bool:
+        return all(t == math.inf for row in self.tau_ for t in row)
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[list[float], list[float], list[float], float]:
+    """L2-regularised logistic regression on standardised features: (mean, scale, weights, intercept)."""
+    from scipy.optimize import minimize
+
+    mean, scale = x.mean(0), x.std(0)
+    scale = np.where(scale > 1e-8, scale, 1.0)
+    z, t = (x - mean) / scale, y.astype(np.float64)
+    if t.min() == t.max():  # every sample safe (or none): a constant score says so
+        return mean.tolist(), scale.tolist(), [0.0] * x.shape[1], 30.0 if t[0] else -30.0
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[:-1], theta[-1]
+        u = z @ w + b
+        nll = np.logaddexp(0, u) - t * u  # -log sigmoid(u) for t = 1, -log(1 - sigmoid(u)) for t = 0
+        g = 1 / (1 + np.exp(-u)) - t
+        grad = np.concatenate([z.T @ g / len(t) + l2 * w / len(t), [g.mean()]])
+        return float(nll.mean() + 0.5 * l2 * (w @ w) / len(t)), grad
+
+    theta = minimize(loss, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B").x
+    return mean.tolist(), scale.tolist(), theta[:-1].tolist(), float(theta[-1])
+
+
+def refine_thresholds(scores: np.ndarray, payoff: np.ndarray, grid: int = 64, max_sweeps: int = 20) -> list[list[float]]:
+    """Per-exit thresholds on ``scores`` (n, E-1; leave when score >= tau) that maximise mean payoff (n, E).
+
+    Coordinate ascent from "never leave" on real sample paths: each exit, last-but-one first, scores
+    ``grid`` quantiles of its reaching samples' scores (and +inf) by the payoff of leaving there against
+    the real payoff downstream under the current later thresholds; keeps the best (the larger on ties).
+    The current threshold is a candidate, so the objective never falls; stops when a sweep changes nothing.
+    """
+    n, m = scores.shape
+    tau = [math.inf] * m
+    leave = np.zeros((n, m), bool)
+    for _ in range(max_sweeps):
+        changed = False
+        for i in range(m - 1, -1, -1):
+            reach = ~leave[:, :i].any(1)
+            stay = payoff[:, -1].copy()
+            for k in range(m - 1, i, -1):
+                stay = np.where(leave[:, k], payoff[:, k], stay)
+            s = scores[reach, i]
+            if len(s) == 0:
+                continue
+            cands = np.unique(np.concatenate([np.quantile(s, np.linspace(0, 1, grid + 1)).astype(np.float32),
+                                              [np.float32(tau[i]), np.float32(np.inf)]]))
+            obj = np.where(s[None] >= cands[:, None], payoff[reach, i][None], stay[reach][None]).sum(1)
+            best = float(cands[int(np.flatnonzero(obj >= obj.max() - 1e-9)[-1])])
+            if best != tau[i]:
+                tau[i], changed = best, True
+                leave[:, i] = scores[:, i] >= best
+        if not changed:
+            break
+    return [[t] for t in tau]
+
+
 POLICIES: dict[str, type[ExitPolicy]] = {p.name: p for p in (StaticPolicy, ThresholdPolicy, BranchyNetPolicy,
-                                                             PatiencePolicy, RLPolicy, DartPolicy)}
+                                                             PatiencePolicy, RLPolicy, DartPolicy,
+                                                             ScorePolicy)}
 
 
 def make_policy(name: str, **params: Any) -> ExitPolicy:
