@@ -124,7 +124,7 @@ def _graphs_on_cpu(monkeypatch):
     monkeypatch.setattr(queued, "_Graph", CpuGraph)
 
 
-@pytest.mark.parametrize("name", ["dart", "patience", "rl", "static"])
+@pytest.mark.parametrize("name", ["dart", "patience", "rl", "score", "static"])
 @pytest.mark.parametrize("batch_size", [1, 7, 256])
 def test_graph_path_matches_eager_on_cpu(trained_run, monkeypatch, name, batch_size):
     _graphs_on_cpu(monkeypatch)
@@ -142,7 +142,7 @@ def test_graph_path_matches_eager_on_cpu(trained_run, monkeypatch, name, batch_s
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on a lent machine)")
-@pytest.mark.parametrize("name", ["dart", "patience", "rl", "static"])
+@pytest.mark.parametrize("name", ["dart", "patience", "rl", "score", "static"])
 @pytest.mark.parametrize("batch_size", [1, 7, 256])
 def test_cuda_graph_runner_matches_eager(trained_run, name, batch_size):
     policy = _fitted(name, trained_run["cal"])

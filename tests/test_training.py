@@ -166,3 +166,20 @@ def test_a_run_of_exactly_four_optimiser_steps_trains(tmp_path, mnist_like):
     cfg = parse_config(tiny_config(mnist_like.parent, epochs=4, batch_size=160))  # 160 training images: 1 step an epoch
     metrics = train(cfg, tmp_path / "run")
     assert metrics["n_train"] == 160 and (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_bf16_falls_back_to_fp32_without_native_support(monkeypatch, capsys):
+    """Emulated bf16 autocast was 18x slower than fp32 on an AVX2-only CPU: there training runs in fp32, and says so."""
+    import torch
+
+    from dart_ee.training import use_bf16
+
+    cpu = torch.device("cpu")
+    for amx, avx512_bf16, want in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        capsys.readouterr()
+        assert use_bf16(True, cpu) is want
+        said = capsys.readouterr()
+        assert ("bf16 ignored" in said.out + said.err) is not want
+    assert use_bf16(False, cpu) is False

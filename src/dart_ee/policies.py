@@ -561,25 +561,38 @@ class ScorePolicy(ExitPolicy):
             raise ArtifactError("the score policy reads alpha, which this trace lacks; regenerate it with `dart-ee trace` "
                                 "or set alpha_feature=False")
         super().fit(trace)
-        feats = self._walk_features(trace)
-        unsafe = trace.correct[:, -1:] & ~trace.correct[:, :-1]  # (n, E-1): leaving here loses a right answer
-        self.mean_, self.scale_, self.coef_, self.intercept_ = [], [], [], []
-        for i, f in enumerate(feats):
-            mean, scale, w, b = _logistic(f.double().numpy(), ~unsafe[:, i], self.l2)
-            self.mean_.append(mean)
-            self.scale_.append(scale)
-            self.coef_.append(w)
-            self.intercept_.append(b)
-        self._tensors = {}
-        scores = np.stack([self.score(i, f).numpy() for i, f in enumerate(feats)], 1)
+        # the score model does not depend on beta_opt: a search over it (calibration, sweeps) fits it once per trace
+        key = (_content_key(trace), self.l2, self.alpha_feature)
+        if key not in _SCORE_MODELS:
+            feats = self._walk_features(trace)
+            unsafe = trace.correct[:, -1:] & ~trace.correct[:, :-1]  # (n, E-1): leaving here loses a right answer
+            fitted = [_logistic(f.double().numpy(), ~unsafe[:, i], self.l2) for i, f in enumerate(feats)]
+            self._set_model(fitted)
+            scores = np.stack([self.score(i, f).numpy() for i, f in enumerate(feats)], 1)
+            while len(_SCORE_MODELS) >= 8:
+                _SCORE_MODELS.pop(next(iter(_SCORE_MODELS)))
+            _SCORE_MODELS[key] = (fitted, scores)
+        fitted, scores = _SCORE_MODELS[key]
+        self._set_model(fitted)
         return self.fit_thresholds(trace, scores)
+
+    def _set_model(self, fitted: list[tuple[list[float], list[float], list[float], float]]) -> None:
+        """Per-exit (mean, scale, weights, intercept) as fitted fields: fresh lists, so that editing this policy's
+        fields leaves a cached model as it was fitted."""
+        self.mean_ = [list(r[0]) for r in fitted]
+        self.scale_ = [list(r[1]) for r in fitted]
+        self.coef_ = [list(r[2]) for r in fitted]
+        self.intercept_ = [r[3] for r in fitted]
+        self._tensors: dict = {}
 
     def fit_thresholds(self, trace: Trace, scores: np.ndarray) -> ScorePolicy:
         """Thresholds for ``beta_opt`` on the fit split's ``scores`` (n, E-1), by coordinate ascent on real paths.
 
         Separate from ``fit`` so that a search over ``beta_opt`` fits the score model once."""
         cost = trace.exit_macs / trace.exit_macs[-1]
-        payoff = trace.correct - self.beta_opt * cost[None]
+        # the payoff counts what certification bounds: a new error (the final exit right, this one wrong) costs 1
+        safe = ~(trace.correct[:, -1:] & ~trace.correct)
+        payoff = safe - self.beta_opt * cost[None]
         self.tau_ = refine_thresholds(scores, payoff, self.threshold_grid, self.max_sweeps)
         self._tensors = {}
         return self
@@ -590,6 +603,20 @@ class ScorePolicy(ExitPolicy):
 
     def never_leaves_early(self) -> bool:
         return all(t == math.inf for row in self.tau_ for t in row)
+
+
+_SCORE_MODELS: dict[tuple, tuple] = {}  # the last few fitted score models, by trace content and settings
+
+
+def _content_key(trace: Trace) -> str:
+    """A digest of what a score model reads: probabilities, labels, alpha and exit costs."""
+    import hashlib
+
+    h = hashlib.sha1(np.ascontiguousarray(trace.probs).tobytes())
+    for a in (trace.labels, trace.exit_macs, trace.alpha):
+        if a is not None:
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def _logistic(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[list[float], list[float], list[float], float]:

@@ -213,8 +213,14 @@ def frontier_markdown(frontier: dict) -> str:
                 cells.append("not certifiable")
             else:
                 share = f" ({c['certified']}/{c['splits']} certified)" if c["certified"] < c["splits"] else ""
-                cells.append(f"{100 * c['mean_mac_reduction']:.1f}% (drop {c['mean_test_drop_points']:+.2f}){share}")
+                vs = c.get("vs_threshold")
+                diff = (f"; {100 * vs['mean']:+.1f} vs threshold [{100 * vs['low']:+.1f}, {100 * vs['high']:+.1f}]"
+                        if vs else "")
+                cells.append(f"{100 * c['mean_mac_reduction']:.1f}% (drop {c['mean_test_drop_points']:+.2f}{diff}){share}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "oracle_mean_mac_reduction" in frontier:
+        lines.append(f"| oracle (no loss, not a policy) | {100 * frontier['oracle_mean_mac_reduction']:.1f}% |"
+                     + " |" * (len(budgets) - 1))
     return "\n".join(lines)
 
 
