@@ -269,3 +269,38 @@ def test_population_coverage_learned_paths_short(policy, kind):
     assert res["exceed"] <= 4 and res["certified"] >= 20
     truth = synthetic_trace(50_000, "nested", seed=10**6, split="test")
     assert true_risk(make_policy("static").fit(synthetic_trace(10, "nested")), truth, "drop") == 0
+
+
+# -- smaller defects, each pinned ------------------------------------------------------------------
+def test_first_rejected_p_value_after_a_static_reset():
+    """When the last accepted candidate cannot leave early (certify returns the static network), the record's
+    first rejected p-value is the one after it, not the first candidate's."""
+    from dart_ee.certify import certify_split
+
+    n, k = 3000, 3  # every early exit wrong where the final one is right: no candidate that leaves can pass
+    labels = np.arange(n) % k
+    pred = np.stack([(labels + 1) % k, labels], 1)
+    t = Trace(probs_from(np.full((n, 2), 0.9), pred, k), labels, np.arange(n), [10, 20], alpha=np.linspace(0, 1, n),
+              meta={"split": "cal", "static_macs": 20})
+    family = [({"tau": tau}, make_policy("threshold", tau=tau).fit(t)) for tau in (1.0, 0.5)]
+    pol, rec = certify_split("threshold", t, t, 0.5, 0.95, family=family, data_free=True)
+    g = rec["guarantee"]
+    assert pol.name == "static" and g["candidate_index"] == -1 and g["p_value"] is None
+    assert g["p_value_first_rejected"] == pytest.approx(1.0)  # the leaving candidate's, not the never-leaving one's 0
+
+
+def test_in_expectation_needs_no_confidence():
+    cal = synthetic_trace(3000, "independent", seed=4)
+    pol, rec = calibrate("threshold", cal, max_drop=1.0, in_expectation=True)
+    g = rec["guarantee"]
+    assert g["confidence"] is None and g["delta"] is None and "in expectation" in g["statement"]
+
+
+def test_split_design_reference_excludes_the_cert_samples():
+    """The 'split' design's reference risk is measured on the samples that neither fitted nor chose the policy."""
+    from dart_ee.coverage import resplit_coverage
+
+    cal, test = synthetic_trace(1500, "nested", seed=1), synthetic_trace(1500, "nested", seed=2, split="test")
+    res = resplit_coverage(cal, test, "dart", 20.0, resplits=3, n_fit=600, n_cert=900)
+    for row in res["split"]["rows"]:  # the rest (1,500) is the test part, and the reference is that same part
+        assert row["true_risk_points"] == pytest.approx(row["test_drop_points"])
