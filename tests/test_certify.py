@@ -304,3 +304,15 @@ def test_split_design_reference_excludes_the_cert_samples():
     res = resplit_coverage(cal, test, "dart", 20.0, resplits=3, n_fit=600, n_cert=900)
     for row in res["split"]["rows"]:  # the rest (1,500) is the test part, and the reference is that same part
         assert row["true_risk_points"] == pytest.approx(row["test_drop_points"])
+
+
+@pytest.mark.parametrize("name", ["dart", "score"])
+def test_path_predictions_equal_simulate(name):
+    """The fast replay of a certification path makes exactly the decisions ``simulate`` (the runtime's walk) makes."""
+    from dart_ee.certify import path_predictions
+
+    fit, cert = synthetic_trace(1500, "independent", seed=9), synthetic_trace(2000, "independent", seed=10)
+    fam = scale_family(make_policy(name, beta_opt=0.1).fit(fit), fit)
+    predict = path_predictions(fam, cert)
+    for _, pol in fam[::7]:
+        np.testing.assert_array_equal(predict(pol), simulate(pol, cert)[1])

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import numpy as np
@@ -212,6 +212,28 @@ def exit_scores(policy: ExitPolicy, trace: Trace) -> np.ndarray:
     return trace.conf[:, :-1]
 
 
+def path_predictions(family: list[tuple[dict, ExitPolicy]], trace: Trace) -> Callable[[ExitPolicy], np.ndarray]:
+    """Each candidate's predictions on ``trace``, as ``simulate`` gives them, computed fast for a scaled path.
+
+    A learned-score path shares one score model: its scores are computed once and each candidate only compares
+    them with its thresholds (a certification tests up to 301 candidates). Every decision here depends only on
+    a sample's own outputs, so no compaction is needed; ``test_path_predictions_equal_simulate`` holds it to
+    ``simulate`` exactly. Other paths go through ``simulate``.
+    """
+    base = family[0][1] if family else None
+    if not isinstance(base, ScorePolicy) or any(type(p) is not ScorePolicy for _, p in family):
+        return lambda pol: simulate(pol, trace)[1]
+    scores, preds = exit_scores(base, trace), trace.preds
+    n, last = trace.n, trace.num_exits - 1
+
+    def predict(pol: ExitPolicy) -> np.ndarray:
+        tau = np.array([row[0] for row in pol.tau_], np.float32)  # type: ignore[attr-defined]
+        leave = np.concatenate([scores >= tau[None], np.ones((n, 1), bool)], 1)
+        return preds[np.arange(n), np.minimum(leave.argmax(1), last)]
+
+    return predict
+
+
 def uses_fit_split(name: str) -> bool:
     """Whether the policy's candidate sequence is learned (needs a fit split) or data-free."""
     if name not in POLICIES:
@@ -282,8 +304,10 @@ def certify_sequence(family: list[tuple[dict, ExitPolicy]], cert: Trace, max_dro
 
     Returns {"index": the accepted candidate or -1, and "pvalues" (or "crc_risks"): what was computed, in order}.
     """
+    preds_of = path_predictions(family, cert)
+
     def loss_of(pol: ExitPolicy) -> np.ndarray:
-        return losses(risk, cert, simulate(pol, cert)[1])
+        return losses(risk, cert, preds_of(pol))
 
     def p_of(pol: ExitPolicy) -> float:  # a policy that can never leave early has risk 0 by construction
         return 0.0 if pol.never_leaves_early() else p_value(loss_of(pol), max_drop, delta, risk, bound)

@@ -445,18 +445,26 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
           confidence: Annotated[float, typer.Option("--confidence", help="Certified frontier confidence.")] = 0.95,
           risk: RiskOpt = "drop",
           seed: int = 0,
-          alpha: AlphaOpt = None) -> None:
+          alpha: AlphaOpt = None,
+          policy: Annotated[Optional[list[str]], typer.Option(
+              "--policy", help="Only these policies (repeatable; the threshold is added, as every comparison's "
+                               "reference). Default: all.")] = None) -> None:
     """Every policy's accuracy-vs-MACs curve: each point chosen on the calibration trace, measured on the test trace."""
     from dart_ee import artifacts, plots
     from dart_ee.bench import provenance
+    from dart_ee.frontier import POLICIES as FRONTIER_POLICIES
     from dart_ee.frontier import resplit_frontier
     from dart_ee.frontier import sweep as run_sweep
     from dart_ee.report import frontier_markdown, grid_markdown
 
     prov = provenance()
     c, t = _load_pair(cal, test, alpha)
-    res = run_sweep(c, t)
-    rs = resplit_frontier(c, t, resplits, seed, confidence=confidence, risk=risk) if resplits else None
+    chosen = tuple(dict.fromkeys(["threshold", *policy])) if policy else FRONTIER_POLICIES
+    unknown = [p for p in chosen if p not in FRONTIER_POLICIES]
+    if unknown:
+        _fail(DartError(f"--policy {unknown[0]!r} is not one of {', '.join(FRONTIER_POLICIES)}"))
+    res = run_sweep(c, t, chosen)
+    rs = resplit_frontier(c, t, resplits, seed, chosen, confidence=confidence, risk=risk) if resplits else None
     artifacts.write_json(out / "sweep.json", res)
     plots.tradeoff_curves(res, out / "tradeoff_curves.png")
     typer.echo(grid_markdown(res))
