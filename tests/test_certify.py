@@ -316,3 +316,24 @@ def test_path_predictions_equal_simulate(name):
     predict = path_predictions(fam, cert)
     for _, pol in fam[::7]:
         np.testing.assert_array_equal(predict(pol), simulate(pol, cert)[1])
+
+
+def test_an_edited_policy_is_never_reported_as_certified(tmp_path):
+    """The certificate seals the fields it certified: change tau (or anything that routes) and the file certifies nothing."""
+    from dart_ee.policies import EDITED, certificate
+
+    cal = synthetic_trace(3000, "nested", seed=11)
+    pol, rec = calibrate("threshold", cal, max_drop=1.0, confidence=0.95)
+    path = pol.save(tmp_path / "t.json", calibration=rec)
+    d = json.loads(path.read_text())
+    assert certificate(d)["certified"] and certificate(d)["statement"] == rec["guarantee"]["statement"]
+    d["params"]["tau"] = -1.0
+    assert not certificate(d)["certified"] and certificate(d)["statement"] == EDITED
+    d = json.loads(path.read_text())
+    del d["calibration"]["guarantee"]["policy_digest"]  # a hand-made certificate without the seal
+    assert not certificate(d)["certified"]
+    dart, rec = certify("dart", cal, 1.0, 0.95)
+    d = json.loads(dart.save(tmp_path / "d.json", calibration=rec).read_text())
+    assert certificate(d)["certified"] == rec["guarantee"]["certified"]
+    d["fitted"]["tau_"][0][0] = float("nan")
+    assert not certificate(d)["certified"]

@@ -423,11 +423,13 @@ def evaluate(trace: TraceOpt,
 
 
 def _budget_note(path: Path) -> str:
-    """What a policy file's budget promises: its certificate, or the word uncertified."""
+    """What a policy file's budget promises: its certificate (none if edited since), or the word uncertified."""
     from dart_ee import artifacts
+    from dart_ee.policies import certificate
 
-    cal = artifacts.read_json(path, "policy file").get("calibration") or {}
-    g = cal.get("guarantee")
+    d = artifacts.read_json(path, "policy file")
+    cal = d.get("calibration") or {}
+    g = certificate(d)
     if g:
         return ("certified: " if g["certified"] else "NOT certified: ") + g["statement"]
     if cal.get("target", {}).get("mode") == "uncertified budget":

@@ -93,7 +93,36 @@ class ExitPolicy:
         return {"format": FORMAT, "version": VERSION, "policy": self.name, "params": self.get_params(), "fitted": fitted}
 
     def save(self, path: str | Path, **extra: Any) -> Path:
-        return artifacts.write_json(path, {**self.to_dict(), **extra})
+        """Write the policy as JSON; a certificate in ``calibration`` is sealed with the digest of what it certified."""
+        d = self.to_dict()
+        cal = extra.get("calibration")
+        if isinstance(cal, dict) and isinstance(cal.get("guarantee"), dict):
+            extra = {**extra, "calibration": {**cal, "guarantee": {**cal["guarantee"], "policy_digest": policy_digest(d)}}}
+        return artifacts.write_json(path, {**d, **extra})
+
+
+def policy_digest(d: dict[str, Any]) -> str:
+    """SHA-256 of a policy file's decision-making fields (name, parameters, fitted state), canonical JSON."""
+    import hashlib
+    import json
+
+    core = {k: d.get(k) for k in ("policy", "params", "fitted")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
+EDITED = ("edited after certification: its parameters or fitted fields no longer match the digest its certificate "
+          "records, so nothing is certified; certify it again with `dart-ee calibrate --confidence`")
+
+
+def certificate(d: dict[str, Any]) -> dict[str, Any] | None:
+    """The certificate of a policy file's dict, or None; a policy edited since it was certified gets one that says
+    so and certifies nothing (a file without a digest predates sealing and is treated as edited too)."""
+    g = (d.get("calibration") or {}).get("guarantee")
+    if not isinstance(g, dict):
+        return None
+    if g.get("certified") and g.get("policy_digest") != policy_digest(d):
+        return {**g, "certified": False, "statement": EDITED}
+    return g
 
 
 def check_calibration_trace(trace: Trace) -> None:
