@@ -49,6 +49,14 @@ def _results_prov(res: dict, rel: str) -> str:
             f"{res['date']})")
 
 
+def _coverage_row(first: str, second: str, r: dict) -> str:
+    """One generator-coverage row: two label cells, then draws over the budget, certified draws, risk and savings."""
+    verdict = "pass" if r["passed"] else "**FAIL**"
+    return (f"| {first} | {second} | {r['exceed']} of {r['draws']} ({verdict}) | {r['certified']} | "
+            f"{r['mean_reference_risk_points']:.3f} / {r['max_reference_risk_points']:.3f} | "
+            f"{100 * r['mean_mac_reduction']:.1f}% ({100 * r['sd_mac_reduction']:.1f}) |")
+
+
 def population_section(root: Path) -> str:
     rows = ["| Policy | Risk | Draws exceeding 0.5 points | Certified draws | True risk: mean / max (points) | "
             "MAC reduction: mean (sd) |", "|---|---|---|---|---|---|"]
@@ -56,11 +64,7 @@ def population_section(root: Path) -> str:
     for risk in ("drop", "new-errors"):
         rec = _load(root, f"coverage/synthetic_nested_{risk}.json")
         provs.append(_prov(rec["provenance"]))
-        for r in rec["results"]:
-            verdict = "pass" if r["passed"] else "**FAIL**"
-            rows.append(f"| {r['policy']} | {risk} | {r['exceed']} of {r['draws']} ({verdict}) | {r['certified']} | "
-                        f"{r['mean_reference_risk_points']:.3f} / {r['max_reference_risk_points']:.3f} | "
-                        f"{100 * r['mean_mac_reduction']:.1f}% ({100 * r['sd_mac_reduction']:.1f}) |")
+        rows += [_coverage_row(r["policy"], risk, r) for r in rec["results"]]
     return "\n\n".join([
         "Generator with known truth (`dart_ee.coverage.synthetic_trace`, nested correctness: the case where the "
         "plain DP is most optimistic): 200 calibration draws of 5,000 samples, each certified at 0.5 points, "
@@ -146,11 +150,7 @@ def learned_score_section(root: Path) -> str:
     for kind in SCORE_COVERAGE:
         rec = _load(root, f"coverage/synthetic_{kind}_drop_score.json")
         provs.append(_prov(rec["provenance"]))
-        for r in rec["results"]:
-            verdict = "pass" if r["passed"] else "**FAIL**"
-            rows.append(f"| {kind} | {r['policy']} | {r['exceed']} of {r['draws']} ({verdict}) | {r['certified']} | "
-                        f"{r['mean_reference_risk_points']:.3f} / {r['max_reference_risk_points']:.3f} | "
-                        f"{100 * r['mean_mac_reduction']:.1f}% ({100 * r['sd_mac_reduction']:.1f}) |")
+        rows += [_coverage_row(kind, r["policy"], r) for r in rec["results"]]
     parts = ["Coverage on the generator with known truth (200 calibration draws of 5,000 samples, certified at 0.5 "
              "points of drop, confidence 0.95, truth on 100,000 fresh samples; pass: at most 15 of 200):",
              "\n".join(rows), "Records: " + "; ".join(provs) + "."]
