@@ -55,6 +55,9 @@ SCALED = ("dart", "score")
 # The fit-split search only has to seed the scaled path, which sets the aggressiveness on cert: a
 # third of the budget search's beta grid and three margins keep certification fast (fixed a priori).
 CERT_BETA_DIFFS = (0.0, 0.1, 0.3)
+# The score policy's search reaches lower trade-offs too: a winner aimed at the rate the test can accept (a few
+# tenths of a point of new errors) often lies below the knob grid's first value.
+SCORE_BETAS = (0.002, 0.005, *DartPolicy.knob_grid[::3])
 
 GUARANTEED = ("with probability at least {conf} over the draw of the {n} certification samples, the expected {what} "
               "on data from the same distribution is at most {d} points")
@@ -275,7 +278,7 @@ def score_fit_search(fit: Trace, params: dict[str, Any]) -> list[tuple[dict, Exi
     base = cast(ScorePolicy, make_policy("score", **params).fit(fit))
     scores = exit_scores(base, fit)
     out: list[tuple[dict, ExitPolicy, dict]] = []
-    for b in ScorePolicy.knob_grid[::3]:
+    for b in SCORE_BETAS:
         pol = cast(ScorePolicy, make_policy("score", **{**params, "beta_opt": b}))
         for k, v in base.fitted_state().items():
             setattr(pol, k, v)
@@ -289,9 +292,35 @@ def fit_search(name: str, fit: Trace, params: dict[str, Any], tune_beta_diff: bo
     return score_fit_search(fit, params) if name == "score" else dart_fit_search(fit, params, tune_beta_diff)
 
 
-def fit_winner(search: list[tuple[dict, ExitPolicy, dict]], max_drop: float) -> tuple[dict, ExitPolicy]:
-    """The in-sample budget winner on the fit split: fewest MACs with fit drop <= D, else the most accurate."""
-    ok = [s for s in search if s[2]["drop_points"] <= max_drop + 1e-9]
+def tested_risk(risk: str, bound: str) -> str:
+    """The per-sample loss that the test counts: the exact test bounds the drop by its new errors."""
+    return "new-errors" if (risk == "drop" and bound == "exact") else risk
+
+
+def winner_target(max_drop: float, delta: float, risk: str, bound: str, n_cert: int) -> float:
+    """The fit-split risk (points) to aim the winner at: the highest loss rate that the test can still accept on
+    ``n_cert`` samples (exact binomial: the largest k with P(Bin(n, D) <= k) <= delta, as a rate k / n), so that the
+    scaled path certifies near the winner's own exit shares; D itself for the other tests. Depends on the sizes
+    and the budget only, never on cert data."""
+    if bound != "exact":
+        return max_drop
+    k = int(stats.binom.ppf(delta, n_cert, max_drop / 100))
+    while k >= 0 and binomial_p(k, n_cert, max_drop / 100) > delta:
+        k -= 1
+    return 100 * max(k, 0) / n_cert
+
+
+def fit_winner(search: list[tuple[dict, ExitPolicy, dict]], max_drop: float, fit: Trace | None = None,
+               risk: str = "drop", bound: str = "exact", target: float | None = None) -> tuple[dict, ExitPolicy]:
+    """The in-sample budget winner on the fit split: fewest MACs with fit risk <= ``target`` points, else the most
+    accurate. With ``fit``, the risk is the one the test counts (``tested_risk``) and ``target`` defaults to D;
+    without, the fit drop against D."""
+    if fit is None:
+        ok = [s for s in search if s[2]["drop_points"] <= max_drop + 1e-9]
+    else:
+        lim = max_drop if target is None else target
+        loss = tested_risk(risk, bound)
+        ok = [s for s in search if 100 * losses(loss, fit, simulate(s[1], fit)[1]).mean() <= lim + 1e-9]
     best = (min(ok, key=lambda s: (s[2]["macs_per_image"], -s[2]["accuracy"])) if ok
             else max(search, key=lambda s: s[2]["accuracy"]))
     return best[0], best[1]
@@ -373,7 +402,8 @@ def certify_split(name: str, fit: Trace, cert: Trace, max_drop: float, confidenc
                 + ("" if data_free else f" (the calibration split less the {fit.n} that fit the policy)")
                 + ". Hold out more calibration data (data.cal_fraction), raise --max-drop or lower --confidence.")
         if family is None or name in SCALED:
-            family, winner = family_for(name, fit, max_drop, params, tune_beta_diff, search)
+            target = winner_target(max_drop, delta, risk, bound, cert.n) if not in_expectation else max_drop
+            family, winner = family_for(name, fit, max_drop, params, tune_beta_diff, search, risk, bound, target)
         res = certify_sequence(family, cert, max_drop, delta, risk, bound, in_expectation)
         res["last_accepted"] = res["index"]  # where the test stopped, for the record's p-values
         if res["index"] >= 0 and family[res["index"]][1].never_leaves_early():
@@ -441,12 +471,15 @@ def _record(name: str, cert: Trace, max_drop: float, confidence: float | None, r
 
 
 def family_for(name: str, fit: Trace, max_drop: float, params: dict[str, Any], tune_beta_diff: bool = True,
-               search: list | None = None) -> tuple[list[tuple[dict, ExitPolicy]], dict | None]:
-    """The candidate sequence that ``certify`` tests, most conservative first, and (DART) the fit-split winner.
+               search: list | None = None, risk: str = "drop", bound: str = "exact",
+               target: float | None = None) -> tuple[list[tuple[dict, ExitPolicy]], dict | None]:
+    """The candidate sequence that ``certify`` tests, most conservative first, and (scaled paths) the fit-split winner,
+    aimed at ``target`` points of the tested risk (``winner_target``).
 
     Not certifying any of them leaves the static network, whose risk is 0 by definition.
     """
     if name not in SCALED:
         return knob_sequence(name, fit, params), None
-    wparams, wpol = fit_winner(search if search is not None else fit_search(name, fit, params, tune_beta_diff), max_drop)
+    found = search if search is not None else fit_search(name, fit, params, tune_beta_diff)
+    wparams, wpol = fit_winner(found, max_drop, fit, risk, bound, target)
     return [({**wparams, **lab}, p) for lab, p in scale_family(wpol, fit)], {"params": wparams, "fit": evaluate(wpol, fit)}
