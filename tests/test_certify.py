@@ -261,10 +261,10 @@ def test_population_coverage_threshold(risk):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy, kind", [("dart", "nested"), ("score", "nested"), ("score", "independent")])
+@pytest.mark.parametrize("policy, kind", [("dart", "nested"), ("score", "nested")])
 def test_population_coverage_learned_paths_short(policy, kind):
-    """DART and the learned score on 30 draws (the full 200-draw check is `dart-ee guarantee --synthetic KIND`):
-    P(Bin(30, 0.05) >= 5) = 0.016."""
+    """DART and the learned score on 30 draws (the full 200-draw checks, nested and independent, are
+    `dart-ee guarantee --synthetic KIND`, recorded in BENCHMARKS 0.0 and 0.1): P(Bin(30, 0.05) >= 5) = 0.016."""
     res = population_coverage(policy, kind, 0.5, 0.95, "drop", draws=30, n_truth=50_000)
     assert res["exceed"] <= 4 and res["certified"] >= 20
     truth = synthetic_trace(50_000, "nested", seed=10**6, split="test")
