@@ -260,36 +260,19 @@ def knob_sequence(name: str, fit: Trace, params: dict[str, Any]) -> list[tuple[d
     return [({knob: v}, make_policy(name, **{**params, knob: v}).fit(fit)) for v in grid]
 
 
-def dart_fit_search(fit: Trace, params: dict[str, Any], tune_beta_diff: bool) -> list[tuple[dict, ExitPolicy, dict]]:
-    """Every (beta_opt, beta_diff) candidate fitted and evaluated on the fit split (reused across budgets)."""
-    betas = DartPolicy.knob_grid[::3]
-    diffs = CERT_BETA_DIFFS if tune_beta_diff else (params.get("beta_diff", 0.0),)
-    out: list[tuple[dict, ExitPolicy, dict]] = []
-    for bd in diffs:
-        for b in betas:
-            p = {**params, "beta_opt": b, "beta_diff": bd}
-            pol = make_policy("dart", **p).fit(fit)
-            out.append((p, pol, evaluate(pol, fit)))
-    return out
-
-
-def score_fit_search(fit: Trace, params: dict[str, Any]) -> list[tuple[dict, ExitPolicy, dict]]:
-    """The score policy fitted once on the fit split, then its thresholds for every beta_opt of the grid."""
-    base = cast(ScorePolicy, make_policy("score", **params).fit(fit))
-    scores = exit_scores(base, fit)
-    out: list[tuple[dict, ExitPolicy, dict]] = []
-    for b in SCORE_BETAS:
-        pol = cast(ScorePolicy, make_policy("score", **{**params, "beta_opt": b}))
-        for k, v in base.fitted_state().items():
-            setattr(pol, k, v)
-        pol.fit_thresholds(fit, scores)
-        out.append(({**params, "beta_opt": b}, pol, evaluate(pol, fit)))
-    return out
-
-
 def fit_search(name: str, fit: Trace, params: dict[str, Any], tune_beta_diff: bool = True) -> list[tuple[dict, ExitPolicy, dict]]:
-    """The fit-split search whose budget winner seeds a scaled path (``SCALED`` policies)."""
-    return score_fit_search(fit, params) if name == "score" else dart_fit_search(fit, params, tune_beta_diff)
+    """Every trade-off candidate of a scaled-path policy fitted and evaluated on the fit split (reused across budgets):
+    DART over (beta_opt, beta_diff), the score policy over beta_opt (its score model is fitted once and cached)."""
+    if name == "score":
+        grid = [{**params, "beta_opt": b} for b in SCORE_BETAS]
+    else:
+        diffs = CERT_BETA_DIFFS if tune_beta_diff else (params.get("beta_diff", 0.0),)
+        grid = [{**params, "beta_opt": b, "beta_diff": bd} for bd in diffs for b in DartPolicy.knob_grid[::3]]
+    out: list[tuple[dict, ExitPolicy, dict]] = []
+    for p in grid:
+        pol = make_policy(name, **p).fit(fit)
+        out.append((p, pol, evaluate(pol, fit)))
+    return out
 
 
 def tested_risk(risk: str, bound: str) -> str:
@@ -310,17 +293,12 @@ def winner_target(max_drop: float, delta: float, risk: str, bound: str, n_cert: 
     return 100 * max(k, 0) / n_cert
 
 
-def fit_winner(search: list[tuple[dict, ExitPolicy, dict]], max_drop: float, fit: Trace | None = None,
-               risk: str = "drop", bound: str = "exact", target: float | None = None) -> tuple[dict, ExitPolicy]:
-    """The in-sample budget winner on the fit split: fewest MACs with fit risk <= ``target`` points, else the most
-    accurate. With ``fit``, the risk is the one the test counts (``tested_risk``) and ``target`` defaults to D;
-    without, the fit drop against D."""
-    if fit is None:
-        ok = [s for s in search if s[2]["drop_points"] <= max_drop + 1e-9]
-    else:
-        lim = max_drop if target is None else target
-        loss = tested_risk(risk, bound)
-        ok = [s for s in search if 100 * losses(loss, fit, simulate(s[1], fit)[1]).mean() <= lim + 1e-9]
+def fit_winner(search: list[tuple[dict, ExitPolicy, dict]], fit: Trace, target: float, risk: str = "drop",
+               bound: str = "exact") -> tuple[dict, ExitPolicy]:
+    """The in-sample budget winner on the fit split: fewest MACs with a fit risk, the one the test counts
+    (``tested_risk``), of at most ``target`` points; else the most accurate."""
+    loss = tested_risk(risk, bound)
+    ok = [s for s in search if 100 * losses(loss, fit, simulate(s[1], fit)[1]).mean() <= target + 1e-9]
     best = (min(ok, key=lambda s: (s[2]["macs_per_image"], -s[2]["accuracy"])) if ok
             else max(search, key=lambda s: s[2]["accuracy"]))
     return best[0], best[1]
@@ -481,5 +459,5 @@ def family_for(name: str, fit: Trace, max_drop: float, params: dict[str, Any], t
     if name not in SCALED:
         return knob_sequence(name, fit, params), None
     found = search if search is not None else fit_search(name, fit, params, tune_beta_diff)
-    wparams, wpol = fit_winner(found, max_drop, fit, risk, bound, target)
+    wparams, wpol = fit_winner(found, fit, max_drop if target is None else target, risk, bound)
     return [({**wparams, **lab}, p) for lab, p in scale_family(wpol, fit)], {"params": wparams, "fit": evaluate(wpol, fit)}

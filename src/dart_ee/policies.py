@@ -15,6 +15,8 @@ evaluator (``dart_ee.evaluation``) run the very same code on live or cached outp
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any, ClassVar
@@ -103,9 +105,6 @@ class ExitPolicy:
 
 def policy_digest(d: dict[str, Any]) -> str:
     """SHA-256 of a policy file's decision-making fields (name, parameters, fitted state), canonical JSON."""
-    import hashlib
-    import json
-
     core = {k: d.get(k) for k in ("policy", "params", "fitted")}
     return hashlib.sha256(json.dumps(core, sort_keys=True, allow_nan=True).encode()).hexdigest()
 
@@ -209,6 +208,7 @@ class BranchyNetPolicy(ExitPolicy):
 
     @staticmethod
     def entropy(probs: torch.Tensor) -> torch.Tensor:
+        """Entropy normalised by log K: 0 for a one-hot softmax, 1 for the uniform one."""
         return -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(probs.shape[1])
 
     def fit(self, trace: Trace) -> BranchyNetPolicy:
@@ -527,9 +527,10 @@ class ScorePolicy(ExitPolicy):
     in a row the prediction has held, the previous exit's confidence, and the difficulty score alpha
     (the learned estimator's when the trace holds it). Leave at exit i when P(safe) >= tau_i.
 
-    The thresholds maximise the same objective as DART's refinement, mean(correct - beta_opt * C_i / C_N),
-    by coordinate ascent on the fit samples' real paths (each exit scores candidate thresholds on the
-    samples that really reach it, with their real payoff downstream). Certification then walks the
+    The thresholds maximise mean(safe - beta_opt * C_i / C_N), DART's refinement objective with "safe" (not a
+    new error, the loss that certification counts) in place of "correct", by coordinate ascent on the fit
+    samples' real paths (each exit scores candidate thresholds on the samples that really reach it, with
+    their real payoff downstream). Certification then walks the
     exit-share scaling path of these thresholds (``dart_ee.certify.scale_family``).
     """
 
@@ -557,7 +558,7 @@ class ScorePolicy(ExitPolicy):
         """(n, len(FEATURES)) float32 features at exit ``i``; advances ``state`` (what later exits read)."""
         top = probs.float().topk(2, 1).values
         conf, pred = top[:, 0], probs.argmax(1)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(probs.shape[1])
+        entropy = BranchyNetPolicy.entropy(probs)
         agree = (pred == state["prev"]).float()
         streak = torch.where(pred == state["prev"], state["streak"] + 1, torch.ones_like(state["streak"]))
         a = alpha.float() if (alpha is not None and self.alpha_feature) else torch.zeros_like(conf)
@@ -603,7 +604,7 @@ class ScorePolicy(ExitPolicy):
             _SCORE_MODELS[key] = (fitted, scores)
         fitted, scores = _SCORE_MODELS[key]
         self._set_model(fitted)
-        return self.fit_thresholds(trace, scores)
+        return self._fit_thresholds(trace, scores)
 
     def _set_model(self, fitted: list[tuple[list[float], list[float], list[float], float]]) -> None:
         """Per-exit (mean, scale, weights, intercept) as fitted fields: fresh lists, so that editing this policy's
@@ -614,10 +615,8 @@ class ScorePolicy(ExitPolicy):
         self.intercept_ = [r[3] for r in fitted]
         self._tensors: dict = {}
 
-    def fit_thresholds(self, trace: Trace, scores: np.ndarray) -> ScorePolicy:
-        """Thresholds for ``beta_opt`` on the fit split's ``scores`` (n, E-1), by coordinate ascent on real paths.
-
-        Separate from ``fit`` so that a search over ``beta_opt`` fits the score model once."""
+    def _fit_thresholds(self, trace: Trace, scores: np.ndarray) -> ScorePolicy:
+        """Thresholds for ``beta_opt`` on the fit split's ``scores`` (n, E-1), by coordinate ascent on real paths."""
         cost = trace.exit_macs / trace.exit_macs[-1]
         # the payoff counts what certification bounds: a new error (the final exit right, this one wrong) costs 1
         safe = ~(trace.correct[:, -1:] & ~trace.correct)
@@ -639,8 +638,6 @@ _SCORE_MODELS: dict[tuple, tuple] = {}  # the last few fitted score models, by t
 
 def _content_key(trace: Trace) -> str:
     """A digest of what a score model reads: probabilities, labels, alpha and exit costs."""
-    import hashlib
-
     h = hashlib.sha1(np.ascontiguousarray(trace.probs).tobytes())
     for a in (trace.labels, trace.exit_macs, trace.alpha):
         if a is not None:
