@@ -127,7 +127,8 @@ def main() -> None:
     print(f"measured here: {t_static / t_dart:.2f}x the throughput of the whole network (one run, not a benchmark)")
     print(f"runtime == trace evaluation: {same}")
     print(f"run folder: {args.out}; try `dart-ee compare --cal {args.out}/trace_cal.npz --test {args.out}/trace_test.npz "
-          "--max-drop 1 --out OUT`, then `dart-ee benchmark --run RUN --policy OUT/dart.json`")
+          "--max-drop 1 --out OUT`, then `dart-ee benchmark --run RUN --policy OUT/dart.json --trust-code` (the run "
+          "names this file's class)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ from dart_ee.trace import check_pair, save
 
 
 def _fewer_exits(t, k):
-    return dataclasses.replace(t, probs=t.probs[:, :k].copy(), exit_macs=t.exit_macs[:k].copy())
+    """A consistent trace of a network with k exits (its whole network ends at exit k)."""
+    return dataclasses.replace(t, probs=t.probs[:, :k].copy(), exit_macs=t.exit_macs[:k].copy(),
+                               meta=dict(t.meta, static_macs=int(t.exit_macs[k - 1])))
 
 
 def test_policy_and_trace_with_different_exits_are_refused(trained_run, tmp_path):

@@ -83,7 +83,7 @@ def custom_run(tmp_path_factory):
 
 
 def test_the_run_folder_rebuilds_the_same_model_and_reads_back(custom_run):
-    run = Run(custom_run["path"])
+    run = Run(custom_run["path"], trust_code=True)
     rebuilt = run.model()
     x = torch.rand(5, 3, 16, 16)
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_runtime_on_the_reloaded_run_equals_trace_evaluation_for_every_policy(cu
     from dart_ee.policies import POLICIES
     from dart_ee.runtime import EarlyExitRunner
 
-    run = Run(custom_run["path"])
+    run = Run(custom_run["path"], trust_code=True)
     model, est, cal, test = run.model(), run.estimators(), run.trace("cal"), run.trace("test")
     images = torch.from_numpy(run.images("test").x)
     depths = set()
@@ -126,15 +126,16 @@ def test_every_command_reads_a_custom_run(custom_run, tmp_path):
     res = cli.invoke(app, ["evaluate", "--policy", str(pol), "--trace", str(path / "trace_test.npz")])
     assert res.exit_code == 0, res.output
     res = cli.invoke(app, ["benchmark", "--run", str(path), "--policy", str(pol), "--images", "64", "--repeats", "1",
-                           "--latency-images", "2", "--batch-size", "32"])
+                           "--latency-images", "2", "--batch-size", "32", "--trust-code"])
     assert res.exit_code == 0, res.output
     res = cli.invoke(app, ["adapt", "--run", str(path), "--policy", str(pol), "--family", "impulse", "--level", "2",
                            "--no-mechanisms", "--clean", "40", "--shifted", "40", "--batch-size", "16",
-                           "--out", str(tmp_path / "ad" / "study.json")])
+                           "--out", str(tmp_path / "ad" / "study.json"), "--trust-code"])
     assert res.exit_code == 0, res.output
     onnx = pytest.importorskip("onnxruntime")
     del onnx
-    res = cli.invoke(app, ["export", "--run", str(path), "--out", str(tmp_path / "onnx"), "--policy", str(pol)])
+    res = cli.invoke(app, ["export", "--run", str(path), "--out", str(tmp_path / "onnx"), "--policy", str(pol),
+                           "--trust-code"])
     assert res.exit_code == 0, res.output
     from dart_ee.evaluation import simulate
     from dart_ee.onnx_runner import OnnxRunner
@@ -148,12 +149,14 @@ def test_every_command_reads_a_custom_run(custom_run, tmp_path):
 def test_a_run_folder_never_names_code_other_than_a_module_class(tmp_path):
     from dart_ee.custom import import_builder, rebuild
 
-    with pytest.raises(ConfigError, match="not an nn.Module class"):
-        import_builder("os:system")  # never called
-    with pytest.raises(ConfigError, match="cannot import the model builder"):
-        import_builder("no_such_package_xyz:Net")
+    with pytest.raises(ConfigError, match="no Python source|defines no class 'system'"):
+        import_builder("os:system", trusted=True)  # never called
+    with pytest.raises(ConfigError, match="defines no class 'getcwd'"):
+        import_builder("subprocess:getcwd", trusted=True)
+    with pytest.raises(ConfigError, match="cannot find the module"):
+        import_builder("no_such_package_xyz:Net", trusted=True)
     with pytest.raises(ConfigError, match="expected 'package.module:Class'"):
-        import_builder("Net")
+        import_builder("Net", trusted=True)
     with pytest.raises(ArtifactError, match="records no builder"):
         rebuild({"name": "custom", "builder": None})
 
@@ -237,7 +240,7 @@ def test_custom_heads_are_sized_by_the_probe_and_rebuilt_from_the_run(tmp_path):
                          head=f"{__file__}:MyHead")
     assert [type(h).__name__ for h in model.heads[:-1]] == ["MyHead", "MyHead"]
     check_rebuilds(model)
-    copy = rebuild(model.arch)
+    copy = rebuild(model.arch, trusted=True)
     copy.load_state_dict(model.state_dict())
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():

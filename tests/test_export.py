@@ -145,8 +145,9 @@ def test_int8_export_refits_its_policies_and_routes_as_its_trace(trained_run, tm
     pol, rec = calibrate("threshold", trained_run["cal"], max_drop=2.0)
     pol.save(tmp_path / "threshold.json", calibration=rec)
     m = export_run(trained_run["run"], tmp_path / "int8", dtype="int8", policies=[tmp_path / "threshold.json"],
-                   calibration_images=64)
+                   calibration_images=100_000)
     q = m["int8"]
+    assert q["calibration_images"] == len(Run(trained_run["run"]).images("cal").x)  # what was used, not what was asked
     assert m["dtype"] == "int8" and len(q["exit_test_accuracy_int8"]) == len(q["exit_test_accuracy_fp32"]) == 6
     assert q["refit"]["threshold"]["int8"] == "threshold" and {"static", "static_fp32"} <= set(m["policies"])
     refitted = load_policy(tmp_path / "int8" / "policies" / "threshold.json")
@@ -161,8 +162,16 @@ def test_int8_export_refits_its_policies_and_routes_as_its_trace(trained_run, tm
 
 def test_benchmark_times_both_engines(trained_run, exported, tmp_path):
     """torch and onnxruntime on the same footing: each against its own static network, decisions compared."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run"], run, ignore=shutil.ignore_patterns(".lock"))
     pol = exported["dir"] / "policies" / "dart_learned.json"
-    code, out = invoke("benchmark", "--run", trained_run["run"], "--policy", pol, "--images", "64", "--batch-size", "16",
+    code, out = invoke("benchmark", "--run", run, "--policy", pol, "--images", "16", "--engine", "onnxruntime",
+                       "--export", tmp_path / "onnx")
+    assert code != 0 and "never writes into a folder you name" in out and "dart-ee export --run" in out, out
+    assert not (tmp_path / "onnx").exists()
+    code, out = invoke("export", "--run", run, "--out", tmp_path / "onnx", "--policy", pol)
+    assert code == 0, out
+    code, out = invoke("benchmark", "--run", run, "--policy", pol, "--images", "64", "--batch-size", "16",
                        "--repeats", "2", "--latency-images", "4", "--threads", "1", "--engine", "torch",
                        "--engine", "onnxruntime", "--export", tmp_path / "onnx", "--out", tmp_path / "b.json")
     assert code == 0, out
@@ -174,19 +183,22 @@ def test_benchmark_times_both_engines(trained_run, exported, tmp_path):
     assert rec["onnx_export"]["timed_in_process_with_torch"] is False  # timed as served: numpy and onnxruntime only
     assert sum(rows["onnxruntime", "dart"]["latency_exit_histogram"]) == 4
     assert rows["onnxruntime", "dart"]["accuracy"] == rows["eager", "dart"]["accuracy"]
-    assert (tmp_path / "onnx" / "manifest.json").is_file()  # exported on the way, reused when current
     from dart_ee.export import is_current
 
-    assert is_current(tmp_path / "onnx", trained_run["run"], [pol])
-    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
-    manifest["code_fingerprint"] = "made-by-older-code"  # graphs traced from other code are exported again
-    (tmp_path / "onnx" / "manifest.json").write_text(json.dumps(manifest))
-    assert not is_current(tmp_path / "onnx", trained_run["run"], [pol])
-    code, out = invoke("benchmark", "--run", trained_run["run"], "--policy", pol, "--images", "16", "--repeats", "1",
-                       "--latency-images", "0", "--threads", "1", "--engine", "onnxruntime", "--export", tmp_path / "onnx")
+    # the run's own export (RUN/export) is made on the way, and made again when stale
+    code, out = invoke("benchmark", "--run", run, "--policy", pol, "--images", "16", "--repeats", "1",
+                       "--latency-images", "0", "--threads", "1", "--engine", "onnxruntime")
     assert code == 0, out
-    assert is_current(tmp_path / "onnx", trained_run["run"], [pol])  # a named fp32 export that was stale: made again
-    code, out = invoke("benchmark", "--run", trained_run["run"], "--policy", pol, "--engine", "tensorrt")
+    assert is_current(run / "export", run, [pol])
+    manifest = json.loads((run / "export" / "manifest.json").read_text())
+    manifest["code_fingerprint"] = "made-by-older-code"  # graphs traced from other code are exported again
+    (run / "export" / "manifest.json").write_text(json.dumps(manifest))
+    assert not is_current(run / "export", run, [pol])
+    code, out = invoke("benchmark", "--run", run, "--policy", pol, "--images", "16", "--repeats", "1",
+                       "--latency-images", "0", "--threads", "1", "--engine", "onnxruntime")
+    assert code == 0, out
+    assert is_current(run / "export", run, [pol])
+    code, out = invoke("benchmark", "--run", run, "--policy", pol, "--engine", "tensorrt")
     assert code != 0 and "choose torch or onnxruntime" in out
 
 

@@ -107,8 +107,10 @@ def test_policy_file_validation():
         policy_from_dict({"policy": "threshold"})
     with pytest.raises(ConfigError, match="unknown policy"):
         policy_from_dict({**d, "policy": "magic"})
-    with pytest.raises(ConfigError, match="no parameter"):
+    with pytest.raises(ArtifactError, match="policy: .*no parameter"):  # the file at fault is named
         policy_from_dict({**d, "params": {"tauu": 0.3}})
+    with pytest.raises(ArtifactError, match="tau=2.0 must be a finite number in \\[0, 1\\]"):
+        policy_from_dict({**d, "params": {"tau": 2.0}})
 
 
 def test_calibration_never_reads_the_test_trace():

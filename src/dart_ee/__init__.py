@@ -2,11 +2,12 @@
 
 from typing import Any
 
-from dart_ee.errors import ArtifactError, ConfigError, DartError, DataError, InputError
+from dart_ee.errors import ArtifactError, ConfigError, DartError, DataError, InputError, UntrustedCodeError
+from dart_ee.trust import trust_code
 
 __version__ = "0.1.0"
 __all__ = ["ArtifactError", "ConfigError", "DartError", "DataError", "InputError", "MultiExitNet",
-           "attach_exits", "create_model", "list_models", "__version__"]
+           "UntrustedCodeError", "attach_exits", "create_model", "list_models", "trust_code", "__version__"]
 _MODELS = ("MultiExitNet", "attach_exits", "create_model", "list_models")
 
 

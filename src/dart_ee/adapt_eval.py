@@ -34,7 +34,7 @@ from dart_ee.config import AdaptConfig, ControllerSettings
 from dart_ee.errors import ConfigError
 from dart_ee.evaluation import TraceReplay, exit_costs, simulate
 from dart_ee.policies import DartPolicy, load_policy
-from dart_ee.shift import Stream, make_stream, severity
+from dart_ee.shift import CHOOSE, REPORT, Stream, make_stream, severity
 from dart_ee.trace import Trace
 
 _DEFAULT = AdaptConfig()
@@ -234,6 +234,10 @@ def study(run_dir: str | Path, policy_path: str | Path, families: Sequence[str] 
     from dart_ee.adapt_tuning import load_settings
     from dart_ee.run import Run
 
+    dev = [f for f in families if f in CHOOSE]
+    if dev:  # the settings were chosen on these: a report on them would flatter the controller
+        raise ConfigError(f"{', '.join(dev)}: development family (the controller's settings are chosen on it), never "
+                          f"reported on; choose reporting families: {', '.join(REPORT)}")
     say = progress or (lambda msg: None)
     if settings is None:
         settings, source = load_settings(run_dir)

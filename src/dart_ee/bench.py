@@ -129,6 +129,7 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     """
     from dart_ee.data import to_float
     from dart_ee.energy import energy_meter
+    from dart_ee.export import export_names
     from dart_ee.policies import StaticPolicy, load_policy
     from dart_ee.queued import QueuedRunner
     from dart_ee.run import Run
@@ -151,10 +152,10 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
 
     methods: dict[str, ExitPolicy] = {"static": StaticPolicy()}
     exported = {"static": "static"}  # method -> its name in the export
-    for p in policy_paths:
+    for p, as_exported in zip(policy_paths, export_names(policy_paths)):  # distinct rows for files of one name
         pol = load_policy(p)
-        name = pol.name if pol.name not in methods else Path(p).stem
-        methods[name], exported[name] = pol, Path(p).stem
+        name = pol.name if pol.name not in methods else as_exported
+        methods[name], exported[name] = pol, as_exported
     eager = {k: EarlyExitRunner(model, pol, est) for k, pol in methods.items()}
     onnx = _onnx_runners(run_dir, export_dir, policy_paths, exported, n_threads) if "onnxruntime" in runners else {}
     keys = [(r, k) for r in runners for k in methods]  # (runner, method)
@@ -302,20 +303,33 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
 
 def _onnx_runners(run_dir: Path, export_dir: str | Path | None, policy_paths: Sequence[str | Path],
                   exported: dict[str, str], threads: int) -> dict:
-    """An ``OnnxRunner`` per method, on ``export_dir`` (default: the run's own, ``RUN/export``). An fp32 export
-    there is made again first when it is not current (another model, estimator, policy or exporting code);
-    an int8 one is measured as it is when named, and refused as the default (re-exporting would overwrite it)."""
-    from dart_ee.export import export_run, is_current
+    """An ``OnnxRunner`` per method, on ``export_dir`` (default: the run's own, ``RUN/export``). The default is
+    made again first when it is not current (another model, estimator, policy or exporting code), unless it
+    is an int8 export (re-exporting would overwrite it). A folder the user named is never written: it must
+    already hold the run's model and the named policy files, else the command to make it is printed."""
+    from dart_ee.artifacts import file_fingerprint
+    from dart_ee.export import export_run, holds_policies, is_current
     from dart_ee.onnx_runner import MANIFEST, OnnxRunner, load_manifest
+    from dart_ee.run import MODEL, POLICIES
 
     named, export_dir = export_dir is not None, Path(export_dir or run_dir / "export")
-    dtype = load_manifest(export_dir)["dtype"] if (export_dir / MANIFEST).is_file() else None
-    if dtype not in (None, "fp32") and not named:
-        raise ConfigError(f"{export_dir} holds an {dtype} export, which re-exporting would overwrite: pass "
-                          f"--export {export_dir} to measure it, or move it")
-    if dtype in (None, "fp32") and not is_current(export_dir, run_dir, policy_paths):
-        export_run(run_dir, export_dir, policies=policy_paths)
-    m = load_manifest(export_dir)
+    if named:
+        m = load_manifest(export_dir) if (export_dir / MANIFEST).is_file() else {}
+        if m.get("model_fingerprint") != file_fingerprint(run_dir / MODEL) or not holds_policies(m, policy_paths):
+            mine = ", ".join(f"{export_dir}/{POLICIES}/{n}.json" for n in m.get("policies", {}) if "static" not in n)
+            raise ConfigError(
+                f"{export_dir} does not hold this run's model and the policy files named, and benchmark never writes "
+                f"into a folder you name: export them there first (`dart-ee export --run {run_dir} --out {export_dir} "
+                f"{' '.join(f'--policy {p}' for p in policy_paths)}`), or measure the export's own policies "
+                f"(--policy {mine or '...'})")
+    else:
+        dtype = load_manifest(export_dir)["dtype"] if (export_dir / MANIFEST).is_file() else None
+        if dtype not in (None, "fp32"):
+            raise ConfigError(f"{export_dir} holds an {dtype} export, which re-exporting would overwrite: pass "
+                              f"--export {export_dir} to measure it, or move it")
+        if not is_current(export_dir, run_dir, policy_paths):
+            export_run(run_dir, export_dir, policies=policy_paths)
+        m = load_manifest(export_dir)
     if "static_fp32" in m["policies"]:  # an int8 export: its fp32 network is the baseline too
         exported = {**exported, "static_fp32": "static_fp32"}
     # one thread pool for all of them: the fastest way to serve an export (see onnx_runner.session_options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,9 @@ import typer
 
 from dart_ee.config import AdaptConfig, BenchmarkConfig
 from dart_ee.errors import DartError
+from dart_ee.onnx_runner import OPSETS
 from dart_ee.run import POLICIES
+from dart_ee.trust import trust_code
 
 if TYPE_CHECKING:
     from dart_ee.trace import Trace
@@ -25,16 +28,24 @@ class _App(typer.Typer):
         register = super().command(*args, **kwargs)
 
         def wrap(fn: Callable) -> Callable:
+            takes_run = "run" in inspect.signature(fn).parameters
+
             @functools.wraps(fn)  # typer reads the options from the wrapped signature
             def run(*a: Any, **kw: Any) -> Any:
                 try:
-                    return fn(*a, **kw)
+                    with trust_code(kw.pop("trust_code", False)):
+                        return fn(*a, **kw)
                 except DartError as e:
                     _fail(e)
                 except OSError as e:  # a read-only folder, a full disk, --out naming a file: name the path
                     where = f"{e.filename}: " if e.filename else ""
                     _fail(DartError(f"{where}{e.strerror or e}; check that the path exists and is writable, and that "
                                     "the disk has space"))
+            if takes_run:  # every command that reads a run folder offers the opt-in to the code it may name
+                sig = inspect.signature(fn, eval_str=True)
+                run.__signature__ = sig.replace(parameters=[*sig.parameters.values(), inspect.Parameter(  # type: ignore[attr-defined]
+                    "trust_code", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=TrustOpt)])
+                run.__annotations__ = {**fn.__annotations__, "trust_code": TrustOpt}
             return register(run)
         return wrap
 
@@ -47,6 +58,9 @@ DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder h
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field, e.g. train.epochs=1. Repeatable.")]
 _BENCH, _ADAPT = BenchmarkConfig(), AdaptConfig()  # the one source of the defaults the options show
 RunOpt = Annotated[Path, typer.Option("--run", help="Run directory written by `dart-ee train`.")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-code", help="Import the model class a custom run folder names (its code runs): only for runs you wrote "
+    "or trust. Without it such a run is refused.")]
 
 
 @app.callback()
@@ -285,7 +299,7 @@ def _recorded(rec: dict, out: Path | None) -> dict:
 def difficulty_cost(model: str = typer.Option("alexnet", help="Model to compare against."),
                     dataset: str = typer.Option("cifar10", help="Dataset whose input shape to use."),
                     repeats: int = typer.Option(20, min=1, help="Timed repetitions (median reported)."),
-                    threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")] = None,
+                    threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads (default: all cores).")] = None,
                     as_json: Annotated[bool, typer.Option("--json")] = False,
                     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the record (with its "
                                                                                "provenance) as JSON.")] = None) -> None:
@@ -600,7 +614,7 @@ def benchmark(run: RunOpt,
               repeats: int = typer.Option(_BENCH.repeats, min=1, help="Alternating repetitions; the median is reported."),
               latency_images: int = typer.Option(_BENCH.latency_images, min=0,
                                                  help="Images timed one by one for p50/p95 latency (0: none)."),
-              threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")] = None,
+              threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads (default: all cores).")] = None,
               device: str = typer.Option("cpu", help="cpu or cuda."),
               memory: Annotated[bool, typer.Option("--memory", help="Also measure peak memory per method "
                                                                       "(one process each, whole test split).")] = False,
@@ -611,9 +625,9 @@ def benchmark(run: RunOpt,
               engine: Annotated[Optional[list[str]], typer.Option(
                   "--engine", help="torch (the eager runner) or onnxruntime: shorthand for --runner. Repeatable.")] = None,
               export_dir: Annotated[Optional[Path], typer.Option(
-                  "--export", help="onnxruntime: an export folder (default RUN/export). An fp32 export there is made "
-                                   "again first when it is not current (another model, estimators, policies or "
-                                   "exporting code); an int8 export is measured as it is.")] = None,
+                  "--export", help="onnxruntime: an export folder that holds the run's model and the --policy files "
+                                   "(`dart-ee export` makes it; never written here). Default RUN/export, made again "
+                                   "when it is not current, unless it is an int8 export.")] = None,
               keep_memory: Annotated[bool, typer.Option(
                   "--keep-freed-memory/--default-malloc",
                   help="Keep freed memory in the process for reuse, as a CPU server should (dart_ee.malloc): with "
@@ -665,7 +679,7 @@ def export(run: RunOpt,
                                                             "estimator and policy decision, and manifest.json).")],
            policy: Annotated[Optional[list[Path]], typer.Option(
                "--policy", help="Fitted policy JSON to export (repeatable); default every RUN/policies/*.json.")] = None,
-           opset: int = typer.Option(17, min=13, help="ONNX opset version."),
+           opset: int = typer.Option(17, min=OPSETS.start, max=OPSETS.stop - 1, help="ONNX opset version."),
            dtype: str = typer.Option("fp32", help="fp32, or int8 (onnxruntime static quantisation calibrated on the "
                                                   "calibration split; the policies are re-fitted on an int8 trace)."),
            calibration_images: int = typer.Option(512, min=16, help="int8: calibration images for the activation "
@@ -686,7 +700,7 @@ def export(run: RunOpt,
 @app.command("train-speed")
 def train_speed(model: str = typer.Option("alexnet"), dataset: str = typer.Option("cifar10"),
                 batch_size: int = typer.Option(256, min=1), steps: int = typer.Option(6, min=1),
-                threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")] = None,
+                threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads (default: all cores).")] = None,
                 out: Annotated[Optional[Path], typer.Option("--out", help="Also write the record (with its provenance) "
                                                                            "as JSON.")] = None) -> None:
     """Measure training-step time for fp32 vs bf16 autocast and NCHW vs channels_last on this machine."""

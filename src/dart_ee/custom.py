@@ -5,18 +5,21 @@ A run folder stores weights, never code (``torch.load(weights_only=True)``). A r
 rebuilt from its name; a custom one from its **builder**: the ``nn.Module`` class that makes the
 original network, named as ``"package.module:Class"`` or ``"path/to/file.py:Class"``, with JSON
 keyword arguments, plus the cuts and head width ``attach_exits`` used. Loading a custom run imports
-that class, as ``import`` would: load custom runs whose code you trust. Only ``nn.Module`` classes
-are accepted, so a run folder cannot name an arbitrary function (``os:system``) to call.
+that class, as ``import`` would, so it is refused unless the user trusts the code (``--trust-code``,
+``Run(path, trust_code=True)`` or ``with trust_code():``). The named file is parsed before it is
+imported and must define that class, so a run folder cannot name a function (``os:system``) or a
+module that acts on import; a relative path resolves inside the run folder.
 
     model = attach_exits(MyNet(), after=["layer1", "layer2"], example_input=x)   # builder: MyNet
     fit_exits(model, train_loader, val_loader, run_dir="runs/mine")            # config, model, metrics
     make_trace(model, cal_loader, "cal", estimator, run_dir="runs/mine")       # trace, estimator, images
     make_trace(model, test_loader, "test", estimator, run_dir="runs/mine")
-    # then: dart-ee benchmark / adapt / export --run runs/mine; calibrate, compare, evaluate on its traces
+    # then: dart-ee benchmark / adapt / export --run runs/mine --trust-code; calibrate, compare, evaluate on its traces
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.util
@@ -24,6 +27,7 @@ import inspect
 import sys
 import zipfile
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -32,7 +36,8 @@ from torch import nn
 from dart_ee import artifacts
 from dart_ee.console import log
 from dart_ee.data import ImageSet
-from dart_ee.errors import ArtifactError, ConfigError
+from dart_ee.errors import ArtifactError, ConfigError, UntrustedCodeError
+from dart_ee.trust import code_trusted
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -55,60 +60,147 @@ def builder_ref(cls: type[nn.Module] | str) -> str | None:
     return f"{module}:{cls.__qualname__}"
 
 
-def import_builder(ref: str) -> type[nn.Module]:
-    """The ``nn.Module`` class a builder reference names, with an error that says how to make it importable."""
+def _locate(ref: str, base: Path | None) -> tuple[str, Path | None, list[str]]:
+    """``(module or file, the source file, qualname parts)`` of a reference; a relative file path is
+    resolved against ``base`` (the run folder), never against the current directory."""
     where, sep, qualname = ref.rpartition(":")
-    if not sep or not where or not qualname:
+    if not sep or not where or not qualname or not all(p.isidentifier() for p in qualname.split(".")):
         raise ConfigError(f"builder {ref!r}: expected 'package.module:Class' or 'path/to/file.py:Class'")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        return str(path), path.resolve(), qualname.split(".")
+    if not all(p.isidentifier() for p in where.split(".")):
+        raise ConfigError(f"builder {ref!r}: {where!r} is not a module name")
+    return where, None, qualname.split(".")
+
+
+def _defines_class(source: Path, parts: list[str]) -> bool:
+    """Whether the file defines the (nested) class by a ``class`` statement: checked by parsing, before any of
+    its code runs, so that a run cannot name a function (``os:system``) or a module that acts on import."""
     try:
-        if where.endswith(".py"):
-            path = Path(where)
-            if not path.is_file():
-                raise FileNotFoundError(f"no file {path}")
-            name = f"dart_ee_builder_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
-            module = sys.modules.get(name)
-            if module is None:
-                spec = importlib.util.spec_from_file_location(name, path)
-                assert spec is not None and spec.loader is not None
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[name] = module
-                spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-        obj: Any = module
-        for part in qualname.split("."):
+        body: list[ast.stmt] = ast.parse(source.read_bytes(), str(source)).body
+    except (OSError, SyntaxError, ValueError):
+        return False
+    for part in parts:
+        found = [n for n in body if isinstance(n, ast.ClassDef) and n.name == part]
+        if not found:
+            return False
+        body = found[-1].body
+    return True
+
+
+def check_trusted(refs: dict[str, str], base: Path | None = None, trusted: bool | None = None) -> None:
+    """Refuse (``UntrustedCodeError``, naming every class and file) unless ``trusted`` (default: inside
+    ``dart_ee.trust_code()``): nothing named is imported before the user opts in."""
+    if code_trusted() if trusted is None else trusted:
+        return
+    named = []
+    for what, ref in refs.items():
+        where, source, parts = _locate(ref, base)
+        named.append(f"{what} class {'.'.join(parts)!r} from {source or where}")
+    raise UntrustedCodeError(
+        f"it names code to import ({'; '.join(named)}). dart-ee never runs code that a run folder names unless you "
+        "trust it: if you wrote that code or trust it, pass --trust-code (Python: Run(path, trust_code=True) or "
+        "`with dart_ee.trust_code():`)")
+
+
+def import_builder(ref: str, base: Path | None = None, trusted: bool | None = None, what: str = "builder") -> type[nn.Module]:
+    """The ``nn.Module`` class a reference names. Refused (``UntrustedCodeError``) unless ``trusted`` (default:
+    inside ``trust_code()``); the file is parsed, not run, to check that it defines that class; then imported."""
+    where, source, parts = _locate(ref, base)
+    check_trusted({what: ref}, base, trusted)
+    if source is None:  # a module: find its file without running it (a package's parents are imported)
+        try:
+            spec = importlib.util.find_spec(where)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(f"cannot find the module of {what} {ref!r} ({e}); install your package or set "
+                              "PYTHONPATH") from e
+        if spec is None:
+            raise ConfigError(f"cannot find the module of {what} {ref!r}; install your package or set PYTHONPATH")
+        if not (spec.origin and spec.origin.endswith(".py")):
+            raise ConfigError(f"{what} {ref!r}: {where} has no Python source to check that it defines the class; a "
+                              "run names an nn.Module class written in Python")
+        origin = Path(spec.origin)
+    else:
+        if not source.is_file():
+            raise ConfigError(f"{what} {ref!r}: no file {source}")
+        origin = source
+    if not _defines_class(origin, parts):
+        raise ConfigError(f"{what} {ref!r}: {origin} defines no class {'.'.join(parts)!r}; a run names the class "
+                          "that builds its network, never a function or a module to run")
+    try:
+        obj: Any = _module(where, source)
+        for part in parts:
             obj = getattr(obj, part)
     except Exception as e:  # import errors of the user's code come in every type
-        raise ConfigError(f"cannot import the model builder {ref!r} ({type(e).__name__}: {e}); make that module "
+        raise ConfigError(f"cannot import the {what} {ref!r} ({type(e).__name__}: {e}); make that module "
                           "importable (install your package, or set PYTHONPATH) and try again") from e
     if not (inspect.isclass(obj) and issubclass(obj, nn.Module)):
-        raise ConfigError(f"builder {ref!r} is not an nn.Module class; a run names the class that builds its "
+        raise ConfigError(f"{what} {ref!r} is not an nn.Module class; a run names the class that builds its "
                           "network, never a function to call")
     return obj
 
 
-def rebuild(arch: dict) -> MultiExitNet:
-    """An untrained copy of a custom model from its ``arch`` record (load the state dict into it)."""
+def _module(where: str, source: Path | None) -> ModuleType:
+    """The module, imported once per process. The script being run is the module already running (importing
+    its file again would run a script without a main guard twice)."""
+    if source is None:
+        return importlib.import_module(where)
+    main = sys.modules.get("__main__")
+    main_file = getattr(main, "__file__", None)
+    if main is not None and isinstance(main_file, str) and Path(main_file).resolve() == source:
+        return main
+    name = f"dart_ee_builder_{hashlib.sha256(str(source).encode()).hexdigest()[:12]}"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, source)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return module
+
+
+def rebuild(arch: dict, base: Path | None = None, trusted: bool | None = None) -> MultiExitNet:
+    """An untrained copy of a custom model from its ``arch`` record (load the state dict into it). Its builder
+    and head are imported only when trusted (see ``import_builder``); relative paths resolve against ``base``."""
     from dart_ee.models import MultiExitNet, attach_exits
 
     if not arch.get("builder"):
         raise ArtifactError("this custom model records no builder, so it cannot be rebuilt; pass "
                             "builder='package.module:Class' to attach_exits or MultiExitNet.from_stages")
-    net = import_builder(arch["builder"])(**arch.get("builder_kwargs", {}))
+    check_trusted({"builder": arch["builder"], **({"head": arch["head"]} if arch.get("head") else {})}, base, trusted)
+    cls = import_builder(arch["builder"], base, True)
+    head = import_builder(arch["head"], base, True, "head") if arch.get("head") else None
+    try:
+        net = cls(**arch.get("builder_kwargs", {}))
+    except TypeError as e:  # the class's signature changed since the run was saved
+        raise ArtifactError(f"the builder {arch['builder']!r} no longer takes the arguments the run recorded "
+                            f"({arch.get('builder_kwargs') or {}}): {e}; restore the class or train the run again") from e
     shape = (arch["in_channels"], arch["image_size"], arch["image_size"])
     if arch.get("after") is None:  # stages listed by hand: the builder makes the sequence of stages
         stages = list(cast("Iterable[nn.Module]", net))
-        return MultiExitNet.from_stages(stages, shape, arch["head_width"], builder=arch["builder"],
-                                        builder_kwargs=arch.get("builder_kwargs"), head=arch.get("head"))
-    return attach_exits(net, arch["after"], input_shape=shape, head_width=arch["head_width"],
-                        builder=arch["builder"], builder_kwargs=arch.get("builder_kwargs"), head=arch.get("head"))
+        model = MultiExitNet.from_stages(stages, shape, arch["head_width"], builder=arch["builder"],
+                                         builder_kwargs=arch.get("builder_kwargs"), head=head)
+    else:
+        model = attach_exits(net, arch["after"], input_shape=shape, head_width=arch["head_width"],
+                             builder=arch["builder"], builder_kwargs=arch.get("builder_kwargs"), head=head)
+    model.arch["head"] = arch.get("head")  # as recorded (the imported class's module name is a private one)
+    return model
 
 
 def check_rebuilds(model: MultiExitNet) -> None:
-    """Refuse to save a custom model that commands could not load back (before anything is written)."""
+    """Refuse to save a custom model that commands could not load back (before anything is written). The user
+    is running their own code here, so it is trusted."""
     if model.arch.get("name") != CUSTOM:
         return
-    copy = rebuild(model.arch)
+    copy = rebuild(model.arch, trusted=True)
     mine, theirs = model.state_dict(), copy.state_dict()
     bad = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape] + [k for k in theirs if k not in mine]
     if bad:

@@ -271,8 +271,11 @@ def decode_image(data: bytes, where: str, size: int | None = None, channels: int
                 raise DataError(f"{where}: {im.width}x{im.height} pixels is too large to decode here (at most "
                                 f"{MAX_PIXELS:,} pixels); shrink the images first")
             im.load()
-            grey = channels == 1 if channels else im.mode in ("1", "L", "LA", "I", "I;16")
-            out = im.convert("L" if grey else "RGB")
+            src: Image.Image = im
+            if im.mode.startswith("I"):  # 16-bit grey (I;16*, or I): keep the high byte, as Pillow does for 16-bit RGB
+                src = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8), "L")
+            grey = channels == 1 if channels else src.mode in ("1", "L", "LA")
+            out = src.convert("L" if grey else "RGB")  # palette, CMYK, alpha: Pillow's conversions (alpha dropped)
             if size and out.size != (size, size):
                 out = out.resize((size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(out)
@@ -409,10 +412,10 @@ def cache_dir() -> Path:
 
 def _source_key(kind: str, path: Path) -> str:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    h = hashlib.sha256(f"{kind}|{path.resolve()}".encode())
+    h = hashlib.sha256(os.fsencode(f"{kind}|{path.resolve()}"))  # any name the OS allows
     for f in files:
         st = f.stat()
-        h.update(f"{f.relative_to(path) if f != path else f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(os.fsencode(f"{f.relative_to(path) if f != path else f.name}|{st.st_size}|{st.st_mtime_ns}"))
     return h.hexdigest()[:16]
 
 

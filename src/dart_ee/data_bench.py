@@ -147,6 +147,9 @@ def make_tree(out: Path, n_train: int, n_test: int, size: int = 64, classes: int
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new --out")
+    if min(n_train, n_test) < classes:  # a class folder without images is refused by every reader
+        raise ConfigError(f"{min(n_train, n_test)} images cannot fill {classes} class folders: pass --train-images and "
+                          f"--test-images of at least --classes ({classes})")
     items = []
     for split, n in (("train", n_train), ("test", n_test)):
         for c in range(classes):

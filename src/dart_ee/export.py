@@ -46,11 +46,11 @@ from dart_ee import artifacts
 from dart_ee.difficulty import LearnedDifficulty
 from dart_ee.errors import ArtifactError, ConfigError
 from dart_ee.evaluation import leave_costs
-from dart_ee.lock import run_lock
+from dart_ee.lock import LOCK_FILE, run_lock
 from dart_ee.models import MultiExitNet, Normalize
-from dart_ee.onnx_runner import FORMAT, MANIFEST
+from dart_ee.onnx_runner import FORMAT, MANIFEST, OPSETS
 from dart_ee.policies import ExitPolicy, StaticPolicy, load_policy
-from dart_ee.run import ESTIMATORS, METRICS, MODEL, POLICIES, Run
+from dart_ee.run import CONFIG, ESTIMATORS, METRICS, MODEL, POLICIES, Run
 from dart_ee.runtime import alpha_source
 
 DTYPES = ("fp32", "int8")
@@ -194,6 +194,45 @@ def code_fingerprint() -> str:
                                                                           difficulty.__file__, policies.__file__, __file__)])
 
 
+MARK = ".dart-ee-export"  # written first into an export folder: the run it exports (a killed export resumes)
+
+
+def export_names(paths: Sequence[str | Path]) -> list[str]:
+    """The name each policy file is exported under: its file name's stem, numbered when two files share one
+    (``a/dart.json``, ``b/dart.json``: ``dart``, ``dart_2``), so that no policy replaces another."""
+    names: list[str] = []
+    for p in paths:
+        stem, k = Path(p).stem, 2
+        name = stem
+        while name in names:
+            name, k = f"{stem}_{k}", k + 1
+        names.append(name)
+    return names
+
+
+def check_out(out: Path, run_path: Path) -> None:
+    """Refuse an ``--out`` that export would damage: the run folder, another run folder, another run's export,
+    or a folder holding anything else. An earlier (or killed) export of the same run is replaced."""
+    if out.resolve() == run_path.resolve():
+        raise ConfigError("--out must not be the run folder itself: name a folder of its own, e.g. RUN/export")
+    if not out.is_dir() or not any(p.name != LOCK_FILE for p in out.iterdir()):
+        return
+    if (out / MODEL).exists() or (out / CONFIG).exists():
+        raise ConfigError(f"--out {out} is a run folder: export writes a folder of its own, e.g. {out}/export")
+    made_for = None
+    if (out / MARK).is_file():
+        made_for = (out / MARK).read_text().strip()
+    elif (out / MANIFEST).is_file():  # an export made before the mark existed
+        run = artifacts.read_json(out / MANIFEST, "export manifest").get("run")
+        made_for = str(Path(run).resolve()) if isinstance(run, str) else "an unknown run"
+    if made_for is None:
+        raise ConfigError(f"--out {out} is not empty and holds no export: choose an empty or new folder (export never "
+                          "writes into a folder it did not make)")
+    if made_for != str(run_path.resolve()):
+        raise ConfigError(f"--out {out} holds the export of another run ({made_for}): choose another folder, or remove "
+                          "it first")
+
+
 def _policy_paths(run: Run, policies: Sequence[str | Path] | None) -> list[Path]:
     if policies:
         return [Path(p) for p in policies]
@@ -215,18 +254,20 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = 17, dtype: str
     run, out = Run(run_dir), Path(out)
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not offered: choose one of {', '.join(DTYPES)}")
+    if opset not in OPSETS:
+        raise ConfigError(f"--opset {opset} is not offered: choose {OPSETS.start} to {OPSETS.stop - 1}")
     for name in (MODEL, ESTIMATORS, METRICS):
         if not (run.path / name).is_file():
             raise ArtifactError(f"{run.path / name} is missing: the run is unfinished; finish it with `dart-ee run` "
                                 "before exporting")
     paths = _policy_paths(run, policies)
-    if out.resolve() == run.path.resolve():
-        raise ConfigError("--out must not be the run folder itself: name a folder of its own, e.g. RUN/export")
-    with run_lock(run.path):
+    check_out(out, run.path)
+    with run_lock(out):  # the folder written; the run is only read, so a read-only run exports too
+        check_out(out, run.path)  # again, now that no other export can be writing there
         model, est = _exportable(run.model()), run.estimators()
         (out / MANIFEST).unlink(missing_ok=True)  # no manifest until every file is written: a half export never loads
-        if out.is_dir():
-            shutil.rmtree(out / POLICIES, ignore_errors=True)
+        artifacts.write_text(out / MARK, f"{run.path.resolve()}\n")
+        shutil.rmtree(out / POLICIES, ignore_errors=True)
         files: list[str] = []
 
         def add(rel: str, module: nn.Module, args: tuple, inputs: list[str], outputs: list[str]) -> None:
@@ -271,13 +312,15 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = 17, dtype: str
                 info["exits"].append(rel)
             return info
 
-        chosen: dict[str, tuple[ExitPolicy, str | None]] = {p.stem: (load_policy(p), p.read_text()) for p in paths}
+        chosen: dict[str, tuple[ExitPolicy, str | None]] = {
+            name: (load_policy(p), p.read_text()) for name, p in zip(export_names(paths), paths)}
         if "static" not in chosen:  # the baseline every benchmark compares with
             chosen["static"] = (StaticPolicy(), None)
         if dtype == "int8":
             from dart_ee.quantize import quantize_graphs
 
             cal = run.images("cal", data_dir).x
+            calibration_images = min(calibration_images, len(cal))  # the manifest records what was used
             quantize_graphs(out, model.num_exits, cal[np.random.default_rng(0).permutation(len(cal))[:calibration_images]])
             files.append("static_fp32.onnx")
             chosen["static_fp32"] = (StaticPolicy(), None)
@@ -338,9 +381,14 @@ def is_current(export_dir: str | Path, run_dir: str | Path, policies: Sequence[s
     if not path.is_file():
         return False
     m, run = artifacts.read_json(path, "export manifest"), Path(run_dir)
-    pols = m.get("policies", {})
     return (m.get("format") == FORMAT and m.get("dtype") == "fp32" and m.get("code_fingerprint") == code_fingerprint()
             and m.get("model_fingerprint") == artifacts.file_fingerprint(run / MODEL)
             and m.get("estimators_fingerprint") == artifacts.file_fingerprint(run / ESTIMATORS)
-            and all(Path(p).stem in pols and m["files"].get(pols[Path(p).stem]["file"])
-                    == artifacts.file_fingerprint(p) for p in policies))
+            and holds_policies(m, policies))
+
+
+def holds_policies(manifest: dict, policies: Sequence[str | Path]) -> bool:
+    """Whether an export holds each policy file unchanged, under the name ``export_names`` gives it."""
+    pols = manifest.get("policies", {})
+    return all(name in pols and manifest["files"].get(pols[name]["file"]) == artifacts.file_fingerprint(p)
+               for name, p in zip(export_names(policies), policies))

@@ -139,7 +139,7 @@ class MultiExitNet(nn.Module):
             raise ConfigError(f"the last stage's output has shape {out_shape} per sample, expected (num_classes,) logits")
         from dart_ee.custom import builder_ref, import_builder
 
-        head_cls = import_builder(head) if isinstance(head, str) else head
+        head_cls = import_builder(head, trusted=True, what="head") if isinstance(head, str) else head  # your own call
         net = _build(stages, nn.Identity(), out_shape[0], input_shape, head_width, head_cls)
         net.arch = _custom_arch(out_shape[0], input_shape, head_width, None, builder, builder_kwargs,
                                 head if isinstance(head, str) else builder_ref(head_cls) if head_cls else None)
@@ -161,8 +161,11 @@ class MultiExitNet(nn.Module):
             raise InputError("empty batch: pass at least one image")
         if x.dtype != torch.float32:
             raise InputError(f"expected float32 pixels, got {x.dtype}; pass x.float()")
-        if not torch.isfinite(x).all():
-            raise InputError("input contains NaN or Inf pixels")
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if not (lo >= 0 and hi <= 1):  # NaN fails both comparisons
+            raise InputError("input contains NaN or Inf pixels" if not (math.isfinite(lo) and math.isfinite(hi)) else
+                             f"float pixels must lie in [0, 1] (got {lo:g} .. {hi:g}); pass uint8 pixels through "
+                             "dart_ee.data.to_float or divide by 255")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []

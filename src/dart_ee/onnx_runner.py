@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from dart_ee.artifacts import file_fingerprint, read_json
-from dart_ee.errors import ArtifactError, ConfigError, InputError
+from dart_ee.errors import ArtifactError, ConfigError, DartError, InputError, check_batch
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+OPSETS = range(13, 21)  # what `dart-ee export` offers: torch.onnx's TorchScript exporter takes opsets up to 20
 
 
 @dataclass
@@ -46,6 +47,10 @@ def load_manifest(folder: str | Path, verify: bool = True) -> dict:
     m = read_json(path, "export manifest")
     if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
         raise ArtifactError(f"{path} is not a dart-ee export manifest of format {FORMAT}; export the run again")
+    inside = folder.resolve()
+    for rel in m["files"]:  # only files inside the export, by relative paths: the manifest cannot point elsewhere
+        if not isinstance(rel, str) or Path(rel).is_absolute() or inside not in (folder / rel).resolve().parents:
+            raise ArtifactError(f"{path} lists {rel!r}, which is not a file inside {folder}; export the run again")
     for rel, digest in m["files"].items() if verify else ():
         f = folder / rel
         if not f.is_file():
@@ -109,13 +114,25 @@ class OnnxRunner:
             raise ConfigError("onnxruntime is not installed: pip install 'dart-ee[export]'") from e
         self.folder = Path(folder)
         self.manifest = m = load_manifest(self.folder, verify)
-        if policy is not None and policy not in m["policies"]:
+        if policy is not None and policy not in m.get("policies", {}):
             raise ConfigError(f"no policy {policy!r} in {self.folder / MANIFEST}; exported: "
-                              f"{', '.join(m['policies'])}")
+                              f"{', '.join(m.get('policies', {}))}")
+        self.policy = policy
+        try:
+            self._load(ort, m, providers, threads, shared_pool)
+        except DartError:
+            raise
+        except Exception as e:  # a tampered manifest or graph fails in onnx, onnxruntime or here, in every type
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ArtifactError(f"{self.folder}: the export could not be loaded ({type(e).__name__}: {first}); "
+                                "export the run again with `dart-ee export`") from None
+
+    def _load(self, ort: Any, m: dict, providers: list[str] | None, threads: int | None, shared_pool: bool) -> None:
+        policy = self.policy
         self.info: dict[str, Any] = m["policies"][policy] if policy else {"static": False, "alpha_source": None,
                                                                           "state": {}, "exits": []}
-        self.policy, self.num_exits = policy, int(m["num_exits"])
-        self.input_shape = tuple(m["input"]["shape"])
+        self.num_exits = int(m["num_exits"])
+        self.input_shape = tuple(int(d) for d in m["input"]["shape"])
         self.leave_macs = np.asarray(self.info.get("leave_macs", m["exit_macs"]), dtype=np.float64)
         opts = session_options(threads, shared_pool)
         self.shared_pool = shared_pool_active()
@@ -123,7 +140,7 @@ class OnnxRunner:
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
 
         def session(model: str | bytes, prefix: str | tuple[str, ...] = "") -> _Session:
-            source = str(self.folder / model) if isinstance(model, str) else model
+            source = self._listed(model) if isinstance(model, str) else model
             return _Session(ort.InferenceSession(source, opts, providers=providers), prefix)
 
         if self.info["static"]:
@@ -137,6 +154,13 @@ class OnnxRunner:
         if policy is None:  # both difficulty scores: a trace's rows
             self.alpha = {k: session(f"alpha_{k}.onnx") for k in ("paper", "learned")}
 
+    def _listed(self, rel: str) -> str:
+        """The path of a graph the manifest names, only if its checksummed file list holds it."""
+        if rel not in self.manifest["files"]:
+            raise ArtifactError(f"{self.folder / MANIFEST} names {rel!r}, which its checksummed file list does not "
+                                "hold; export the run again")
+        return str(self.folder / rel)
+
     def _joined(self, session: Callable[..., _Session], stage: str, exit_graph: str) -> _Session | _Chain:
         """Stage i and exit i as one session: one call per stage (at batch 1 each call's fixed cost is a
         sizeable part of a stage's). Graphs that onnx.compose cannot join (their opsets or IR versions
@@ -144,7 +168,7 @@ class OnnxRunner:
         import onnx
         from onnx import compose
 
-        a, b = onnx.load(str(self.folder / stage)), onnx.load(str(self.folder / exit_graph))
+        a, b = onnx.load(self._listed(stage)), onnx.load(self._listed(exit_graph))
         try:
             joined = compose.merge_models(a, b, io_map=[("h", "h")], prefix1="stage/", prefix2="exit/",
                                           outputs=["stage/h", *(f"exit/{o.name}" for o in b.graph.output)])
@@ -163,8 +187,10 @@ class OnnxRunner:
             return x.astype(np.float32) / np.float32(255)
         if x.dtype != np.float32:
             raise InputError(f"expected uint8 or float32 pixels, got {x.dtype}; pass x.astype(np.float32)")
-        if not np.isfinite(x).all():
-            raise InputError("input contains NaN or Inf pixels")
+        lo, hi = float(x.min()), float(x.max())
+        if not (lo >= 0 and hi <= 1):  # NaN fails both comparisons
+            raise InputError("input contains NaN or Inf pixels" if not (np.isfinite(lo) and np.isfinite(hi)) else
+                             f"float pixels must lie in [0, 1] (got {lo:g} .. {hi:g}); pass uint8 pixels or divide by 255")
         return np.ascontiguousarray(x)
 
     def __call__(self, x: np.ndarray) -> OnnxResult:
@@ -206,8 +232,7 @@ class OnnxRunner:
 
     def run(self, images: np.ndarray, batch_size: int = 256) -> OnnxResult:
         """Run over many images in batches; results concatenated in input order."""
-        if len(images) == 0:
-            raise InputError("no images to run: pass at least one")
+        check_batch(images, batch_size)
         parts = [self(images[s: s + batch_size]) for s in range(0, len(images), batch_size)]
         alphas = [r.alpha for r in parts if r.alpha is not None]
         return OnnxResult(np.concatenate([r.pred for r in parts]), np.concatenate([r.conf for r in parts]),

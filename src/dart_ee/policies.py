@@ -48,14 +48,21 @@ class ExitPolicy:
     def get_params(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
 
+    # (low, high) of a parameter where its type alone allows values that mean nothing
+    param_bounds: ClassVar[dict[str, tuple[float, float]]] = {}
+
     def set_params(self, **params: Any) -> ExitPolicy:
+        """Set parameters, each checked against the type of its default (a bool, an integer, a finite number)
+        and its bounds, so that a policy file or ``--set`` with a string, null, list or NaN fails here, named."""
+        current = self.get_params()
         for k, v in params.items():
-            if k not in self.get_params():
-                raise ConfigError(f"policy {self.name!r} has no parameter {k!r}; it has {sorted(self.get_params())}")
-            setattr(self, k, v)
+            if k not in current:
+                raise ConfigError(f"policy {self.name!r} has no parameter {k!r}; it has {sorted(current)}")
+            setattr(self, k, _checked_param(self.name, k, v, current[k], self.param_bounds.get(k)))
         return self
 
     def fit(self, trace: Trace) -> ExitPolicy:
+        self.set_params(**self.get_params())  # parameters set in __init__ or as attributes are checked too
         check_calibration_trace(trace)
         self.num_exits_ = trace.num_exits
         self.alpha_source_ = trace.meta.get("difficulty", "paper") if self.uses_alpha else None
@@ -101,6 +108,25 @@ class ExitPolicy:
         if isinstance(cal, dict) and isinstance(cal.get("guarantee"), dict):
             extra = {**extra, "calibration": {**cal, "guarantee": {**cal["guarantee"], "policy_digest": policy_digest(d)}}}
         return artifacts.write_json(path, {**d, **extra})
+
+
+def _checked_param(policy: str, k: str, v: Any, default: Any, bounds: tuple[float, float] | None) -> Any:
+    """``v`` if it has the default's type (an int where a float is expected is taken as a float) and lies in bounds."""
+    kind = type(default)
+    if kind is bool:
+        ok, want = isinstance(v, bool), "true or false"
+    elif kind is int:
+        ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
+    elif kind is float:
+        ok, want = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a finite number"
+        v = float(v) if ok else v
+    else:
+        ok, want = isinstance(v, kind), kind.__name__
+    if ok and bounds is not None and not bounds[0] <= v <= bounds[1]:
+        ok, want = False, f"{want} in [{bounds[0]:g}, {bounds[1]:g}]"
+    if not ok:
+        raise ConfigError(f"policy {policy!r}: parameter {k}={v!r} must be {want}")
+    return v
 
 
 def policy_digest(d: dict[str, Any]) -> str:
@@ -180,6 +206,7 @@ class ThresholdPolicy(ExitPolicy):
     name = "threshold"
     knob = "tau"
     knob_conservative_high = data_free_knob = True
+    param_bounds = {"tau": (0.0, 1.0)}
     knob_grid = tuple(np.round(np.concatenate([np.linspace(0.3, 0.9, 61), 1 - np.geomspace(0.1, 1e-4, 60)[1:]]), 6).tolist())
 
     def __init__(self, tau: float = 0.9) -> None:
@@ -201,6 +228,7 @@ class BranchyNetPolicy(ExitPolicy):
 
     name = "branchynet"
     knob = "q"
+    param_bounds = {"q": (0.0, 1.0)}
     knob_grid = tuple(np.round(np.linspace(0.0, 0.95, 39), 4).tolist())
 
     def __init__(self, q: float = 0.5) -> None:
@@ -234,6 +262,7 @@ class PatiencePolicy(ExitPolicy):
     name = "patience"
     knob = "k"
     knob_conservative_high = data_free_knob = True
+    param_bounds = {"k": (1, math.inf)}
     knob_grid = (1, 2, 3, 4, 5, 6, 7, 8)
 
     def __init__(self, k: int = 2) -> None:
@@ -263,6 +292,9 @@ class RLPolicy(ExitPolicy):
     name = "rl"
     knob = "cost_weight"
     knob_grid = tuple(np.round(np.concatenate([[0.0], np.geomspace(0.01, 3.0, 30)]), 5).tolist())
+
+    param_bounds = {"cost_weight": (0.0, math.inf), "epsilon": (0.0, 1.0), "lr": (0.0, 1.0), "gamma": (0.0, 1.0),
+                    "episodes": (1, math.inf)}
 
     def __init__(self, cost_weight: float = 0.1, epsilon: float = 0.1, lr: float = 0.1, gamma: float = 0.9,
                  episodes: int = 20000, seed: int = 0) -> None:
@@ -331,6 +363,8 @@ class DartPolicy(ExitPolicy):
     knob = "beta_opt"
     _alpha_floor: float | None = None  # run-time state, not a parameter: see set_coefficients
     knob_grid = tuple(np.round(np.concatenate([np.linspace(0.0, 0.1, 11)[1:], np.linspace(0.12, 1.0, 45)]), 4).tolist())
+    param_bounds = {"beta_opt": (0.0, math.inf), "beta_diff": (0.0, math.inf), "alpha_bins": (1, math.inf),
+                    "conf_bins": (2, math.inf), "prior": (0.0, math.inf)}
 
     def __init__(self, beta_opt: float = 0.1, beta_diff: float = 0.0, alpha_bins: int = 3, conf_bins: int = 10,
                  prior: float = 10.0, refine: bool = True) -> None:
@@ -338,23 +372,11 @@ class DartPolicy(ExitPolicy):
         self.alpha_bins, self.conf_bins, self.prior = int(alpha_bins), int(conf_bins), float(prior)
         self.refine = bool(refine)
 
-    def _check_params(self) -> None:
-        """Checked at fit, so ``set_params`` (and ``--set``) values are checked too."""
-        bad = [f"{k}={v!r} ({why})" for k, v, ok, why in (
-            ("alpha_bins", self.alpha_bins, isinstance(self.alpha_bins, int) and self.alpha_bins >= 1, "an integer >= 1"),
-            ("conf_bins", self.conf_bins, isinstance(self.conf_bins, int) and self.conf_bins >= 2, "an integer >= 2"),
-            ("beta_opt", self.beta_opt, math.isfinite(self.beta_opt) and self.beta_opt >= 0, "a finite number >= 0"),
-            ("beta_diff", self.beta_diff, math.isfinite(self.beta_diff) and self.beta_diff >= 0, "a finite number >= 0"),
-            ("prior", self.prior, math.isfinite(self.prior) and self.prior >= 0, "a finite number >= 0")) if not ok]
-        if bad:
-            raise ConfigError("DART parameter(s) out of range: " + "; ".join(bad))
-
     @property
     def uses_alpha(self) -> bool:  # type: ignore[override]
         return self.alpha_bins > 1 or self.beta_diff != 0
 
     def fit(self, trace: Trace) -> DartPolicy:
-        self._check_params()
         super().fit(trace)
         n, n_exits, b = trace.n, trace.num_exits, self.conf_bins
         if self.alpha_bins > 1 and trace.alpha is None:
@@ -540,6 +562,9 @@ class ScorePolicy(ExitPolicy):
     FEATURES: ClassVar[tuple[str, ...]] = ("conf", "log_odds", "margin", "entropy", "agree_prev", "streak",
                                           "prev_conf", "alpha")
 
+    param_bounds = {"beta_opt": (0.0, math.inf), "l2": (0.0, math.inf), "threshold_grid": (2, math.inf),
+                    "max_sweeps": (0, math.inf)}
+
     def __init__(self, beta_opt: float = 0.1, l2: float = 1.0, alpha_feature: bool = True, threshold_grid: int = 64,
                  max_sweeps: int = 20) -> None:
         self.beta_opt, self.l2, self.alpha_feature = float(beta_opt), float(l2), bool(alpha_feature)
@@ -718,10 +743,13 @@ def policy_from_dict(d: dict[str, Any], source: str = "policy") -> ExitPolicy:
     if d.get("version") != VERSION:
         raise ArtifactError(f"{source}: policy version {d.get('version')} is not supported (expected {VERSION}); "
                             "recalibrate it with `dart-ee calibrate`")
+    if "policy" not in d:
+        raise ArtifactError(f"{source}: missing field 'policy'")
+    pol = make_policy(d["policy"])
     try:
-        pol = make_policy(d["policy"], **d.get("params", {}))
-    except KeyError as e:
-        raise ArtifactError(f"{source}: missing field {e}") from None
+        pol.set_params(**d.get("params", {}))
+    except (ConfigError, TypeError) as e:  # a parameter of the wrong type or out of bounds; params not a dict
+        raise ArtifactError(f"{source}: {e}") from None
     fitted = d.get("fitted", {})
     if not fitted and pol.name != "static":
         raise ArtifactError(f"{source}: policy {pol.name!r} is not fitted")
@@ -742,6 +770,8 @@ def _check_fitted(pol: ExitPolicy, source: str) -> None:
         raise ArtifactError(f"{source}: fitted field 'num_exits_' must be a positive integer, got {n!r}")
     if pol.uses_alpha and getattr(pol, "alpha_source_", None) not in ("paper", "learned"):
         raise ArtifactError(f"{source}: fitted field 'alpha_source_' must be 'paper' or 'learned'")
+    if not pol.uses_alpha and getattr(pol, "alpha_source_", None) is not None:
+        raise ArtifactError(f"{source}: fitted field 'alpha_source_' must be null: this {pol.name!r} policy reads no alpha")
     for field, shape in pol.fitted_shapes(n).items():
         if not hasattr(pol, field):
             raise ArtifactError(f"{source}: fitted field {field!r} is missing; recalibrate the policy")
@@ -752,6 +782,10 @@ def _check_fitted(pol: ExitPolicy, source: str) -> None:
         if arr.ndim != len(shape) or any(want not in (-1, got) for want, got in zip(shape, arr.shape)):
             want = " x ".join("any" if d < 0 else str(d) for d in shape)
             raise ArtifactError(f"{source}: fitted field {field!r} has shape {arr.shape}, but {n} exits need {want}")
+        # thresholds may be infinite (never / always leave); nothing may be NaN (null in a list reads as NaN)
+        if np.isnan(arr).any() or (field != "tau_" and np.isinf(arr).any()):
+            raise ArtifactError(f"{source}: fitted field {field!r} must hold finite numbers"
+                                + (" (or null for +inf)" if field == "tau_" else "") + "; recalibrate the policy")
 
 
 def _restore_inf(v: Any) -> Any:

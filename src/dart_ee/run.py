@@ -47,10 +47,14 @@ TRACE_FILES = (trace_file("cal"), "trace_cal.json", trace_file("test"), "trace_t
 
 
 class Run:
-    """A run folder written by ``dart-ee train`` / ``dart-ee run``; every loader validates what it reads."""
+    """A run folder written by ``dart-ee train`` / ``dart-ee run``; every loader validates what it reads and
+    none runs code the folder names unless trusted."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, trust_code: bool | None = None) -> None:
+        """``trust_code``: import the class a custom run names to rebuild its network (default: only inside
+        ``dart_ee.trust_code()``, which the CLI's ``--trust-code`` opens); never for a run you did not write."""
         self.path = Path(path)
+        self.trust_code = trust_code
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
@@ -64,7 +68,7 @@ class Run:
         """The trained network; ``optimize`` gives the inference copy that traces and the runtime share."""
         from dart_ee.training import load_model
 
-        return load_model(self.path / MODEL, optimize=optimize).to(device)
+        return load_model(self.path / MODEL, optimize=optimize, trust_code=self.trust_code).to(device)
 
     def estimators(self, device: str | torch.device = "cpu") -> LearnedDifficulty:
         from dart_ee.difficulty import load_estimators

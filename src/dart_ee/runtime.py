@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dart_ee.difficulty import LearnedDifficulty
-from dart_ee.errors import ConfigError, InputError
+from dart_ee.errors import ConfigError, check_batch
 from dart_ee.models import MultiExitNet
 from dart_ee.policies import ExitPolicy, StaticPolicy
 
@@ -128,8 +128,7 @@ class EarlyExitRunner:
         """Run over many images (uint8 or float in [0, 1]) in batches; results concatenated in order."""
         from dart_ee.data import to_float
 
-        if len(images) == 0:
-            raise InputError("no images to run: pass at least one")
+        check_batch(images, batch_size)
         dev = next(self.model.parameters()).device
         parts = [self(to_float(images[s: s + batch_size]).to(dev)) for s in range(0, len(images), batch_size)]
         alphas = [r.alpha for r in parts if r.alpha is not None]

@@ -41,7 +41,7 @@ class FileImages:
 
     def __init__(self, root: Path, names: np.ndarray, channels: int, size: int, spans: np.ndarray | None = None) -> None:
         self.root = Path(root)
-        self.names = np.asarray(names, dtype=np.bytes_)  # paths relative to root (or member names), UTF-8
+        self.names = np.asarray(names, dtype=np.bytes_)  # relative paths or member names, os.fsencode-d
         self.channels, self.size = int(channels), int(size)
         self.spans = None if spans is None else np.asarray(spans, dtype=np.int64).reshape(-1, 2)
 
@@ -56,7 +56,7 @@ class FileImages:
         """(where, bytes) of the files at ``idx``."""
         if self.spans is None:
             for name in self.names[idx]:
-                path = self.root / name.decode()
+                path = self.root / os.fsdecode(name)
                 try:
                     yield str(path), path.read_bytes()
                 except OSError as e:
@@ -68,9 +68,9 @@ class FileImages:
                 f.seek(offset)
                 raw = f.read(size)
                 if len(raw) != size:
-                    raise DataError(f"{self.root}: truncated at member {name.decode()}; the tar file changed since it "
+                    raise DataError(f"{self.root}: truncated at member {os.fsdecode(name)!r}; the tar file changed since it "
                                     "was listed: re-copy it or start a new run")
-                yield f"{self.root}:{name.decode()}", raw
+                yield f"{self.root}:{os.fsdecode(name)!r}", raw
 
     def __getitem__(self, idx: int | slice | np.ndarray | Sequence[int]) -> np.ndarray:
         from dart_ee.data import decode_image
@@ -95,7 +95,7 @@ class FileImages:
             h.update(f"{st.st_size}|{st.st_mtime_ns}".encode() + self.names.tobytes() + self.spans.tobytes())
             return h.hexdigest()[:16]
         for name in self.names:
-            st = os.stat(self.root / name.decode())
+            st = os.stat(self.root / os.fsdecode(name))
             h.update(name + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
 
@@ -134,7 +134,7 @@ def list_image_tar(path: Path, suffixes: Sequence[str]) -> dict[str, Listing]:
         if not classes:
             raise DataError(f"{path}: no {split}/<class>/<image> members; expected an ImageFolder tree inside")
         rows = [(name, off, size, label) for label, c in enumerate(classes) for name, off, size in sorted(by_class[c])]
-        out[split] = (np.array([r[0].encode() for r in rows], dtype=np.bytes_), np.array([r[3] for r in rows], np.int64),
+        out[split] = (np.array([os.fsencode(r[0]) for r in rows], dtype=np.bytes_), np.array([r[3] for r in rows], np.int64),
                       classes, np.array([(r[1], r[2]) for r in rows], dtype=np.int64))
     return out
 
@@ -153,7 +153,7 @@ def list_image_folder(split_dir: Path, suffixes: Sequence[str]) -> Listing:
             files = sorted(e.name for e in it if e.is_file() and os.path.splitext(e.name)[1].lower() in suffixes)
         if not files:
             raise DataError(f"{split_dir / cls}: empty class folder; add images or remove the folder")
-        names += [f"{split_dir.name}/{cls}/{f}".encode() for f in files]
+        names += [os.fsencode(f"{split_dir.name}/{cls}/{f}") for f in files]  # any name the OS allows
         labels += [label] * len(files)
     return np.array(names, dtype=np.bytes_), np.asarray(labels, np.int64), classes, None
 

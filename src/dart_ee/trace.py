@@ -177,10 +177,32 @@ def load(path: str | Path, expect_split: str | None = None) -> Trace:
     if trace.n != meta.get("n") or trace.num_exits != meta.get("num_exits"):
         raise ArtifactError(f"{npz}: arrays ({trace.n} samples, {trace.num_exits} exits) disagree with "
                             f"{meta_path} ({meta.get('n')}, {meta.get('num_exits')}); regenerate the trace")
+    _check_contents(trace, str(npz))
     if expect_split is not None and trace.split != expect_split:
         raise ArtifactError(f"{npz} is a {trace.split!r} trace, but a {expect_split!r} trace is required here"
                             + (": never calibrate on the test split" if expect_split == "cal" else ""))
     return trace
+
+
+def _check_contents(trace: Trace, where: str) -> None:
+    """What a file can hold that ``Trace.validate`` (the structure) lets through: no samples, rows that are not
+    distributions, non-finite difficulty scores, a last exit that does not reach the whole network."""
+    if trace.n == 0:
+        raise ArtifactError(f"{where} holds no sample; trace a split with at least one image (`dart-ee trace`)")
+    # softmax rows sum to 1 up to rounding: float32 ~1e-6, float16 storage (kept traces) at most 2^-12 an entry
+    tol = 1e-3 + trace.num_classes * 2.0 ** -12
+    worst = float(np.abs(trace.probs.astype(np.float64).sum(2) - 1).max())
+    if worst > tol:
+        raise ArtifactError(f"{where}: probs must be softmax rows that sum to 1 (within {tol:.4f}); one is off by "
+                            f"{worst:.4f}. Store each exit's softmax, not its logits")
+    for name, arr in (("alpha", trace.alpha), *trace.extra.items()):
+        if arr is not None and name.startswith("alpha") and not np.isfinite(arr).all():
+            raise ArtifactError(f"{where}: {name} holds NaN or infinite difficulty scores; regenerate the trace")
+    static = trace.meta.get("static_macs")
+    if isinstance(static, (int, float)) and trace.exit_macs[-1] < static:
+        raise ArtifactError(f"{where}: its last exit costs {int(trace.exit_macs[-1]):,} MACs, less than the whole "
+                            f"network's {int(static):,} (static_macs): exits are missing (a truncated trace?); "
+                            "regenerate it with `dart-ee trace`")
 
 
 def check_pair(cal: Trace, test: Trace, cal_where: str = "calibration trace", test_where: str = "test trace") -> None:

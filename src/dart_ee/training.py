@@ -26,7 +26,7 @@ from dart_ee import artifacts, data, distributed, streaming
 from dart_ee.config import Config, TrainConfig, check_exit_lists, config_fingerprint, dump_config, step_fingerprint
 from dart_ee.console import log, progress
 from dart_ee.custom import CUSTOM, rebuild
-from dart_ee.errors import ArtifactError, ConfigError, DataError
+from dart_ee.errors import ArtifactError, ConfigError, DataError, UntrustedCodeError
 from dart_ee.lock import holds_run_lock, run_lock
 from dart_ee.models import MultiExitNet, create_model, optimize_for_inference
 from dart_ee.run import CHECKPOINT, CONFIG, METRICS, MODEL, SPLIT
@@ -203,6 +203,9 @@ def one_cycle(opt: torch.optim.Optimizer, lr: float, total_steps: int) -> torch.
 
 
 def set_threads(n: int | None) -> int:
+    """Torch's intra-op threads: ``n``, or every core when None."""
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ConfigError(f"threads must be a positive integer, got {n!r}")
     n = n or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
@@ -385,23 +388,32 @@ def save_model(model: MultiExitNet, path: Path, config_fingerprint: str = "") ->
                                 "state_dict": model.state_dict(), "config_fingerprint": config_fingerprint})
 
 
-def load_model(path: str | Path, optimize: bool = False) -> MultiExitNet:
+def load_model(path: str | Path, optimize: bool = False, trust_code: bool | None = None) -> MultiExitNet:
     """Rebuild a trained model from ``model.pt`` (weights only; no code is unpickled).
 
     ``optimize=True`` returns the inference-optimised copy (``models.optimize_for_inference``) that
     traces, the runtime and benchmarks share. A custom model (``dart_ee.custom``) is used as it was
-    given: its traces were made from it unchanged, and the runtime must decide as they do.
+    given: its traces were made from it unchanged, and the runtime must decide as they do. Its class is
+    imported only when ``trust_code`` (default: inside ``dart_ee.trust_code()``).
     """
+    path = Path(path)
     ck = artifacts.load_torch(path, "model file")
-    if not isinstance(ck, dict) or ck.get("format") != "dart-ee-model":
+    if not isinstance(ck, dict) or ck.get("format") != "dart-ee-model" or not isinstance(ck.get("arch"), dict):
         raise ArtifactError(f"{path} is not a dart-ee model file")
     arch = dict(ck["arch"])
-    custom = arch["name"] == CUSTOM
-    if custom:  # your own network, rebuilt by the class it records (dart_ee.custom)
-        model = rebuild(arch)
-    else:
-        model = create_model(arch.pop("name"), **arch)
-    model.load_state_dict(ck["state_dict"])
+    custom = arch.get("name") == CUSTOM
+    try:
+        if custom:  # your own network, rebuilt by the class it records (dart_ee.custom)
+            model = rebuild(arch, path.parent, trust_code)
+        else:
+            model = create_model(arch.pop("name", None), **arch)
+    except UntrustedCodeError as e:
+        raise UntrustedCodeError(f"{path}: {e}") from None
+    try:
+        model.load_state_dict(ck["state_dict"])
+    except (RuntimeError, KeyError) as e:  # the builder makes another network than the one saved
+        raise ArtifactError(f"{path}: its weights do not fit the network its record builds ({str(e).splitlines()[0]}); "
+                            "restore the code the run was saved with, or train the run again") from None
     return optimize_for_inference(model) if optimize and not custom else model.eval()
 
 
