@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from dart_ee import artifacts, data
-from dart_ee.run import CONFIG, ESTIMATORS, METRICS, MODEL, POLICIES, SINGLE_EXIT, SPLIT
+from dart_ee.run import CONFIG, ESTIMATORS, METRICS, MODEL, POLICY_DIR, SINGLE_EXIT, SPLIT
 from dart_ee.training import exit_accuracies, load_model, predict_exits, save_model
 
 PIECE = 15 * 2**20  # under the 16 MiB a returned file may hold
 SMALL = (CONFIG, SPLIT, METRICS, f"{SINGLE_EXIT}/{METRICS}", f"{SINGLE_EXIT}/{CONFIG}")
 # what a benchmark needs besides the weights
-BENCH = (CONFIG, SPLIT, METRICS, ESTIMATORS, f"{POLICIES}/dart.json", f"{POLICIES}/threshold.json")
+BENCH = (CONFIG, SPLIT, METRICS, ESTIMATORS, f"{POLICY_DIR}/dart.json", f"{POLICY_DIR}/threshold.json")
 
 
 def ship(run: Path, out: Path) -> None:

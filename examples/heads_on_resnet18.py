@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from dart_ee import artifacts, attach_exits, create_model, trust_code
-from dart_ee.bench import benchmark, provenance
+from dart_ee.bench import benchmark
 from dart_ee.calibration import compare
 from dart_ee.data import CIFAR10_CLASSES, DATASETS, ImageSet, augment, to_float
 from dart_ee.difficulty import fit_estimators
-from dart_ee.run import POLICIES, Run
+from dart_ee.provenance import provenance
+from dart_ee.run import POLICY_DIR, Run
 from dart_ee.tracing import make_trace
 from dart_ee.training import fit_exits, load_model, prepare_splits
 
@@ -169,7 +170,7 @@ def main() -> None:
                     "head_train_s": round(head_train_s, 1), "history": history, "networks": {}}
     for name, (path, traces) in runs.items():
         res = compare(traces["cal"], traces["test"], args.max_drop, args.confidence)
-        pol_dir = path / POLICIES if name == "heads" else Path(args.out) / "joint_policies"
+        pol_dir = path / POLICY_DIR if name == "heads" else Path(args.out) / "joint_policies"
         for pname, (pol, rec) in res.pop("fitted").items():
             pol.save(pol_dir / f"{pname}.json", calibration=rec)
         with trust_code():  # the heads run names this script's ResNet18 class: our own code

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dart_ee import malloc
-from dart_ee.bench import hardware_info
+from dart_ee.provenance import hardware_info
 
 # Allocate and free a 64 MiB tensor (above glibc's largest mmap threshold) ten times, writing every page;
 # print the minor page faults that took. Kept, the heap first grows by a few such blocks (an aligned request

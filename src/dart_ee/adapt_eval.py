@@ -34,6 +34,7 @@ from dart_ee.config import AdaptConfig, ControllerSettings
 from dart_ee.errors import ConfigError
 from dart_ee.evaluation import TraceReplay, exit_costs, simulate
 from dart_ee.policies import DartPolicy, load_policy
+from dart_ee.provenance import provenance
 from dart_ee.shift import CHOOSE, REPORT, Stream, make_stream, severity
 from dart_ee.trace import Trace
 
@@ -70,9 +71,9 @@ def dart_policy(policy_path: str | Path) -> DartPolicy:
 def run_policy(run_dir: str | Path) -> Path:
     """The DART policy a run adapts: its certified one, or, where DART could not be certified at the run's budget
     (the static network stands in), the uncertified DART beside it (the report says so)."""
-    from dart_ee.run import POLICIES
+    from dart_ee.run import POLICY_DIR
 
-    pol_dir = Path(run_dir) / POLICIES
+    pol_dir = Path(run_dir) / POLICY_DIR
     return pol_dir / "dart.json" if load_policy(pol_dir / "dart.json").name == "dart" else pol_dir / "uncertified" / "dart.json"
 
 
@@ -269,8 +270,6 @@ def study(run_dir: str | Path, policy_path: str | Path, families: Sequence[str] 
                     rec.pop("coefficients"), rec.pop("series")
                 runs.append({"mechanism": name, "audit_share": share, **rec})
         mech = {"scenario": "class-prior", "severity": 0.9, "classes": classes, "runs": runs}
-    from dart_ee.bench import provenance
-
     return {"provenance": provenance(), "settings": settings.model_dump(), "settings_source": source, "budget_points": budget,
             "policy_file": _relative(policy_path, run_dir), "seed": seed, "families": rows, "mechanisms": mech}
 

@@ -30,6 +30,7 @@ from dart_ee import artifacts
 from dart_ee.adapt_eval import StreamSource, budget_points, dart_policy, evaluate_stream
 from dart_ee.config import AdaptConfig, ControllerSettings
 from dart_ee.errors import ArtifactError
+from dart_ee.provenance import provenance
 from dart_ee.run import ADAPT_SETTINGS as SETTINGS_FILE
 from dart_ee.shift import CHOOSE, severity
 
@@ -125,8 +126,6 @@ def tune(run_dir: str | Path, policy_path: str | Path, grid: Mapping[str, Sequen
     best = scored[0][1]
     best_rows = rows_of[best.model_dump_json()]
     summary = lambda s: {"settings": s[1].model_dump(), "score": list(s[0])}  # noqa: E731
-    from dart_ee.bench import provenance
-
     return {"format": FORMAT, "version": 1, "tuned": True, "provenance": provenance(), "settings": best.model_dump(),
             "chosen_on": {"split": "cal", "families": list(families), "levels": list(levels), "n_clean": n,
                           "n_shift": n, "seed": seed, "batch_size": batch_size},

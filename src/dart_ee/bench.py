@@ -5,24 +5,32 @@ from __future__ import annotations
 import functools
 import os
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dart_ee.data import get_spec
+from dart_ee.artifacts import file_fingerprint
+from dart_ee.data import get_spec, to_float
 from dart_ee.difficulty import DifficultyEstimator, LearnedDifficulty
+from dart_ee.energy import energy_meter
 from dart_ee.errors import ConfigError
 from dart_ee.evaluation import leave_costs
+from dart_ee.export import export_names, export_run, holds_policies, is_current
 from dart_ee.malloc import freed_memory_kept, keep_freed_memory, malloc_setting
 from dart_ee.models import MultiExitNet, create_model, optimize_for_inference
-from dart_ee.policies import ExitPolicy
+from dart_ee.onnx_runner import MANIFEST, OnnxRunner, load_manifest
+from dart_ee.policies import ExitPolicy, StaticPolicy, load_policy
+from dart_ee.provenance import command_line, git_revision, hardware_info
+from dart_ee.queued import QueuedRunner
+from dart_ee.run import MODEL, POLICY_DIR, Run
+from dart_ee.runtime import EarlyExitRunner
+from dart_ee.threads import set_threads
 from dart_ee.timing import alternate, alternate_singles, median_ratio_ci, time_exported
-from dart_ee.training import set_threads
 
 
 @torch.inference_mode()
@@ -53,50 +61,6 @@ def difficulty_cost(model_name: str = "alexnet", dataset: str = "cifar10", repea
 # Runtime benchmark: static network vs fitted policies, measured in one process
 
 
-def hardware_info(device: torch.device) -> dict:
-    import platform
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "device": str(device),
-            "malloc": malloc_setting()}  # CPU times depend on it (dart_ee.malloc)
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def command_line() -> str:
-    """The command this process runs, as one would type it again."""
-    import sys
-
-    prog = Path(sys.argv[0]).name  # dart-ee, or python -m dart_ee (__main__.py), or a script of yours
-    return " ".join(["dart-ee", *sys.argv[1:]] if prog in ("dart-ee", "__main__.py") else ["python", *sys.argv])
-
-
-def provenance() -> dict:
-    """Where and when a record was made: the command line, git revision, hardware, torch and date (UTC)."""
-    return {"command": command_line(), "git_revision": git_revision(),
-            "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -113,6 +77,37 @@ def timing_sample(n: int, k: int, seed: int = 0) -> np.ndarray:
     return np.concatenate([rng.permutation(n) for _ in range(-(-k // n))])[:k]
 
 
+@dataclass
+class _Setup:
+    """What every phase of ``benchmark`` reads: the run's network, its test images and the methods timed."""
+
+    run_dir: Path
+    dev: torch.device
+    threads: int
+    batch_size: int
+    repeats: int
+    runners: Sequence[str]
+    model: MultiExitNet
+    est: LearnedDifficulty
+    all_x: torch.Tensor  # the whole test split, uint8
+    labels: np.ndarray
+    methods: dict[str, ExitPolicy]  # method -> policy ("static" first)
+    eager: dict[str, Any]  # method -> EarlyExitRunner
+    onnx: dict[str, Any]  # method -> OnnxRunner (onnxruntime only)
+    keys: list[tuple[str, str]]  # (runner, method), in the record's order
+    exit_macs: np.ndarray
+    static_macs: float
+    est_macs: dict[str, int]
+
+    def summary(self, name: str, pred: np.ndarray, exits: np.ndarray) -> dict:
+        """Accuracy, exits and MAC-predicted speedup of one method's decisions on the test split."""
+        costs = leave_costs(self.methods[name], self.exit_macs, self.static_macs, self.est_macs)
+        macs = float(costs[exits].mean())
+        return {"method": name, "accuracy": float((pred == self.labels).mean()), "macs_per_image": macs,
+                "exit_histogram": np.bincount(exits, minlength=len(self.exit_macs)).tolist(),
+                "mac_speedup": self.static_macs / macs}
+
+
 def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_size: int = 256, n_images: int = 2560,
               repeats: int = 5, latency_images: int = 1000, threads: int | None = None, device: str = "cpu",
               data_dir: str | Path | None = None, memory: bool = False,
@@ -126,176 +121,199 @@ def benchmark(run_dir: str | Path, policy_paths: Sequence[str | Path], batch_siz
     static graph under "onnxruntime"), and every method and runner alternates in one process.
     The record's hardware "malloc" says how freed memory was treated (``dart_ee.malloc``; the ``dart-ee`` command
     keeps it, as it should be kept in serving).
-    """
-    from dart_ee.data import to_float
-    from dart_ee.energy import energy_meter
-    from dart_ee.export import export_names
-    from dart_ee.policies import StaticPolicy, load_policy
-    from dart_ee.queued import QueuedRunner
-    from dart_ee.run import Run
-    from dart_ee.runtime import EarlyExitRunner
 
+    The phases: set up, decisions on the whole split, throughput at the batch size, latency at batch 1,
+    then each row's ratios against its runner's static network.
+    """
+    b = _setup(Path(run_dir), policy_paths, batch_size, repeats, threads, device, data_dir, runners, export_dir)
+    rows, exits_of = _decisions(b)
+    # throughput at batch_size: at least 4 full batches, the test split repeated if it is smaller. The images
+    # are a seeded random draw, not the split's first ones: image folders list the test split by class, and
+    # the first 2,560 CIFAR-10 images are airplanes, cars and birds, whose exits are not the split's
+    n_timed = max(n_images, 4 * batch_size)
+    x = to_float(b.all_x[torch.from_numpy(timing_sample(len(b.all_x), n_timed))]).to(b.dev)
+    t_per_img, e_per_img, energy_source, costs = _throughput(b, x, rows, profile)
+    # latency at batch size 1: alternating per image, on the first images of the same random draw
+    lat, lat_exits, ort_in_torch = _latency(b, x, latency_images, t_per_img, e_per_img)
+    with torch.inference_mode():
+        mean_alpha = float(torch.cat([b.est.paper(to_float(b.all_x[s: s + 1000]).to(b.dev))
+                                      for s in range(0, len(b.all_x), 1000)]).mean())
+    for k, row in rows.items():
+        _ratios(b, k, row, t_per_img, e_per_img, lat, lat_exits, costs, exits_of, mean_alpha)
+    if memory:
+        _add_memory({m: rows[b.runners[0], m] for m in b.methods}, b.run_dir, policy_paths, b.methods, b.all_x,
+                    batch_size, b.threads, device)
+    return _record(b, rows, x, min(latency_images, len(x)), repeats, energy_source, mean_alpha, costs, ort_in_torch)
+
+
+def _setup(run_dir: Path, policy_paths: Sequence[str | Path], batch_size: int, repeats: int, threads: int | None,
+           device: str, data_dir: str | Path | None, runners: Sequence[str], export_dir: str | Path | None) -> _Setup:
+    """Load the run and the policies; a runner per method (distinct rows for policy files of one name)."""
     unknown = sorted(set(runners) - {"eager", "queued", "onnxruntime"})
     if unknown or not runners:
         raise ConfigError(f"unknown runner(s) {unknown or list(runners)}: choose eager, queued and/or onnxruntime")
-    run_dir = Path(run_dir)
     n_threads = set_threads(threads)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but torch sees no GPU here; use --device cpu")
     run = Run(run_dir)
-    cfg, model, est, test = run.config(), run.model(device=dev), run.estimators(dev), run.test_images(data_dir)
-    all_x, labels = torch.from_numpy(test.x), torch.from_numpy(test.y)
-    est_macs = est.macs(model)
-    exit_macs = np.asarray(model.exit_macs(), dtype=np.float64)
-    static_macs = float(model.static_macs())
-
+    model, est, test = run.model(device=dev), run.estimators(dev), run.test_images(data_dir)
     methods: dict[str, ExitPolicy] = {"static": StaticPolicy()}
     exported = {"static": "static"}  # method -> its name in the export
-    for p, as_exported in zip(policy_paths, export_names(policy_paths)):  # distinct rows for files of one name
+    for p, as_exported in zip(policy_paths, export_names(policy_paths)):
         pol = load_policy(p)
         name = pol.name if pol.name not in methods else as_exported
         methods[name], exported[name] = pol, as_exported
-    eager = {k: EarlyExitRunner(model, pol, est) for k, pol in methods.items()}
     onnx = _onnx_runners(run_dir, export_dir, policy_paths, exported, n_threads) if "onnxruntime" in runners else {}
-    keys = [(r, k) for r in runners for k in methods]  # (runner, method)
-    if "static_fp32" in onnx:
+    keys = [(r, k) for r in runners for k in methods]
+    if "static_fp32" in onnx:  # an int8 export's fp32 network
         keys.append(("onnxruntime", "static_fp32"))
         methods["static_fp32"] = StaticPolicy()
+    return _Setup(run_dir, dev, n_threads, batch_size, repeats, runners, model, est, torch.from_numpy(test.x),
+                  np.asarray(test.y), methods, {k: EarlyExitRunner(model, pol, est) for k, pol in methods.items()
+                                                 if k != "static_fp32"},
+                  onnx, keys, np.asarray(model.exit_macs(), dtype=np.float64), float(model.static_macs()),
+                  est.macs(model))
 
-    # accuracy, exits and MAC-predicted speedup over the whole test split, from the eager runner (the
-    # trace's semantics); the queued and onnxruntime runners' decisions are compared with it sample by sample
+
+def _decisions(b: _Setup) -> tuple[dict[tuple[str, str], dict], dict[str, np.ndarray]]:
+    """Accuracy, exits and MAC-predicted speedup over the whole test split, from the eager runner (the trace's
+    semantics); the queued and onnxruntime runners' decisions are compared with it sample by sample."""
     rows: dict[tuple[str, str], dict] = {}
-
-    def summary(name: str, pred: np.ndarray, exits: np.ndarray) -> dict:
-        costs = leave_costs(methods[name], exit_macs, static_macs, est_macs)
-        macs = float(costs[exits].mean())
-        return {"method": name, "accuracy": float((pred == labels.numpy()).mean()), "macs_per_image": macs,
-                "exit_histogram": np.bincount(exits, minlength=len(exit_macs)).tolist(), "mac_speedup": static_macs / macs}
-
     exits_of: dict[str, np.ndarray] = {}
-    for name, runner in eager.items():
-        res = runner.run(all_x, batch_size)
+    for name, runner in b.eager.items():
+        res = runner.run(b.all_x, b.batch_size)
         pred, exits = res.pred.cpu().numpy(), res.exit.cpu().numpy()
         exits_of[name] = exits
-        for r in runners:
-            rows[r, name] = {**summary(name, pred, exits), "runner": r}
+        for r in b.runners:
+            rows[r, name] = {**b.summary(name, pred, exits), "runner": r}
         others = {}
-        if "queued" in runners:
-            qres = QueuedRunner(model, methods[name], est, batch_size).run(all_x)
+        if "queued" in b.runners:
+            qres = QueuedRunner(b.model, b.methods[name], b.est, b.batch_size).run(b.all_x)
             others["queued"] = (qres.pred.cpu().numpy(), qres.exit.cpu().numpy())
-        if onnx:
-            ores = onnx[name].run(all_x.numpy(), batch_size)
+        if b.onnx:
+            ores = b.onnx[name].run(b.all_x.numpy(), b.batch_size)
             others["onnxruntime"] = (ores.pred, ores.exit)
-            rows["onnxruntime", name].update(summary(name, ores.pred, ores.exit))  # the engine's own accuracy
+            rows["onnxruntime", name].update(b.summary(name, ores.pred, ores.exit))  # the engine's own accuracy
         for r, (other_pred, other_exits) in others.items():
             rows[r, name]["decisions_differing_from_eager"] = int(((other_pred != pred) | (other_exits != exits)).sum())
-    if "static_fp32" in onnx:  # an int8 export's fp32 network
-        ores = onnx["static_fp32"].run(all_x.numpy(), batch_size)
-        rows["onnxruntime", "static_fp32"] = {**summary("static_fp32", ores.pred, ores.exit), "runner": "onnxruntime"}
-    rows = {k: rows[k] for k in keys}  # by runner, then method
-    with torch.inference_mode():
-        mean_alpha = float(torch.cat([est.paper(to_float(all_x[s: s + 1000]).to(dev))
-                                      for s in range(0, len(all_x), 1000)]).mean())
+    if "static_fp32" in b.onnx:
+        ores = b.onnx["static_fp32"].run(b.all_x.numpy(), b.batch_size)
+        rows["onnxruntime", "static_fp32"] = {**b.summary("static_fp32", ores.pred, ores.exit), "runner": "onnxruntime"}
+    return {k: rows[k] for k in b.keys}, exits_of  # by runner, then method
 
-    # throughput at batch_size: at least 4 full batches, the test split repeated if it is smaller. The images
-    # are a seeded random draw, not the split's first ones: image folders list the test split by class, and
-    # the first 2,560 CIFAR-10 images are airplanes, cars and birds, whose exits are not the split's
-    n_timed = max(n_images, 4 * batch_size)
-    x = to_float(all_x[torch.from_numpy(timing_sample(len(all_x), n_timed))]).to(dev)
-    batches = [x[s: s + batch_size] for s in range(0, len(x), batch_size)]
-    queued = {k: QueuedRunner(model, pol, est, batch_size) for k, pol in methods.items()} if "queued" in runners else {}
+
+def _throughput(b: _Setup, x: torch.Tensor, rows: dict, profile: bool) -> tuple[dict, dict, str, dict | None]:
+    """Per-image times (and energy, where readable) of the torch runners at the batch size, methods alternating;
+    what the stages' own times predict; with ``profile``, where the queued runner's time goes."""
+    batches = [x[s: s + b.batch_size] for s in range(0, len(x), b.batch_size)]
+    queued = ({k: QueuedRunner(b.model, pol, b.est, b.batch_size) for k, pol in b.methods.items()}
+              if "queued" in b.runners else {})
 
     def throughput(key: tuple[str, str]) -> Callable[[], object]:
         if key[0] == "queued":
             return functools.partial(queued[key[1]].run, x)
-        runner = eager[key[1]]
-        return lambda: [runner(b) for b in batches]
+        runner = b.eager[key[1]]
+        return lambda: [runner(batch) for batch in batches]
 
-    # torch runners here, methods alternating; onnxruntime in a process of its own, as it is served
-    # (dart_ee.timing says why), and where torch's OpenMP workers cannot take the cores from its pool
-    torch_keys = [k for k in keys if k[0] != "onnxruntime"]
-    meter = energy_meter(dev)
-    t_per_img, e_per_img = alternate({k: throughput(k) for k in torch_keys}, repeats, len(x), lambda: _sync(dev),
+    # torch runners here; onnxruntime in a process of its own, as it is served (dart_ee.timing says why), and
+    # where torch's OpenMP workers cannot take the cores from its pool
+    torch_keys = [k for k in b.keys if k[0] != "onnxruntime"]
+    meter = energy_meter(b.dev)
+    t_per_img, e_per_img = alternate({k: throughput(k) for k in torch_keys}, b.repeats, len(x), lambda: _sync(b.dev),
                                      meter.read)
-    # what the stages' own times predict (each stage, head and estimator alone at this batch size): the
-    # speedup a torch runner with no overhead of its own would reach on this device
-    costs = stage_costs(model, x[:batch_size], est, repeats) if torch_keys else None
-    if profile and queued:  # where the time goes, in a separate pass: the per-stage syncs would slow the timed one
-        for name, pol in methods.items():
-            q = QueuedRunner(model, pol, est, batch_size, profile=True)
-            q.run(x[: 4 * batch_size])  # warm-up: on a GPU this captures the graphs, which must not be timed
+    # the speedup a torch runner with no overhead of its own would reach on this device
+    costs = stage_costs(b.model, x[:b.batch_size], b.est, b.repeats) if torch_keys else None
+    if profile and queued:  # a separate pass: the per-stage syncs would slow the timed one
+        for name, pol in b.methods.items():
+            q = QueuedRunner(b.model, pol, b.est, b.batch_size, profile=True)
+            q.run(x[: 4 * b.batch_size])  # warm-up: on a GPU this captures the graphs, which must not be timed
             q.reset_stats()
             q.run(x)
             rows["queued", name]["stages"] = [
-                {"stage": i + 1, "calls": st["calls"], "fill": st["samples"] / max(st["calls"] * batch_size, 1),
+                {"stage": i + 1, "calls": st["calls"], "fill": st["samples"] / max(st["calls"] * b.batch_size, 1),
                  "ms_per_image": 1e3 * st["seconds"] / len(x)} for i, st in enumerate(q.stage_stats)]
+    return t_per_img, e_per_img, meter.source, costs
 
-    # latency at batch size 1: alternating per image, on the first images of the same random draw
-    singles = x[:latency_images]
+
+def _latency(b: _Setup, x: torch.Tensor, n: int, t_per_img: dict, e_per_img: dict) -> tuple[dict, dict, bool | None]:
+    """Batch-1 times and exits on the first ``n`` images of ``x``, methods alternating per image. onnxruntime's
+    throughput (on ``x``) and latency both come from a process of its own, merged into ``t_per_img``; the last
+    value says whether that process had imported torch."""
+    singles = x[:n]
+
     def on_image(run: Callable[[torch.Tensor], Any]) -> Callable[[int], Any]:
         return lambda j: run(singles[j: j + 1])
 
-    latency = {k: on_image(QueuedRunner(model, methods[k[1]], est, 1).run if k[0] == "queued" else eager[k[1]])
+    torch_keys = [k for k in b.keys if k[0] != "onnxruntime"]
+    latency = {k: on_image(QueuedRunner(b.model, b.methods[k[1]], b.est, 1).run if k[0] == "queued" else b.eager[k[1]])
                for k in torch_keys}  # queued: a queue of one, each stage runs as soon as its one sample arrives
-    lat, lat_exits = alternate_singles(latency, len(singles), lambda: _sync(dev))
-    if onnx:
-        names = {m: r.policy for m, r in onnx.items()}
-        ort = time_exported(str(next(iter(onnx.values())).folder), names, x.cpu().numpy(), batch_size, repeats,
-                            len(singles), n_threads)
-        for part, into in (("seconds", t_per_img), ("latency", lat), ("latency_exits", lat_exits)):
-            into.update({("onnxruntime", m): v for m, v in ort[part].items()})
-        e_per_img.update({("onnxruntime", m): [] for m in names})  # energy is not read in that process
+    lat, lat_exits = alternate_singles(latency, len(singles), lambda: _sync(b.dev))
+    if not b.onnx:
+        return lat, lat_exits, None
+    names = {m: r.policy for m, r in b.onnx.items()}
+    ort = time_exported(str(next(iter(b.onnx.values())).folder), names, x.cpu().numpy(), b.batch_size, b.repeats,
+                        len(singles), b.threads)
+    for part, into in (("seconds", t_per_img), ("latency", lat), ("latency_exits", lat_exits)):
+        into.update({("onnxruntime", m): v for m, v in ort[part].items()})
+    e_per_img.update({("onnxruntime", m): [] for m in names})  # energy is not read in that process
+    return lat, lat_exits, ort["torch_imported"]
 
-    for k, row in rows.items():
-        static = (k[0], "static")
-        t, t_static = statistics.median(t_per_img[k]), statistics.median(t_per_img[static])
-        if k[0] == "onnxruntime" and "static_fp32" in onnx:  # int8 against the fp32 network too
-            row["speedup_vs_fp32_static"] = statistics.median(t_per_img["onnxruntime", "static_fp32"]) / t
-            if lat[k]:
-                row["latency_speedup_vs_fp32_static"] = (statistics.median(lat["onnxruntime", "static_fp32"])
-                                                         / statistics.median(lat[k]))
-        e = statistics.median(e_per_img[k]) if e_per_img[k] else None
-        e_static = statistics.median(e_per_img[static]) if e_per_img[static] else None
-        row.update({
-            "time_ms": 1e3 * t, "time_ms_min": 1e3 * min(t_per_img[k]), "time_ms_max": 1e3 * max(t_per_img[k]),
-            "speedup": t_static / t, "speedup_vs_mac_prediction": (t_static / t) / row["mac_speedup"],
-            "energy_mj": None if e is None else 1e3 * e, "power_w": None if e is None else e / t,
-            "power_efficiency": None if e is None or e_static is None else e_static / e,
-        })
+
+def _ratios(b: _Setup, k: tuple[str, str], row: dict, t_per_img: dict, e_per_img: dict, lat: dict, lat_exits: dict,
+            costs: dict | None, exits_of: dict[str, np.ndarray], mean_alpha: float) -> None:
+    """A row's times and its ratios against the static network timed by the same runner (and DAES)."""
+    static = (k[0], "static")
+    t, t_static = statistics.median(t_per_img[k]), statistics.median(t_per_img[static])
+    if k[0] == "onnxruntime" and "static_fp32" in b.onnx:  # int8 against the fp32 network too
+        row["speedup_vs_fp32_static"] = statistics.median(t_per_img["onnxruntime", "static_fp32"]) / t
         if lat[k]:
-            row.update({"latency_p50_ms": 1e3 * statistics.median(lat[k]), "latency_p95_ms": 1e3 * _percentile(lat[k], 95),
-                        "latency_speedup": statistics.median(lat[static]) / statistics.median(lat[k]),
-                        "latency_speedup_ci95": median_ratio_ci(lat[static], lat[k])})
-            row["latency_speedup_vs_mac_prediction"] = row["latency_speedup"] / row["mac_speedup"]
-            row["latency_exit_histogram"] = np.bincount(lat_exits[k], minlength=len(exit_macs)).tolist()
-        if costs and k[0] != "onnxruntime":
-            row["stage_time_speedup"] = stage_time_speedup(costs, methods[k[1]], exits_of[k[1]])
-            row["speedup_vs_stage_time_prediction"] = row["speedup"] / row["stage_time_speedup"]
-        pe = row["power_efficiency"]
-        row["daes"] = row["accuracy"] * row["speedup"] * (pe if pe is not None else 1.0) / (1 + mean_alpha)
-        row["daes_note"] = "measured energy" if pe is not None else "energy unavailable: power efficiency taken as 1"
-    if memory:
-        _add_memory({m: rows[runners[0], m] for m in methods}, run_dir, policy_paths, methods, all_x, batch_size,
-                    n_threads, device)
-    graphs = dev.type == "cuda"
+            row["latency_speedup_vs_fp32_static"] = (statistics.median(lat["onnxruntime", "static_fp32"])
+                                                     / statistics.median(lat[k]))
+    e = statistics.median(e_per_img[k]) if e_per_img[k] else None
+    e_static = statistics.median(e_per_img[static]) if e_per_img[static] else None
+    row.update({
+        "time_ms": 1e3 * t, "time_ms_min": 1e3 * min(t_per_img[k]), "time_ms_max": 1e3 * max(t_per_img[k]),
+        "speedup": t_static / t, "speedup_vs_mac_prediction": (t_static / t) / row["mac_speedup"],
+        "energy_mj": None if e is None else 1e3 * e, "power_w": None if e is None else e / t,
+        "power_efficiency": None if e is None or e_static is None else e_static / e,
+    })
+    if lat[k]:
+        row.update({"latency_p50_ms": 1e3 * statistics.median(lat[k]), "latency_p95_ms": 1e3 * _percentile(lat[k], 95),
+                    "latency_speedup": statistics.median(lat[static]) / statistics.median(lat[k]),
+                    "latency_speedup_ci95": median_ratio_ci(lat[static], lat[k])})
+        row["latency_speedup_vs_mac_prediction"] = row["latency_speedup"] / row["mac_speedup"]
+        row["latency_exit_histogram"] = np.bincount(lat_exits[k], minlength=len(b.exit_macs)).tolist()
+    if costs and k[0] != "onnxruntime":
+        row["stage_time_speedup"] = stage_time_speedup(costs, b.methods[k[1]], exits_of[k[1]])
+        row["speedup_vs_stage_time_prediction"] = row["speedup"] / row["stage_time_speedup"]
+    pe = row["power_efficiency"]
+    row["daes"] = row["accuracy"] * row["speedup"] * (pe if pe is not None else 1.0) / (1 + mean_alpha)
+    row["daes_note"] = "measured energy" if pe is not None else "energy unavailable: power efficiency taken as 1"
+
+
+def _record(b: _Setup, rows: dict, x: torch.Tensor, n_latency: int, repeats: int, energy_source: str,
+            mean_alpha: float, costs: dict | None, ort_in_torch: bool | None) -> dict:
+    """The benchmark record: provenance, settings, one row per (runner, method), and how it was measured."""
+    graphs = b.dev.type == "cuda"
     return {
-        "command": command_line(), "hardware": hardware_info(dev), "threads": n_threads, "torch": torch.__version__,
+        "command": command_line(), "hardware": hardware_info(b.dev), "threads": b.threads, "torch": torch.__version__,
         "git_revision": git_revision(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": str(run_dir), "config": cfg.model_dump(mode="json"),
-        "batch_size": batch_size, "timed_images": len(x), "image_sample": "a seeded random draw of the test split",
-        "accuracy_images": len(all_x), "repeats": repeats,
-        "latency_images": len(singles), "energy_source": meter.source, "mean_alpha_paper": mean_alpha,
-        "static_macs": static_macs, "runners": list(runners), "rows": list(rows.values()), "stage_costs": costs,
-        "onnx_export": {**_export_summary(next(iter(onnx.values()))), "timed_in_process_with_torch": ort["torch_imported"]}
-        if onnx else None,
-        "cuda_graphs": graphs if "queued" in runners else None,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": str(b.run_dir),
+        "config": Run(b.run_dir).config().model_dump(mode="json"),
+        "batch_size": b.batch_size, "timed_images": len(x), "image_sample": "a seeded random draw of the test split",
+        "accuracy_images": len(b.all_x), "repeats": repeats,
+        "latency_images": n_latency, "energy_source": energy_source, "mean_alpha_paper": mean_alpha,
+        "static_macs": b.static_macs, "runners": list(b.runners), "rows": list(rows.values()), "stage_costs": costs,
+        "onnx_export": {**_export_summary(next(iter(b.onnx.values()))), "timed_in_process_with_torch": ort_in_torch}
+        if b.onnx else None,
+        "cuda_graphs": graphs if "queued" in b.runners else None,
         "method": "throughput: median over R alternating repetitions of the per-image time at the given batch size, "
                   "after warm-up; latency: batch size 1, methods alternating per image; speedup = T_static / T_m "
                   "with the static network timed by the same runner; MAC speedup = static MACs / expected MACs "
                   "(heads and estimator included); stage-time speedup = the same rule with each stage's, head's "
                   "and estimator's median time alone at the batch size (stage_costs) in place of its MACs"
-                  + ("" if "queued" not in runners else
+                  + ("" if "queued" not in b.runners else
                   "; queued runner: " + ("stages captured as CUDA graphs" if graphs else
                                          "eager stage calls (CUDA graphs need a GPU; capture skipped on the CPU)")),
     }
@@ -307,16 +325,12 @@ def _onnx_runners(run_dir: Path, export_dir: str | Path | None, policy_paths: Se
     made again first when it is not current (another model, estimator, policy or exporting code), unless it
     is an int8 export (re-exporting would overwrite it). A folder the user named is never written: it must
     already hold the run's model and the named policy files, else the command to make it is printed."""
-    from dart_ee.artifacts import file_fingerprint
-    from dart_ee.export import export_run, holds_policies, is_current
-    from dart_ee.onnx_runner import MANIFEST, OnnxRunner, load_manifest
-    from dart_ee.run import MODEL, POLICIES
 
     named, export_dir = export_dir is not None, Path(export_dir or run_dir / "export")
     if named:
         m = load_manifest(export_dir) if (export_dir / MANIFEST).is_file() else {}
         if m.get("model_fingerprint") != file_fingerprint(run_dir / MODEL) or not holds_policies(m, policy_paths):
-            mine = ", ".join(f"{export_dir}/{POLICIES}/{n}.json" for n in m.get("policies", {}) if "static" not in n)
+            mine = ", ".join(f"{export_dir}/{POLICY_DIR}/{n}.json" for n in m.get("policies", {}) if "static" not in n)
             raise ConfigError(
                 f"{export_dir} does not hold this run's model and the policy files named, and benchmark never writes "
                 f"into a folder you name: export them there first (`dart-ee export --run {run_dir} --out {export_dir} "
@@ -348,10 +362,6 @@ def _memory_child(run_dir: str, policy_path: str | None, images_path: str, batch
                   device: str, keep_memory: bool) -> dict:
     """In a fresh process: peak RSS while running one method over the images (returned to the parent), with
     freed memory kept or not as in the parent (kept, the process holds its peak: the figure that matters)."""
-    from dart_ee.data import to_float
-    from dart_ee.policies import StaticPolicy, load_policy
-    from dart_ee.run import Run
-    from dart_ee.runtime import EarlyExitRunner
 
     if keep_memory:
         keep_freed_memory()
@@ -518,10 +528,6 @@ def controller_overhead(run_dir: str | Path, policy_path: str | Path, batch_size
     """Wall-clock cost of the adaptive controller over the runner alone, on a stationary stream, audits off."""
     from dart_ee.adapt import controller_for_run
     from dart_ee.adapt_tuning import load_settings
-    from dart_ee.data import to_float
-    from dart_ee.policies import load_policy
-    from dart_ee.run import Run
-    from dart_ee.runtime import EarlyExitRunner
 
     run_dir = Path(run_dir)
     n_threads = set_threads(threads)

@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 from dart_ee.certify import FIT_SHARE, certify, check_max_drop
+from dart_ee.defaults import CONFIDENCE
 from dart_ee.errors import ConfigError
 from dart_ee.evaluation import evaluate, oracle
 from dart_ee.policies import POLICIES, ExitPolicy, check_calibration_trace, make_policy
@@ -91,7 +92,7 @@ def calibrate(name: str, cal: Trace, *, beta_opt: float | None = None, max_drop:
     return pol, record
 
 
-def dart_ablation(cal: Trace, test: Trace, max_drop: float, confidence: float | None = 0.95, seed: int = 0,
+def dart_ablation(cal: Trace, test: Trace, max_drop: float, confidence: float | None = CONFIDENCE, seed: int = 0,
                   fit_share: float = FIT_SHARE) -> list[dict]:
     """What each DART ingredient contributes, every variant calibrated the same way at the same budget."""
     variants: list[tuple[str, dict[str, Any], bool, str]] = [
@@ -136,8 +137,8 @@ def _certified(rec: dict) -> bool | None:
     return rec["guarantee"]["certified"] if "guarantee" in rec else None
 
 
-def compare(cal: Trace, test: Trace, max_drop: float, confidence: float | None = 0.95, risk: str = "drop", seed: int = 0,
-            policies: tuple[str, ...] = ("static", "threshold", "branchynet", "patience", "rl", "dart", "score"),
+def compare(cal: Trace, test: Trace, max_drop: float, confidence: float | None = CONFIDENCE, risk: str = "drop", seed: int = 0,
+            policies: tuple[str, ...] = tuple(POLICIES),
             fit_share: float = FIT_SHARE) -> dict:
     """Calibrate every policy at the same budget on ``cal`` (certified when ``confidence``) and measure it on ``test``.
 

@@ -36,6 +36,7 @@ from typing import Any, cast
 import numpy as np
 from scipy import stats
 
+from dart_ee.defaults import CONFIDENCE, FIT_SHARE
 from dart_ee.errors import ConfigError
 from dart_ee.evaluation import aligned, evaluate, simulate
 from dart_ee.policies import POLICIES, DartPolicy, ExitPolicy, ScorePolicy, check_calibration_trace, make_policy
@@ -48,7 +49,6 @@ RISKS = ("drop", "new-errors", "disagree")
 # n = 3,000 and D = 0.5 points it accepts up to 8 new errors, McNemar at most 4-5, and McNemar needs n >= 1,058
 # before even zero losses pass. "hb": Hoeffding-Bentkus on the loss itself.
 BOUNDS = ("exact", "mcnemar", "hb")
-FIT_SHARE = 0.4
 SCALES = tuple(np.round(np.arange(0, 301) / 100, 2).tolist())  # 0.00 (static) up to 3.00
 # policies whose candidate path is the exit-share scaling of a fit-split winner's thresholds
 SCALED = ("dart", "score")
@@ -335,7 +335,7 @@ def certify_sequence(family: list[tuple[dict, ExitPolicy]], cert: Trace, max_dro
     return {"index": idx, "pvalues": ps}
 
 
-def certify(name: str, cal: Trace, max_drop: float, confidence: float | None = 0.95, *, risk: str = "drop",
+def certify(name: str, cal: Trace, max_drop: float, confidence: float | None = CONFIDENCE, *, risk: str = "drop",
             fit_share: float = FIT_SHARE, seed: int = 0, bound: str = "exact", in_expectation: bool = False,
             tune_beta_diff: bool = True, **params: Any) -> tuple[ExitPolicy, dict]:
     """Calibrate ``name`` so that its budget holds on unseen data; returns (policy, record).
@@ -354,8 +354,8 @@ def certify(name: str, cal: Trace, max_drop: float, confidence: float | None = 0
     return pol, rec
 
 
-def certify_split(name: str, fit: Trace, cert: Trace, max_drop: float, confidence: float | None = 0.95, *, risk: str = "drop",
-                  bound: str = "exact", in_expectation: bool = False, tune_beta_diff: bool = True,
+def certify_split(name: str, fit: Trace, cert: Trace, max_drop: float, confidence: float | None = CONFIDENCE, *,
+                  risk: str = "drop", bound: str = "exact", in_expectation: bool = False, tune_beta_diff: bool = True,
                   search: list | None = None, family: list | None = None, data_free: bool = False,
                   **params: Any) -> tuple[ExitPolicy, dict]:
     """``certify`` on a given fit / cert pair (``data_free``: the sequence ignores ``fit``, which may be ``cert``).

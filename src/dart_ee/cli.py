@@ -13,9 +13,10 @@ import numpy as np
 import typer
 
 from dart_ee.config import AdaptConfig, BenchmarkConfig
+from dart_ee.defaults import CONFIDENCE, FIT_SHARE
 from dart_ee.errors import DartError
 from dart_ee.onnx_runner import OPSETS
-from dart_ee.run import POLICIES
+from dart_ee.run import POLICY_DIR
 from dart_ee.trust import trust_code
 
 if TYPE_CHECKING:
@@ -287,7 +288,7 @@ def difficulty_report(trace: TraceOpt, out: OutOpt = None) -> None:
 def _recorded(rec: dict, out: Path | None) -> dict:
     """``rec`` with its provenance (command, git revision, hardware, date), written to ``out`` when given."""
     from dart_ee import artifacts
-    from dart_ee.bench import provenance
+    from dart_ee.provenance import provenance
 
     rec = {**rec, "provenance": provenance()}
     if out:
@@ -364,7 +365,7 @@ def calibrate(
         confidence: ConfidenceOpt = None,
         risk: RiskOpt = "drop",
         fit_share: Annotated[float, typer.Option("--fit-share", help="Share of the calibration split that fits "
-                                                                     "(certified only); the rest certifies.")] = 0.4,
+                                                                     "(certified only); the rest certifies.")] = FIT_SHARE,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the fit / cert split (recorded).")] = 0,
         bound: Annotated[str, typer.Option("--bound", help="p-values: exact (binomial; for the drop, on new errors), "
                                                            "mcnemar (conditional McNemar, drop only) or hb "
@@ -407,7 +408,7 @@ def calibrate(
         typer.echo(("CERTIFIED: " if g["certified"] else "NOT CERTIFIED: ") + g["statement"] + p)
         typer.echo(g["not_guaranteed"])
     elif max_drop is not None:
-        typer.echo("UNCERTIFIED: " + rec["target"]["note"] + "; add --confidence 0.95 for a certified budget"
+        typer.echo("UNCERTIFIED: " + rec["target"]["note"] + f"; add --confidence {CONFIDENCE} for a certified budget"
                    + ("" if rec["budget_met"] else " [budget NOT met on calibration: most accurate point kept]"))
     typer.echo(f"wrote {out}")
 
@@ -458,7 +459,7 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
           resplits: Annotated[int, typer.Option("--resplits", min=0, help="Also compare over this many random "
                                                 "calibration / test re-splits of the pooled traces (paired AUC "
                                                 "difference DART - threshold, certified frontier). 0: none.")] = 0,
-          confidence: Annotated[float, typer.Option("--confidence", help="Certified frontier confidence.")] = 0.95,
+          confidence: Annotated[float, typer.Option("--confidence", help="Certified frontier confidence.")] = CONFIDENCE,
           risk: RiskOpt = "drop",
           seed: int = 0,
           alpha: AlphaOpt = None,
@@ -467,10 +468,10 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
                                "reference). Default: all.")] = None) -> None:
     """Every policy's accuracy-vs-MACs curve: each point chosen on the calibration trace, measured on the test trace."""
     from dart_ee import artifacts, plots
-    from dart_ee.bench import provenance
-    from dart_ee.frontier import POLICIES as FRONTIER_POLICIES
+    from dart_ee.frontier import COMPARED as FRONTIER_POLICIES
     from dart_ee.frontier import resplit_frontier
     from dart_ee.frontier import sweep as run_sweep
+    from dart_ee.provenance import provenance
     from dart_ee.report import frontier_markdown, grid_markdown
 
     prov = provenance()
@@ -505,7 +506,7 @@ def compare(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace."
             test: Annotated[Path, typer.Option("--test", help="Test trace.")],
             max_drop: Annotated[float, typer.Option("--max-drop", help="Accuracy budget in points.")] = 0.5,
             confidence: Annotated[Optional[float], typer.Option(
-                "--confidence", help="Certify at this confidence; --uncertified for the in-sample search.")] = 0.95,
+                "--confidence", help="Certify at this confidence; --uncertified for the in-sample search.")] = CONFIDENCE,
             uncertified: Annotated[bool, typer.Option("--uncertified", help="Uncertified in-sample budget search.")] = False,
             risk: RiskOpt = "drop",
             seed: int = 0,
@@ -521,7 +522,7 @@ def compare(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace."
     c, t = _load_pair(cal, test)
     res = run_compare(c, t, max_drop, conf, risk, seed)
     abl = dart_ablation(c, t, max_drop, conf, seed) if ablation else []
-    out = out or Path(cal).parent / POLICIES
+    out = out or Path(cal).parent / POLICY_DIR
     for name, (pol, rec) in res.pop("fitted").items():
         pol.save(out / f"{name}.json", calibration=rec)
     typer.echo(f"Every policy calibrated on {cal} ({budget_words(res)}), measured on {test}:")
@@ -538,7 +539,7 @@ def guarantee(cal: Annotated[Optional[Path], typer.Option("--cal", help="Calibra
               test: Annotated[Optional[Path], typer.Option("--test", help="Test trace.")] = None,
               policy: Annotated[Optional[list[str]], typer.Option("--policy", help="Policy to check. Repeatable.")] = None,
               max_drop: Annotated[float, typer.Option("--max-drop")] = 0.5,
-              confidence: Annotated[float, typer.Option("--confidence")] = 0.95,
+              confidence: Annotated[float, typer.Option("--confidence")] = CONFIDENCE,
               risk: RiskOpt = "drop",
               resplits: Annotated[int, typer.Option("--resplits", min=1, help="Re-splits (or generator draws).")] = 200,
               synthetic: Annotated[Optional[str], typer.Option(
@@ -551,8 +552,8 @@ def guarantee(cal: Annotated[Optional[Path], typer.Option("--cal", help="Calibra
     Pass: at most 15 of 200 draws exceed the budget (P(Bin(200, 0.05) >= 16) = 0.044).
     """
     from dart_ee import artifacts
-    from dart_ee.bench import provenance
     from dart_ee.coverage import population_coverage, resplit_coverage
+    from dart_ee.provenance import provenance
 
     policies = policy or ["dart", "threshold"]
     results, prov = [], provenance()  # the code that computes the figures, read before any of them is

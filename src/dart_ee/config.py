@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dart_ee.artifacts import fingerprint
+from dart_ee.defaults import CONFIDENCE
 from dart_ee.errors import ConfigError
 
 
@@ -75,7 +76,7 @@ class TrainConfig(_Strict):
 class CalibrationConfig(_Strict):
     max_drop: float = Field(0.5, gt=0, lt=100)  # accuracy budget, points below the final exit
     # certify the budget with this probability (Learn-then-Test, dart_ee.certify); null: uncertified search
-    confidence: float | None = Field(0.95, ge=0.5, lt=1)
+    confidence: float | None = Field(CONFIDENCE, ge=0.5, lt=1)
     risk: Literal["drop", "new-errors", "disagree"] = "drop"  # what the budget bounds
     fit_share: float = Field(0.4, gt=0, lt=1)  # share of the calibration split that fits; the rest certifies
 

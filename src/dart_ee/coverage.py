@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from dart_ee.certify import FIT_SHARE, certify, certify_split, losses, uses_fit_split
+from dart_ee.defaults import CONFIDENCE
 from dart_ee.errors import ConfigError
 from dart_ee.evaluation import evaluate, simulate
 from dart_ee.policies import ExitPolicy
@@ -69,7 +70,7 @@ def true_risk(policy: ExitPolicy, truth: Trace, risk: str) -> float:
     return 100 * float(losses(risk, truth, simulate(policy, truth)[1]).mean())
 
 
-def population_coverage(policy: str, kind: str, max_drop: float, confidence: float = 0.95, risk: str = "drop",
+def population_coverage(policy: str, kind: str, max_drop: float, confidence: float = CONFIDENCE, risk: str = "drop",
                         draws: int = 200, n_cal: int = 5000, n_truth: int = 100_000, seed: int = 0,
                         **kw: Any) -> dict:
     """Certify on ``draws`` fresh calibration draws; count how often the true risk exceeds the budget."""
@@ -92,7 +93,7 @@ def pool_traces(a: Trace, b: Trace) -> Trace:
                  np.arange(a.n + b.n), a.exit_macs, alpha, dict(a.meta, split="cal", n=a.n + b.n), extra)
 
 
-def resplit_coverage(cal: Trace, test: Trace, policy: str, max_drop: float, confidence: float = 0.95,
+def resplit_coverage(cal: Trace, test: Trace, policy: str, max_drop: float, confidence: float = CONFIDENCE,
                      risk: str = "drop", resplits: int = 200, seed: int = 0, n_fit: int | None = None,
                      n_cert: int | None = None, **kw: Any) -> dict:
     """Both designs of CALIBRATION.md on the pooled calibration and test traces.

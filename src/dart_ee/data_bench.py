@@ -23,6 +23,7 @@ import torch
 
 from dart_ee import artifacts
 from dart_ee.errors import ConfigError
+from dart_ee.provenance import hardware_info
 
 MODES = ("memory", "stream")
 
@@ -103,8 +104,6 @@ def data_speed(config: Path, steps: int = 100, modes: tuple[str, ...] = MODES, w
                repeats: int = 1) -> dict:
     """Train ``config`` for ``steps`` steps in each of ``modes``, ``repeats`` rounds in alternation; per mode
     the median images/s and setup time and the highest peak memory (every round's figures are kept)."""
-    from dart_ee.bench import hardware_info
-
     bad = sorted(set(modes) - set(MODES))
     if bad or not modes:
         raise ConfigError(f"unknown data mode(s) {bad or list(modes)}: choose memory and/or stream")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dart_ee import artifacts
-from dart_ee.errors import ArtifactError, InputError
+from dart_ee.errors import ArtifactError, ConfigError, InputError
 
 if TYPE_CHECKING:
     from dart_ee.models import MultiExitNet
@@ -228,6 +228,17 @@ class LearnedDifficulty(nn.Module):
 
     def forward(self, x: torch.Tensor, stage1: torch.Tensor, logits1: torch.Tensor, check: bool = True) -> torch.Tensor:
         return self.predict(self.features(self.paper.terms(x, check), stage1, logits1))
+
+    def score(self, source: str, x: torch.Tensor, stage1: torch.Tensor | None = None,
+              logits1: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+        """The difficulty score a policy reads (``source``: "paper" or "learned", its ``alpha_source_``): the one
+        place that chooses between them, for the eager and queued runners and the exported graph alike. The
+        learned one also reads stage 1's output and exit 1's logits."""
+        if source == "paper":
+            return self.paper(x, check)
+        if source != "learned" or stage1 is None or logits1 is None:
+            raise ConfigError(f"difficulty source {source!r}: 'paper', or 'learned' with stage 1's output and logits")
+        return self(x, stage1, logits1, check)
 
     def predict(self, feats: torch.Tensor) -> torch.Tensor:
         if self.coef.numel() != feats.shape[1]:

@@ -50,7 +50,7 @@ from dart_ee.lock import LOCK_FILE, run_lock
 from dart_ee.models import MultiExitNet, Normalize
 from dart_ee.onnx_runner import FORMAT, MANIFEST, OPSETS
 from dart_ee.policies import ExitPolicy, StaticPolicy, load_policy
-from dart_ee.run import CONFIG, ESTIMATORS, METRICS, MODEL, POLICIES, Run
+from dart_ee.run import CONFIG, ESTIMATORS, METRICS, MODEL, POLICY_DIR, Run
 from dart_ee.runtime import alpha_source
 
 DTYPES = ("fp32", "int8")
@@ -109,16 +109,14 @@ class _Static(nn.Module):
 class _Alpha(nn.Module):
     """The paper's score (``x``) or the learned estimator (``x``, stage 1's output, exit 1's logits)."""
 
-    def __init__(self, estimator: LearnedDifficulty, learned: bool) -> None:
+    def __init__(self, estimator: LearnedDifficulty, source: str) -> None:
         super().__init__()
-        self.estimator, self.learned = estimator, learned
+        self.estimator, self.source = estimator, source
 
     def forward(self, x: torch.Tensor, h1: torch.Tensor | None = None, logits1: torch.Tensor | None = None) -> torch.Tensor:
         # check=False: the input checks read values back to the host, which a graph cannot hold; the
         # runner checks its input once, up front
-        if self.learned:
-            return self.estimator(x, h1, logits1, check=False)
-        return self.estimator.paper(x, check=False)
+        return self.estimator.score(self.source, x, h1, logits1, check=False)
 
 
 class _RoutedExit(nn.Module):
@@ -131,7 +129,7 @@ class _RoutedExit(nn.Module):
                  state_keys: Sequence[str]) -> None:
         super().__init__()
         self.exit, self.policy, self.i, self.source, self.keys = _Exit(head), policy, i, source, list(state_keys)
-        self.alpha = _Alpha(estimator, learned=source == "learned") if source and i == 0 else None
+        self.alpha = _Alpha(estimator, source) if source and i == 0 else None
 
     def forward(self, h: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits, probs = self.exit(h)
@@ -236,11 +234,78 @@ def check_out(out: Path, run_path: Path) -> None:
 def _policy_paths(run: Run, policies: Sequence[str | Path] | None) -> list[Path]:
     if policies:
         return [Path(p) for p in policies]
-    paths = sorted((run.path / POLICIES).glob("*.json"))
+    paths = sorted((run.path / POLICY_DIR).glob("*.json"))
     if not paths:
-        raise ArtifactError(f"{run.path / POLICIES} holds no fitted policy: the run is unfinished; finish it with "
+        raise ArtifactError(f"{run.path / POLICY_DIR} holds no fitted policy: the run is unfinished; finish it with "
                             "`dart-ee run` (or fit one with `dart-ee calibrate`) before exporting")
     return paths
+
+
+class _Writer:
+    """Writes one export's graphs into ``out`` and lists each file written (the manifest checksums them)."""
+
+    def __init__(self, out: Path, opset: int, model: MultiExitNet, est: LearnedDifficulty) -> None:
+        self.out, self.opset, self.model, self.est = out, opset, model, est
+        self.files: list[str] = []
+        self.x = torch.rand(2, *model.input_shape)
+        self.hs: list[torch.Tensor] = []  # each stage's output on ``x``: the example inputs of the exit graphs
+        self.exit_macs, self.static_macs = model.exit_macs(), float(model.static_macs())
+        self.est_macs = est.macs(model)
+
+    def add(self, rel: str, module: nn.Module, args: tuple, inputs: list[str], outputs: list[str]) -> None:
+        _onnx(module, args, self.out / rel, inputs, outputs, self.opset)
+        self.files.append(rel)
+
+    def network(self) -> int:
+        """The static network, each stage and exit head, both difficulty estimators; returns the class count."""
+        model, est, x = self.model, self.est, self.x
+        self.add("static.onnx", _Static(model), (x,), ["x"], ["probs"])
+        h = x
+        for i in range(model.num_exits):
+            self.add(f"stage_{i}.onnx", model.stages[i], (h,), ["x" if i == 0 else "h_in"], ["h"])
+            h = model.stages[i](h)
+            self.hs.append(h)
+            self.add(f"exit_{i}.onnx", _Exit(model.heads[i]), (h,), ["h"], ["logits", "probs"])
+        logits1, probs = _Exit(model.heads[0])(self.hs[0])
+        self.add("alpha_paper.onnx", _Alpha(est, "paper"), (x,), ["x"], ["alpha"])
+        self.add("alpha_learned.onnx", _Alpha(est, "learned"), (x, self.hs[0], logits1), ["x", "h1", "logits1"],
+                 ["alpha"])
+        return int(probs.shape[1])
+
+    def policy(self, name: str, pol: ExitPolicy, text: str | None, graph: str = "static.onnx") -> dict[str, Any]:
+        """The policy's JSON and, unless it never leaves early, its routed exits (head, softmax, decision)."""
+        model, est = self.model, self.est
+        source = alpha_source(model, pol, est)
+        state = pol.init_state(2)
+        static = isinstance(pol, StaticPolicy) or pol.never_leaves_early()
+        info: dict[str, Any] = {
+            "file": f"{POLICY_DIR}/{name}.json" if text else None, "policy": pol.name, "static": static,
+            "graph": graph if static else None, "alpha_source": source,
+            "state": {k: {"dtype": str(v.dtype).removeprefix("torch."), "fill": v[0].item()} for k, v in state.items()},
+            "leave_macs": leave_costs(StaticPolicy() if static else pol, self.exit_macs, self.static_macs,
+                                      self.est_macs).tolist(),
+            "exits": []}
+        if text:
+            artifacts.write_text(self.out / info["file"], text)
+            self.files.append(info["file"])
+        for i in range(0 if static else model.num_exits - 1):
+            rel = f"{POLICY_DIR}/{name}/exit_{i}.onnx"
+            extra = [] if not source else [("x", self.x)] if i == 0 else [("alpha", torch.rand(2))]
+            args = (self.hs[i], *(v for _, v in extra), *state.values())
+            self.add(rel, _RoutedExit(model.heads[i], pol, i, source, est, list(state)), args,
+                     ["h", *(k for k, _ in extra), *state],
+                     ["logits", "probs", "leave", *(["alpha"] if source and i == 0 else []), *(f"{k}_out" for k in state)])
+            info["exits"].append(rel)
+        return info
+
+    def forget(self, name: str) -> None:
+        """Remove a policy's files (before it is written again, re-fitted)."""
+        shutil.rmtree(self.out / POLICY_DIR / name, ignore_errors=True)
+        self.files[:] = [f for f in self.files if f != f"{POLICY_DIR}/{name}.json" and
+                         not f.startswith(f"{POLICY_DIR}/{name}/")]
+
+    def checksums(self) -> dict[str, str]:
+        return {rel: artifacts.file_fingerprint(self.out / rel) for rel in self.files}
 
 
 def export_run(run_dir: str | Path, out: str | Path, opset: int = 17, dtype: str = "fp32",
@@ -252,66 +317,16 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = 17, dtype: str
     names' stems. ``dtype="int8"`` needs the run's data (``data_dir``) for the calibration images.
     """
     run, out = Run(run_dir), Path(out)
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r} is not offered: choose one of {', '.join(DTYPES)}")
-    if opset not in OPSETS:
-        raise ConfigError(f"--opset {opset} is not offered: choose {OPSETS.start} to {OPSETS.stop - 1}")
-    for name in (MODEL, ESTIMATORS, METRICS):
-        if not (run.path / name).is_file():
-            raise ArtifactError(f"{run.path / name} is missing: the run is unfinished; finish it with `dart-ee run` "
-                                "before exporting")
+    _check_request(run, dtype, opset)
     paths = _policy_paths(run, policies)
     check_out(out, run.path)
     with run_lock(out):  # the folder written; the run is only read, so a read-only run exports too
         check_out(out, run.path)  # again, now that no other export can be writing there
-        model, est = _exportable(run.model()), run.estimators()
+        w = _Writer(out, opset, _exportable(run.model()), run.estimators())
         (out / MANIFEST).unlink(missing_ok=True)  # no manifest until every file is written: a half export never loads
         artifacts.write_text(out / MARK, f"{run.path.resolve()}\n")
-        shutil.rmtree(out / POLICIES, ignore_errors=True)
-        files: list[str] = []
-
-        def add(rel: str, module: nn.Module, args: tuple, inputs: list[str], outputs: list[str]) -> None:
-            _onnx(module, args, out / rel, inputs, outputs, opset)
-            files.append(rel)
-
-        x = torch.rand(2, *model.input_shape)
-        add("static.onnx", _Static(model), (x,), ["x"], ["probs"])
-        h, hs = x, []
-        for i in range(model.num_exits):
-            add(f"stage_{i}.onnx", model.stages[i], (h,), ["x" if i == 0 else "h_in"], ["h"])
-            h = model.stages[i](h)
-            hs.append(h)
-            add(f"exit_{i}.onnx", _Exit(model.heads[i]), (h,), ["h"], ["logits", "probs"])
-        logits1, probs = _Exit(model.heads[0])(hs[0])
-        add("alpha_paper.onnx", _Alpha(est, learned=False), (x,), ["x"], ["alpha"])
-        add("alpha_learned.onnx", _Alpha(est, learned=True), (x, hs[0], logits1), ["x", "h1", "logits1"], ["alpha"])
-
-        exit_macs, static_macs, est_macs = model.exit_macs(), float(model.static_macs()), est.macs(model)
-
-        def add_policy(name: str, pol: ExitPolicy, text: str | None, graph: str = "static.onnx") -> dict[str, Any]:
-            """The policy's JSON and, unless it never leaves early, its routed exits (head, softmax, decision)."""
-            source = alpha_source(model, pol, est)
-            state = pol.init_state(2)
-            static = isinstance(pol, StaticPolicy) or pol.never_leaves_early()
-            info: dict[str, Any] = {
-                "file": f"{POLICIES}/{name}.json" if text else None, "policy": pol.name, "static": static,
-                "graph": graph if static else None, "alpha_source": source,
-                "state": {k: {"dtype": str(v.dtype).removeprefix("torch."), "fill": v[0].item()} for k, v in state.items()},
-                "leave_macs": leave_costs(StaticPolicy() if static else pol, exit_macs, static_macs, est_macs).tolist(),
-                "exits": []}
-            if text:
-                artifacts.write_text(out / info["file"], text)
-                files.append(info["file"])
-            for i in range(0 if static else model.num_exits - 1):
-                rel = f"{POLICIES}/{name}/exit_{i}.onnx"
-                extra = [] if not source else [("x", x)] if i == 0 else [("alpha", torch.rand(2))]
-                args = (hs[i], *(v for _, v in extra), *state.values())
-                add(rel, _RoutedExit(model.heads[i], pol, i, source, est, list(state)), args,
-                    ["h", *(k for k, _ in extra), *state],
-                    ["logits", "probs", "leave", *(["alpha"] if source and i == 0 else []), *(f"{k}_out" for k in state)])
-                info["exits"].append(rel)
-            return info
-
+        shutil.rmtree(out / POLICY_DIR, ignore_errors=True)
+        num_classes = w.network()
         chosen: dict[str, tuple[ExitPolicy, str | None]] = {
             name: (load_policy(p), p.read_text()) for name, p in zip(export_names(paths), paths)}
         if "static" not in chosen:  # the baseline every benchmark compares with
@@ -321,57 +336,75 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = 17, dtype: str
 
             cal = run.images("cal", data_dir).x
             calibration_images = min(calibration_images, len(cal))  # the manifest records what was used
-            quantize_graphs(out, model.num_exits, cal[np.random.default_rng(0).permutation(len(cal))[:calibration_images]])
-            files.append("static_fp32.onnx")
+            quantize_graphs(out, w.model.num_exits,
+                            cal[np.random.default_rng(0).permutation(len(cal))[:calibration_images]])
+            w.files.append("static_fp32.onnx")
             chosen["static_fp32"] = (StaticPolicy(), None)
-        pol_info = {name: add_policy(name, pol, text, "static_fp32.onnx" if name == "static_fp32" else "static.onnx")
+        pol_info = {name: w.policy(name, pol, text, "static_fp32.onnx" if name == "static_fp32" else "static.onnx")
                     for name, (pol, text) in chosen.items()}
-
-        metrics = artifacts.read_json(run.path / METRICS, "metrics file")
-        manifest = {
-            "format": FORMAT, "made_by": "dart-ee export", "run": str(run.path), "dtype": dtype, "opset": opset,
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "input": {"shape": list(model.input_shape), "dtype": "float32", "range": [0.0, 1.0],
-                      "normalisation": _normalisation(model), "note": "uint8 pixels are divided by 255; the "
-                      "normalisation is inside stage_0.onnx and static.onnx"},
-            "num_exits": model.num_exits, "num_classes": int(probs.shape[1]),
-            "exit_macs": [float(m) for m in exit_macs], "static_macs": static_macs,
-            "estimator_macs": {k: float(v) for k, v in est_macs.items()},
-            "code_fingerprint": code_fingerprint(),
-            "model_fingerprint": artifacts.file_fingerprint(run.path / MODEL),
-            "estimators_fingerprint": artifacts.file_fingerprint(run.path / ESTIMATORS),
-            "train_fingerprint": metrics.get("train_fingerprint"),
-            "exit_test_accuracy_torch": metrics.get("exit_test_accuracy"),
-            "policies": pol_info,
-            "files": {rel: artifacts.file_fingerprint(out / rel) for rel in files},
-        }
+        manifest = _manifest(run, w, dtype, num_classes, pol_info)
         artifacts.write_json(out / MANIFEST, manifest)
         if dtype == "int8":  # quantisation moves the confidences: fit every policy again on an int8 trace
-            from dart_ee.quantize import int8_traces, refit
-
-            traces = int8_traces(out, run, data_dir)
-            refits = {}
-            for name, (pol, text) in chosen.items():
-                fitted = refit(json.loads(text), traces["cal"], name, run.config().seed) if text else None
-                if fitted is not None:
-                    new_pol, rec = fitted
-                    refits[name] = {"fp32": pol.name, "int8": new_pol.name, "calibration": rec["calibration"],
-                                    "certified": (rec.get("guarantee") or {}).get("certified")}
-                    files.remove(f"{POLICIES}/{name}.json")
-                    shutil.rmtree(out / POLICIES / name, ignore_errors=True)
-                    files[:] = [f for f in files if not f.startswith(f"{POLICIES}/{name}/")]
-                    text = json.dumps(new_pol.to_dict() | {"calibration": rec}, indent=2) + "\n"
-                    pol_info[name] = add_policy(name, new_pol, text)
-            test = run.trace("test")
-            manifest["int8"] = {
-                "calibration_images": calibration_images, "quantised": "stages and the static network (QDQ, int8 "
-                "weights per channel, uint8 activations); heads, estimators and decisions in fp32",
-                "exit_test_accuracy_fp32": test.exit_accuracy(),
-                "exit_test_accuracy_int8": traces["test"].exit_accuracy(),
-                "exit_cal_accuracy_int8": traces["cal"].exit_accuracy(), "refit": refits}
-            manifest["files"] = {rel: artifacts.file_fingerprint(out / rel) for rel in files}
+            manifest["int8"] = _refit_int8(run, w, chosen, pol_info, data_dir, calibration_images)
+            manifest["files"] = w.checksums()
             artifacts.write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _check_request(run: Run, dtype: str, opset: int) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not offered: choose one of {', '.join(DTYPES)}")
+    if opset not in OPSETS:
+        raise ConfigError(f"--opset {opset} is not offered: choose {OPSETS.start} to {OPSETS.stop - 1}")
+    for name in (MODEL, ESTIMATORS, METRICS):
+        if not (run.path / name).is_file():
+            raise ArtifactError(f"{run.path / name} is missing: the run is unfinished; finish it with `dart-ee run` "
+                                "before exporting")
+
+
+def _manifest(run: Run, w: _Writer, dtype: str, num_classes: int, pol_info: dict) -> dict:
+    """What the export holds and where it came from; ``files`` checksums every file listed (nothing else loads)."""
+    metrics = artifacts.read_json(run.path / METRICS, "metrics file")
+    return {
+        "format": FORMAT, "made_by": "dart-ee export", "run": str(run.path), "dtype": dtype, "opset": w.opset,
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "input": {"shape": list(w.model.input_shape), "dtype": "float32", "range": [0.0, 1.0],
+                  "normalisation": _normalisation(w.model), "note": "uint8 pixels are divided by 255; the "
+                  "normalisation is inside stage_0.onnx and static.onnx"},
+        "num_exits": w.model.num_exits, "num_classes": num_classes,
+        "exit_macs": [float(m) for m in w.exit_macs], "static_macs": w.static_macs,
+        "estimator_macs": {k: float(v) for k, v in w.est_macs.items()},
+        "code_fingerprint": code_fingerprint(),
+        "model_fingerprint": artifacts.file_fingerprint(run.path / MODEL),
+        "estimators_fingerprint": artifacts.file_fingerprint(run.path / ESTIMATORS),
+        "train_fingerprint": metrics.get("train_fingerprint"),
+        "exit_test_accuracy_torch": metrics.get("exit_test_accuracy"),
+        "policies": pol_info,
+        "files": w.checksums(),
+    }
+
+
+def _refit_int8(run: Run, w: _Writer, chosen: dict[str, tuple[ExitPolicy, str | None]], pol_info: dict,
+                data_dir: str | Path | None, calibration_images: int) -> dict:
+    """Each policy fitted again, with its own budget and certification settings, on a trace of the calibration
+    split made by the int8 graphs, and written over its fp32 files; the manifest's int8 section."""
+    from dart_ee.quantize import int8_traces, refit
+
+    traces = int8_traces(w.out, run, data_dir)
+    refits = {}
+    for name, (pol, text) in chosen.items():
+        fitted = refit(json.loads(text), traces["cal"], name, run.config().seed) if text else None
+        if fitted is not None:
+            new_pol, rec = fitted
+            refits[name] = {"fp32": pol.name, "int8": new_pol.name, "calibration": rec["calibration"],
+                            "certified": (rec.get("guarantee") or {}).get("certified")}
+            w.forget(name)
+            pol_info[name] = w.policy(name, new_pol, json.dumps(new_pol.to_dict() | {"calibration": rec}, indent=2) + "\n")
+    return {"calibration_images": calibration_images, "quantised": "stages and the static network (QDQ, int8 "
+            "weights per channel, uint8 activations); heads, estimators and decisions in fp32",
+            "exit_test_accuracy_fp32": run.trace("test").exit_accuracy(),
+            "exit_test_accuracy_int8": traces["test"].exit_accuracy(),
+            "exit_cal_accuracy_int8": traces["cal"].exit_accuracy(), "refit": refits}
 
 
 def is_current(export_dir: str | Path, run_dir: str | Path, policies: Sequence[str | Path]) -> bool:

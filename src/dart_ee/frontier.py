@@ -21,12 +21,13 @@ from scipy import stats
 from dart_ee.calibration import candidates
 from dart_ee.certify import FIT_SHARE, SCALED, certify_split, fit_cert_for, fit_search, knob_sequence
 from dart_ee.coverage import pool_traces
+from dart_ee.defaults import CONFIDENCE
 from dart_ee.errors import ConfigError
 from dart_ee.evaluation import evaluate, oracle
-from dart_ee.policies import check_calibration_trace, make_policy
+from dart_ee.policies import POLICIES, check_calibration_trace, make_policy
 from dart_ee.trace import Trace
 
-POLICIES = ("threshold", "branchynet", "patience", "rl", "dart", "score")
+COMPARED = tuple(n for n in POLICIES if n != "static")  # every registered policy against the static network
 BUDGETS = tuple(np.round(np.linspace(0.25, 1.0, 76), 2).tolist())  # fractions of the static network's MACs
 GRID = (0.25, 0.5, 0.75)
 CERT_BUDGETS = (0.25, 0.5, 1.0, 2.0)  # points
@@ -78,7 +79,7 @@ def _grid_entry(point: dict | None, budget: float) -> dict:
             "overshoot": max(0.0, point["mac_fraction"] - budget), "params": point["params"]}
 
 
-def sweep(cal: Trace, test: Trace, policies: tuple[str, ...] = POLICIES,
+def sweep(cal: Trace, test: Trace, policies: tuple[str, ...] = COMPARED,
           params: dict[str, dict[str, Any]] | None = None) -> dict:
     """Accuracy-vs-MACs curves and the 25 / 50 / 75% grid, every point chosen on ``cal`` and measured on ``test``."""
     check_calibration_trace(cal)
@@ -104,8 +105,8 @@ def nadeau_bengio(diffs: np.ndarray, n_cal: int, n_test: int, level: float = 0.9
     return {"mean": mean, "sd": sd, "low": mean - half, "high": mean + half, "level": level, "resplits": r}
 
 
-def resplit_frontier(cal: Trace, test: Trace, resplits: int = 50, seed: int = 0, policies: tuple[str, ...] = POLICIES,
-                     cert_budgets: tuple[float, ...] = CERT_BUDGETS, confidence: float = 0.95, risk: str = "drop",
+def resplit_frontier(cal: Trace, test: Trace, resplits: int = 50, seed: int = 0, policies: tuple[str, ...] = COMPARED,
+                     cert_budgets: tuple[float, ...] = CERT_BUDGETS, confidence: float = CONFIDENCE, risk: str = "drop",
                      fit_share: float = FIT_SHARE) -> dict:
     """Paired AUC comparison and certified frontier over ``resplits`` random calibration / test re-splits."""
     if resplits < 2:

@@ -25,7 +25,11 @@ _REGISTRY: dict[str, Callable[..., MultiExitNet]] = {}
 
 
 def register_model(name: str) -> Callable:
+    """Decorator: register a model builder under ``name`` (a second builder of the same name is refused)."""
     def deco(fn: Callable[..., MultiExitNet]) -> Callable[..., MultiExitNet]:
+        if name in _REGISTRY:
+            raise ConfigError(f"a model named {name!r} is registered already ({_REGISTRY[name].__qualname__}); "
+                              "choose another name")
         _REGISTRY[name] = fn
         return fn
 

@@ -6,17 +6,29 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dart_ee import artifacts, distributed, plots
-from dart_ee.config import Config, dump_config
+import torch
+
+from dart_ee import adapt_tuning, artifacts, distributed, plots, tracing
+from dart_ee.adapt_eval import run_policy, study
+from dart_ee.analysis import difficulty_report
+from dart_ee.bench import benchmark
+from dart_ee.calibration import compare, dart_ablation
+from dart_ee.config import Config, changed_fields, dump_config, load_config
 from dart_ee.console import log
 from dart_ee.errors import ArtifactError, ConfigError
+from dart_ee.evaluation import simulate
+from dart_ee.frontier import CERT_BUDGETS, COMPARED, certified_points, summarize_frontier, sweep
 from dart_ee.lock import holds_run_lock
+from dart_ee.malloc import keep_freed_memory
+from dart_ee.policies import load_policy
+from dart_ee.provenance import git_revision, hardware_info
+from dart_ee.report import write_report
 from dart_ee.run import (
     CHECKPOINT,
     CONFIG,
     METRICS,
     MODEL,
-    POLICIES,
+    POLICY_DIR,
     RESULTS,
     SINGLE_EXIT,
     SPLIT,
@@ -25,6 +37,8 @@ from dart_ee.run import (
     TRACE_FILES,
     Run,
 )
+from dart_ee.trace import Trace
+from dart_ee.training import is_current, set_run_threads, single_exit_config, train, training_device
 
 
 def _retire(out: Path, names: tuple[str, ...], why: str) -> None:
@@ -41,9 +55,6 @@ def _retire(out: Path, names: tuple[str, ...], why: str) -> None:
 
 def _retire_stale_model(cfg: Config, out: Path) -> None:
     """A model (or an unfinished checkpoint) trained from other settings goes aside, with everything made from it."""
-    from dart_ee.config import changed_fields, load_config
-    from dart_ee.training import is_current
-
     if (out / METRICS).is_file():
         record = artifacts.read_json(out / METRICS, "metrics")
     elif (out / CHECKPOINT).is_file():
@@ -66,18 +77,7 @@ def _retire_stale_model(cfg: Config, out: Path) -> None:
 @holds_run_lock("out")
 def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> dict:
     """Train, trace (with difficulty), calibrate every policy, sweep, benchmark, adapt; write results.json and report.md."""
-    import torch
 
-    from dart_ee import tracing
-    from dart_ee.analysis import difficulty_report
-    from dart_ee.bench import benchmark, git_revision, hardware_info
-    from dart_ee.calibration import compare, dart_ablation
-    from dart_ee.evaluation import simulate
-    from dart_ee.frontier import CERT_BUDGETS, certified_points, summarize_frontier, sweep
-    from dart_ee.frontier import POLICIES as COMPARED
-    from dart_ee.malloc import keep_freed_memory
-    from dart_ee.policies import load_policy
-    from dart_ee.training import set_run_threads, single_exit_config, train, training_device
 
     out = Path(out)
     steps: dict[str, float] = {}
@@ -88,6 +88,53 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
         return time.perf_counter()
 
     t0 = step("1/6 train")
+    metrics, baseline = _train_step(cfg, out, data_dir)
+    steps["train"] = time.perf_counter() - t0
+    if not distributed.is_main():  # under torchrun the processes share training; rank 0 alone goes on
+        return {}
+
+    t0 = step("2/6 difficulty + trace")
+    cal, test = _trace_step(cfg, out, data_dir)
+    diff = difficulty_report(test)
+    steps["trace"] = time.perf_counter() - t0
+
+    cc = cfg.calibration
+    how = f"--confidence {cc.confidence} --risk {cc.risk}" if cc.confidence else "(uncertified)"
+    t0 = step(f"3/6 calibrate every policy at --max-drop {cc.max_drop} {how}")
+    calibrated = _calibrate_step(cfg, out / POLICY_DIR, cal, test)
+    steps["calibrate"] = time.perf_counter() - t0
+
+    t0 = step("4/6 sweep (operating points chosen on calibration, measured on test)")
+    sw = sweep(cal, test)
+    steps["sweep"] = time.perf_counter() - t0
+
+    exits, _ = simulate(load_policy(out / POLICY_DIR / "dart.json"), test)
+    dart_diff = difficulty_report(test, exits + 1, "DART")["exit_distribution"]
+
+    bench = None
+    if cfg.benchmark.enabled:
+        t0 = step("5/6 benchmark")
+        bench = _benchmark_step(cfg, out, data_dir)
+        steps["benchmark"] = time.perf_counter() - t0
+
+    adaptation = None
+    if cfg.adapt.enabled:
+        t0 = step("6/6 adaptation (settings chosen on the calibration split, figures on the test split)")
+        adaptation = adapt_run(out, cfg, data_dir)
+        steps["adapt"] = time.perf_counter() - t0
+    results = {"config": cfg.model_dump(mode="json"), "seed": cfg.seed, "git_revision": revision,
+               "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "training": metrics,
+               "single_exit_baseline": baseline, "difficulty": diff, "dart_exit_distribution": dart_diff,
+               **calibrated, "sweep": sw, "benchmark": bench, "adaptation": adaptation, "step_seconds": steps}
+    artifacts.write_json(out / RESULTS, results)
+    render(out)
+    log(f"wrote {out / 'results.json'}, {out / 'report.md'} and the figures")
+    return results
+
+
+def _train_step(cfg: Config, out: Path, data_dir: str | Path | None) -> tuple[dict, dict | None]:
+    """The model (trained, resumed or reused when current) and the single-exit baseline's metrics."""
     world = distributed.start(training_device(cfg.train.device).type)  # under torchrun: join the other processes
     set_run_threads(cfg, world.size)  # also when training is skipped: a resumed run computes as a fresh one
     if distributed.is_main():
@@ -97,22 +144,22 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     distributed.barrier()  # (only under torchrun, once train() has joined the processes) they all see one folder
     done = (out / MODEL).is_file() and (out / METRICS).is_file()
     metrics = train(cfg, out, data_dir, resume=True) if not done else artifacts.read_json(out / METRICS, "metrics")
-    baseline = None
-    if cfg.single_exit_baseline:  # only its metrics are reported, so they are its step's output
-        solo_dir = out / SINGLE_EXIT
-        solo_cfg = single_exit_config(cfg, len(metrics["exit_macs"]))
-        if distributed.is_main():
-            _retire_stale_model(solo_cfg, solo_dir)
-        distributed.barrier()
-        baseline = (artifacts.read_json(solo_dir / METRICS, "metrics") if (solo_dir / METRICS).is_file() else
-                    train(solo_cfg, solo_dir, data_dir, resume=True))
-    steps["train"] = time.perf_counter() - t0
-    if not distributed.is_main():  # under torchrun the processes share training; rank 0 alone goes on
-        return {}
+    if not cfg.single_exit_baseline:
+        return metrics, None
+    solo_dir = out / SINGLE_EXIT  # only its metrics are reported, so they are its step's output
+    solo_cfg = single_exit_config(cfg, len(metrics["exit_macs"]))
+    if distributed.is_main():
+        _retire_stale_model(solo_cfg, solo_dir)
+    distributed.barrier()
+    baseline = (artifacts.read_json(solo_dir / METRICS, "metrics") if (solo_dir / METRICS).is_file() else
+                train(solo_cfg, solo_dir, data_dir, resume=True))
+    return metrics, baseline
 
-    t0 = step("2/6 difficulty + trace")
+
+def _trace_step(cfg: Config, out: Path, data_dir: str | Path | None) -> tuple[Trace, Trace]:
+    """The calibration and test traces: reused when they load, with their estimators, and are current."""
     run = Run(out)
-    try:  # each file read once: the traces are reused when they load, with their estimators, and are current
+    try:  # each file read once
         cal, test = run.trace("cal"), run.trace("test")
         run.estimators()
         traced = True
@@ -124,67 +171,39 @@ def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> 
     if not traced:
         tracing.trace_run(out, data_dir)
         cal, test = run.trace("cal"), run.trace("test")
-    diff = difficulty_report(test)
-    steps["trace"] = time.perf_counter() - t0
+    return cal, test
 
+
+def _calibrate_step(cfg: Config, pol_dir: Path, cal: Trace, test: Trace) -> dict:
+    """Every policy calibrated at the config's budget and saved; with a confidence, the uncertified search beside
+    it (labelled) and the certified frontier; the DART ablation. The results' calibration entries."""
     cc = cfg.calibration
-    how = f"--confidence {cc.confidence} --risk {cc.risk}" if cc.confidence else "(uncertified)"
-    t0 = step(f"3/6 calibrate every policy at --max-drop {cc.max_drop} {how}")
-    pol_dir = out / POLICIES
     comp = compare(cal, test, cc.max_drop, cc.confidence, cc.risk, cfg.seed, fit_share=cc.fit_share)
     for name, (pol, rec) in comp.pop("fitted").items():
         pol.save(pol_dir / f"{name}.json", calibration=rec)
     uncertified = frontier = None
-    if cc.confidence:  # the uncertified search beside it, labelled, and the certified frontier
+    if cc.confidence:
         uncertified = compare(cal, test, cc.max_drop, None)
         for name, (pol, rec) in uncertified.pop("fitted").items():
             pol.save(pol_dir / "uncertified" / f"{name}.json", calibration=rec)
         frontier = summarize_frontier(certified_points(cal, test, COMPARED, CERT_BUDGETS, cc.confidence, cc.risk,
                                                        cc.fit_share, cfg.seed), cc.confidence, cc.risk)
     ablation = dart_ablation(cal, test, cc.max_drop, cc.confidence, cfg.seed, cc.fit_share)
-    steps["calibrate"] = time.perf_counter() - t0
+    return {"compare": comp, "compare_uncertified": uncertified, "certified_frontier": frontier, "ablation": ablation}
 
-    t0 = step("4/6 sweep (operating points chosen on calibration, measured on test)")
-    sw = sweep(cal, test)
-    steps["sweep"] = time.perf_counter() - t0
 
-    exits, _ = simulate(load_policy(pol_dir / "dart.json"), test)
-    dart_diff = difficulty_report(test, exits + 1, "DART")["exit_distribution"]
-
-    bench = None
-    if cfg.benchmark.enabled:
-        t0 = step("5/6 benchmark")
-        b = cfg.benchmark
-        if b.keep_freed_memory:  # after training, whose peak memory it would raise
-            keep_freed_memory()
-        policies = [pol_dir / f"{n}.json" for n in ("threshold", "branchynet", "rl", "patience", "dart", "score")]
-        bench = benchmark(out, policies, b.batch_size, b.images, b.repeats, b.latency_images, b.threads, "cpu", data_dir)
-        steps["benchmark"] = time.perf_counter() - t0
-
-    adaptation = None
-    if cfg.adapt.enabled:
-        t0 = step("6/6 adaptation (settings chosen on the calibration split, figures on the test split)")
-        adaptation = adapt_run(out, cfg, data_dir)
-        steps["adapt"] = time.perf_counter() - t0
-    results = {"config": cfg.model_dump(mode="json"), "seed": cfg.seed, "git_revision": revision,
-               "hardware": hardware_info(torch.device("cpu")), "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "training": metrics,
-               "single_exit_baseline": baseline,
-               "difficulty": diff, "dart_exit_distribution": dart_diff, "compare": comp,
-               "compare_uncertified": uncertified, "certified_frontier": frontier, "ablation": ablation,
-               "sweep": sw, "benchmark": bench, "adaptation": adaptation, "step_seconds": steps}
-    artifacts.write_json(out / RESULTS, results)
-    render(out)
-    log(f"wrote {out / 'results.json'}, {out / 'report.md'} and the figures")
-    return results
+def _benchmark_step(cfg: Config, out: Path, data_dir: str | Path | None) -> dict:
+    """Every calibrated policy timed against the static network (dart_ee.bench)."""
+    b = cfg.benchmark
+    if b.keep_freed_memory:  # after training, whose peak memory it would raise
+        keep_freed_memory()
+    policies = [out / POLICY_DIR / f"{n}.json" for n in COMPARED]
+    return benchmark(out, policies, b.batch_size, b.images, b.repeats, b.latency_images, b.threads, "cpu", data_dir)
 
 
 def adapt_run(out: Path, cfg: Config, data_dir: str | Path | None = None) -> str:
     """Step 6: choose the controller's settings on the calibration split (unless ``adapt.tune`` is false or they
     are current), then measure adaptation on the test split; returns the study's path in the run."""
-    from dart_ee import adapt_tuning
-    from dart_ee.adapt_eval import run_policy, study
-
     # adaptation changes the thresholds, which voids any certificate (the report says so)
     dart_path = run_policy(out)
     a = cfg.adapt
@@ -199,8 +218,6 @@ def adapt_run(out: Path, cfg: Config, data_dir: str | Path | None = None) -> str
 def render(out: Path) -> Path:
     """Draw every figure and write ``report.md`` from ``RUN/results.json`` (plus the test trace's alpha and
     ``RUN/adapt/*.json``), so a finished run can be re-rendered without recomputing (``dart-ee report``)."""
-    from dart_ee.report import write_report
-
     out = Path(out)
     res = artifacts.read_json(out / RESULTS, "results")
     test = Run(out).trace("test")

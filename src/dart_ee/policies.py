@@ -33,8 +33,19 @@ VERSION = 2  # 2: DART leaves at conf >= tau (the read-off's bins), path-refined
 State = dict[str, torch.Tensor]
 
 
+POLICIES: dict[str, type[ExitPolicy]] = {}  # the registry: every policy class by name, in definition order
+
+
 class ExitPolicy:
-    """Base class. Subclasses set ``name``, ``knob`` (or None) and implement ``decide``."""
+    """Base class. Subclasses set ``name``, ``knob`` (or None) and implement ``decide``; a named subclass
+    registers itself in ``POLICIES`` (a second class of the same name is refused)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            if cls.name in POLICIES:
+                raise ConfigError(f"a policy named {cls.name!r} is registered already ({POLICIES[cls.name].__qualname__})")
+            POLICIES[cls.name] = cls
 
     name: ClassVar[str] = ""
     knob: ClassVar[str | None] = None  # the parameter calibration searches
@@ -723,11 +734,6 @@ def refine_thresholds(scores: np.ndarray, payoff: np.ndarray, grid: int = 64, ma
         if not changed:
             break
     return [[t] for t in tau]
-
-
-POLICIES: dict[str, type[ExitPolicy]] = {p.name: p for p in (StaticPolicy, ThresholdPolicy, BranchyNetPolicy,
-                                                             PatiencePolicy, RLPolicy, DartPolicy,
-                                                             ScorePolicy)}
 
 
 def make_policy(name: str, **params: Any) -> ExitPolicy:

@@ -163,10 +163,8 @@ class QueuedRunner:
             h = model.stages[i](x)
             logits = model.heads[i](h)
         alpha, est = batch.get("alpha"), self.estimator  # est is set whenever alpha_source is
-        if i == 0 and est is not None and self.alpha_source == "paper":
-            alpha = est.paper(x, check=False)
-        elif i == 0 and est is not None and self.alpha_source == "learned":
-            alpha = est(x, h, logits, check=False)
+        if i == 0 and est is not None and self.alpha_source:
+            alpha = est.score(self.alpha_source, x, h, logits, check=False)
         probs = F.softmax(logits.float(), 1)
         conf, pred = probs.max(1)
         state = {k[3:]: v for k, v in batch.items() if k.startswith("st_")}

@@ -31,7 +31,7 @@ MODEL = "model.pt"  # the trained multi-exit network
 METRICS = "metrics.json"  # its per-exit accuracies, MACs and fingerprints
 ESTIMATORS = "difficulty.pt"  # the fitted difficulty estimators (paper and learned)
 RESULTS = "results.json"  # every figure `dart-ee run` reports
-POLICIES = "policies"  # fitted policy JSON files
+POLICY_DIR = "policies"  # fitted policy JSON files
 SINGLE_EXIT = "single_exit"  # the "Baseline (No EE)" network, a run of its own inside this one
 ADAPT_SETTINGS = "adapt.json"  # the adaptive controller's settings and where they were chosen (dart_ee.adapt_tuning)
 STUDY = "adapt/study.json"  # every adaptation figure of the run (dart_ee.adapt_eval.study)
@@ -85,7 +85,7 @@ class Run:
         """A fitted policy saved by ``dart-ee run`` (``RUN/policies/<name>.json``)."""
         from dart_ee.policies import load_policy
 
-        return load_policy(self.path / POLICIES / f"{name}.json")
+        return load_policy(self.path / POLICY_DIR / f"{name}.json")
 
     def images(self, split: str, data_dir: str | Path | None = None) -> ImageSet:
         """The ``"cal"`` or ``"test"`` images the run's traces were made from: from its data folder, checked

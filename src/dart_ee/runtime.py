@@ -85,22 +85,21 @@ class EarlyExitRunner:
             conf, pred = p.max(1)
             return ExitResult(pred, conf, torch.full((n,), model.num_exits - 1, dtype=torch.long, device=dev), None)
 
-        est = self.estimator  # not None whenever alpha_source is set (alpha_source() checks it)
-        alpha_all = est.paper(x) if est is not None and self.alpha_source == "paper" else None
+        est, source = self.estimator, self.alpha_source  # est is not None whenever source is (alpha_source() checks)
+        alpha_all = None
         pred = torch.empty(n, dtype=torch.long, device=dev)
         conf = torch.empty(n, device=dev)
         exit_idx = torch.empty(n, dtype=torch.long, device=dev)
         active = torch.arange(n, device=dev)
-        alpha = alpha_all
+        alpha = None
         state = policy.init_state(n, dev)
         h = x
         last = model.num_exits - 1
         for i in range(model.num_exits):
             h = model.stages[i](h)
             logits = model.heads[i](h)
-            if i == 0 and est is not None and self.alpha_source == "learned":
-                alpha_all = est(x, h, logits)
-                alpha = alpha_all
+            if i == 0 and est is not None and source:  # read first at exit 1's decision
+                alpha_all = alpha = est.score(source, x, h, logits)
             probs = F.softmax(logits.float(), 1)
             c, p = probs.max(1)
             if i == last:

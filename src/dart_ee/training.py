@@ -29,7 +29,9 @@ from dart_ee.custom import CUSTOM, rebuild
 from dart_ee.errors import ArtifactError, ConfigError, DataError, UntrustedCodeError
 from dart_ee.lock import holds_run_lock, run_lock
 from dart_ee.models import MultiExitNet, create_model, optimize_for_inference
+from dart_ee.provenance import hardware_info
 from dart_ee.run import CHECKPOINT, CONFIG, METRICS, MODEL, SPLIT
+from dart_ee.threads import set_threads
 
 
 @dataclass
@@ -202,15 +204,6 @@ def one_cycle(opt: torch.optim.Optimizer, lr: float, total_steps: int) -> torch.
                                                anneal_strategy="linear", div_factor=10, final_div_factor=100)
 
 
-def set_threads(n: int | None) -> int:
-    """Torch's intra-op threads: ``n``, or every core when None."""
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise ConfigError(f"threads must be a positive integer, got {n!r}")
-    n = n or os.cpu_count() or 1
-    torch.set_num_threads(n)
-    return n
-
-
 def set_run_threads(cfg: Config, world_size: int = 1) -> int:
     """The run's intra-op threads: ``train.num_threads``, else the cores shared among the processes.
 
@@ -220,12 +213,69 @@ def set_run_threads(cfg: Config, world_size: int = 1) -> int:
     return set_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // world_size))
 
 
+@dataclass
+class _Job:
+    """One training run's state, shared by its steps (set up, each epoch, evaluation)."""
+
+    cfg: Config
+    run_dir: Path
+    dev: torch.device
+    world: Any  # distributed.World: this process's rank and the processes' count
+    threads: int
+    splits: Splits
+    model: MultiExitNet
+    trainee: torch.nn.Module  # what the steps call: the model, or DDP over it
+    opt: torch.optim.Optimizer
+    sched: Any
+    steps: int  # per epoch
+    fingerprints: tuple[str, str]  # the whole config's, the training inputs'
+    bf16: bool  # autocast, where it runs natively (use_bf16)
+    start_epoch: int = 0
+    wall: float = 0.0
+
+
 @holds_run_lock("run_dir")
 def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, resume: bool = False) -> dict:
     """Train a multi-exit model into ``run_dir`` and return its metrics (see ``metrics.json``)."""
-    from dart_ee.bench import hardware_info
-
     run_dir = Path(run_dir)
+    finished, ck = _resume_point(cfg, run_dir, resume)
+    if finished is not None:
+        return finished
+    job = _start(cfg, run_dir, data_dir, ck)
+    t = cfg.train
+    workers = decode_workers(cfg)
+    log(f"training {cfg.model.name} on {cfg.data.dataset}: {len(job.splits.train)} train / {len(job.splits.cal)} cal / "
+        f"{len(job.splits.test)} test images, {job.model.num_exits} exits, {t.epochs} epochs, device {job.dev}, "
+        f"{job.threads} threads, bf16={job.bf16}, channels_last={t.channels_last}"
+        + (f", {job.world.size} processes" if job.world.size > 1 else ""))
+    # In memory, the uint8 training set lives on the training device (138 MB for CIFAR-10), so a GPU step
+    # never waits for a host copy. Streamed, worker processes decode each batch ahead of its step. Either
+    # way batches are cast and augmented on the device, so both paths train on the same pixels.
+    x_train = None if cfg.data.stream else torch.from_numpy(job.splits.train.x).to(job.dev)
+    with progress() as bar:
+        task = bar.add_task("train", total=(t.epochs - job.start_epoch) * job.steps)
+        for epoch in range(job.start_epoch, t.epochs):
+            t0 = time.perf_counter()
+            loss, accs = _epoch(job, epoch, x_train, workers, lambda **kw: bar.update(task, **kw))
+            job.wall += time.perf_counter() - t0
+            if job.world.main:
+                artifacts.save_torch(run_dir / CHECKPOINT, {
+                    "epoch": epoch + 1, "model": job.model.state_dict(), "optimizer": job.opt.state_dict(),
+                    "scheduler": job.sched.state_dict(), "config_fingerprint": job.fingerprints[0],
+                    "train_fingerprint": job.fingerprints[1], "wall_time_s": job.wall})
+            log(f"epoch {epoch + 1}/{t.epochs}: loss {loss:.4f}, train exit acc% "
+                f"{' '.join(f'{100 * a:.1f}' for a in accs)}, {time.perf_counter() - t0:.0f}s")
+    distributed.barrier()
+    if not job.world.main:  # rank 0 evaluates and writes the model; the others wait for its metrics
+        distributed.barrier()
+        return artifacts.read_json(run_dir / METRICS, "metrics")
+    metrics = _evaluate_and_save(job, workers)
+    distributed.barrier()
+    return metrics
+
+
+def _resume_point(cfg: Config, run_dir: Path, resume: bool) -> tuple[dict | None, dict | None]:
+    """The metrics of a finished run being resumed (nothing to do), else the checkpoint to resume (or None)."""
     ckpt_path = run_dir / CHECKPOINT
     if (run_dir / MODEL).is_file() and (run_dir / METRICS).is_file() and resume:
         metrics = artifacts.read_json(run_dir / METRICS, "metrics")
@@ -233,16 +283,21 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
             raise ConfigError(f"{run_dir} holds a model trained with other settings; resume with the run's own "
                               f"{run_dir / CONFIG}, or choose another --out (`dart-ee run` moves it aside)")
         log(f"{run_dir}: training already finished; nothing to resume")
-        return metrics
+        return metrics, None
     if ckpt_path.is_file() and not resume:
         raise ConfigError(f"{run_dir} already holds a training checkpoint; pass --resume to continue it, "
                           "or choose another --out")
-    fp, train_fp = config_fingerprint(cfg), step_fingerprint(cfg, "train")
     ck = artifacts.load_torch(ckpt_path, "training checkpoint") if resume and ckpt_path.is_file() else None
     # checked before config.yaml is rewritten; checkpoints older than train_fingerprint match the whole config
-    if ck is not None and ck.get("train_fingerprint", "") != train_fp and ck.get("config_fingerprint") != fp:
+    if (ck is not None and ck.get("train_fingerprint", "") != step_fingerprint(cfg, "train")
+            and ck.get("config_fingerprint") != config_fingerprint(cfg)):
         raise ConfigError(f"{ckpt_path} was written by a different config; resume with the run's own "
                           f"{run_dir / CONFIG} or start a new --out")
+    return None, ck
+
+
+def _start(cfg: Config, run_dir: Path, data_dir: str | Path | None, ck: dict | None) -> _Job:
+    """Processes, threads, splits, the model on its device, the optimiser and schedule (restored from ``ck``)."""
     dev = training_device(cfg.train.device)
     w = distributed.start(dev.type)
     if w.size > 1 and dev.type == "cuda":
@@ -256,120 +311,103 @@ def train(cfg: Config, run_dir: str | Path, data_dir: str | Path | None = None, 
     if not w.main:
         splits = prepare_splits(cfg, run_dir, data_dir)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, splits.spec)
-    n_exits = model.num_exits
-    macs = model.exit_macs()
-    cost_frac = [m / macs[-1] for m in macs]
-    weights = exit_weights(cfg, n_exits)
     t = cfg.train
     mem = torch.channels_last if t.channels_last else torch.contiguous_format
-    model = model.to(dev, memory_format=mem)  # type: ignore[call-overload]  # the stubs lack memory_format
-    share = distributed.local_share(t.batch_size, w)  # all of it in one process
+    model = build_model(cfg, splits.spec).to(dev, memory_format=mem)  # type: ignore[call-overload]  # stubs lack it
     # what the steps call: DDP over the network when several processes train (its BatchNorm layers are
     # replaced in place by synchronised ones, so this comes before the optimiser takes the parameters)
     trainee = distributed.wrap(model, w, dev)
-
     opt = make_optimizer(model.parameters(), t)
     steps = min(len(splits.train) // t.batch_size, t.max_steps or len(splits.train))
     if steps == 0:
         raise ConfigError(f"train.batch_size={t.batch_size} exceeds the {len(splits.train)} training images")
     sched = one_cycle(opt, t.lr, t.epochs * steps)
-    start_epoch, wall = 0, 0.0
+    job = _Job(cfg, run_dir, dev, w, threads, splits, model, trainee, opt, sched, steps,
+               (config_fingerprint(cfg), step_fingerprint(cfg, "train")), use_bf16(t.bf16, dev))
     if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        start_epoch, wall = ck["epoch"], ck["wall_time_s"]
-        log(f"resuming {run_dir} after epoch {start_epoch}/{t.epochs}")
+        job.start_epoch, job.wall = ck["epoch"], ck["wall_time_s"]
+        log(f"resuming {run_dir} after epoch {job.start_epoch}/{t.epochs}")
+    return job
 
-    crop_pad = splits.spec.crop_pad if t.crop_pad is None else t.crop_pad
-    flip = splits.spec.flip if t.flip is None else t.flip
-    # In memory, the uint8 training set lives on the training device (138 MB for CIFAR-10), so a GPU step
-    # never waits for a host copy. Streamed, worker processes decode each batch ahead of its step. Either
-    # way batches are cast and augmented on the device, so both paths train on the same pixels.
-    workers = decode_workers(cfg)
-    x_train = None if cfg.data.stream else torch.from_numpy(splits.train.x).to(dev)
-    y_train = torch.from_numpy(splits.train.y).to(dev)
-    bf16 = use_bf16(t.bf16, dev)
-    log(f"training {cfg.model.name} on {cfg.data.dataset}: {len(splits.train)} train / {len(splits.cal)} cal / "
-        f"{len(splits.test)} test images, {n_exits} exits, {t.epochs} epochs, device {dev}, {threads} threads, "
-        f"bf16={bf16}, channels_last={t.channels_last}" + (f", {w.size} processes" if w.size > 1 else ""))
-    with progress() as bar:
-        task = bar.add_task("train", total=(t.epochs - start_epoch) * steps)
-        for epoch in range(start_epoch, t.epochs):
-            t0 = time.perf_counter()
-            gen = torch.Generator(dev).manual_seed(_epoch_seed(cfg.seed, epoch))
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout
-            perm = torch.randperm(len(y_train), generator=gen, device=dev)
-            # every process draws the same global batches and takes its share of each: only that is decoded
-            order = [perm[b * t.batch_size: (b + 1) * t.batch_size][share] for b in range(steps)]
-            pixels = (streaming.batches(splits.train.x, [o.cpu().numpy() for o in order], workers, dev.type == "cuda")
-                      if x_train is None else (x_train[o] for o in order))
-            trainee.train()
-            # running sums stay on the device: reading them every step would stall a GPU
-            loss_sum, correct, seen = torch.zeros((), device=dev), torch.zeros(n_exits, device=dev), 0
-            first_bad = torch.full((), -1, device=dev)  # first step with a non-finite loss, read with the sums
-            for b, (idx, xb) in enumerate(zip(order, pixels)):
-                # augmented with draws for the whole global batch (same generator in every process)
-                x = data.augment(data.to_float(xb.to(dev, non_blocking=True)), crop_pad, flip, gen, t.batch_size, share)
-                x = x.to(memory_format=mem)
-                y = y_train[idx]
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = trainee(x)
-                loss = multi_exit_loss(logits, y, weights, cfg, cost_frac)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), b, first_bad)
-                loss_sum += loss.detach() * len(y)
-                correct += torch.stack([(z.argmax(1) == y).sum() for z in logits]).detach().float()
-                seen += len(y)
-                if b % 20 == 19 or b == steps - 1:
-                    accs = " ".join(f"{100 * c / seen:.0f}" for c in correct.tolist())
-                    bar.update(task, description=f"epoch {epoch + 1}/{t.epochs} loss {float(loss_sum) / seen:.3f} "
-                                                 f"exit acc% {accs}")
-                bar.update(task, advance=1)
-            seen_all = float(distributed.all_sum(torch.tensor(float(seen), device=dev)))
-            epoch_loss = float(distributed.all_sum(loss_sum)) / seen_all
-            correct = distributed.all_sum(correct)
-            if float(distributed.all_sum((first_bad >= 0).float())):  # before the checkpoint: no NaN model is written
-                where = f", step {int(first_bad) + 1} of {steps}" if int(first_bad) >= 0 else " (in another process)"
-                raise ConfigError(f"training diverged: non-finite loss at epoch {epoch + 1}{where}; lower train.lr "
-                                  f"(now {t.lr}) or check the data and the loss weights")
-            wall += time.perf_counter() - t0
-            if w.main:
-                artifacts.save_torch(ckpt_path, {"epoch": epoch + 1, "model": model.state_dict(),
-                                                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                                 "config_fingerprint": fp, "train_fingerprint": train_fp,
-                                                 "wall_time_s": wall})
-            log(f"epoch {epoch + 1}/{t.epochs}: loss {epoch_loss:.4f}, train exit acc% "
-                f"{' '.join(f'{100 * c / seen_all:.1f}' for c in correct.tolist())}, "
-                f"{time.perf_counter() - t0:.0f}s")
-    distributed.barrier()
-    if not w.main:  # rank 0 evaluates and writes the model; the others wait for its metrics
-        distributed.barrier()
-        return artifacts.read_json(run_dir / METRICS, "metrics")
 
-    model = model.to(memory_format=torch.contiguous_format)
-    t0 = time.perf_counter()  # evaluated in fp32 on the training device
+def _epoch(job: _Job, epoch: int, x_train: torch.Tensor | None, workers: int,
+           show: Callable[..., None]) -> tuple[float, list[float]]:
+    """One epoch of joint training: its loss and each exit's training accuracy over every process's samples."""
+    cfg, t, dev, model = job.cfg, job.cfg.train, job.dev, job.model
+    n_exits, macs = model.num_exits, model.exit_macs()
+    cost_frac, weights = [m / macs[-1] for m in macs], exit_weights(cfg, model.num_exits)
+    mem = torch.channels_last if t.channels_last else torch.contiguous_format
+    crop_pad = job.splits.spec.crop_pad if t.crop_pad is None else t.crop_pad
+    flip = job.splits.spec.flip if t.flip is None else t.flip
+    share = distributed.local_share(t.batch_size, job.world)  # all of it in one process
+    y_train = torch.from_numpy(job.splits.train.y).to(dev)
+    gen = torch.Generator(dev).manual_seed(_epoch_seed(cfg.seed, epoch))
+    torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout
+    perm = torch.randperm(len(y_train), generator=gen, device=dev)
+    # every process draws the same global batches and takes its share of each: only that is decoded
+    order = [perm[b * t.batch_size: (b + 1) * t.batch_size][share] for b in range(job.steps)]
+    pixels = (streaming.batches(job.splits.train.x, [o.cpu().numpy() for o in order], workers, dev.type == "cuda")
+              if x_train is None else (x_train[o] for o in order))
+    job.trainee.train()
+    # running sums stay on the device: reading them every step would stall a GPU
+    loss_sum, correct, seen = torch.zeros((), device=dev), torch.zeros(n_exits, device=dev), 0
+    first_bad = torch.full((), -1, device=dev)  # first step with a non-finite loss, read with the sums
+    for b, (idx, xb) in enumerate(zip(order, pixels)):
+        # augmented with draws for the whole global batch (same generator in every process)
+        x = data.augment(data.to_float(xb.to(dev, non_blocking=True)), crop_pad, flip, gen, t.batch_size, share)
+        x = x.to(memory_format=mem)
+        y = y_train[idx]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=job.bf16):
+            logits = job.trainee(x)
+        loss = multi_exit_loss(logits, y, weights, cfg, cost_frac)
+        job.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        job.opt.step()
+        job.sched.step()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), b, first_bad)
+        loss_sum += loss.detach() * len(y)
+        correct += torch.stack([(z.argmax(1) == y).sum() for z in logits]).detach().float()
+        seen += len(y)
+        if b % 20 == 19 or b == job.steps - 1:
+            accs = " ".join(f"{100 * c / seen:.0f}" for c in correct.tolist())
+            show(description=f"epoch {epoch + 1}/{t.epochs} loss {float(loss_sum) / seen:.3f} exit acc% {accs}")
+        show(advance=1)
+    seen_all = float(distributed.all_sum(torch.tensor(float(seen), device=dev)))
+    epoch_loss = float(distributed.all_sum(loss_sum)) / seen_all
+    correct = distributed.all_sum(correct)
+    if float(distributed.all_sum((first_bad >= 0).float())):  # before the checkpoint: no NaN model is written
+        where = f", step {int(first_bad) + 1} of {job.steps}" if int(first_bad) >= 0 else " (in another process)"
+        raise ConfigError(f"training diverged: non-finite loss at epoch {epoch + 1}{where}; lower train.lr "
+                          f"(now {t.lr}) or check the data and the loss weights")
+    return epoch_loss, [c / seen_all for c in correct.tolist()]
+
+
+def _evaluate_and_save(job: _Job, workers: int) -> dict:
+    """Each exit's test and calibration accuracy (fp32, on the training device); write model.pt and metrics.json."""
+    cfg, t, splits = job.cfg, job.cfg.train, job.splits
+    model = job.model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # stubs lack it
+    macs = model.exit_macs()
+    t0 = time.perf_counter()
     test_acc = exit_accuracies(predict_exits(model, splits.test.x, t.eval_batch_size, workers=workers), splits.test.y)
     cal_acc = exit_accuracies(predict_exits(model, splits.cal.x, t.eval_batch_size, workers=workers), splits.cal.y)
+    cost_frac = [m / macs[-1] for m in macs]
     metrics = {
         "name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.dataset, "epochs": t.epochs,
-        "train_wall_time_s": round(wall, 3), "eval_wall_time_s": round(time.perf_counter() - t0, 3),
-        "threads": threads, "device": str(dev), "hardware": hardware_info(dev), "torch": torch.__version__,
+        "train_wall_time_s": round(job.wall, 3), "eval_wall_time_s": round(time.perf_counter() - t0, 3),
+        "threads": job.threads, "device": str(job.dev), "hardware": hardware_info(job.dev), "torch": torch.__version__,
         "exit_test_accuracy": test_acc, "exit_cal_accuracy": cal_acc,
         "exit_macs": macs, "exit_macs_fraction": cost_frac, "static_macs": model.static_macs(),
         "n_train": len(splits.train), "n_cal": len(splits.cal), "n_test": len(splits.test),
-        "steps_per_epoch": steps, "batch_size": t.batch_size, "streamed": cfg.data.stream, "decode_workers": workers,
-        "config_fingerprint": fp, "train_fingerprint": train_fp,
+        "steps_per_epoch": job.steps, "batch_size": t.batch_size, "streamed": cfg.data.stream, "decode_workers": workers,
+        "config_fingerprint": job.fingerprints[0], "train_fingerprint": job.fingerprints[1],
     }
-    save_model(model.cpu(), run_dir / MODEL, fp)
-    artifacts.write_json(run_dir / METRICS, metrics)
+    save_model(model.cpu(), job.run_dir / MODEL, job.fingerprints[0])
+    artifacts.write_json(job.run_dir / METRICS, metrics)
     log("test accuracy per exit: " + ", ".join(
         f"exit {i + 1} {100 * a:.2f}% @ {100 * f:.1f}% MACs" for i, (a, f) in enumerate(zip(test_acc, cost_frac))))
-    distributed.barrier()
     return metrics
 
 
@@ -450,7 +488,6 @@ def fit_exits(model: MultiExitNet, train_loader: Iterable, val_loader: Iterable 
 def _write_custom_run(run_dir: Path, model: MultiExitNet, cfg: Config, history: list[dict], frozen: bool,
                       wall: float) -> None:
     """config.yaml, model.pt and metrics.json of a model trained from Python (``fit_exits(run_dir=...)``)."""
-    from dart_ee.bench import hardware_info
     from dart_ee.config import DataConfig, ModelConfig
 
     cfg = cfg.model_copy(update={"name": run_dir.name, "data": DataConfig(dataset=CUSTOM),
@@ -468,6 +505,22 @@ def _write_custom_run(run_dir: Path, model: MultiExitNet, cfg: Config, history: 
         "config_fingerprint": fp, "train_fingerprint": step_fingerprint(cfg, "train")})
 
 
+def _restore_fit(checkpoint: str | Path | None, settings: str, shapes: dict, model: MultiExitNet,
+                 opt: torch.optim.Optimizer, sched: Any) -> list[dict]:
+    """Resume ``fit_exits`` from its checkpoint, if there is one: returns the finished epochs' history."""
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return []
+    ck = artifacts.load_torch(checkpoint, "fit_exits checkpoint")
+    if ck.get("settings") != settings or ck.get("shapes") != shapes:
+        raise ConfigError(f"{checkpoint} was written by fit_exits for another network or other settings; "
+                          "delete it to start again, or pass another checkpoint / run_dir")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(ck["scheduler"])
+    return list(ck["history"])
+
+
 def _fit_exits(model: MultiExitNet, train_loader: Iterable, val_loader: Iterable | None, freeze_backbone: bool,
                checkpoint: str | Path | None, cfg: Config) -> list[dict]:
     t, n = cfg.train, model.num_exits
@@ -482,20 +535,10 @@ def _fit_exits(model: MultiExitNet, train_loader: Iterable, val_loader: Iterable
     bf16 = use_bf16(t.bf16, dev)
     steps = len(train_loader) if isinstance(train_loader, Sized) else 0
     sched = one_cycle(opt, t.lr, t.epochs * steps) if steps else None  # a loader without a length: constant lr
-    history: list[dict] = []
     # what must match for a checkpoint to be resumed: the settings and the network (its weights' names and shapes)
     settings = step_fingerprint(cfg, "train") + str(freeze_backbone)
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    if checkpoint is not None and Path(checkpoint).is_file():
-        ck = artifacts.load_torch(checkpoint, "fit_exits checkpoint")
-        if ck.get("settings") != settings or ck.get("shapes") != shapes:
-            raise ConfigError(f"{checkpoint} was written by fit_exits for another network or other settings; "
-                              "delete it to start again, or pass another checkpoint / run_dir")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(ck["scheduler"])
-        history = ck["history"]
+    history = _restore_fit(checkpoint, settings, shapes, model, opt, sched)
     for epoch in range(len(history), t.epochs):
         model.train()
         if freeze_backbone:
