@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dart_ee import artifacts, data
-from dart_ee.run import CONFIG, ESTIMATORS, METRICS, MODEL, POLICY_DIR, SINGLE_EXIT, SPLIT
+from dart_ee.runfiles import CONFIG, ESTIMATORS, METRICS, MODEL, POLICY_DIR, SINGLE_EXIT, SPLIT
 from dart_ee.training import exit_accuracies, load_model, predict_exits, save_model
 
 PIECE = 15 * 2**20  # under the 16 MiB a returned file may hold

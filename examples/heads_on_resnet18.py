@@ -32,7 +32,8 @@ from dart_ee.calibration import compare
 from dart_ee.data import CIFAR10_CLASSES, DATASETS, ImageSet, augment, to_float
 from dart_ee.difficulty import fit_estimators
 from dart_ee.provenance import provenance
-from dart_ee.run import POLICY_DIR, Run
+from dart_ee.run import Run
+from dart_ee.runfiles import POLICY_DIR
 from dart_ee.tracing import make_trace
 from dart_ee.training import fit_exits, load_model, prepare_splits
 

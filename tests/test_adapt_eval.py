@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dart_ee import adapt_eval, adapt_tuning
+from dart_ee import adapt_eval, adapt_settings, adapt_tuning
 from dart_ee.adapt import make_controller
 from dart_ee.adapt_eval import StreamSource, evaluate_stream, matched_compute, trace_stream
 from dart_ee.calibration import calibrate
@@ -94,13 +94,13 @@ def test_tuning_reads_no_test_sample(trained_run, setup, monkeypatch, tmp_path):
     import shutil
 
     shutil.copytree(trained_run["run"], run_dir)
-    adapt_tuning.save_settings(run_dir, rec)
-    settings, source = adapt_tuning.load_settings(run_dir)
+    adapt_settings.save_settings(run_dir, rec)
+    settings, source = adapt_settings.load_settings(run_dir)
     assert settings.model_dump() == rec["settings"] and source["chosen_on"]["split"] == "cal"
-    assert adapt_tuning.is_current(run_dir, path)
+    assert adapt_settings.is_current(run_dir, path)
     (run_dir / "adapt.json").write_text('{"format": "other"}')
     with pytest.raises(ArtifactError, match="adapt-tune"):
-        adapt_tuning.load_settings(run_dir)
+        adapt_settings.load_settings(run_dir)
 
 
 def test_class_updates_fire_under_a_label_prior_shift(trained_run, setup):

@@ -160,7 +160,7 @@ def test_policy_files_with_bad_fitted_fields(trained_run, tmp_path, name, corrup
 def test_one_cost_rule_for_traces_and_the_runtime(trained_run, name, alpha):
     """The MACs a trace-based evaluation charges equal what the model and estimator (benchmark, adaptation) say."""
     from dart_ee.difficulty import load_estimators
-    from dart_ee.evaluation import exit_costs, leave_costs
+    from dart_ee.evaluation import exit_costs
     from dart_ee.training import load_model
 
     cal, test = trained_run["cal"].with_alpha(f"alpha_{alpha}"), trained_run["test"]
@@ -168,7 +168,7 @@ def test_one_cost_rule_for_traces_and_the_runtime(trained_run, name, alpha):
     model = load_model(trained_run["run"] / "model.pt", optimize=True)
     est = load_estimators(trained_run["run"] / "difficulty.pt")
     np.testing.assert_allclose(exit_costs(pol, test),
-                               leave_costs(pol, model.exit_macs(), model.static_macs(), est.macs(model)))
+                               pol.leave_costs(model.exit_macs(), model.static_macs(), est.macs(model)))
 
 
 def test_out_of_range_dart_parameters_and_empty_runs(trained_run):

@@ -147,7 +147,8 @@ def test_every_command_reads_a_custom_run(custom_run, tmp_path):
 
 
 def test_a_run_folder_never_names_code_other_than_a_module_class(tmp_path):
-    from dart_ee.custom import import_builder, rebuild
+    from dart_ee.coderef import import_builder
+    from dart_ee.custom import rebuild
 
     with pytest.raises(ConfigError, match="no Python source|defines no class 'system'"):
         import_builder("os:system", trusted=True)  # never called

@@ -117,7 +117,7 @@ def test_a_custom_run_whose_class_changed_gives_one_clear_error(custom_run, tmp_
 
 
 def test_a_named_class_is_checked_before_its_module_runs(capsys, tmp_path):
-    from dart_ee.custom import import_builder
+    from dart_ee.coderef import import_builder
 
     with pytest.raises(ConfigError, match="defines no class 'Foo'"):
         import_builder("this:Foo", trusted=True)  # `import this` would print the Zen of Python
@@ -376,7 +376,7 @@ def _encoded(im: Image.Image, fmt: str) -> bytes:
 
 
 def test_every_image_mode_decodes_to_the_datasets_channels_and_8_bit_range():
-    from dart_ee.data import decode_image
+    from dart_ee.decode import decode_image
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from dart_ee import artifacts
+from dart_ee.adapt_settings import load_settings
 from dart_ee.config import ControllerSettings
 from dart_ee.errors import ArtifactError, ConfigError
 from dart_ee.policies import DartPolicy
@@ -366,7 +367,6 @@ def controller_for_run(run_dir: str | Path, policy_path: str | Path, settings: C
                        seed: int = 0, **controller_kw: Any) -> AdaptiveController:
     """A controller over the live runtime for a run's fitted DART policy (``settings``: the run's
     ``adapt.json`` when it has one, else the defaults)."""
-    from dart_ee.adapt_tuning import load_settings
     from dart_ee.policies import load_policy
     from dart_ee.run import Run
 

@@ -30,6 +30,7 @@ import torch
 
 from dart_ee import artifacts
 from dart_ee.adapt import AdaptiveController, bandit_stats, make_controller
+from dart_ee.adapt_settings import load_settings
 from dart_ee.config import AdaptConfig, ControllerSettings
 from dart_ee.errors import ConfigError
 from dart_ee.evaluation import TraceReplay, exit_costs, simulate
@@ -71,7 +72,7 @@ def dart_policy(policy_path: str | Path) -> DartPolicy:
 def run_policy(run_dir: str | Path) -> Path:
     """The DART policy a run adapts: its certified one, or, where DART could not be certified at the run's budget
     (the static network stands in), the uncertified DART beside it (the report says so)."""
-    from dart_ee.run import POLICY_DIR
+    from dart_ee.runfiles import POLICY_DIR
 
     pol_dir = Path(run_dir) / POLICY_DIR
     return pol_dir / "dart.json" if load_policy(pol_dir / "dart.json").name == "dart" else pol_dir / "uncertified" / "dart.json"
@@ -232,7 +233,6 @@ def study(run_dir: str | Path, policy_path: str | Path, families: Sequence[str] 
           mechanisms: bool = True, settings: ControllerSettings | None = None, progress: Any = None) -> dict:
     """Every reported figure of adaptation on a run: the reporting families at each grade on the test split,
     and the label-prior scenario with each mechanism alone at each audit share."""
-    from dart_ee.adapt_tuning import load_settings
     from dart_ee.run import Run
 
     dev = [f for f in families if f in CHOOSE]

@@ -26,15 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from dart_ee import artifacts
 from dart_ee.adapt_eval import StreamSource, budget_points, dart_policy, evaluate_stream
+from dart_ee.adapt_settings import FORMAT, given, is_current, policy_fingerprint, save_settings
 from dart_ee.config import AdaptConfig, ControllerSettings
-from dart_ee.errors import ArtifactError
 from dart_ee.provenance import provenance
-from dart_ee.run import ADAPT_SETTINGS as SETTINGS_FILE
 from dart_ee.shift import CHOOSE, severity
 
-FORMAT = "dart-ee-adapt-settings"
 MAX_CLEAN_COST = 2.0  # points of the static network's MACs that adapting may add on clean data
 DEV_LEVELS = (1, 3)
 GRID: dict[str, list[Any]] = {  # the values tried for each setting (the defaults are tried too)
@@ -138,12 +135,6 @@ def tune(run_dir: str | Path, policy_path: str | Path, grid: Mapping[str, Sequen
             "seconds": time.perf_counter() - t0}
 
 
-def given(policy_path: str | Path, settings: ControllerSettings, source: str) -> dict:
-    """A settings record for settings that were not chosen on data (``source`` says where they come from)."""
-    return {"format": FORMAT, "version": 1, "tuned": False, "settings": settings.model_dump(), "source": source,
-            "chosen_on": None, "policy_file": str(policy_path), "policy_fingerprint": policy_fingerprint(policy_path)}
-
-
 def ensure_settings(run_dir: str | Path, policy_path: str | Path, adapt: AdaptConfig, seed: int = 0,
                     data_dir: str | Path | None = None, batch_size: int | None = None,
                     progress: Callable[[str], None] | None = None) -> None:
@@ -156,40 +147,3 @@ def ensure_settings(run_dir: str | Path, policy_path: str | Path, adapt: AdaptCo
             progress("choosing the controller's settings on the calibration split first (dart-ee adapt-tune)")
         save_settings(run_dir, tune(run_dir, policy_path, batch_size=batch_size or adapt.batch_size, seed=seed,
                                     data_dir=data_dir, base=adapt.controller, progress=progress))
-
-
-def policy_fingerprint(policy_path: str | Path) -> str:
-    return artifacts.fingerprint(artifacts.read_json(policy_path, "policy file"))
-
-
-def save_settings(run_dir: str | Path, record: dict) -> Path:
-    return artifacts.write_json(Path(run_dir) / SETTINGS_FILE, record)
-
-
-def settings_record(run_dir: str | Path) -> dict | None:
-    """``RUN/adapt.json`` as written by ``save_settings`` (None when the run has none)."""
-    path = Path(run_dir) / SETTINGS_FILE
-    if not path.is_file():
-        return None
-    rec = artifacts.read_json(path, "adaptation settings")
-    if rec.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not a dart-ee adaptation settings file; run dart-ee adapt-tune --run "
-                            f"{run_dir} to write it again")
-    return rec
-
-
-def load_settings(run_dir: str | Path) -> tuple[ControllerSettings, dict]:
-    """The run's controller settings and where they came from (the defaults when it has no ``adapt.json``)."""
-    rec = settings_record(run_dir)
-    if rec is None:
-        return ControllerSettings(), {"source": "defaults (dart_ee.config.ControllerSettings): not chosen on data"}
-    return ControllerSettings(**rec["settings"]), {
-        "source": rec.get("source", f"{SETTINGS_FILE}: chosen on development streams"), "chosen_on": rec.get("chosen_on"),
-        "policy_file": rec.get("policy_file"), "policy_fingerprint": rec.get("policy_fingerprint")}
-
-
-def is_current(run_dir: str | Path, policy_path: str | Path) -> bool:
-    """Whether ``RUN/adapt.json`` holds settings chosen on data for this policy as it is now (a re-calibrated
-    policy needs new settings)."""
-    rec = settings_record(run_dir)
-    return rec is not None and bool(rec.get("tuned")) and rec.get("policy_fingerprint") == policy_fingerprint(policy_path)

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from dart_ee.adapt_settings import load_settings
 from dart_ee.artifacts import file_fingerprint
 from dart_ee.data import get_spec, to_float
 from dart_ee.difficulty import DifficultyEstimator, LearnedDifficulty
 from dart_ee.energy import energy_meter
 from dart_ee.errors import ConfigError
-from dart_ee.evaluation import leave_costs
 from dart_ee.export import export_names, export_run, holds_policies, is_current
 from dart_ee.malloc import freed_memory_kept, keep_freed_memory, malloc_setting
 from dart_ee.models import MultiExitNet, create_model, optimize_for_inference
@@ -27,7 +27,8 @@ from dart_ee.onnx_runner import MANIFEST, OnnxRunner, load_manifest
 from dart_ee.policies import ExitPolicy, StaticPolicy, load_policy
 from dart_ee.provenance import command_line, git_revision, hardware_info
 from dart_ee.queued import QueuedRunner
-from dart_ee.run import MODEL, POLICY_DIR, Run
+from dart_ee.run import Run
+from dart_ee.runfiles import MODEL, POLICY_DIR
 from dart_ee.runtime import EarlyExitRunner
 from dart_ee.threads import set_threads
 from dart_ee.timing import alternate, alternate_singles, median_ratio_ci, time_exported
@@ -101,7 +102,7 @@ class _Setup:
 
     def summary(self, name: str, pred: np.ndarray, exits: np.ndarray) -> dict:
         """Accuracy, exits and MAC-predicted speedup of one method's decisions on the test split."""
-        costs = leave_costs(self.methods[name], self.exit_macs, self.static_macs, self.est_macs)
+        costs = self.methods[name].leave_costs(self.exit_macs, self.static_macs, self.est_macs)
         macs = float(costs[exits].mean())
         return {"method": name, "accuracy": float((pred == self.labels).mean()), "macs_per_image": macs,
                 "exit_histogram": np.bincount(exits, minlength=len(self.exit_macs)).tolist(),
@@ -474,7 +475,7 @@ def stage_costs(model: MultiExitNet, x: torch.Tensor, estimator: LearnedDifficul
     """Milliseconds per image of each stage, each exit head, the plain network and the difficulty estimators, each
     timed alone on the batch ``x`` (alternating, median after warm-up): the device's own price of every step
     that the MAC count stands in for. With these prices in place of MACs, the cost rule
-    (``evaluation.leave_costs``) predicts what a runner with no overhead of its own would reach."""
+    (``ExitPolicy.leave_costs``) predicts what a runner with no overhead of its own would reach."""
     feats, h = [], x
     for stage in model.stages:  # each stage's input (and the last one's output), computed once
         feats.append(h)
@@ -499,7 +500,7 @@ def stage_costs(model: MultiExitNet, x: torch.Tensor, estimator: LearnedDifficul
 def stage_time_speedup(costs: dict, policy: ExitPolicy, exits: np.ndarray) -> float:
     """The speedup over the plain network that ``stage_costs`` predict for ``policy`` leaving at ``exits``: the MAC
     prediction with measured times in place of MACs (so it counts what MACs miss, such as memory-bound layers)."""
-    per_exit = leave_costs(policy, np.cumsum(np.add(costs["stage_ms"], costs["head_ms"])), costs["static_ms"],
+    per_exit = policy.leave_costs(np.cumsum(np.add(costs["stage_ms"], costs["head_ms"])), costs["static_ms"],
                            costs["estimator_ms"])
     return costs["static_ms"] / float(per_exit[np.asarray(exits)].mean())
 
@@ -527,7 +528,6 @@ def controller_overhead(run_dir: str | Path, policy_path: str | Path, batch_size
                         repeats: int = 5, threads: int | None = None, data_dir: str | Path | None = None) -> dict:
     """Wall-clock cost of the adaptive controller over the runner alone, on a stationary stream, audits off."""
     from dart_ee.adapt import controller_for_run
-    from dart_ee.adapt_tuning import load_settings
 
     run_dir = Path(run_dir)
     n_threads = set_threads(threads)

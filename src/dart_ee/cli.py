@@ -16,7 +16,7 @@ from dart_ee.config import AdaptConfig, BenchmarkConfig
 from dart_ee.defaults import CONFIDENCE, FIT_SHARE
 from dart_ee.errors import DartError
 from dart_ee.onnx_runner import OPSETS
-from dart_ee.run import POLICY_DIR
+from dart_ee.runfiles import POLICY_DIR
 from dart_ee.trust import trust_code
 
 if TYPE_CHECKING:
@@ -776,12 +776,12 @@ def adapt_tune(run: RunOpt, policy: PolicyDartOpt = None,
                batch_size: int = typer.Option(_ADAPT.batch_size, min=1), seed: int = 0,
                data_dir: DataDirOpt = None) -> None:
     """Choose the adaptive controller's settings on development streams from the calibration split (RUN/adapt.json)."""
-    from dart_ee import adapt_tuning
+    from dart_ee import adapt_settings, adapt_tuning
     from dart_ee.console import log
 
     rec = adapt_tuning.tune(run, _dart_policy_path(run, policy), n=images, batch_size=batch_size, seed=seed,
                             data_dir=data_dir, progress=log)
-    path = adapt_tuning.save_settings(run, rec)
+    path = adapt_settings.save_settings(run, rec)
     typer.echo(f"chose from {rec['candidates']} candidates in {rec['seconds']:.0f} s on the calibration split "
                f"(families {', '.join(rec['chosen_on']['families'])}; budget D = {rec['budget_points']:g} points):")
     typer.echo("  " + ", ".join(f"{k} {v}" for k, v in rec["settings"].items()))
@@ -817,7 +817,8 @@ def adapt(run: RunOpt, policy: PolicyDartOpt = None,
     from dart_ee.adapt_eval import study
     from dart_ee.console import log
     from dart_ee.report import adaptation_parts
-    from dart_ee.run import RESULTS, STUDY, Run
+    from dart_ee.run import Run
+    from dart_ee.runfiles import RESULTS, STUDY
 
     a = Run(run).config().adapt
     batch_size = batch_size or a.batch_size

@@ -7,7 +7,7 @@ here are the decisions it makes live.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -15,7 +15,7 @@ import torch
 
 from dart_ee.difficulty import oracle_depth
 from dart_ee.errors import ArtifactError
-from dart_ee.policies import ExitPolicy, StaticPolicy
+from dart_ee.policies import ExitPolicy
 from dart_ee.runtime import ExitResult
 from dart_ee.trace import Trace
 
@@ -112,23 +112,10 @@ class TraceReplay:
         return ExitResult(preds, conf, exits, alpha if self.alpha_source else None)
 
 
-def leave_costs(policy: ExitPolicy, exit_macs: Sequence[float] | np.ndarray, static_macs: float,
-                estimator_macs: Mapping[str, float]) -> np.ndarray:
-    """The one cost rule (traces, benchmark, adaptation): MACs to leave at each exit under ``policy``.
-
-    ``exit_macs`` are the network's own (stages and the heads passed). The static policy runs the plain
-    network, without exit heads; a policy that reads alpha also pays for its estimator.
-    """
-    if isinstance(policy, StaticPolicy):
-        return np.full(len(exit_macs), float(static_macs))
-    source = getattr(policy, "alpha_source_", None) if policy.uses_alpha else None
-    return np.asarray(exit_macs, dtype=np.float64) + (float(estimator_macs.get(source, 0)) if source else 0.0)
-
-
 def exit_costs(policy: ExitPolicy, trace: Trace) -> np.ndarray:
-    """``leave_costs`` from a trace (whose exit costs include the estimator it was aligned to)."""
+    """``ExitPolicy.leave_costs`` from a trace (whose exit costs include the estimator it was aligned to)."""
     trace = aligned(policy, trace)
-    return leave_costs(policy, trace.exit_macs.astype(np.float64) - estimator_macs(trace),
+    return policy.leave_costs(trace.exit_macs.astype(np.float64) - estimator_macs(trace),
                        float(trace.meta.get("static_macs", trace.exit_macs[-1])), trace.meta.get("estimator_macs", {}))
 
 

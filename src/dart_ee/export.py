@@ -45,12 +45,12 @@ from torch import nn
 from dart_ee import artifacts
 from dart_ee.difficulty import LearnedDifficulty
 from dart_ee.errors import ArtifactError, ConfigError
-from dart_ee.evaluation import leave_costs
 from dart_ee.lock import LOCK_FILE, run_lock
 from dart_ee.models import MultiExitNet, Normalize
 from dart_ee.onnx_runner import FORMAT, MANIFEST, OPSETS
 from dart_ee.policies import ExitPolicy, StaticPolicy, load_policy
-from dart_ee.run import CONFIG, ESTIMATORS, METRICS, MODEL, POLICY_DIR, Run
+from dart_ee.run import Run
+from dart_ee.runfiles import CONFIG, ESTIMATORS, METRICS, MODEL, POLICY_DIR
 from dart_ee.runtime import alpha_source
 
 DTYPES = ("fp32", "int8")
@@ -282,7 +282,7 @@ class _Writer:
             "file": f"{POLICY_DIR}/{name}.json" if text else None, "policy": pol.name, "static": static,
             "graph": graph if static else None, "alpha_source": source,
             "state": {k: {"dtype": str(v.dtype).removeprefix("torch."), "fill": v[0].item()} for k, v in state.items()},
-            "leave_macs": leave_costs(StaticPolicy() if static else pol, self.exit_macs, self.static_macs,
+            "leave_macs": (StaticPolicy() if static else pol).leave_costs(self.exit_macs, self.static_macs,
                                       self.est_macs).tolist(),
             "exits": []}
         if text:

@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from dart_ee.coderef import builder_ref, import_builder
 from dart_ee.errors import ConfigError, InputError
 
 _REGISTRY: dict[str, Callable[..., MultiExitNet]] = {}
@@ -141,8 +142,6 @@ class MultiExitNet(nn.Module):
         out_shape = _feature_shapes(stages, input_shape)[-1]
         if len(out_shape) != 1:
             raise ConfigError(f"the last stage's output has shape {out_shape} per sample, expected (num_classes,) logits")
-        from dart_ee.custom import builder_ref, import_builder
-
         head_cls = import_builder(head, trusted=True, what="head") if isinstance(head, str) else head  # your own call
         net = _build(stages, nn.Identity(), out_shape[0], input_shape, head_width, head_cls)
         net.arch = _custom_arch(out_shape[0], input_shape, head_width, None, builder, builder_kwargs,
@@ -545,8 +544,6 @@ def attach_exits(model: nn.Module, after: Sequence[str | int], example_input: to
     network from a run folder (``fit_exits(..., run_dir=...)``, see ``dart_ee.custom``). ``head``: your own
     exit head class, called as ``head(feature_shape, num_classes)``.
     """
-    from dart_ee.custom import builder_ref
-
     if example_input is not None:
         input_shape = tuple(example_input.shape[1:])
     if input_shape is None:

@@ -23,7 +23,8 @@ from dart_ee.malloc import keep_freed_memory
 from dart_ee.policies import load_policy
 from dart_ee.provenance import git_revision, hardware_info
 from dart_ee.report import write_report
-from dart_ee.run import (
+from dart_ee.run import Run
+from dart_ee.runfiles import (
     CHECKPOINT,
     CONFIG,
     METRICS,
@@ -35,7 +36,6 @@ from dart_ee.run import (
     STUDY,
     SUPERSEDED,
     TRACE_FILES,
-    Run,
 )
 from dart_ee.trace import Trace
 from dart_ee.training import is_current, set_run_threads, single_exit_config, train, training_device

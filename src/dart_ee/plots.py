@@ -144,9 +144,7 @@ def adaptation_figures(res: dict, out: str | Path) -> None:
 
 def study_figures(study: dict, out: str | Path) -> None:
     """An adaptation study's figures (``dart_ee.adapt_eval.study``): each family at its most severe grade, and the
-    label-prior scenario's drawn mechanism run (``report.study_scenarios`` names them)."""
-    from dart_ee.report import study_scenarios
-
+    label-prior scenario's drawn mechanism run (``study_scenarios`` names them)."""
     mech = study.get("mechanisms") or {}
     for sc in study_scenarios(study):
         if sc == mech.get("scenario"):
@@ -154,3 +152,9 @@ def study_figures(study: dict, out: str | Path) -> None:
             adaptation_figures({**run, "scenario": sc, "severity": mech["severity"]}, out)
         else:
             adaptation_figures(max((r for r in study["families"] if r["scenario"] == sc), key=lambda r: r["level"]), out)
+
+
+def study_scenarios(study: dict) -> list[str]:
+    """The scenarios ``study_figures`` draws, in its order (the report lists them the same way)."""
+    names = list(dict.fromkeys(r["scenario"] for r in study["families"]))
+    return names + ([study["mechanisms"]["scenario"]] if study.get("mechanisms") else [])

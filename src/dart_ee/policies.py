@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -99,6 +100,16 @@ class ExitPolicy:
     def never_leaves_early(self) -> bool:
         """True when no input can leave before the last exit (so the policy's risk is 0 by construction)."""
         return False
+
+    def leave_costs(self, exit_macs: Sequence[float] | np.ndarray, static_macs: float,
+                    estimator_macs: Mapping[str, float]) -> np.ndarray:
+        """The one cost rule (traces, runtime, benchmark, export, adaptation): MACs to leave at each exit.
+
+        ``exit_macs`` are the network's own (stages and the heads passed); a policy that reads alpha also pays
+        for its estimator. (The static policy runs the plain network, without exit heads: see its override.)
+        """
+        source = getattr(self, "alpha_source_", None) if self.uses_alpha else None
+        return np.asarray(exit_macs, dtype=np.float64) + (float(estimator_macs.get(source, 0)) if source else 0.0)
 
     def fitted_shapes(self, n: int) -> dict[str, tuple[int, ...]]:
         """The shape of each fitted array for ``n`` exits (-1: any length), checked when a policy file is loaded."""
@@ -209,6 +220,10 @@ class StaticPolicy(ExitPolicy):
 
     def never_leaves_early(self) -> bool:
         return True
+
+    def leave_costs(self, exit_macs: Sequence[float] | np.ndarray, static_macs: float,
+                    estimator_macs: Mapping[str, float]) -> np.ndarray:
+        return np.full(len(exit_macs), float(static_macs))  # the plain network: no exit heads, no estimator
 
 
 class ThresholdPolicy(ExitPolicy):

@@ -7,7 +7,8 @@ from pathlib import Path
 from dart_ee import artifacts
 from dart_ee.analysis import distribution_markdown
 from dart_ee.malloc import KEPT
-from dart_ee.run import STUDY
+from dart_ee.plots import study_scenarios
+from dart_ee.runfiles import STUDY
 
 
 def _pct(v: float) -> str:
@@ -404,9 +405,3 @@ def write_report(res: dict, out: Path) -> Path:
         for sc in study_scenarios(study):
             parts += [f"![over time]({sc}_over_time.png)", f"![coefficients]({sc}_coefficients.png)"]
     return artifacts.write_text(out / "report.md", "\n\n".join(parts) + "\n")
-
-
-def study_scenarios(study: dict) -> list[str]:
-    """The scenarios ``plots.study_figures`` draws, in its order."""
-    names = list(dict.fromkeys(r["scenario"] for r in study["families"]))
-    return names + ([study["mechanisms"]["scenario"]] if study.get("mechanisms") else [])

@@ -1,4 +1,4 @@
-"""A run folder: the one place that knows its file names, and loads what it holds on demand.
+"""A run folder's handle: loads what it holds on demand (the file names are ``dart_ee.runfiles``).
 
     run = Run("runs/cifar10_alexnet")
     cfg, model, est = run.config(), run.model(), run.estimators()
@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dart_ee.runfiles import CONFIG, ESTIMATORS, MODEL, POLICY_DIR, trace_file
+
 if TYPE_CHECKING:
     import torch
 
@@ -23,28 +25,6 @@ if TYPE_CHECKING:
     from dart_ee.models import MultiExitNet
     from dart_ee.policies import ExitPolicy
     from dart_ee.trace import Trace
-
-CONFIG = "config.yaml"  # the resolved config the run was made with
-SPLIT = "split.json"  # the calibration split (indices, seed, data fingerprint)
-CHECKPOINT = "checkpoint.pt"  # training state after the last finished epoch
-MODEL = "model.pt"  # the trained multi-exit network
-METRICS = "metrics.json"  # its per-exit accuracies, MACs and fingerprints
-ESTIMATORS = "difficulty.pt"  # the fitted difficulty estimators (paper and learned)
-RESULTS = "results.json"  # every figure `dart-ee run` reports
-POLICY_DIR = "policies"  # fitted policy JSON files
-SINGLE_EXIT = "single_exit"  # the "Baseline (No EE)" network, a run of its own inside this one
-ADAPT_SETTINGS = "adapt.json"  # the adaptive controller's settings and where they were chosen (dart_ee.adapt_tuning)
-STUDY = "adapt/study.json"  # every adaptation figure of the run (dart_ee.adapt_eval.study)
-SUPERSEDED = "superseded"  # artifacts `dart-ee run` moved aside because their inputs changed
-
-
-def trace_file(split: str) -> str:
-    """``trace_cal.npz`` or ``trace_test.npz`` (each with its ``.json`` metadata beside it)."""
-    return f"trace_{split}.npz"
-
-
-TRACE_FILES = (trace_file("cal"), "trace_cal.json", trace_file("test"), "trace_test.json", ESTIMATORS)
-
 
 class Run:
     """A run folder written by ``dart-ee train`` / ``dart-ee run``; every loader validates what it reads and

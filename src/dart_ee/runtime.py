@@ -65,10 +65,8 @@ class EarlyExitRunner:
 
     def leave_macs(self) -> np.ndarray:
         """MACs to leave at each exit under this runner's policy (its estimator included)."""
-        from dart_ee.evaluation import leave_costs
-
         est = self.estimator.macs(self.model) if self.estimator is not None else {}
-        return leave_costs(self.policy, self.model.exit_macs(), self.static_macs(), est)
+        return self.policy.leave_costs(self.model.exit_macs(), self.static_macs(), est)
 
     @torch.inference_mode()
     def final_probs(self, x: torch.Tensor) -> torch.Tensor:

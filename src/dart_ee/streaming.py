@@ -9,7 +9,7 @@ byte offset and size; indexing it decodes the files asked for. ``batches`` hands
 index batches to a ``torch.utils.data.DataLoader`` whose workers decode them ahead of the training
 step, in order: memory is bounded by workers x prefetch x batch, not by the dataset.
 
-Both paths decode and resize with the same function (``data.decode_image``), so a streamed run sees
+Both paths decode and resize with the same function (``decode.decode_image``), so a streamed run sees
 the very pixels an in-memory run of the same tree sees.
 """
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dart_ee.decode import decode_image
 from dart_ee.errors import DataError
 
 
@@ -73,8 +74,6 @@ class FileImages:
                 yield f"{self.root}:{os.fsdecode(name)!r}", raw
 
     def __getitem__(self, idx: int | slice | np.ndarray | Sequence[int]) -> np.ndarray:
-        from dart_ee.data import decode_image
-
         if isinstance(idx, (int, np.integer)):
             return self[np.array([idx])][0]
         n = len(self.names[idx])

@@ -17,7 +17,8 @@ from dart_ee import artifacts
 from dart_ee import difficulty as difficulty_mod
 from dart_ee.errors import InputError
 from dart_ee.lock import holds_run_lock
-from dart_ee.run import ESTIMATORS, MODEL, Run, trace_file
+from dart_ee.run import Run
+from dart_ee.runfiles import ESTIMATORS, MODEL, trace_file
 from dart_ee.trace import Trace, save
 
 if TYPE_CHECKING:

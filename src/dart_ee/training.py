@@ -30,7 +30,7 @@ from dart_ee.errors import ArtifactError, ConfigError, DataError, UntrustedCodeE
 from dart_ee.lock import holds_run_lock, run_lock
 from dart_ee.models import MultiExitNet, create_model, optimize_for_inference
 from dart_ee.provenance import hardware_info
-from dart_ee.run import CHECKPOINT, CONFIG, METRICS, MODEL, SPLIT
+from dart_ee.runfiles import CHECKPOINT, CONFIG, METRICS, MODEL, SPLIT
 from dart_ee.threads import set_threads
 
 
