@@ -12,9 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dart_ee import artifacts
-from dart_ee.bench import benchmark, table_markdown
-from dart_ee.malloc import keep_freed_memory
+from dart_ee.bench.benchmark import benchmark, table_markdown
+from dart_ee.core import artifacts
+from dart_ee.core.malloc import keep_freed_memory
 
 BATCHES = (256, 1024, 4096)
 IMAGES = 32768  # per timed repetition: energy counters need windows of a good fraction of a second
@@ -23,7 +23,7 @@ IMAGES = 32768  # per timed repetition: energy counters need windows of a good f
 def main(out: Path, runs: list[Path], device: str = "cuda", batches: tuple[int, ...] = BATCHES, images: int = IMAGES,
          repeats: int = 5, latency_images: int = 1000) -> None:
     """Every record; batch-1 latency with the first batch size. The keywords are for a rehearsal on the CPU (tests)."""
-    keep_freed_memory()  # as the dart-ee command does (dart_ee.malloc): the host side is timed too
+    keep_freed_memory()  # as the dart-ee command does (dart_ee.core.malloc): the host side is timed too
     for run in runs:
         policies = [run / "policies" / "dart.json", run / "policies" / "threshold.json"]
         for b in batches:

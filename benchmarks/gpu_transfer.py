@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from dart_ee import artifacts, data
-from dart_ee.runfiles import CONFIG, ESTIMATORS, METRICS, MODEL, POLICY_DIR, SINGLE_EXIT, SPLIT
-from dart_ee.training import exit_accuracies, load_model, predict_exits, save_model
+from dart_ee.core import artifacts
+from dart_ee.core.runfiles import CONFIG, ESTIMATORS, METRICS, MODEL, POLICY_DIR, SINGLE_EXIT, SPLIT
+from dart_ee.data import datasets as data
+from dart_ee.training.train import exit_accuracies, load_model, predict_exits, save_model
 
 PIECE = 15 * 2**20  # under the 16 MiB a returned file may hold
 SMALL = (CONFIG, SPLIT, METRICS, f"{SINGLE_EXIT}/{METRICS}", f"{SINGLE_EXIT}/{CONFIG}")
@@ -57,7 +58,7 @@ def pack(run: Path, out: Path, files: tuple[str, ...] = SMALL) -> None:
 
 def rebuild(src: Path, run: Path) -> None:
     """Rebuild ``run``'s files and its fp32 ``model.pt`` from the pieces in ``src``."""
-    from dart_ee.models import create_model
+    from dart_ee.models.net import create_model
 
     run.mkdir(parents=True, exist_ok=True)
     with tarfile.open(src / f"{run.name}.small.tar") as tar:
@@ -75,7 +76,7 @@ def rebuild(src: Path, run: Path) -> None:
 def unpack(src: Path, run: Path) -> None:
     """``rebuild``, then re-evaluate the fp16-rounded model on this CPU and record both evaluations."""
     from dart_ee.config import load_config
-    from dart_ee.training import prepare_splits
+    from dart_ee.training.train import prepare_splits
 
     rebuild(src, run)
     cfg = load_config(run / CONFIG)

@@ -26,16 +26,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from dart_ee import artifacts, attach_exits, create_model, trust_code
-from dart_ee.bench import benchmark
-from dart_ee.calibration import compare
-from dart_ee.data import CIFAR10_CLASSES, DATASETS, ImageSet, augment, to_float
-from dart_ee.difficulty import fit_estimators
-from dart_ee.provenance import provenance
-from dart_ee.run import Run
-from dart_ee.runfiles import POLICY_DIR
-from dart_ee.tracing import make_trace
-from dart_ee.training import fit_exits, load_model, prepare_splits
+from dart_ee import attach_exits, create_model, trust_code
+from dart_ee.bench.benchmark import benchmark
+from dart_ee.calibration.calibrate import compare
+from dart_ee.core import artifacts
+from dart_ee.core.provenance import provenance
+from dart_ee.core.runfiles import POLICY_DIR
+from dart_ee.data.datasets import CIFAR10_CLASSES, DATASETS, ImageSet, augment, to_float
+from dart_ee.difficulty.estimators import fit_estimators
+from dart_ee.runs.run import Run
+from dart_ee.runs.tracing import make_trace
+from dart_ee.training.train import fit_exits, load_model, prepare_splits
 
 CIFAR = DATASETS["cifar10"]
 

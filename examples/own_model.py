@@ -18,12 +18,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dart_ee import attach_exits
-from dart_ee.calibration import calibrate
-from dart_ee.difficulty import fit_estimators
-from dart_ee.evaluation import evaluate, simulate
-from dart_ee.runtime import EarlyExitRunner
-from dart_ee.tracing import make_trace
-from dart_ee.training import fit_exits
+from dart_ee.calibration.calibrate import calibrate
+from dart_ee.calibration.evaluation import evaluate, simulate
+from dart_ee.difficulty.estimators import fit_estimators
+from dart_ee.runs.tracing import make_trace
+from dart_ee.runtime.eager import EarlyExitRunner
+from dart_ee.training.train import fit_exits
 
 
 class Patterns(Dataset):

@@ -98,9 +98,9 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import torch
 
     from dart_ee import trace as trace_mod
-    from dart_ee import tracing
     from dart_ee.config import parse_config
-    from dart_ee.training import prepare_splits, train
+    from dart_ee.runs import tracing
+    from dart_ee.training.train import prepare_splits, train
 
     root = tmp_path_factory.mktemp("rt")
     make_idx_dataset(root / "data" / "mnist", n_train=400, n_test=300)

@@ -3,14 +3,14 @@ import pytest
 import torch
 from torch import nn
 
-from dart_ee.adapt import UCB1, AdaptiveController, AlphaReference, agreement_targets
-from dart_ee.calibration import calibrate
-from dart_ee.difficulty import load_estimators
-from dart_ee.errors import ConfigError
+from dart_ee.adapt.controller import UCB1, AdaptiveController, AlphaReference, agreement_targets
+from dart_ee.calibration.calibrate import calibrate
+from dart_ee.core.errors import ConfigError
+from dart_ee.data.shift import FAMILIES, SCENARIOS, gaussian_blur, make_stream
+from dart_ee.difficulty.estimators import load_estimators
 from dart_ee.policies import make_policy
-from dart_ee.runtime import EarlyExitRunner
-from dart_ee.shift import FAMILIES, SCENARIOS, gaussian_blur, make_stream
-from dart_ee.training import load_model
+from dart_ee.runtime.eager import EarlyExitRunner
+from dart_ee.training.train import load_model
 
 
 class Switchable(nn.Module):
@@ -156,7 +156,7 @@ def test_stream_longer_than_the_split_keeps_its_clean_part_clean(trained_run):
 
 
 def test_controller_overhead_measurement(trained_run, tmp_path):
-    from dart_ee.bench import controller_overhead
+    from dart_ee.bench.benchmark import controller_overhead
 
     policy = calibrate("dart", trained_run["cal"], max_drop=3.0)[0]
     policy.save(tmp_path / "dart.json")

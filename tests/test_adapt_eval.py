@@ -5,16 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from dart_ee import adapt_eval, adapt_settings, adapt_tuning
-from dart_ee.adapt import make_controller
-from dart_ee.adapt_eval import StreamSource, evaluate_stream, matched_compute, trace_stream
-from dart_ee.calibration import calibrate
+from dart_ee.adapt import settings as adapt_settings
+from dart_ee.adapt import study as adapt_eval
+from dart_ee.adapt import tuning as adapt_tuning
+from dart_ee.adapt.controller import make_controller
+from dart_ee.adapt.study import StreamSource, evaluate_stream, matched_compute, trace_stream
+from dart_ee.calibration.calibrate import calibrate
+from dart_ee.calibration.evaluation import TraceReplay, simulate
 from dart_ee.config import ControllerSettings
-from dart_ee.errors import ArtifactError
-from dart_ee.evaluation import TraceReplay, simulate
-from dart_ee.run import Run
-from dart_ee.runtime import EarlyExitRunner
-from dart_ee.shift import FAMILIES, make_stream
+from dart_ee.core.errors import ArtifactError
+from dart_ee.data.shift import FAMILIES, make_stream
+from dart_ee.runs.run import Run
+from dart_ee.runtime.eager import EarlyExitRunner
 
 TINY_GRID = {"shift_gate": [0.5, 1.0], "audit_share": [0.02, 0.2]}
 

@@ -1,4 +1,4 @@
-"""Certified budgets (dart_ee.certify), the refined DP, and coverage on a generator with known truth."""
+"""Certified budgets (dart_ee.calibration.certify), the refined DP, and coverage on a generator with known truth."""
 
 import json
 import math
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from test_policies import probs_from
 
-from dart_ee.calibration import calibrate
-from dart_ee.certify import (
+from dart_ee.calibration.calibrate import calibrate
+from dart_ee.calibration.certify import (
     binomial_p,
     certify,
     fixed_sequence,
@@ -20,9 +20,9 @@ from dart_ee.certify import (
     scale_thresholds,
     split_fit_cert,
 )
-from dart_ee.coverage import MAX_EXCEED, population_coverage, synthetic_trace, true_risk
-from dart_ee.errors import ConfigError
-from dart_ee.evaluation import evaluate, simulate
+from dart_ee.calibration.coverage import MAX_EXCEED, population_coverage, synthetic_trace, true_risk
+from dart_ee.calibration.evaluation import evaluate, simulate
+from dart_ee.core.errors import ConfigError
 from dart_ee.policies import make_policy, policy_from_dict
 from dart_ee.trace import Trace
 
@@ -275,7 +275,7 @@ def test_population_coverage_learned_paths_short(policy, kind):
 def test_first_rejected_p_value_after_a_static_reset():
     """When the last accepted candidate cannot leave early (certify returns the static network), the record's
     first rejected p-value is the one after it, not the first candidate's."""
-    from dart_ee.certify import certify_split
+    from dart_ee.calibration.certify import certify_split
 
     n, k = 3000, 3  # every early exit wrong where the final one is right: no candidate that leaves can pass
     labels = np.arange(n) % k
@@ -298,7 +298,7 @@ def test_in_expectation_needs_no_confidence():
 
 def test_split_design_reference_excludes_the_cert_samples():
     """The 'split' design's reference risk is measured on the samples that neither fitted nor chose the policy."""
-    from dart_ee.coverage import resplit_coverage
+    from dart_ee.calibration.coverage import resplit_coverage
 
     cal, test = synthetic_trace(1500, "nested", seed=1), synthetic_trace(1500, "nested", seed=2, split="test")
     res = resplit_coverage(cal, test, "dart", 20.0, resplits=3, n_fit=600, n_cert=900)
@@ -309,7 +309,7 @@ def test_split_design_reference_excludes_the_cert_samples():
 @pytest.mark.parametrize("name", ["dart", "score"])
 def test_path_predictions_equal_simulate(name):
     """The fast replay of a certification path makes exactly the decisions ``simulate`` (the runtime's walk) makes."""
-    from dart_ee.certify import path_predictions
+    from dart_ee.calibration.certify import path_predictions
 
     fit, cert = synthetic_trace(1500, "independent", seed=9), synthetic_trace(2000, "independent", seed=10)
     fam = scale_family(make_policy(name, beta_opt=0.1).fit(fit), fit)

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from dart_ee import create_model
 from dart_ee.cli import app
-from dart_ee.malloc import malloc_setting
+from dart_ee.core.malloc import malloc_setting
 
 cli = CliRunner()
 
@@ -97,7 +97,7 @@ def test_benchmark_command(trained_run, tmp_path):
     code, out = invoke("benchmark", "--run", trained_run["run"], "--policy", tmp_path / "t.json", "--images", "64",
                        "--repeats", "2", "--latency-images", "4", "--threads", "1", "--out", tmp_path / "b.json")
     assert code == 0, out
-    from dart_ee.energy import energy_meter
+    from dart_ee.bench.energy import energy_meter
 
     if not energy_meter().available:
         assert "unavailable" in out  # no energy counter readable: never a made-up number

@@ -1,7 +1,7 @@
 import pytest
 
 from dart_ee.config import check_exit_lists, load_config, parse_config
-from dart_ee.errors import ConfigError
+from dart_ee.core.errors import ConfigError
 
 
 def test_repo_configs_validate():
@@ -71,9 +71,9 @@ def test_defaults_have_one_source():
     """The CLI shows the config classes' defaults, and the library's signatures agree with them."""
     import inspect
 
-    from dart_ee.adapt import AdaptiveController
-    from dart_ee.adapt_eval import study
-    from dart_ee.bench import benchmark
+    from dart_ee.adapt.controller import AdaptiveController
+    from dart_ee.adapt.study import study
+    from dart_ee.bench.benchmark import benchmark
     from dart_ee.config import AdaptConfig, BenchmarkConfig, ControllerSettings
 
     b, a, c = BenchmarkConfig(), AdaptConfig(), ControllerSettings()
@@ -92,8 +92,8 @@ def test_defaults_have_one_source():
 def test_a_field_added_at_its_default_keeps_every_runs_fingerprints():
     """train.optimizer, train.max_steps and data.image_size/stream/workers came after runs were made: at their
     defaults (what those runs did) they are not hashed."""
-    from dart_ee.artifacts import fingerprint
     from dart_ee.config import _STEP_INPUTS, Config, config_fingerprint, step_fingerprint
+    from dart_ee.core.artifacts import fingerprint
 
     later = [("train", "optimizer"), ("train", "max_steps"), ("data", "image_size"), ("data", "stream"),
              ("data", "workers")]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from test_cli import invoke
 
-from dart_ee.calibration import calibrate
-from dart_ee.errors import ArtifactError
-from dart_ee.evaluation import evaluate, simulate
+from dart_ee.calibration.calibrate import calibrate
+from dart_ee.calibration.evaluation import evaluate, simulate
+from dart_ee.core.errors import ArtifactError
 from dart_ee.trace import check_pair, save
 
 
@@ -79,11 +79,11 @@ def test_benchmark_on_a_missing_gpu_is_a_clear_error(trained_run, tmp_path):
 def test_api_misuse_gets_clear_errors(trained_run, tmp_path):
     import torch
 
-    from dart_ee.errors import ConfigError, InputError
-    from dart_ee.models import create_model
+    from dart_ee.core.errors import ConfigError, InputError
+    from dart_ee.models.net import create_model
     from dart_ee.policies import make_policy
-    from dart_ee.runtime import EarlyExitRunner
-    from dart_ee.training import load_model
+    from dart_ee.runtime.eager import EarlyExitRunner
+    from dart_ee.training.train import load_model
 
     with pytest.raises(ConfigError, match="unknown policy 'foo'"):
         calibrate("foo", None)
@@ -108,7 +108,7 @@ def test_artifacts_honour_the_umask(tmp_path):
     import os
     import stat
 
-    from dart_ee import artifacts
+    from dart_ee.core import artifacts
 
     path = artifacts.write_json(tmp_path / "a.json", {"x": 1})
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~artifacts._UMASK
@@ -117,7 +117,7 @@ def test_artifacts_honour_the_umask(tmp_path):
 def test_unwritable_cache_is_a_warning(tmp_path, monkeypatch, capsys):
     from conftest import make_idx_dataset
 
-    from dart_ee.data import load_dataset
+    from dart_ee.data.datasets import load_dataset
 
     make_idx_dataset(tmp_path / "data" / "mnist", n_train=20, n_test=10)
     (tmp_path / "cache").write_text("")  # a file where the cache folder should be: nothing can be written there
@@ -159,9 +159,9 @@ def test_policy_files_with_bad_fitted_fields(trained_run, tmp_path, name, corrup
                                         ("dart", "learned")])
 def test_one_cost_rule_for_traces_and_the_runtime(trained_run, name, alpha):
     """The MACs a trace-based evaluation charges equal what the model and estimator (benchmark, adaptation) say."""
-    from dart_ee.difficulty import load_estimators
-    from dart_ee.evaluation import exit_costs
-    from dart_ee.training import load_model
+    from dart_ee.calibration.evaluation import exit_costs
+    from dart_ee.difficulty.estimators import load_estimators
+    from dart_ee.training.train import load_model
 
     cal, test = trained_run["cal"].with_alpha(f"alpha_{alpha}"), trained_run["test"]
     pol = calibrate(name, cal, max_drop=2.0)[0]
@@ -174,11 +174,11 @@ def test_one_cost_rule_for_traces_and_the_runtime(trained_run, name, alpha):
 def test_out_of_range_dart_parameters_and_empty_runs(trained_run):
     import torch
 
-    from dart_ee.errors import ConfigError, InputError
+    from dart_ee.core.errors import ConfigError, InputError
     from dart_ee.policies import make_policy
-    from dart_ee.queued import QueuedRunner
-    from dart_ee.runtime import EarlyExitRunner
-    from dart_ee.training import load_model
+    from dart_ee.runtime.eager import EarlyExitRunner
+    from dart_ee.runtime.queued import QueuedRunner
+    from dart_ee.training.train import load_model
 
     code, out = invoke("calibrate", "--trace", trained_run["cal_path"], "--policy", "dart", "--max-drop", "1",
                        "--set", "alpha_bins=0", "--out", "unused.json")
@@ -198,9 +198,9 @@ def test_other_data_of_the_same_shape_is_refused(tmp_path):
     from conftest import make_idx_dataset, tiny_config
 
     from dart_ee.config import parse_config
-    from dart_ee.errors import DataError
-    from dart_ee.tracing import trace_run
-    from dart_ee.training import train
+    from dart_ee.core.errors import DataError
+    from dart_ee.runs.tracing import trace_run
+    from dart_ee.training.train import train
 
     make_idx_dataset(tmp_path / "a" / "mnist", n_train=80, n_test=20, seed=0)
     make_idx_dataset(tmp_path / "b" / "mnist", n_train=80, n_test=20, seed=5)  # same sizes, other digits

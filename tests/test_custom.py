@@ -1,4 +1,4 @@
-"""Runs of your own model written from Python (dart_ee.custom): every command reads them, and the
+"""Runs of your own model written from Python (dart_ee.models.custom): every command reads them, and the
 model they rebuild decides as their traces say."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from dart_ee import ArtifactError, ConfigError, InputError, attach_exits
 from dart_ee.cli import app
-from dart_ee.run import Run
+from dart_ee.runs.run import Run
 
 cli = CliRunner()
 
@@ -53,9 +53,9 @@ def _data(n: int = 360) -> dict[str, DataLoader]:
 
 
 def _write_run(path, width: int = 8):
-    from dart_ee.difficulty import fit_estimators
-    from dart_ee.tracing import make_trace
-    from dart_ee.training import fit_exits
+    from dart_ee.difficulty.estimators import fit_estimators
+    from dart_ee.runs.tracing import make_trace
+    from dart_ee.training.train import fit_exits
 
     torch.manual_seed(0)
     model = attach_exits(Net(width), after=["layer1", "layer2"], example_input=torch.rand(1, 3, 16, 16),
@@ -67,7 +67,7 @@ def _write_run(path, width: int = 8):
             head.body[-1].weight.mul_(40)
     # the scaled heads are the model traced: save it again (fit_exits resumes: no training)
     est = fit_estimators(loaders["train"].dataset.tensors[0].numpy())
-    from dart_ee.training import save_model
+    from dart_ee.training.train import save_model
 
     save_model(model, path / "model.pt")
     cal = make_trace(model, loaders["cal"], "cal", est, run_dir=path)
@@ -98,10 +98,10 @@ def test_the_run_folder_rebuilds_the_same_model_and_reads_back(custom_run):
 
 
 def test_runtime_on_the_reloaded_run_equals_trace_evaluation_for_every_policy(custom_run):
-    from dart_ee.calibration import calibrate
-    from dart_ee.evaluation import simulate
+    from dart_ee.calibration.calibrate import calibrate
+    from dart_ee.calibration.evaluation import simulate
     from dart_ee.policies import POLICIES
-    from dart_ee.runtime import EarlyExitRunner
+    from dart_ee.runtime.eager import EarlyExitRunner
 
     run = Run(custom_run["path"], trust_code=True)
     model, est, cal, test = run.model(), run.estimators(), run.trace("cal"), run.trace("test")
@@ -137,8 +137,8 @@ def test_every_command_reads_a_custom_run(custom_run, tmp_path):
     res = cli.invoke(app, ["export", "--run", str(path), "--out", str(tmp_path / "onnx"), "--policy", str(pol),
                            "--trust-code"])
     assert res.exit_code == 0, res.output
-    from dart_ee.evaluation import simulate
-    from dart_ee.onnx_runner import OnnxRunner
+    from dart_ee.calibration.evaluation import simulate
+    from dart_ee.deploy.onnx_runner import OnnxRunner
     from dart_ee.policies import load_policy
 
     out = OnnxRunner(tmp_path / "onnx", "dart").run(Run(path).images("test").x, 16)
@@ -147,8 +147,8 @@ def test_every_command_reads_a_custom_run(custom_run, tmp_path):
 
 
 def test_a_run_folder_never_names_code_other_than_a_module_class(tmp_path):
-    from dart_ee.coderef import import_builder
-    from dart_ee.custom import rebuild
+    from dart_ee.models.coderef import import_builder
+    from dart_ee.models.custom import rebuild
 
     with pytest.raises(ConfigError, match="no Python source|defines no class 'system'"):
         import_builder("os:system", trusted=True)  # never called
@@ -163,7 +163,7 @@ def test_a_run_folder_never_names_code_other_than_a_module_class(tmp_path):
 
 
 def test_a_model_commands_could_not_rebuild_is_refused_before_training(tmp_path):
-    from dart_ee.training import fit_exits
+    from dart_ee.training.train import fit_exits
 
     model = attach_exits(Net(12), after=["layer1"], example_input=torch.rand(1, 3, 16, 16), builder=BUILDER)
     with pytest.raises(ConfigError, match="builder_kwargs"):  # built with width 12, recorded without it
@@ -172,8 +172,8 @@ def test_a_model_commands_could_not_rebuild_is_refused_before_training(tmp_path)
 
 
 def test_make_trace_into_a_run_checks_its_inputs(custom_run, tmp_path):
-    from dart_ee.difficulty import fit_estimators
-    from dart_ee.tracing import make_trace
+    from dart_ee.difficulty.estimators import fit_estimators
+    from dart_ee.runs.tracing import make_trace
 
     loaders = custom_run["loaders"]
     with pytest.raises(InputError, match="needs the fitted estimator"):
@@ -189,9 +189,9 @@ def test_make_trace_into_a_run_checks_its_inputs(custom_run, tmp_path):
 
 
 def test_a_truncated_image_file_and_a_config_on_custom_data_give_clear_errors(custom_run, tmp_path):
-    from dart_ee.custom import load_images
-    from dart_ee.data import get_spec
-    from dart_ee.errors import DataError
+    from dart_ee.core.errors import DataError
+    from dart_ee.data.datasets import get_spec
+    from dart_ee.models.custom import load_images
 
     bad = tmp_path / "images_test.npz"
     bad.write_bytes((custom_run["path"] / "images_test.npz").read_bytes()[:100])
@@ -235,7 +235,7 @@ class MyHead(nn.Module):
 
 
 def test_custom_heads_are_sized_by_the_probe_and_rebuilt_from_the_run(tmp_path):
-    from dart_ee.custom import check_rebuilds, rebuild
+    from dart_ee.models.custom import check_rebuilds, rebuild
 
     model = attach_exits(Net(), after=["layer1", "layer2"], input_shape=(3, 16, 16), builder=BUILDER,
                          head=f"{__file__}:MyHead")

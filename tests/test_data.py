@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import make_cifar_python, make_idx_dataset, make_image_folder, make_tarball, write_idx
 
-from dart_ee import data
-from dart_ee.errors import DataError
+from dart_ee.core.errors import DataError
+from dart_ee.data import datasets as data
 
 
 def test_idx_gzipped_and_plain(tmp_path):

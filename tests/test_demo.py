@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dart_ee.cli import app
-from dart_ee.data import load_dataset
+from dart_ee.data.datasets import load_dataset
 
 needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn not installed")
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from dart_ee.difficulty import (
+from dart_ee.core.errors import ArtifactError, InputError
+from dart_ee.difficulty.estimators import (
     DifficultyEstimator,
     LearnedDifficulty,
     fit_weights,
@@ -11,7 +12,6 @@ from dart_ee.difficulty import (
     save_estimators,
     spearman,
 )
-from dart_ee.errors import ArtifactError, InputError
 
 
 def _fitted(channels=3, seed=0):

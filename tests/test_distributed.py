@@ -85,7 +85,7 @@ def _assert_same_training(one: dict, two: dict, init: dict) -> None:
 def _initial_weights(cfg: Path, run: Path) -> dict:
     """The weights that training starts from: its seed, then its model (as ``training.train`` builds them)."""
     from dart_ee.config import parse_config
-    from dart_ee.training import build_model, prepare_splits
+    from dart_ee.training.train import build_model, prepare_splits
 
     c = parse_config(yaml.safe_load(cfg.read_text()))
     spec = prepare_splits(c, run).spec

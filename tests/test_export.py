@@ -10,11 +10,11 @@ import pytest
 from test_cli import invoke
 from test_runtime import CASES, _fitted
 
-from dart_ee.difficulty import load_estimators
-from dart_ee.errors import ArtifactError, InputError
-from dart_ee.evaluation import simulate
-from dart_ee.runtime import EarlyExitRunner
-from dart_ee.training import load_model
+from dart_ee.calibration.evaluation import simulate
+from dart_ee.core.errors import ArtifactError, InputError
+from dart_ee.difficulty.estimators import load_estimators
+from dart_ee.runtime.eager import EarlyExitRunner
+from dart_ee.training.train import load_model
 
 pytest.importorskip("onnxruntime")
 
@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory):
     """Every policy (on the paper's alpha, and DART on the learned one) fitted and exported with the model."""
-    from dart_ee.export import export_run
+    from dart_ee.deploy.export import export_run
 
     root = tmp_path_factory.mktemp("export")
     policies = {}
@@ -37,7 +37,7 @@ def exported(trained_run, tmp_path_factory):
 @pytest.mark.parametrize("name,alpha", CASES)
 @pytest.mark.parametrize("batch_size", [1, 7, 256])
 def test_onnx_runner_matches_the_torch_runtime(trained_run, exported, name, alpha, batch_size):
-    from dart_ee.onnx_runner import OnnxRunner
+    from dart_ee.deploy.onnx_runner import OnnxRunner
 
     key = f"{name}_{alpha}"
     policy = exported["policies"][key]
@@ -57,7 +57,7 @@ def test_onnx_runner_matches_the_torch_runtime(trained_run, exported, name, alph
 
 
 def test_a_changed_file_is_refused(exported, tmp_path):
-    from dart_ee.onnx_runner import OnnxRunner
+    from dart_ee.deploy.onnx_runner import OnnxRunner
 
     copy = tmp_path / "onnx"
     shutil.copytree(exported["dir"], copy)
@@ -73,7 +73,7 @@ def test_a_changed_file_is_refused(exported, tmp_path):
 
 
 def test_bad_input_and_unknown_policy(exported):
-    from dart_ee.onnx_runner import OnnxRunner
+    from dart_ee.deploy.onnx_runner import OnnxRunner
 
     runner = OnnxRunner(exported["dir"], "threshold_paper")
     for bad, match in ((np.zeros((2, 3, 28, 28), np.float32), "shape"), (np.zeros((0, 1, 28, 28), np.float32), "empty"),
@@ -86,7 +86,7 @@ def test_bad_input_and_unknown_policy(exported):
 
 
 def test_export_refuses_an_unfinished_run(trained_run, tmp_path):
-    from dart_ee.export import export_run
+    from dart_ee.deploy.export import export_run
 
     run = tmp_path / "run"
     shutil.copytree(trained_run["run"], run)
@@ -101,7 +101,7 @@ def test_serving_needs_no_torch(trained_run, exported):
     """The runner imports numpy and onnxruntime only: a serving process never loads torch."""
     images = trained_run["images"].numpy()[:16]
     np.save(exported["dir"].parent / "x.npy", images)
-    code = (f"import sys, numpy as np\nfrom dart_ee.onnx_runner import OnnxRunner\n"
+    code = (f"import sys, numpy as np\nfrom dart_ee.deploy.onnx_runner import OnnxRunner\n"
             f"r = OnnxRunner({str(exported['dir'])!r}, 'dart_learned').run(np.load({str(exported['dir'].parent / 'x.npy')!r}))\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\nprint(r.exit.tolist())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -123,8 +123,8 @@ def test_what_the_fast_exporter_cannot_express_goes_through_torch_export(tmp_pat
     import onnxruntime as ort
     import torch
 
-    from dart_ee.export import _onnx
-    from dart_ee.onnx_runner import session_options
+    from dart_ee.deploy.export import _onnx
+    from dart_ee.deploy.onnx_runner import session_options
 
     pool = torch.nn.AdaptiveAvgPool2d(4)
     _onnx(pool, (torch.rand(2, 3, 7, 7),), tmp_path / "pool.onnx", ["h"], ["y"], 17)
@@ -135,12 +135,12 @@ def test_what_the_fast_exporter_cannot_express_goes_through_torch_export(tmp_pat
 
 def test_int8_export_refits_its_policies_and_routes_as_its_trace(trained_run, tmp_path):
     """int8 stages, policies fitted again on the int8 calibration trace; the runner equals that trace's evaluation."""
-    from dart_ee.calibration import calibrate
-    from dart_ee.export import export_run
-    from dart_ee.onnx_runner import OnnxRunner
+    from dart_ee.calibration.calibrate import calibrate
+    from dart_ee.deploy.export import export_run
+    from dart_ee.deploy.onnx_runner import OnnxRunner
+    from dart_ee.deploy.quantize import int8_traces
     from dart_ee.policies import load_policy
-    from dart_ee.quantize import int8_traces
-    from dart_ee.run import Run
+    from dart_ee.runs.run import Run
 
     pol, rec = calibrate("threshold", trained_run["cal"], max_drop=2.0)
     pol.save(tmp_path / "threshold.json", calibration=rec)
@@ -183,7 +183,7 @@ def test_benchmark_times_both_engines(trained_run, exported, tmp_path):
     assert rec["onnx_export"]["timed_in_process_with_torch"] is False  # timed as served: numpy and onnxruntime only
     assert sum(rows["onnxruntime", "dart"]["latency_exit_histogram"]) == 4
     assert rows["onnxruntime", "dart"]["accuracy"] == rows["eager", "dart"]["accuracy"]
-    from dart_ee.export import is_current
+    from dart_ee.deploy.export import is_current
 
     # the run's own export (RUN/export) is made on the way, and made again when stale
     code, out = invoke("benchmark", "--run", run, "--policy", pol, "--images", "16", "--repeats", "1",
@@ -206,7 +206,7 @@ def test_graphs_that_cannot_be_joined_run_one_after_the_other(trained_run, expor
     """A stage and an exit of different opsets (a torch.export fallback) run as two sessions: same results."""
     from onnx import compose
 
-    from dart_ee.onnx_runner import OnnxRunner, _Chain
+    from dart_ee.deploy.onnx_runner import OnnxRunner, _Chain
 
     images = trained_run["images"].numpy()
     joined = OnnxRunner(exported["dir"], "patience_paper").run(images, 7)
@@ -230,7 +230,7 @@ def test_benchmark_never_overwrites_an_int8_export(trained_run, tmp_path):
     (run / "export").mkdir()
     (run / "export" / "manifest.json").write_text(json.dumps({"format": 1, "dtype": "int8", "files": {}}))
     pol = run / "t.json"
-    from dart_ee.calibration import calibrate
+    from dart_ee.calibration.calibrate import calibrate
 
     calibrate("threshold", trained_run["cal"], max_drop=2.0)[0].save(pol)
     code, out = invoke("benchmark", "--run", run, "--policy", pol, "--engine", "onnxruntime", "--images", "16",

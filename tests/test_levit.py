@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dart_ee import create_model
-from dart_ee.reference import PAPER_PARAMS
+from dart_ee.report.reference import PAPER_PARAMS
 
 
 def test_published_sizes_at_224_pixels():
@@ -28,7 +28,7 @@ def test_cifar_variant_exits_spread_over_the_macs():
 
 def test_a_tiny_levit_trains_with_exits():
     from dart_ee.config import Config
-    from dart_ee.training import multi_exit_loss
+    from dart_ee.training.train import multi_exit_loss
 
     torch.manual_seed(0)
     m = create_model("levit_128s", width_mult=0.125)
@@ -53,10 +53,10 @@ def tiny_levit_traces():
     from conftest import _class_images
 
     from dart_ee.config import Config
-    from dart_ee.difficulty import fit_estimators
-    from dart_ee.models import optimize_for_inference
-    from dart_ee.tracing import make_trace
-    from dart_ee.training import multi_exit_loss
+    from dart_ee.difficulty.estimators import fit_estimators
+    from dart_ee.models.net import optimize_for_inference
+    from dart_ee.runs.tracing import make_trace
+    from dart_ee.training.train import multi_exit_loss
 
     torch.manual_seed(0)
     m = create_model("levit_128s", width_mult=0.125)
@@ -83,10 +83,10 @@ def tiny_levit_traces():
 
 @pytest.mark.parametrize("batch_size", [1, 7, 256])
 def test_runtime_on_token_tensors_equals_trace_evaluation_for_every_policy(tiny_levit_traces, batch_size):
-    from dart_ee.calibration import calibrate
-    from dart_ee.evaluation import simulate
+    from dart_ee.calibration.calibrate import calibrate
+    from dart_ee.calibration.evaluation import simulate
     from dart_ee.policies import POLICIES
-    from dart_ee.runtime import EarlyExitRunner
+    from dart_ee.runtime.eager import EarlyExitRunner
 
     model, est, cal, test, images = tiny_levit_traces
     depths = {}
@@ -103,7 +103,7 @@ def test_runtime_on_token_tensors_equals_trace_evaluation_for_every_policy(tiny_
 def test_a_levit_report_shows_the_papers_table_ii_beside_this_run():
     from test_publish import _table_shapes
 
-    from dart_ee.report import paper_tables
+    from dart_ee.report.markdown import paper_tables
 
     res = {"config": {"data": {"dataset": "cifar10"}, "model": {"name": "levit_128s"}},
            "compare": {"rows": [{"policy": p, "test": {"accuracy": 0.8, "mac_reduction": 0.4, "macs_per_image": 2e8}}

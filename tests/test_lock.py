@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from dart_ee.errors import RunLockedError
-from dart_ee.lock import run_lock
+from dart_ee.core.errors import RunLockedError
+from dart_ee.core.lock import run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys, time
-from dart_ee.lock import run_lock
+from dart_ee.core.lock import run_lock
 with run_lock(sys.argv[1]):
     print("held", flush=True)
     sys.stdin.read()  # hold until the test closes our stdin

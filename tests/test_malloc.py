@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from dart_ee import malloc
-from dart_ee.provenance import hardware_info
+from dart_ee.core import malloc
+from dart_ee.core.provenance import hardware_info
 
 # Allocate and free a 64 MiB tensor (above glibc's largest mmap threshold) ten times, writing every page;
 # print the minor page faults that took. Kept, the heap first grows by a few such blocks (an aligned request
@@ -15,7 +15,7 @@ from dart_ee.provenance import hardware_info
 # In a child: the setting is for the rest of a process.
 _CHILD = """
 import resource, sys, torch
-from dart_ee import malloc
+from dart_ee.core import malloc
 if sys.argv[1] == "keep":
     assert malloc.keep_freed_memory()
 for _ in range(12):

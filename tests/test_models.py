@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dart_ee import MultiExitNet, attach_exits, create_model, list_models
-from dart_ee.errors import ConfigError, InputError
+from dart_ee.core.errors import ConfigError, InputError
 
 EXITS = {"alexnet": 6, "resnet18": 4, "vgg16": 5, "levit_128s": 6, "levit_192": 6, "levit_256": 6}
 
@@ -160,7 +160,7 @@ def test_attach_exits_refuses_a_cut_inside_a_residual_block_and_untraceable_code
 
 @pytest.mark.parametrize("name", sorted(EXITS))
 def test_optimize_for_inference_computes_the_same_function(name):
-    from dart_ee.models import optimize_for_inference
+    from dart_ee.models.net import optimize_for_inference
 
     torch.manual_seed(0)
     m = create_model(name, width_mult=0.25)
@@ -181,12 +181,12 @@ def test_own_model_traced_from_a_data_loader_runs_as_its_trace_says():
     """attach_exits by name on a residual network, traces from DataLoaders, every policy: runtime == trace evaluation."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from dart_ee.calibration import calibrate
-    from dart_ee.difficulty import fit_estimators
-    from dart_ee.evaluation import simulate
+    from dart_ee.calibration.calibrate import calibrate
+    from dart_ee.calibration.evaluation import simulate
+    from dart_ee.difficulty.estimators import fit_estimators
     from dart_ee.policies import POLICIES
-    from dart_ee.runtime import EarlyExitRunner
-    from dart_ee.tracing import make_trace
+    from dart_ee.runs.tracing import make_trace
+    from dart_ee.runtime.eager import EarlyExitRunner
 
     torch.manual_seed(0)
     model = attach_exits(_ResNet(), after=["layer1", "layer2"], example_input=torch.rand(2, 3, 16, 16))
@@ -223,7 +223,7 @@ def _loaders():
 
 
 def test_fit_exits_with_a_frozen_backbone_changes_no_backbone_weight(tmp_path):
-    from dart_ee.training import fit_exits
+    from dart_ee.training.train import fit_exits
 
     torch.manual_seed(0)
     model = attach_exits(_ResNet(), after=["layer1", "layer2"], example_input=torch.rand(2, 3, 16, 16))
@@ -240,7 +240,7 @@ def test_fit_exits_with_a_frozen_backbone_changes_no_backbone_weight(tmp_path):
 
 
 def test_joint_fit_exits_lowers_every_exit_loss():
-    from dart_ee.training import fit_exits
+    from dart_ee.training.train import fit_exits
 
     torch.manual_seed(0)
     model = attach_exits(_ResNet(), after=["layer1", "layer2"], example_input=torch.rand(2, 3, 16, 16))

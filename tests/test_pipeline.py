@@ -100,8 +100,9 @@ def test_run_killed_mid_pipeline_resumes_to_the_same_results(tmp_path):
 def test_rerun_redoes_exactly_the_steps_whose_inputs_changed(tmp_path, capsys):
     import copy
 
-    from dart_ee import artifacts, tracing
     from dart_ee import trace as trace_mod
+    from dart_ee.core import artifacts
+    from dart_ee.runs import tracing
 
     make_idx_dataset(tmp_path / "data" / "mnist", n_train=400, n_test=300)
     raw = tiny_config(tmp_path / "data", epochs=2, batch_size=16)

@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from dart_ee.calibration import calibrate, compare
-from dart_ee.errors import ArtifactError, ConfigError
-from dart_ee.evaluation import evaluate, oracle, simulate
-from dart_ee.frontier import sweep
+from dart_ee.calibration.calibrate import calibrate, compare
+from dart_ee.calibration.evaluation import evaluate, oracle, simulate
+from dart_ee.calibration.frontier import sweep
+from dart_ee.core.errors import ArtifactError, ConfigError
 from dart_ee.policies import POLICIES, make_policy, policy_from_dict
 from dart_ee.trace import Trace
 

@@ -4,6 +4,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from dart_ee.cli import app
@@ -90,8 +91,8 @@ def test_every_table_renders():
 
 
 def test_every_report_table_renders(tmp_path):
-    from dart_ee import artifacts
-    from dart_ee.report import write_report
+    from dart_ee.core import artifacts
+    from dart_ee.report.markdown import write_report
 
     for rec in sorted((ROOT / "benchmarks").glob("*/results.json")):
         out = tmp_path / rec.parent.name
@@ -104,3 +105,15 @@ def test_every_report_table_renders(tmp_path):
         assert tables
         for line, rows in tables:
             assert len(rows) >= 3 and len(set(rows)) == 1, f"report of {rec.parent.name}:{line}: rows of {rows} cells"
+
+
+def test_the_records_folder_lists_its_sections_and_a_wrong_entry_is_named(tmp_path):
+    """Which records each section reads lives with the records (benchmarks/sections.yaml), not in the package."""
+    from dart_ee.core.errors import ArtifactError
+    from dart_ee.report.publish import SECTIONS_FILE, sections
+
+    names = set(sections(ROOT / "benchmarks"))
+    assert {m.group("name") for m in GENERATED.finditer((ROOT / "BENCHMARKS.md").read_text())} <= names
+    (tmp_path / SECTIONS_FILE).write_text("learned score: {render: no_such_renderer}\n")
+    with pytest.raises(ArtifactError, match="no_such_renderer"):
+        sections(tmp_path)

@@ -6,12 +6,12 @@ import pytest
 import torch
 from test_runtime import _fitted
 
-from dart_ee.difficulty import load_estimators
-from dart_ee.errors import ConfigError, InputError
+from dart_ee.core.errors import ConfigError, InputError
+from dart_ee.difficulty.estimators import load_estimators
 from dart_ee.policies import make_policy
-from dart_ee.queued import QueuedRunner
-from dart_ee.runtime import EarlyExitRunner
-from dart_ee.training import load_model
+from dart_ee.runtime.eager import EarlyExitRunner
+from dart_ee.runtime.queued import QueuedRunner
+from dart_ee.training.train import load_model
 
 
 def _runner(run, policy, batch_size, **kw):
@@ -22,7 +22,7 @@ def _runner(run, policy, batch_size, **kw):
 def test_queue_takes_rows_in_arrival_order_across_parts():
     """Parts queue rows lazily (an index, or a run of consecutive rows); a take gathers them in order, and a
     run at the front of one part comes back as a view, uncopied."""
-    from dart_ee.queued import _Queue
+    from dart_ee.runtime.queued import _Queue
 
     h = torch.arange(6 * 2 * 3 * 3, dtype=torch.float32).reshape(6, 2, 3, 3).contiguous(memory_format=torch.channels_last)
     a = torch.arange(6, dtype=torch.float32)
@@ -112,7 +112,7 @@ class _ReplayOnCpu:
 
 
 def _graphs_on_cpu(monkeypatch):
-    from dart_ee import queued
+    from dart_ee.runtime import queued
 
     class CpuGraph(queued._Graph):
         def _capture(self, step):

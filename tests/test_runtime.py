@@ -2,14 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from dart_ee.calibration import calibrate
-from dart_ee.difficulty import load_estimators
-from dart_ee.errors import ConfigError, InputError
-from dart_ee.evaluation import aligned, simulate
+from dart_ee.calibration.calibrate import calibrate
+from dart_ee.calibration.evaluation import aligned, simulate
+from dart_ee.core.errors import ConfigError, InputError
+from dart_ee.difficulty.estimators import load_estimators
 from dart_ee.policies import POLICIES, make_policy
-from dart_ee.queued import QueuedRunner
-from dart_ee.runtime import EarlyExitRunner
-from dart_ee.training import load_model
+from dart_ee.runtime.eager import EarlyExitRunner
+from dart_ee.runtime.queued import QueuedRunner
+from dart_ee.training.train import load_model
 
 
 def _fitted(name, cal):

@@ -8,9 +8,10 @@ import torch
 from conftest import make_idx_dataset, make_image_folder, tiny_config
 from PIL import Image
 
-from dart_ee import data, streaming
 from dart_ee.config import parse_config
-from dart_ee.errors import ConfigError, DataError
+from dart_ee.core.errors import ConfigError, DataError
+from dart_ee.data import datasets as data
+from dart_ee.data import streaming
 
 
 def _mixed_tree(root, n=12, classes=3):
@@ -56,9 +57,9 @@ def test_batches_come_in_order_from_worker_processes(tmp_path):
 
 
 def test_a_streamed_run_trains_and_traces_exactly_as_an_in_memory_one(tmp_path):
-    from dart_ee import tracing
-    from dart_ee.run import Run
-    from dart_ee.training import train
+    from dart_ee.runs import tracing
+    from dart_ee.runs.run import Run
+    from dart_ee.training.train import train
 
     make_image_folder(tmp_path / "tree", per_class=24, classes=3, size=20)
     out = {}
@@ -80,7 +81,7 @@ def test_a_streamed_run_trains_and_traces_exactly_as_an_in_memory_one(tmp_path):
 
 
 def test_image_size_resizes_in_memory_data_and_the_model_follows(tmp_path):
-    from dart_ee.training import build_model, prepare_splits
+    from dart_ee.training.train import build_model, prepare_splits
 
     make_idx_dataset(tmp_path / "data" / "mnist", n_train=60, n_test=20)
     raw = tiny_config(tmp_path / "data")
@@ -94,7 +95,7 @@ def test_image_size_resizes_in_memory_data_and_the_model_follows(tmp_path):
 
 
 def test_max_steps_caps_an_epoch(tmp_path):
-    from dart_ee.training import train
+    from dart_ee.training.train import train
 
     make_idx_dataset(tmp_path / "data" / "mnist", n_train=200, n_test=40)
     raw = tiny_config(tmp_path / "data", batch_size=16, max_steps=3)
@@ -125,7 +126,7 @@ def test_streaming_errors_name_the_file_and_the_fix(tmp_path):
 
 
 def test_make_tree_writes_a_learnable_imagefolder(tmp_path):
-    from dart_ee.data_bench import make_tree
+    from dart_ee.bench.data_speed import make_tree
 
     rec = make_tree(tmp_path / "t", n_train=40, n_test=20, size=24, classes=4, processes=1)
     train, test = data.load_dataset("imagefolder", tmp_path / "t", size=24, stream=True)
@@ -137,7 +138,7 @@ def test_make_tree_writes_a_learnable_imagefolder(tmp_path):
 
 @pytest.mark.slow
 def test_data_speed_measures_both_paths(tmp_path):
-    from dart_ee.data_bench import data_speed, make_tree
+    from dart_ee.bench.data_speed import data_speed, make_tree
 
     make_tree(tmp_path / "t", n_train=400, n_test=40, size=16, classes=4, processes=1)
     raw = tiny_config(tmp_path / "t", batch_size=32)

@@ -11,10 +11,10 @@ import yaml
 from conftest import SHARED_DATA, make_cifar_python, tiny_config
 
 from dart_ee import trace as trace_mod
-from dart_ee import tracing
 from dart_ee.config import parse_config
-from dart_ee.errors import ArtifactError, ConfigError
-from dart_ee.training import load_model, train
+from dart_ee.core.errors import ArtifactError, ConfigError
+from dart_ee.runs import tracing
+from dart_ee.training.train import load_model, train
 
 
 @pytest.mark.parametrize("name", ["alexnet", "resnet18", "vgg16", "levit_128s"])
@@ -73,7 +73,7 @@ def test_existing_run_needs_resume(tmp_path, mnist_like):
 
 def test_training_device_choice(monkeypatch):
     from dart_ee.config import config_fingerprint
-    from dart_ee.training import training_device
+    from dart_ee.training.train import training_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert training_device("auto").type == "cpu"
@@ -172,7 +172,7 @@ def test_bf16_falls_back_to_fp32_without_native_support(monkeypatch, capsys):
     """Emulated bf16 autocast was 18x slower than fp32 on an AVX2-only CPU: there training runs in fp32, and says so."""
     import torch
 
-    from dart_ee.training import use_bf16
+    from dart_ee.training.train import use_bf16
 
     cpu = torch.device("cpu")
     for amx, avx512_bf16, want in ((False, False, False), (True, False, True), (False, True, True)):

@@ -21,7 +21,7 @@ from test_cli import invoke
 from test_custom import _write_run
 
 from dart_ee import ArtifactError, ConfigError, DataError, InputError, UntrustedCodeError
-from dart_ee.run import Run
+from dart_ee.runs.run import Run
 
 TESTS = Path(__file__).resolve().parent
 
@@ -29,7 +29,7 @@ TESTS = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def custom_run(tmp_path_factory):
     """A run written from Python (its builder: test_custom.py's Net), with a certified DART policy."""
-    from dart_ee.calibration import calibrate
+    from dart_ee.calibration.calibrate import calibrate
 
     path = tmp_path_factory.mktemp("trusted") / "mine"
     _write_run(path)
@@ -117,7 +117,7 @@ def test_a_custom_run_whose_class_changed_gives_one_clear_error(custom_run, tmp_
 
 
 def test_a_named_class_is_checked_before_its_module_runs(capsys, tmp_path):
-    from dart_ee.coderef import import_builder
+    from dart_ee.models.coderef import import_builder
 
     with pytest.raises(ConfigError, match="defines no class 'Foo'"):
         import_builder("this:Foo", trusted=True)  # `import this` would print the Zen of Python
@@ -140,7 +140,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from dart_ee import attach_exits
-from dart_ee.training import fit_exits
+from dart_ee.training.train import fit_exits
 
 count = pathlib.Path({str(count)!r})
 count.write_text((count.read_text() if count.exists() else "") + "x")
@@ -238,7 +238,7 @@ def test_a_trace_that_cannot_be_right_is_refused_on_load(custom_run, tmp_path, c
 @pytest.fixture(scope="module")
 def export(custom_run, tmp_path_factory):
     pytest.importorskip("onnxruntime")
-    from dart_ee.export import export_run
+    from dart_ee.deploy.export import export_run
 
     out = tmp_path_factory.mktemp("exp") / "onnx"
     with_trust = Run(custom_run, trust_code=True)
@@ -256,9 +256,9 @@ BAD_INPUTS = {"0..255 floats": lambda x: x.astype(np.float32), "[-1, 1]": lambda
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_the_onnxruntime_runner_refuses_what_the_torch_runner_refuses(custom_run, export, case):
-    from dart_ee.onnx_runner import OnnxRunner
+    from dart_ee.deploy.onnx_runner import OnnxRunner
     from dart_ee.policies import load_policy
-    from dart_ee.runtime import EarlyExitRunner
+    from dart_ee.runtime.eager import EarlyExitRunner
 
     run = Run(custom_run, trust_code=True)
     x = BAD_INPUTS[case](run.images("test").x[:8])
@@ -273,8 +273,8 @@ def test_the_onnxruntime_runner_refuses_what_the_torch_runner_refuses(custom_run
 
 @pytest.mark.parametrize("tamper", ["outside_path", "absolute_path", "unlisted_graph", "missing_key", "broken_graph"])
 def test_a_tampered_export_gives_one_clear_error(export, tmp_path, tamper):
-    from dart_ee.artifacts import file_fingerprint
-    from dart_ee.onnx_runner import OnnxRunner
+    from dart_ee.core.artifacts import file_fingerprint
+    from dart_ee.deploy.onnx_runner import OnnxRunner
 
     out = _copy(export, tmp_path / "onnx")
     (tmp_path / "elsewhere").mkdir()
@@ -330,7 +330,7 @@ def test_benchmark_never_writes_a_folder_the_user_named_and_keeps_two_policies_o
     before = _snapshot(export)
     pol = custom_run / "policies" / "dart.json"
     threshold = tmp_path / "b" / "dart.json"  # a threshold policy saved under DART's file name
-    from dart_ee.calibration import calibrate
+    from dart_ee.calibration.calibrate import calibrate
 
     calibrate("threshold", Run(custom_run).trace("cal"), max_drop=5.0)[0].save(threshold)
     args = ["--images", "16", "--repeats", "1", "--latency-images", "0", "--batch-size", "16", "--trust-code"]
@@ -346,7 +346,7 @@ def test_benchmark_never_writes_a_folder_the_user_named_and_keeps_two_policies_o
     assert code == 0, out
     rows = [r["method"] for r in json.loads((tmp_path / "rows.json").read_text())["rows"]]
     assert rows == ["static", "dart", "dart_2"]
-    from dart_ee.export import export_names
+    from dart_ee.deploy.export import export_names
 
     assert export_names([pol, second, threshold]) == ["dart", "dart_2", "dart_3"]
 
@@ -376,7 +376,7 @@ def _encoded(im: Image.Image, fmt: str) -> bytes:
 
 
 def test_every_image_mode_decodes_to_the_datasets_channels_and_8_bit_range():
-    from dart_ee.decode import decode_image
+    from dart_ee.data.decode import decode_image
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
@@ -415,7 +415,7 @@ def _tree_with(root: Path, files: dict[str, bytes]) -> Path:
 
 
 def test_16_bit_and_palette_pngs_decode_alike_in_memory_and_streamed(tmp_path):
-    from dart_ee import data
+    from dart_ee.data import datasets as data
 
     grey16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
     pal = Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)).quantize(8)
@@ -437,7 +437,8 @@ def _png_header(w: int, h: int) -> bytes:
                                           ("bomb", "too large to decode"), ("dangling_symlink", "cannot read"),
                                           ("deleted", "tree changed")])
 def test_every_streamed_error_reaches_the_user_as_one_line_from_a_worker(tmp_path, case, message):
-    from dart_ee import data, streaming
+    from dart_ee.data import datasets as data
+    from dart_ee.data import streaming
 
     jpeg = _encoded(Image.fromarray(np.zeros((8, 8, 3), np.uint8)), "JPEG")
     files = {"truncated": {"bad.jpg": jpeg[: len(jpeg) // 2]}, "empty": {"bad.png": b""},
@@ -457,7 +458,7 @@ def test_every_streamed_error_reaches_the_user_as_one_line_from_a_worker(tmp_pat
 
 
 def test_any_file_name_works(tmp_path):
-    from dart_ee import data
+    from dart_ee.data import datasets as data
 
     ok = _encoded(Image.fromarray(np.full((8, 8, 3), 9, np.uint8)), "PNG")
     root = _tree_with(tmp_path / "tree", {})
@@ -473,8 +474,8 @@ def test_any_file_name_works(tmp_path):
 
 
 def test_bad_options_give_one_clear_line(custom_run, tmp_path):
-    from dart_ee.adapt_eval import study
-    from dart_ee.data_bench import make_tree
+    from dart_ee.adapt.study import study
+    from dart_ee.bench.data_speed import make_tree
 
     for args, message in ((["benchmark", "--run", custom_run, "--policy", custom_run / "policies" / "dart.json",
                             "--threads", "-2"], "--threads"),

@@ -13,11 +13,11 @@ import numpy as np
 import typer
 
 from dart_ee.config import AdaptConfig, BenchmarkConfig
-from dart_ee.defaults import CONFIDENCE, FIT_SHARE
-from dart_ee.errors import DartError
-from dart_ee.onnx_runner import OPSETS
-from dart_ee.runfiles import POLICY_DIR
-from dart_ee.trust import trust_code
+from dart_ee.core.defaults import CONFIDENCE, FIT_SHARE
+from dart_ee.core.errors import DartError
+from dart_ee.core.runfiles import POLICY_DIR
+from dart_ee.core.trust import trust_code
+from dart_ee.deploy.onnx_runner import OPSETS
 
 if TYPE_CHECKING:
     from dart_ee.trace import Trace
@@ -82,7 +82,7 @@ def train(config: ConfigOpt = None, data_dir: DataDirOpt = None,
           ) -> None:
     """Train a multi-exit network jointly and write a run directory (config, split, checkpoint, metrics)."""
     from dart_ee.config import load_config
-    from dart_ee.training import train as run_training
+    from dart_ee.training.train import train as run_training
 
     cfg = load_config(config, set_ or [])
     run_training(cfg, out or Path("runs") / cfg.name, data_dir, resume)
@@ -121,7 +121,7 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] =
 
     from dart_ee.config import load_config
     from dart_ee.pipeline import run_pipeline
-    from dart_ee.report import budget_words, certified_table, policy_table
+    from dart_ee.report.markdown import budget_words, certified_table, policy_table
 
     with resources.as_file(resources.files("dart_ee") / "configs" / "demo.yaml") as cfg_path:
         cfg = load_config(cfg_path, set_ or [])
@@ -132,7 +132,7 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] =
     typer.echo(policy_table([r["test"] for r in c["rows"]] + [c["oracle"]]))
     typer.echo("\n" + certified_table(c, res.get("compare_uncertified")))
     if res.get("benchmark"):
-        from dart_ee.bench import table_markdown
+        from dart_ee.bench.benchmark import table_markdown
 
         typer.echo("\nMeasured on this machine (real early exit, static network in the same process):")
         typer.echo(table_markdown(res["benchmark"]))
@@ -142,8 +142,8 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] =
 @app.command()
 def trace(run: RunOpt, data_dir: DataDirOpt = None) -> None:
     """Write RUN/trace_cal.npz and RUN/trace_test.npz: every exit's softmax for every sample (+ JSON metadata)."""
+    from dart_ee.runs.tracing import trace_run
     from dart_ee.trace import load
-    from dart_ee.tracing import trace_run
 
     for split, path in trace_run(run, data_dir).items():
         t = load(path)
@@ -159,10 +159,10 @@ def info(model: Annotated[str, typer.Option("--model", help="Registered model na
          timing: Annotated[bool, typer.Option("--timing", help="Also time every stage and head (batch 256 and 1) "
                                                                "against its share of the MACs.")] = False) -> None:
     """Per-exit cumulative MACs (measured with torch.utils.flop_counter) and parameter counts of a model."""
-    from dart_ee.data import get_spec
-    from dart_ee.difficulty import DifficultyEstimator
-    from dart_ee.models import create_model
-    from dart_ee.reference import PAPER_PARAMS
+    from dart_ee.data.datasets import get_spec
+    from dart_ee.difficulty.estimators import DifficultyEstimator
+    from dart_ee.models.net import create_model
+    from dart_ee.report.reference import PAPER_PARAMS
 
     spec = get_spec(dataset)
     rec = create_model(model, spec.num_classes, spec.in_channels, spec.image_size, width_mult=width_mult,
@@ -191,8 +191,8 @@ def info(model: Annotated[str, typer.Option("--model", help="Registered model na
     est = rec["difficulty_estimator"]
     typer.echo(f"paper difficulty estimator: {est['total']:,} FLOPs per image ({est['method']})")
     if timing:
-        from dart_ee.bench import stage_times
-        from dart_ee.malloc import keep_freed_memory
+        from dart_ee.bench.benchmark import stage_times
+        from dart_ee.core.malloc import keep_freed_memory
 
         keep_freed_memory()  # timed as `dart-ee benchmark` times: without page-faulting every activation afresh
         st = stage_times(model, dataset)
@@ -223,10 +223,10 @@ def difficulty_fit_weights(
         seed: int = 0, out: Annotated[Optional[Path], typer.Option("--out", help="Write the result as JSON.")] = None,
 ) -> None:
     """Eq 8 weight search: pick (w1, w2, w3) on the calibration trace by k-fold CV of Spearman(alpha, oracle depth)."""
-    from dart_ee import artifacts
-    from dart_ee.analysis import correlations
-    from dart_ee.difficulty import fit_weights as search
-    from dart_ee.difficulty import oracle_depth, spearman
+    from dart_ee.core import artifacts
+    from dart_ee.difficulty.analysis import correlations
+    from dart_ee.difficulty.estimators import fit_weights as search
+    from dart_ee.difficulty.estimators import oracle_depth, spearman
     from dart_ee.trace import load
 
     cal = load(trace, expect_split="cal")
@@ -253,9 +253,10 @@ def difficulty_fit_weights(
 @difficulty_app.command("report")
 def difficulty_report(trace: TraceOpt, out: OutOpt = None) -> None:
     """Alpha distribution, accuracy per alpha bin, and the exit distribution by difficulty (JSON, PNG, table)."""
-    from dart_ee import artifacts, plots
-    from dart_ee.analysis import difficulty_report as build
-    from dart_ee.analysis import distribution_markdown
+    from dart_ee.core import artifacts
+    from dart_ee.difficulty.analysis import difficulty_report as build
+    from dart_ee.difficulty.analysis import distribution_markdown
+    from dart_ee.report import plots
     from dart_ee.trace import load
 
     try:
@@ -287,8 +288,8 @@ def difficulty_report(trace: TraceOpt, out: OutOpt = None) -> None:
 
 def _recorded(rec: dict, out: Path | None) -> dict:
     """``rec`` with its provenance (command, git revision, hardware, date), written to ``out`` when given."""
-    from dart_ee import artifacts
-    from dart_ee.provenance import provenance
+    from dart_ee.core import artifacts
+    from dart_ee.core.provenance import provenance
 
     rec = {**rec, "provenance": provenance()}
     if out:
@@ -305,10 +306,10 @@ def difficulty_cost(model: str = typer.Option("alexnet", help="Model to compare 
                     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the record (with its "
                                                                                "provenance) as JSON.")] = None) -> None:
     """FLOPs of the paper's estimator and its wall-clock share of a full forward pass, at batch 1 and 256."""
-    from dart_ee.bench import difficulty_cost as measure
-    from dart_ee.malloc import keep_freed_memory
+    from dart_ee.bench.benchmark import difficulty_cost as measure
+    from dart_ee.core.malloc import keep_freed_memory
 
-    keep_freed_memory()  # timed as `dart-ee benchmark` times (dart_ee.malloc)
+    keep_freed_memory()  # timed as `dart-ee benchmark` times (dart_ee.core.malloc)
     rec = _recorded(measure(model, dataset, repeats, threads), out)
     if as_json:
         typer.echo(json.dumps(rec, indent=2))
@@ -382,7 +383,7 @@ def calibrate(
     trade-off (--beta-opt)."""
     import yaml
 
-    from dart_ee.calibration import calibrate as run_calibration
+    from dart_ee.calibration.calibrate import calibrate as run_calibration
 
     try:
         cal = _load_trace(trace, "cal", alpha)
@@ -418,10 +419,10 @@ def evaluate(trace: TraceOpt,
              policy: Annotated[list[Path], typer.Option("--policy", help="Fitted policy JSON. Repeatable.")],
              as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Accuracy, drop against the final exit, expected MACs and the exit histogram of fitted policies on a trace."""
-    from dart_ee.evaluation import evaluate as run_eval
-    from dart_ee.evaluation import oracle
+    from dart_ee.calibration.evaluation import evaluate as run_eval
+    from dart_ee.calibration.evaluation import oracle
     from dart_ee.policies import load_policy
-    from dart_ee.report import policy_table
+    from dart_ee.report.markdown import policy_table
 
     rows = []
     for p in policy:
@@ -439,7 +440,7 @@ def evaluate(trace: TraceOpt,
 
 def _budget_note(path: Path) -> str:
     """What a policy file's budget promises: its certificate (none if edited since), or the word uncertified."""
-    from dart_ee import artifacts
+    from dart_ee.core import artifacts
     from dart_ee.policies import certificate
 
     d = artifacts.read_json(path, "policy file")
@@ -467,12 +468,13 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
               "--policy", help="Only these policies (repeatable; the threshold is added, as every comparison's "
                                "reference). Default: all.")] = None) -> None:
     """Every policy's accuracy-vs-MACs curve: each point chosen on the calibration trace, measured on the test trace."""
-    from dart_ee import artifacts, plots
-    from dart_ee.frontier import COMPARED as FRONTIER_POLICIES
-    from dart_ee.frontier import resplit_frontier
-    from dart_ee.frontier import sweep as run_sweep
-    from dart_ee.provenance import provenance
-    from dart_ee.report import frontier_markdown, grid_markdown
+    from dart_ee.calibration.frontier import COMPARED as FRONTIER_POLICIES
+    from dart_ee.calibration.frontier import resplit_frontier
+    from dart_ee.calibration.frontier import sweep as run_sweep
+    from dart_ee.core import artifacts
+    from dart_ee.core.provenance import provenance
+    from dart_ee.report import plots
+    from dart_ee.report.markdown import frontier_markdown, grid_markdown
 
     prov = provenance()
     c, t = _load_pair(cal, test, alpha)
@@ -513,10 +515,10 @@ def compare(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace."
             out: OutOpt = None, ablation: Annotated[bool, typer.Option(help="Also run the DART ablation.")] = True,
             ) -> None:
     """Calibrate every policy at one budget on the calibration split and measure it on the test split."""
-    from dart_ee import artifacts
-    from dart_ee.calibration import compare as run_compare
-    from dart_ee.calibration import dart_ablation
-    from dart_ee.report import ablation_table, budget_words, certified_table
+    from dart_ee.calibration.calibrate import compare as run_compare
+    from dart_ee.calibration.calibrate import dart_ablation
+    from dart_ee.core import artifacts
+    from dart_ee.report.markdown import ablation_table, budget_words, certified_table
 
     conf = None if uncertified else confidence
     c, t = _load_pair(cal, test)
@@ -551,9 +553,9 @@ def guarantee(cal: Annotated[Optional[Path], typer.Option("--cal", help="Calibra
 
     Pass: at most 15 of 200 draws exceed the budget (P(Bin(200, 0.05) >= 16) = 0.044).
     """
-    from dart_ee import artifacts
-    from dart_ee.coverage import population_coverage, resplit_coverage
-    from dart_ee.provenance import provenance
+    from dart_ee.calibration.coverage import population_coverage, resplit_coverage
+    from dart_ee.core import artifacts
+    from dart_ee.core.provenance import provenance
 
     policies = policy or ["dart", "threshold"]
     results, prov = [], provenance()  # the code that computes the figures, read before any of them is
@@ -595,7 +597,7 @@ def publish(file: Annotated[Optional[list[Path]], typer.Option(
             check: Annotated[bool, typer.Option("--check", help="Only check: exit 1 when a document differs "
                                                                "from its records.")] = False) -> None:
     """Regenerate the generated sections of BENCHMARKS.md and README.md (tables and the sentences that quote figures)."""
-    from dart_ee.publish import publish as run_publish
+    from dart_ee.report.publish import publish as run_publish
 
     files = file or [Path("BENCHMARKS.md"), Path("README.md")]
     changed = run_publish(files, records, check)
@@ -631,16 +633,16 @@ def benchmark(run: RunOpt,
                                    "when it is not current, unless it is an int8 export.")] = None,
               keep_memory: Annotated[bool, typer.Option(
                   "--keep-freed-memory/--default-malloc",
-                  help="Keep freed memory in the process for reuse, as a CPU server should (dart_ee.malloc): with "
+                  help="Keep freed memory in the process for reuse, as a CPU server should (dart_ee.core.malloc): with "
                        "glibc's default every large activation is page-faulted in afresh.")] = _BENCH.keep_freed_memory,
               data_dir: DataDirOpt = None,
               out: Annotated[Optional[Path], typer.Option("--out", help="Write the JSON record here.")] = None,
               as_json: Annotated[bool, typer.Option("--json", help="Print the JSON record.")] = False) -> None:
     """Measured wall-clock speedup (batch 256 and batch 1), energy where readable, and DAES: static vs policies."""
-    from dart_ee import artifacts
-    from dart_ee.bench import benchmark as run_bench
-    from dart_ee.bench import table_markdown
-    from dart_ee.malloc import keep_freed_memory
+    from dart_ee.bench.benchmark import benchmark as run_bench
+    from dart_ee.bench.benchmark import table_markdown
+    from dart_ee.core import artifacts
+    from dart_ee.core.malloc import keep_freed_memory
 
     if keep_memory:
         keep_freed_memory()
@@ -686,8 +688,8 @@ def export(run: RunOpt,
            calibration_images: int = typer.Option(512, min=16, help="int8: calibration images for the activation "
                                                                     "ranges."),
            data_dir: DataDirOpt = None) -> None:
-    """Export a finished run for onnxruntime: serve it with dart_ee.onnx_runner.OnnxRunner, without torch."""
-    from dart_ee.export import export_run
+    """Export a finished run for onnxruntime: serve it with dart_ee.deploy.onnx_runner.OnnxRunner, without torch."""
+    from dart_ee.deploy.export import export_run
 
     m = export_run(run, out, opset, dtype, policy, data_dir, calibration_images)
     typer.echo(f"wrote {out}: {len(m['files'])} files ({m['dtype']}, opset {m['opset']}), policies "
@@ -705,7 +707,7 @@ def train_speed(model: str = typer.Option("alexnet"), dataset: str = typer.Optio
                 out: Annotated[Optional[Path], typer.Option("--out", help="Also write the record (with its provenance) "
                                                                            "as JSON.")] = None) -> None:
     """Measure training-step time for fp32 vs bf16 autocast and NCHW vs channels_last on this machine."""
-    from dart_ee.bench import training_speed
+    from dart_ee.bench.benchmark import training_speed
 
     rec = _recorded(training_speed(model, dataset, batch_size, steps, threads), out)
     typer.echo(f"{model} on {dataset}, batch {batch_size}, {rec['threads']} threads, torch {rec['torch']}:")
@@ -728,8 +730,8 @@ def data_speed(config: ConfigOpt = None, data_dir: DataDirOpt = None,
                out: Annotated[Optional[Path], typer.Option("--out", help="Also write the record (with its provenance) "
                                                                           "as JSON.")] = None) -> None:
     """Training throughput and peak memory of the in-memory and the streamed data paths, on one config."""
-    from dart_ee.data_bench import MODES
-    from dart_ee.data_bench import data_speed as measure
+    from dart_ee.bench.data_speed import MODES
+    from dart_ee.bench.data_speed import data_speed as measure
 
     if config is None:
         raise DartError("data-speed needs --config (the run to train for a few steps)")
@@ -751,7 +753,7 @@ def make_tree(out: Annotated[Path, typer.Option("--out", help="Folder to create.
               size: Annotated[int, typer.Option(min=8)] = 64,
               classes: Annotated[int, typer.Option(min=2)] = 10) -> None:
     """Write a synthetic ImageFolder tree of JPEGs (for trying the streamed data path at scale)."""
-    from dart_ee.data_bench import make_tree as write
+    from dart_ee.bench.data_speed import make_tree as write
 
     rec = write(out, train_images, test_images, size, classes)
     typer.echo(f"wrote {rec['n_train']:,} + {rec['n_test']:,} images of {size}x{size} pixels ({rec['bytes'] / 2**20:.0f} "
@@ -764,7 +766,7 @@ PolicyDartOpt = Annotated[Optional[Path], typer.Option("--policy", help="Fitted 
 
 
 def _dart_policy_path(run: Path, policy: Path | None) -> Path:
-    from dart_ee.adapt_eval import run_policy
+    from dart_ee.adapt.study import run_policy
 
     return policy or run_policy(run)
 
@@ -776,8 +778,9 @@ def adapt_tune(run: RunOpt, policy: PolicyDartOpt = None,
                batch_size: int = typer.Option(_ADAPT.batch_size, min=1), seed: int = 0,
                data_dir: DataDirOpt = None) -> None:
     """Choose the adaptive controller's settings on development streams from the calibration split (RUN/adapt.json)."""
-    from dart_ee import adapt_settings, adapt_tuning
-    from dart_ee.console import log
+    from dart_ee.adapt import settings as adapt_settings
+    from dart_ee.adapt import tuning as adapt_tuning
+    from dart_ee.core.console import log
 
     rec = adapt_tuning.tune(run, _dart_policy_path(run, policy), n=images, batch_size=batch_size, seed=seed,
                             data_dir=data_dir, progress=log)
@@ -813,12 +816,14 @@ def adapt(run: RunOpt, policy: PolicyDartOpt = None,
     """Adaptive DART against the full network, frozen DART and a matched-compute baseline on test-split streams that
     shift part-way, with settings chosen on the calibration split (dart-ee adapt-tune runs first when needed).
     Options left out come from the run's config (its adapt section)."""
-    from dart_ee import adapt_tuning, artifacts, plots
-    from dart_ee.adapt_eval import study
-    from dart_ee.console import log
-    from dart_ee.report import adaptation_parts
-    from dart_ee.run import Run
-    from dart_ee.runfiles import RESULTS, STUDY
+    from dart_ee.adapt import tuning as adapt_tuning
+    from dart_ee.adapt.study import study
+    from dart_ee.core import artifacts
+    from dart_ee.core.console import log
+    from dart_ee.core.runfiles import RESULTS, STUDY
+    from dart_ee.report import plots
+    from dart_ee.report.markdown import adaptation_parts
+    from dart_ee.runs.run import Run
 
     a = Run(run).config().adapt
     batch_size = batch_size or a.batch_size
@@ -833,7 +838,7 @@ def adapt(run: RunOpt, policy: PolicyDartOpt = None,
     plots.study_figures(res, path.parent)
     typer.echo("\n\n".join(adaptation_parts(res, h="#")))
     if overhead:
-        from dart_ee.bench import controller_overhead
+        from dart_ee.bench.benchmark import controller_overhead
 
         ov = controller_overhead(run, pol, data_dir=data_dir)
         artifacts.write_json(path.parent / "controller_overhead.json", ov)

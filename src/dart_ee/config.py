@@ -12,9 +12,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dart_ee.artifacts import fingerprint
-from dart_ee.defaults import CONFIDENCE
-from dart_ee.errors import ConfigError
+from dart_ee.core.artifacts import fingerprint
+from dart_ee.core.defaults import CONFIDENCE
+from dart_ee.core.errors import ConfigError
 
 
 class _Strict(BaseModel):
@@ -23,7 +23,7 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    # "custom": a run written from Python (dart_ee.custom), whose images are stored in the run folder
+    # "custom": a run written from Python (dart_ee.models.custom), whose images are stored in the run folder
     # "imagefolder": any <data_dir>/train/<class>/<image> and test/ tree, at data.image_size pixels
     dataset: Literal["cifar10", "mnist", "fashion-mnist", "kmnist", "digits", "imagefolder", "custom"] = "cifar10"
     data_dir: str | None = None  # else --data-dir, else $DART_DATA
@@ -75,7 +75,7 @@ class TrainConfig(_Strict):
 
 class CalibrationConfig(_Strict):
     max_drop: float = Field(0.5, gt=0, lt=100)  # accuracy budget, points below the final exit
-    # certify the budget with this probability (Learn-then-Test, dart_ee.certify); null: uncertified search
+    # certify the budget with this probability (Learn-then-Test, dart_ee.calibration.certify); null: uncertified search
     confidence: float | None = Field(CONFIDENCE, ge=0.5, lt=1)
     risk: Literal["drop", "new-errors", "disagree"] = "drop"  # what the budget bounds
     fit_share: float = Field(0.4, gt=0, lt=1)  # share of the calibration split that fits; the rest certifies
@@ -90,13 +90,13 @@ class BenchmarkConfig(_Strict):
     # a half, and over a hundred images that share is off by five points (one standard error) or so
     latency_images: int = Field(1000, ge=0)
     threads: int | None = Field(None, ge=1)
-    # before timing, make glibc's malloc keep freed memory, as a CPU server should (dart_ee.malloc); it stays so
+    # before timing, make glibc's malloc keep freed memory, as a CPU server should (dart_ee.core.malloc); it stays so
     # for the rest of the process, which then holds the memory of its largest batches
     keep_freed_memory: bool = True
 
 
 class ControllerSettings(_Strict):
-    """The adaptive controller's settings (dart_ee.adapt). `dart-ee adapt-tune` chooses them on development
+    """The adaptive controller's settings (dart_ee.adapt.controller). `dart-ee adapt-tune` chooses them on development
     streams built from the calibration split and records them in RUN/adapt.json; these are the defaults."""
 
     audit_share: float = Field(0.02, ge=0, le=1)  # share of early exits that also run the full network
@@ -130,7 +130,7 @@ class AdaptConfig(_Strict):
     # `controller` values then being the search's default; with tune false, `controller` is used as given
     tune: bool = True
     controller: ControllerSettings = ControllerSettings()
-    # reported on the test split: these corruption families (reporting-only ones, dart_ee.shift.REPORT)
+    # reported on the test split: these corruption families (reporting-only ones, dart_ee.data.shift.REPORT)
     # at these severity grades, and the label-prior scenario where the paper's updates act
     families: list[str] = ["impulse", "pixelate", "brightness", "jpeg"]
     levels: list[Literal[1, 2, 3]] = [1, 2, 3]
@@ -142,7 +142,7 @@ class AdaptConfig(_Strict):
     @field_validator("families")
     @classmethod
     def _reporting_families(cls, v: list[str]) -> list[str]:
-        from dart_ee.shift import FAMILIES, REPORT
+        from dart_ee.data.shift import FAMILIES, REPORT
 
         for f in v:
             if f not in FAMILIES:
@@ -192,7 +192,7 @@ def _upgrade_adapt(raw: dict[str, Any]) -> dict[str, Any]:
         if k in a:
             if a[k] != old:
                 raise ConfigError(f"adapt.{k} is gone: adaptation now reports the corruption families in "
-                                  "adapt.families at the severity grades in adapt.levels (see dart_ee.shift)")
+                                  "adapt.families at the severity grades in adapt.levels (see dart_ee.data.shift)")
             del a[k]
     moved = {k: a.pop(k) for k in list(a) if k in ControllerSettings.model_fields}
     if moved:

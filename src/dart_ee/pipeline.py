@@ -8,23 +8,20 @@ from pathlib import Path
 
 import torch
 
-from dart_ee import adapt_tuning, artifacts, distributed, plots, tracing
-from dart_ee.adapt_eval import run_policy, study
-from dart_ee.analysis import difficulty_report
-from dart_ee.bench import benchmark
-from dart_ee.calibration import compare, dart_ablation
+from dart_ee.adapt import tuning as adapt_tuning
+from dart_ee.adapt.study import run_policy, study
+from dart_ee.bench.benchmark import benchmark
+from dart_ee.calibration.calibrate import compare, dart_ablation
+from dart_ee.calibration.evaluation import simulate
+from dart_ee.calibration.frontier import CERT_BUDGETS, COMPARED, certified_points, summarize_frontier, sweep
 from dart_ee.config import Config, changed_fields, dump_config, load_config
-from dart_ee.console import log
-from dart_ee.errors import ArtifactError, ConfigError
-from dart_ee.evaluation import simulate
-from dart_ee.frontier import CERT_BUDGETS, COMPARED, certified_points, summarize_frontier, sweep
-from dart_ee.lock import holds_run_lock
-from dart_ee.malloc import keep_freed_memory
-from dart_ee.policies import load_policy
-from dart_ee.provenance import git_revision, hardware_info
-from dart_ee.report import write_report
-from dart_ee.run import Run
-from dart_ee.runfiles import (
+from dart_ee.core import artifacts
+from dart_ee.core.console import log
+from dart_ee.core.errors import ArtifactError, ConfigError
+from dart_ee.core.lock import holds_run_lock
+from dart_ee.core.malloc import keep_freed_memory
+from dart_ee.core.provenance import git_revision, hardware_info
+from dart_ee.core.runfiles import (
     CHECKPOINT,
     CONFIG,
     METRICS,
@@ -37,8 +34,15 @@ from dart_ee.runfiles import (
     SUPERSEDED,
     TRACE_FILES,
 )
+from dart_ee.difficulty.analysis import difficulty_report
+from dart_ee.policies import load_policy
+from dart_ee.report import plots
+from dart_ee.report.markdown import write_report
+from dart_ee.runs import tracing
+from dart_ee.runs.run import Run
 from dart_ee.trace import Trace
-from dart_ee.training import is_current, set_run_threads, single_exit_config, train, training_device
+from dart_ee.training import distributed
+from dart_ee.training.train import is_current, set_run_threads, single_exit_config, train, training_device
 
 
 def _retire(out: Path, names: tuple[str, ...], why: str) -> None:
@@ -193,7 +197,7 @@ def _calibrate_step(cfg: Config, pol_dir: Path, cal: Trace, test: Trace) -> dict
 
 
 def _benchmark_step(cfg: Config, out: Path, data_dir: str | Path | None) -> dict:
-    """Every calibrated policy timed against the static network (dart_ee.bench)."""
+    """Every calibrated policy timed against the static network (dart_ee.bench.benchmark)."""
     b = cfg.benchmark
     if b.keep_freed_memory:  # after training, whose peak memory it would raise
         keep_freed_memory()

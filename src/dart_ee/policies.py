@@ -8,8 +8,8 @@ Every policy has the same small interface, modelled on scikit-learn estimators:
   alpha and their per-sample ``state`` (from ``init_state``), and returns a bool mask of the samples
   that leave at exit i. It is called only for i < N-1; at the last exit everything leaves.
 
-``decide`` is pure vectorised torch, so the live runtime (``dart_ee.runtime``) and the trace
-evaluator (``dart_ee.evaluation``) run the very same code on live or cached outputs.
+``decide`` is pure vectorised torch, so the live runtime (``dart_ee.runtime.eager``) and the trace
+evaluator (``dart_ee.calibration.evaluation``) run the very same code on live or cached outputs.
 ``to_dict``/``policy_from_dict`` round-trip a fitted policy through JSON.
 """
 
@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from dart_ee import artifacts
-from dart_ee.errors import ArtifactError, ConfigError
+from dart_ee.core import artifacts
+from dart_ee.core.errors import ArtifactError, ConfigError
 from dart_ee.trace import Trace
 
 FORMAT = "dart-ee-policy"
@@ -579,7 +579,7 @@ class ScorePolicy(ExitPolicy):
     new error, the loss that certification counts) in place of "correct", by coordinate ascent on the fit
     samples' real paths (each exit scores candidate thresholds on the samples that really reach it, with
     their real payoff downstream). Certification then walks the
-    exit-share scaling path of these thresholds (``dart_ee.certify.scale_family``).
+    exit-share scaling path of these thresholds (``dart_ee.calibration.certify.scale_family``).
     """
 
     name = "score"

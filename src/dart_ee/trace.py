@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dart_ee import artifacts
-from dart_ee.errors import ArtifactError
+from dart_ee.core import artifacts
+from dart_ee.core.errors import ArtifactError
 
 FORMAT = "dart-ee-trace"
 VERSION = 1

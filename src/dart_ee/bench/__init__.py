@@ -1,0 +1,1 @@
+"""Measurements: the wall-clock benchmark, its timing loops, energy, data-path speed."""

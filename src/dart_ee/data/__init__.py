@@ -1,0 +1,1 @@
+"""Images in: dataset readers, the one decoder, streamed ImageFolder trees, graded distribution shifts."""

@@ -1,0 +1,1 @@
+"""Deployment: ONNX export, int8 quantisation, and the onnxruntime runner (importable without torch)."""

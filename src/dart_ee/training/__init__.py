@@ -1,0 +1,1 @@
+"""Training a multi-exit network: the joint loss, resume, torchrun / DDP."""
