@@ -18,8 +18,8 @@ MAX_LINES = 80
 LAZY = {
     "__init__.py": "`import dart_ee` loads no torch, so the onnxruntime runner serves without it",
     "config.py": "validating a config names the shift families without importing torch (the CLI starts fast)",
-    "cli.py": "each command imports its library code when it runs: `dart-ee --help`, `publish` and the "
-              "torch-free commands start without torch",
+    "cli/": "each command imports its library code when it runs: `dart-ee --help`, `publish` and the "
+            "torch-free commands start without torch",
 }
 
 
@@ -36,8 +36,8 @@ def test_no_function_is_longer_than_80_lines():
 def test_dart_ee_modules_are_imported_at_the_top_of_a_module_except_where_laziness_is_the_point():
     found = []
     for p in sorted(SRC.rglob("*.py")):
-        rel = str(p.relative_to(SRC))
-        if rel in LAZY:
+        rel = p.relative_to(SRC).as_posix()
+        if any(rel == k or (k.endswith("/") and rel.startswith(k)) for k in LAZY):
             continue
         for fn in _functions(p):
             found += [f"{rel}:{n.lineno} in {fn.name}: from {n.module} import ..." for n in ast.walk(fn)

@@ -68,7 +68,7 @@ def test_run_killed_mid_pipeline_resumes_to_the_same_results(tmp_path):
     cfg_path.write_text(yaml.safe_dump(raw))
 
     def start(out):
-        return subprocess.Popen([sys.executable, "-m", "dart_ee.cli", "run", "-c", str(cfg_path), "--out", str(out)],
+        return subprocess.Popen([sys.executable, "-m", "dart_ee", "run", "-c", str(cfg_path), "--out", str(out)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
 
     ref = start(tmp_path / "ref")

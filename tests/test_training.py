@@ -87,7 +87,7 @@ def test_training_device_choice(monkeypatch):
 
 def _cli_train(cfg_path: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "dart_ee.cli", "train", "-c", str(cfg_path), "--out", str(out),
+    return subprocess.Popen([sys.executable, "-m", "dart_ee", "train", "-c", str(cfg_path), "--out", str(out),
                              *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

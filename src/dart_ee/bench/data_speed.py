@@ -65,7 +65,7 @@ def _train_child(config: Path, mode: str, steps: int, workers: int | None, data_
     """Train ``config`` for ``steps`` steps in ``mode`` in a child process; its metrics and peak memory."""
     with tempfile.TemporaryDirectory(prefix="dart-data-speed-") as tmp:
         out = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "dart_ee.cli", "train", "-c", str(config), "--out", str(out),
+        cmd = [sys.executable, "-m", "dart_ee", "train", "-c", str(config), "--out", str(out),
                "--set", f"data.stream={'true' if mode == 'stream' else 'false'}", "--set", "train.epochs=1",
                "--set", f"train.max_steps={steps}", *(a for s in sets for a in ("--set", s))]
         if workers is not None:
