@@ -82,7 +82,6 @@ def _retire_stale_model(cfg: Config, out: Path) -> None:
 def run_pipeline(cfg: Config, out: Path, data_dir: str | Path | None = None) -> dict:
     """Train, trace (with difficulty), calibrate every policy, sweep, benchmark, adapt; write results.json and report.md."""
 
-
     out = Path(out)
     steps: dict[str, float] = {}
     revision = git_revision()  # the code that computes the figures, read before any of them is

@@ -7,16 +7,13 @@ import functools
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from dart_ee.config import AdaptConfig, BenchmarkConfig
 from dart_ee.core.errors import DartError
 from dart_ee.core.trust import trust_code
-
-if TYPE_CHECKING:
-    pass
 
 
 class _App(typer.Typer):
@@ -74,6 +71,7 @@ def _fail(e: DartError) -> None:
 TraceOpt = Annotated[Path, typer.Option("--trace", help="Trace file written by `dart-ee trace` (RUN/trace_test.npz).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output directory.")]
 
+
 def _recorded(rec: dict, out: Path | None) -> dict:
     """``rec`` with its provenance (command, git revision, hardware, date), written to ``out`` when given."""
     from dart_ee.core import artifacts
@@ -83,7 +81,6 @@ def _recorded(rec: dict, out: Path | None) -> dict:
     if out:
         artifacts.write_json(out, rec)
     return rec
-
 
 
 def main() -> None:

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from dart_ee.cli.app import OutOpt, SetOpt, TraceOpt, _fail, app
 from dart_ee.core.defaults import CONFIDENCE, FIT_SHARE
 from dart_ee.core.errors import DartError
 from dart_ee.core.runfiles import POLICY_DIR
 
 if TYPE_CHECKING:
     from dart_ee.trace import Trace
-from dart_ee.cli.app import OutOpt, SetOpt, TraceOpt, _fail, app
 
 
 def _load_trace(path: Path, split: str | None, alpha: str | None = None) -> Trace:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import typer
 
+from dart_ee.cli.app import _BENCH, DataDirOpt, RunOpt, _fail, app
 from dart_ee.core.errors import DartError
 from dart_ee.deploy.onnx_runner import OPSETS
-
-if TYPE_CHECKING:
-    pass
-from dart_ee.cli.app import _BENCH, DataDirOpt, RunOpt, _fail, app
 
 
 @app.command()

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import numpy as np
 import typer
 
-from dart_ee.core.errors import DartError
-
-if TYPE_CHECKING:
-    pass
 from dart_ee.cli.app import ConfigOpt, DataDirOpt, OutOpt, SetOpt, TraceOpt, _App, _fail, _recorded, app
+from dart_ee.core.errors import DartError
 
 
 @app.command()

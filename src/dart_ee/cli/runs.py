@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import typer
 
-if TYPE_CHECKING:
-    pass
 from dart_ee.cli.app import ConfigOpt, DataDirOpt, RunOpt, SetOpt, app
 
 

@@ -139,8 +139,6 @@ def frontier_section(root: Path, run: str) -> str:
         frontier_markdown(rec["certified_frontier"])])
 
 
-
-
 def learned_score_section(root: Path, runs: Sequence[str], generators: Sequence[str]) -> str:
     """Coverage of the learned-score policy on the generator, and its certified frontier on committed traces."""
     rows = ["| Generator | Policy | Draws exceeding 0.5 points | Certified draws | True risk: mean / max (points) | "
@@ -230,8 +228,6 @@ def levit_section(root: Path, run: str) -> str:
         f"fewer MACs: **{'met' if met else 'not met'}**. " + "; ".join(verdict(p) for p in ("dart", "threshold")) + "."])
 
 
-
-
 def adaptation_section(root: Path, run: str) -> str:
     """One run's adaptation study (``dart-ee adapt``): every reporting family and grade, and the mechanisms."""
     rel = f"{run}/adaptation.json"
@@ -287,8 +283,6 @@ def difficulty_cost_section(root: Path, rel: str) -> str:
         f"the inference-optimised {rec['model']} forward, median of alternating runs, {rec['threads']} threads: "
         f"**{100 * big['share']:.2f}%** at batch {big['batch_size']}. Record: " + _prov(rec["provenance"], timed=True) + ".",
         "\n".join(rows)])
-
-
 
 
 def _rows(rec: dict) -> dict[tuple[str, str], dict]:
@@ -596,8 +590,6 @@ def runner_summary(root: Path, runs: Sequence[str], folders: Mapping[str, Sequen
                               f"eager one (below 1: queued faster): {ratio}; the queued runner's DART speedup over the "
                               f"MAC prediction: {of['speedup_vs_mac_prediction']}, and over the speedup its stages' own "
                               f"times predict: {of['speedup_vs_stage_time_prediction']}.")
-
-
 
 
 def data_paths_section(root: Path, records: Mapping[str, str]) -> str:

@@ -14,14 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dart_ee.core.runfiles import CONFIG, ESTIMATORS, MODEL, POLICY_DIR, trace_file
 from dart_ee import trace as trace_mod
 from dart_ee.config import load_config
+from dart_ee.core.runfiles import CONFIG, ESTIMATORS, MODEL, POLICY_DIR, trace_file
 from dart_ee.difficulty.estimators import load_estimators
 from dart_ee.models.custom import IMAGES, load_images
 from dart_ee.policies import load_policy
-from dart_ee.training.train import load_model
-from dart_ee.training.train import prepare_splits
+from dart_ee.training.train import load_model, prepare_splits
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
     from dart_ee.models.net import MultiExitNet
     from dart_ee.policies import ExitPolicy
     from dart_ee.trace import Trace
+
 
 class Run:
     """A run folder written by ``dart-ee train`` / ``dart-ee run``; every loader validates what it reads and

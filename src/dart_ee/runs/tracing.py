@@ -13,20 +13,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from dart_ee.config import config_fingerprint, step_fingerprint
 from dart_ee.core import artifacts
-from dart_ee.difficulty import estimators as difficulty_mod
 from dart_ee.core.errors import InputError
 from dart_ee.core.lock import holds_run_lock
-from dart_ee.runs.run import Run
 from dart_ee.core.runfiles import ESTIMATORS, MODEL, trace_file
-from dart_ee.trace import Trace, save
-from dart_ee.config import config_fingerprint
-from dart_ee.config import step_fingerprint
 from dart_ee.data.datasets import to_float
+from dart_ee.difficulty import estimators as difficulty_mod
 from dart_ee.difficulty.estimators import oracle_depth
 from dart_ee.models.custom import IMAGES, save_images
+from dart_ee.runs.run import Run
+from dart_ee.trace import Trace, save
 from dart_ee.training.train import decode_workers, predict_exits, prepare_splits
-from dart_ee.training.train import predict_exits
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
