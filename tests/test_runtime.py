@@ -11,7 +11,6 @@ from dart_ee.runtime.eager import EarlyExitRunner
 from dart_ee.runtime.queued import QueuedRunner
 from dart_ee.training.train import load_model
 
-
 _FITTED: dict = {}  # calibration is deterministic: each (policy, trace) is fitted once per session
 
 
