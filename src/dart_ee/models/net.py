@@ -164,7 +164,7 @@ class MultiExitNet(nn.Module):
             raise InputError("empty batch: pass at least one image")
         if x.dtype != torch.float32:
             raise InputError(f"expected float32 pixels, got {x.dtype}; pass x.float()")
-        lo, hi = (float(v) for v in torch.aminmax(x))
+        lo, hi = torch.stack(torch.aminmax(x)).tolist()  # one read back to the host, not two
         if not (lo >= 0 and hi <= 1):  # NaN fails both comparisons
             raise InputError("input contains NaN or Inf pixels" if not (math.isfinite(lo) and math.isfinite(hi)) else
                              f"float pixels must lie in [0, 1] (got {lo:g} .. {hi:g}); pass uint8 pixels through "

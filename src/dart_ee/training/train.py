@@ -243,6 +243,7 @@ class _Job:
     steps: int  # per epoch
     fingerprints: tuple[str, str]  # the whole config's, the training inputs'
     bf16: bool  # autocast, where it runs natively (use_bf16)
+    y_train: torch.Tensor  # the training labels, on the training device once for every epoch
     start_epoch: int = 0
     wall: float = 0.0
 
@@ -336,7 +337,8 @@ def _start(cfg: Config, run_dir: Path, data_dir: str | Path | None, ck: dict | N
         raise ConfigError(f"train.batch_size={t.batch_size} exceeds the {len(splits.train)} training images")
     sched = one_cycle(opt, t.lr, t.epochs * steps)
     job = _Job(cfg, run_dir, dev, w, threads, splits, model, trainee, opt, sched, steps,
-               (config_fingerprint(cfg), step_fingerprint(cfg, "train")), use_bf16(t.bf16, dev))
+               (config_fingerprint(cfg), step_fingerprint(cfg, "train")), use_bf16(t.bf16, dev),
+               torch.from_numpy(splits.train.y).to(dev))
     if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -356,7 +358,7 @@ def _epoch(job: _Job, epoch: int, x_train: torch.Tensor | None, workers: int,
     crop_pad = job.splits.spec.crop_pad if t.crop_pad is None else t.crop_pad
     flip = job.splits.spec.flip if t.flip is None else t.flip
     share = distributed.local_share(t.batch_size, job.world)  # all of it in one process
-    y_train = torch.from_numpy(job.splits.train.y).to(dev)
+    y_train = job.y_train
     gen = torch.Generator(dev).manual_seed(_epoch_seed(cfg.seed, epoch))
     torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout
     perm = torch.randperm(len(y_train), generator=gen, device=dev)
