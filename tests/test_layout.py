@@ -18,6 +18,7 @@ MAX_LINES = 80
 LAZY = {
     "__init__.py": "`import dart_ee` loads no torch, so the onnxruntime runner serves without it",
     "config.py": "validating a config names the shift families without importing torch (the CLI starts fast)",
+    "serve/engine.py": "a server of an export runs in a process without torch; the torch engine loads it when built",
     "cli/": "each command imports its library code when it runs: `dart-ee --help`, `publish` and the "
             "torch-free commands start without torch",
 }

@@ -95,6 +95,24 @@ class BenchmarkConfig(_Strict):
     keep_freed_memory: bool = True
 
 
+class ServeConfig(_Strict):
+    """`dart-ee serve`'s settings (dart_ee.serve): the batcher, the limits that keep a server up, and the socket."""
+
+    # a stage-0 batch closes when it holds max_batch samples or its first request has waited max_wait_ms. With
+    # 0 the inference thread takes whatever has arrived whenever it is free: at low load nobody waits, under load
+    # batches fill while the thread computes. A wait only pays where a full batch is much cheaper per image
+    max_batch: int = Field(32, ge=1, le=4096)
+    max_wait_ms: float = Field(0.0, ge=0, le=10_000)
+    # samples accepted and not yet answered; beyond it a request gets 503 with Retry-After, not a growing queue
+    max_queue: int = Field(1024, ge=1)
+    max_body_bytes: int = Field(8 * 2**20, ge=1024)  # a request body over this gets 413 before it is parsed
+    threads: int | None = Field(None, ge=1)  # the inference thread's intra-op threads (default: all cores)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1)  # uvicorn processes, each with its own model and batcher
+    warmup: bool = True  # run a full batch and one image before /readyz says ready
+
+
 class ControllerSettings(_Strict):
     """The adaptive controller's settings (dart_ee.adapt.controller). `dart-ee adapt-tune` chooses them on development
     streams built from the calibration split and records them in RUN/adapt.json; these are the defaults."""

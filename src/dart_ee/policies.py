@@ -16,7 +16,6 @@ evaluator (``dart_ee.calibration.evaluation``) run the very same code on live or
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +26,9 @@ import torch
 
 from dart_ee.core import artifacts
 from dart_ee.core.errors import ArtifactError, ConfigError
+from dart_ee.core.seal import EDITED as EDITED  # re-exported: the certificate API stays importable from here
+from dart_ee.core.seal import certificate as certificate
+from dart_ee.core.seal import policy_digest
 from dart_ee.trace import Trace
 
 FORMAT = "dart-ee-policy"
@@ -149,27 +151,6 @@ def _checked_param(policy: str, k: str, v: Any, default: Any, bounds: tuple[floa
     if not ok:
         raise ConfigError(f"policy {policy!r}: parameter {k}={v!r} must be {want}")
     return v
-
-
-def policy_digest(d: dict[str, Any]) -> str:
-    """SHA-256 of a policy file's decision-making fields (name, parameters, fitted state), canonical JSON."""
-    core = {k: d.get(k) for k in ("policy", "params", "fitted")}
-    return hashlib.sha256(json.dumps(core, sort_keys=True, allow_nan=True).encode()).hexdigest()
-
-
-EDITED = ("edited after certification: its parameters or fitted fields no longer match the digest its certificate "
-          "records, so nothing is certified; certify it again with `dart-ee calibrate --confidence`")
-
-
-def certificate(d: dict[str, Any]) -> dict[str, Any] | None:
-    """The certificate of a policy file's dict, or None; a policy edited since it was certified gets one that says
-    so and certifies nothing (a file without a digest predates sealing and is treated as edited too)."""
-    g = (d.get("calibration") or {}).get("guarantee")
-    if not isinstance(g, dict):
-        return None
-    if g.get("certified") and g.get("policy_digest") != policy_digest(d):
-        return {**g, "certified": False, "statement": EDITED}
-    return g
 
 
 def check_calibration_trace(trace: Trace) -> None:

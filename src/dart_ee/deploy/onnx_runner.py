@@ -193,41 +193,59 @@ class OnnxRunner:
                              f"float pixels must lie in [0, 1] (got {lo:g} .. {hi:g}); pass uint8 pixels or divide by 255")
         return np.ascontiguousarray(x)
 
-    def __call__(self, x: np.ndarray) -> OnnxResult:
+    # One batch, stage by stage: ``begin`` gives the rows that enter stage 0, ``step(i, rows)`` runs stage i and its
+    # exit on them. Rows are per-sample arrays (the stage's input ``h_in``, ``alpha``, the policy's state), so a
+    # caller may split and join them between steps: ``__call__`` compacts one batch, a server's scheduler
+    # (``dart_ee.serve.batcher``) merges the samples of several requests that reached the same stage.
+    @property
+    def num_steps(self) -> int:
+        """Stages a sample can run (1 for the static network, a single graph)."""
+        return 1 if self.info["static"] else self.num_exits
+
+    def exit_at(self, step: int) -> int:
+        """The exit index (0-based) of the samples that leave at ``step``: the last exit for the static network."""
+        return self.num_exits - 1 if self.info["static"] else step
+
+    def begin(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows of a checked batch, entering stage 0 (``x``: stage 0's input, which the difficulty score reads)."""
         x = self.check_input(x)
-        n, last = len(x), self.num_exits - 1
-        if self.info["static"]:  # the plain network: no heads, no estimator
-            probs = self.static({"x": x})["probs"]
-            return OnnxResult(probs.argmax(1), probs.max(1), np.full(n, last, dtype=np.int64), None)
-        uses_alpha = self.info["alpha_source"] is not None
+        state = {k: np.full(len(x), s["fill"], dtype=s["dtype"]) for k, s in self.info["state"].items()}
+        return {"x": x, "h_in": x, **state}
+
+    def step(self, i: int, rows: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Stage i and its exit on ``rows``: (the rows entering stage i + 1, the exit's softmax, who leaves here);
+        at the last step everyone leaves."""
+        if self.info["static"]:
+            probs = self.static({"x": rows["x"]})["probs"]
+            return {}, probs, np.ones(len(probs), dtype=bool)
+        out = self.steps[i](rows)
+        probs = out["probs"]
+        if i == self.num_exits - 1:
+            return {}, probs, np.ones(len(probs), dtype=bool)
+        nxt = {"h_in": out["h"], **{k: out[f"{k}_out"] for k in self.info["state"]}}
+        alpha = out["alpha"] if i == 0 and self.info["alpha_source"] is not None else rows.get("alpha")
+        if alpha is not None:
+            nxt["alpha"] = alpha
+        return nxt, probs, out["leave"].astype(bool)
+
+    def __call__(self, x: np.ndarray) -> OnnxResult:
+        rows = self.begin(x)
+        n = len(rows["x"])
         pred, conf, exit_idx = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64)
-        alpha_all = alpha = None
-        state = {k: np.full(n, s["fill"], dtype=s["dtype"]) for k, s in self.info["state"].items()}
-        active, h = np.arange(n), x
-        for i, step in enumerate(self.steps):
-            feeds = {"x": x, "h_in": h, **state}  # x: stage 1's input, and the policy's alpha is computed at exit 1
-            if alpha is not None:
-                feeds["alpha"] = alpha
-            out = step(feeds)
-            h, probs = out["h"], out["probs"]
-            if i == last:
-                pred[active], conf[active], exit_idx[active] = probs.argmax(1), probs.max(1), i
-                break
-            if i == 0 and uses_alpha:
-                alpha_all = alpha = out["alpha"]
-            state = {k: out[f"{k}_out"] for k in state}
-            leave = out["leave"]
+        alpha_all = None
+        active = np.arange(n)
+        for i in range(self.num_steps):
+            rows, probs, leave = self.step(i, rows)
+            if i == 0 and "alpha" in rows:
+                alpha_all = rows["alpha"]
             go = np.flatnonzero(leave)
-            if len(go) == 0:
-                continue
             gone = active[go]
-            pred[gone], conf[gone], exit_idx[gone] = probs[go].argmax(1), probs[go].max(1), i
+            pred[gone], conf[gone], exit_idx[gone] = probs[go].argmax(1), probs[go].max(1), self.exit_at(i)
             if len(go) == len(active):
                 break
-            keep = np.flatnonzero(~leave)
-            active, h = active[keep], h[keep]
-            alpha = alpha[keep] if alpha is not None else None
-            state = {k: v[keep] for k, v in state.items()}
+            if len(go):
+                keep = np.flatnonzero(~leave)
+                active, rows = active[keep], {k: v[keep] for k, v in rows.items()}
         return OnnxResult(pred, conf, exit_idx, alpha_all)
 
     def run(self, images: np.ndarray, batch_size: int = 256) -> OnnxResult:

@@ -74,37 +74,64 @@ class EarlyExitRunner:
         """The plain network's class probabilities (an audit: what the full network says)."""
         return F.softmax(self.model.forward_static(x).float(), 1)
 
+    # One batch, stage by stage: ``begin`` gives the rows that enter stage 0, ``step(i, rows)`` runs stage i and its
+    # exit on them. Rows are per-sample tensors (the stage's input ``h``, ``alpha``, the policy's state as
+    # ``st_<name>``), so a caller may split and join them between steps: ``__call__`` compacts one batch, a
+    # server's scheduler (``dart_ee.serve.batcher``) merges the samples of several requests at the same stage.
+    @property
+    def num_steps(self) -> int:
+        """Stages a sample can run (1 for the static network, run whole)."""
+        return 1 if isinstance(self.policy, StaticPolicy) else self.model.num_exits
+
+    def exit_at(self, step: int) -> int:
+        """The exit index (0-based) of the samples that leave at ``step``: the last exit for the static network."""
+        return self.model.num_exits - 1 if isinstance(self.policy, StaticPolicy) else step
+
+    def begin(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows of a checked float batch, entering stage 0 (``x``: the input the difficulty score reads)."""
+        self.model.check_input(x)
+        state = self.policy.init_state(x.shape[0], x.device)
+        return {"x": x, "h": x, **{f"st_{k}": v for k, v in state.items()}}
+
+    @torch.inference_mode()
+    def step(self, i: int, rows: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Stage i and its exit on ``rows``: (the rows entering stage i + 1, the exit's softmax, who leaves here);
+        at the last step everyone leaves."""
+        model, est, source = self.model, self.estimator, self.alpha_source
+        if isinstance(self.policy, StaticPolicy):  # the plain network: no heads, no estimator
+            probs = self.final_probs(rows["x"])
+            return {}, probs, torch.ones(len(probs), dtype=torch.bool, device=probs.device)
+        h = model.stages[i](rows["h"])
+        logits = model.heads[i](h)
+        alpha = rows.get("alpha")
+        if i == 0 and est is not None and source:  # read first at exit 1's decision
+            alpha = est.score(source, rows["x"], h, logits)
+        probs = F.softmax(logits.float(), 1)
+        if i == model.num_exits - 1:
+            return {}, probs, torch.ones(len(probs), dtype=torch.bool, device=probs.device)
+        state = {k[3:]: v for k, v in rows.items() if k.startswith("st_")}
+        leave = self.policy.decide(i, probs, alpha, state)
+        nxt = {"h": h, **{f"st_{k}": v for k, v in state.items()}}
+        if alpha is not None:
+            nxt["alpha"] = alpha
+        return nxt, probs, leave
+
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> ExitResult:
-        model, policy = self.model, self.policy
-        model.check_input(x)
+        rows = self.begin(x)
         n, dev = x.shape[0], x.device
-        if isinstance(policy, StaticPolicy):  # the plain network: no heads, no estimator
-            p = self.final_probs(x)
-            conf, pred = p.max(1)
-            return ExitResult(pred, conf, torch.full((n,), model.num_exits - 1, dtype=torch.long, device=dev), None)
-
-        est, source = self.estimator, self.alpha_source  # est is not None whenever source is (alpha_source() checks)
-        alpha_all = None
         pred = torch.empty(n, dtype=torch.long, device=dev)
         conf = torch.empty(n, device=dev)
         exit_idx = torch.empty(n, dtype=torch.long, device=dev)
-        active = torch.arange(n, device=dev)
-        alpha = None
-        state = policy.init_state(n, dev)
-        h = x
-        last = model.num_exits - 1
-        for i in range(model.num_exits):
-            h = model.stages[i](h)
-            logits = model.heads[i](h)
-            if i == 0 and est is not None and source:  # read first at exit 1's decision
-                alpha_all = alpha = est.score(source, x, h, logits)
-            probs = F.softmax(logits.float(), 1)
+        active, alpha_all = torch.arange(n, device=dev), None
+        for i in range(self.num_steps):
+            rows, probs, leave = self.step(i, rows)
+            if i == 0:
+                alpha_all = rows.get("alpha")
             c, p = probs.max(1)
-            if i == last:
-                pred[active], conf[active], exit_idx[active] = p, c, i
+            if i == self.num_steps - 1:
+                pred[active], conf[active], exit_idx[active] = p, c, self.exit_at(i)
                 break
-            leave = policy.decide(i, probs, alpha, state)
             # One host sync per exit: the number leaving sizes the split. (Boolean-mask indexing would
             # sync once per tensor indexed, which dominates on a GPU.) When nobody leaves, nothing is copied.
             n_leave = int(leave.sum())
@@ -116,10 +143,7 @@ class EarlyExitRunner:
             pred[gone], conf[gone], exit_idx[gone] = p[go], c[go], i
             if n_leave == len(active):
                 break
-            active, h = active[keep], keep_layout(h[keep], h)
-            if alpha is not None:
-                alpha = alpha[keep]
-            state = {k: v[keep] for k, v in state.items()}
+            active, rows = active[keep], take_rows(rows, keep)
         return ExitResult(pred, conf, exit_idx, alpha_all)
 
     def run(self, images: torch.Tensor, batch_size: int = 256) -> ExitResult:
@@ -130,6 +154,11 @@ class EarlyExitRunner:
         alphas = [r.alpha for r in parts if r.alpha is not None]
         return ExitResult(torch.cat([r.pred for r in parts]), torch.cat([r.conf for r in parts]),
                           torch.cat([r.exit for r in parts]), torch.cat(alphas) if alphas else None)
+
+
+def take_rows(rows: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of every per-sample tensor, activations kept in their memory layout."""
+    return {k: keep_layout(v[idx], v) for k, v in rows.items()}
 
 
 def keep_layout(sub: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

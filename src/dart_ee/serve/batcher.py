@@ -1,0 +1,234 @@
+"""The server's scheduler: requests are batched, run stage by stage, and each is answered as soon as its
+samples have left the network, not when its batch ends.
+
+Usual server batching (collect N requests, run, answer N) makes every answer wait for the batch's hardest
+sample and throws away what early exit buys. Here one inference thread keeps a queue per stage. New
+requests wait at most ``max_wait_ms`` for a batch of at most ``max_batch`` samples at stage 0; after each
+stage the samples that leave are answered at once, and the rest join the next stage's queue, where they
+merge with the samples of other batches that reached it. The thread always runs the *earliest* stage that
+has work (least attained service first), so an easy request that arrives while hard ones are deep in the
+network runs its first stages right away instead of waiting behind them; a deeper stage whose queue holds
+a full batch goes first, so hard samples run in full batches and cannot starve. The number of samples in
+the server is bounded (``max_queue``): beyond it a request is refused (the app answers 503 with
+Retry-After) instead of growing a queue without bound. ``close()`` stops taking requests and answers every
+request already accepted before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dart_ee.core.errors import DartError, InputError
+from dart_ee.serve.engine import Engine
+
+
+class QueueFull(DartError):
+    """The batcher holds ``max_queue`` samples already: try again shortly."""
+
+
+class Closed(DartError):
+    """The batcher is shutting down and takes no new requests."""
+
+
+@dataclass
+class Answer:
+    """One sample's answer."""
+
+    cls: int  # predicted class
+    confidence: float  # max softmax at the exit taken
+    exit: int  # exit index, 0-based (the last is the full network)
+    macs: float  # MACs spent on this sample
+
+
+@dataclass
+class _Request:
+    x: np.ndarray  # (k, C, H, W) uint8
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # when its samples began stage 0
+    answers: list[Answer | None] = field(default_factory=list)
+    left: int = 0  # samples not yet answered
+    failed: bool = False  # answered with an error (its other samples still flow through, unanswered)
+
+    def done(self) -> dict[str, Any]:
+        now = time.perf_counter()
+        return {"answers": self.answers, "queue_s": self.started - self.arrived, "compute_s": now - self.started,
+                "total_s": now - self.arrived}
+
+
+@dataclass
+class _Group:
+    """Samples that wait for one stage together: their owners (request, row in it) and their rows."""
+
+    owners: list[tuple[_Request, int]]
+    rows: Any
+
+
+class Observer:
+    """What the batcher reports as it works (the app's Prometheus metrics implement it); by default nothing."""
+
+    def batch(self, samples: int) -> None: ...
+    def queued(self, samples: int) -> None: ...
+    def left(self, exit_index: int, samples: int, seconds: float) -> None: ...
+
+
+class Batcher:
+    """Stage-queued dynamic batching with early answers over one engine, on one inference thread (see the module
+    docstring)."""
+
+    def __init__(self, engine: Engine, max_batch: int = 32, max_wait_ms: float = 0.0, max_queue: int = 1024,
+                 observer: Observer | None = None) -> None:
+        self.engine, self.max_batch, self.max_wait = engine, max_batch, max_wait_ms / 1000
+        self.max_queue, self.observer = max_queue, observer or Observer()
+        self._intake: deque[_Request] = deque()  # requests waiting for stage 0
+        self._stages: list[deque[_Group]] = [deque() for _ in range(engine.num_steps)]  # [0] unused: intake
+        self._waiting = 0  # samples at stage 0
+        self._inside = 0  # samples accepted and not yet answered
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._work, name="dart-ee-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Samples accepted and not yet answered."""
+        return self._inside
+
+    async def submit(self, x: np.ndarray) -> dict[str, Any]:
+        """Queue a uint8 (k, C, H, W) batch (k <= max_batch); returns its answers and its queue and compute times."""
+        if not 1 <= len(x) <= self.max_batch:
+            raise InputError(f"a request holds 1 to {self.max_batch} images (the server's max_batch), got {len(x)}")
+        loop = asyncio.get_running_loop()
+        req = _Request(x, loop, loop.create_future(), answers=[None] * len(x), left=len(x))
+        with self._cond:
+            if self._closing:
+                raise Closed("the server is shutting down")
+            if self._inside + len(x) > self.max_queue:
+                raise QueueFull(f"the server holds {self._inside} samples (at most {self.max_queue})")
+            self._intake.append(req)
+            self._waiting += len(x)
+            self._inside += len(x)
+            self.observer.queued(self._inside)
+            self._cond.notify()
+        return await req.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new requests, answer every accepted one, then stop the inference thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _next(self) -> tuple[int, list[Any]] | None:
+        """The stage to run next and what it runs (requests at stage 0, groups deeper); None: closed and drained."""
+        with self._cond:
+            while True:
+                deeper = [i for i in range(1, len(self._stages)) if self._stages[i]]
+                full = [i for i in deeper if sum(len(g.owners) for g in self._stages[i]) >= self.max_batch]
+                if full:
+                    return full[0], self._take_groups(full[0])
+                if self._intake:
+                    wait = self._intake[0].arrived + self.max_wait - time.perf_counter()
+                    if wait <= 0 or self._waiting >= self.max_batch or self._closing:
+                        return 0, self._take_requests()
+                    if deeper:  # stage 0 still fills: run deeper work meanwhile
+                        return deeper[0], self._take_groups(deeper[0])
+                    self._cond.wait(wait)
+                elif deeper:
+                    return deeper[0], self._take_groups(deeper[0])
+                elif self._closing:
+                    return None
+                else:
+                    self._cond.wait()
+
+    def _take_requests(self) -> list[_Request]:
+        batch, n = [], 0
+        while self._intake and n + len(self._intake[0].x) <= self.max_batch:
+            req = self._intake.popleft()
+            batch.append(req)
+            n += len(req.x)
+        self._waiting -= n
+        return batch
+
+    def _take_groups(self, i: int) -> list[_Group]:
+        q, batch, n = self._stages[i], [], 0
+        while q and n + len(q[0].owners) <= self.max_batch:
+            g = q.popleft()
+            batch.append(g)
+            n += len(g.owners)
+        return batch
+
+    def _work(self) -> None:
+        while (job := self._next()) is not None:
+            i, items = job
+            owners = ([(r, j) for r in items for j in range(len(r.x))] if i == 0
+                      else [o for g in items for o in g.owners])
+            try:
+                rows = self._begin(items) if i == 0 else self.engine.cat([g.rows for g in items])
+                self._step(i, _Group(owners, rows))
+            except Exception as e:  # one bad batch fails its own requests, and the thread serves the next
+                self._fail(owners, e)
+
+    def _begin(self, batch: list[_Request]) -> Any:
+        started = time.perf_counter()
+        for r in batch:
+            r.started = started
+        self.observer.batch(sum(len(r.x) for r in batch))
+        return self.engine.cat([self.engine.begin(r.x) for r in batch])
+
+    def _step(self, i: int, group: _Group) -> None:
+        nxt, pred, conf, leave = self.engine.step(i, group.rows)
+        exit_i = self.engine.exit_at(i)
+        macs = float(self.engine.leave_macs[exit_i])
+        go = np.flatnonzero(leave)
+        now = time.perf_counter()
+        for k, p, c in zip(go.tolist(), pred[go].tolist(), conf[go].tolist()):
+            r, j = group.owners[k]
+            r.answers[j] = Answer(int(p), float(c), exit_i, macs)
+            r.left -= 1
+            if r.left == 0 and not r.failed:
+                _resolve(r, r.done())
+        if len(go):
+            self.observer.left(exit_i, len(go), now - min(group.owners[k][0].started for k in go.tolist()))
+        with self._cond:
+            self._inside -= len(go)
+            self.observer.queued(self._inside)
+            if len(go) < len(leave):
+                keep = np.flatnonzero(~leave)
+                self._stages[i + 1].append(_Group([group.owners[k] for k in keep.tolist()],
+                                                  self.engine.take(nxt, keep)))
+
+    def _fail(self, owners: list[tuple[_Request, int]], e: BaseException) -> None:
+        """The samples ``owners`` are dropped; their requests are answered with ``e``."""
+        with self._cond:
+            self._inside -= len(owners)
+            self.observer.queued(self._inside)
+        for r, _ in owners:
+            if not r.failed:
+                r.failed = True
+                _resolve(r, e)
+
+
+def _resolve(r: _Request, result: dict[str, Any] | BaseException) -> None:
+    """Complete a request's future on its event loop's thread (futures are not thread-safe)."""
+    def complete() -> None:
+        if r.future.done():  # the client went away and the request was cancelled
+            return
+        if isinstance(result, BaseException):
+            r.future.set_exception(result)
+        else:
+            r.future.set_result(result)
+
+    try:
+        r.loop.call_soon_threadsafe(complete)
+    except RuntimeError:  # the loop is closed: nobody waits for the answer any more
+        pass
+
