@@ -117,12 +117,21 @@ def test_an_easy_request_is_answered_before_a_hard_one_of_the_same_batch():
 
 def test_a_new_request_runs_its_first_stage_before_older_samples_go_deeper():
     engine = FakeEngine(delay=0.05)
-    batcher = Batcher(engine, max_batch=8)
+    batcher = Batcher(engine, max_batch=8, max_hold_ms=10_000)
     # the hard request starts first; the easy one arrives while the hard one is in stage 0
     (hard, t_hard), (easy, t_easy) = asyncio.run(_submit_all(batcher, [_images([2]), _images([0])], stagger=0.02))
     batcher.close()
     assert engine.calls == [(0, 1), (0, 1), (1, 1), (2, 1)], engine.calls  # least attained service first
     assert t_easy < t_hard
+
+
+def test_a_sample_held_longer_than_max_hold_goes_first():
+    engine = FakeEngine(delay=0.05)
+    batcher = Batcher(engine, max_batch=8, max_hold_ms=30)
+    (hard, t_hard), (easy, t_easy) = asyncio.run(_submit_all(batcher, [_images([2]), _images([0])], stagger=0.02))
+    batcher.close()
+    assert engine.calls == [(0, 1), (1, 1), (2, 1), (0, 1)], engine.calls  # the overdue hard sample, oldest, first
+    assert t_hard < t_easy
 
 
 def test_samples_of_different_requests_merge_at_a_stage_and_each_request_gets_its_own_answers():

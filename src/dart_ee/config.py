@@ -103,6 +103,10 @@ class ServeConfig(_Strict):
     # batches fill while the thread computes. A wait only pays where a full batch is much cheaper per image
     max_batch: int = Field(32, ge=1, le=4096)
     max_wait_ms: float = Field(0.0, ge=0, le=10_000)
+    # the scheduler runs the earliest stage with work first (easy requests are answered early); a sample in the
+    # server for longer than max_hold_ms goes first, oldest first, whatever its stage: it bounds how long hard
+    # samples can be held back under load (about one batch-1 pass of the whole network is a good value)
+    max_hold_ms: float = Field(10.0, ge=0, le=10_000)
     # samples accepted and not yet answered; beyond it a request gets 503 with Retry-After, not a growing queue
     max_queue: int = Field(1024, ge=1)
     max_body_bytes: int = Field(8 * 2**20, ge=1024)  # a request body over this gets 413 before it is parsed

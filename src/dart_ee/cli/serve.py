@@ -17,6 +17,8 @@ ExportOpt = Annotated[Optional[Path], typer.Option("--export", help="An export f
 MaxBatchOpt = Annotated[int, typer.Option(min=1, max=4096, help="Samples per batch at most (a request holds at most "
                                                                  "this many images).")]
 MaxWaitOpt = Annotated[float, typer.Option(min=0, help="How long a batch's first request waits for more, in ms.")]
+MaxHoldOpt = Annotated[float, typer.Option(min=0, help="A sample in the server this long (ms) goes first, whatever "
+                                                        "its stage (bounds how long hard samples wait).")]
 MaxQueueOpt = Annotated[int, typer.Option(min=1, help="Samples waiting at most; beyond, 503 with Retry-After.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads of the inference thread "
                                                                "(default: all cores).")]
@@ -34,7 +36,7 @@ def serve(policy: Annotated[str, typer.Option("--policy", help="The policy to se
           ray_replicas: int = typer.Option(0, min=0, help="Serve with Ray Serve instead, this many replicas (needs "
                                                           "pip install -e '.[serve-ray]'; RAY_ADDRESS joins a cluster)."),
           max_batch: MaxBatchOpt = _SERVE.max_batch, max_wait_ms: MaxWaitOpt = _SERVE.max_wait_ms,
-          max_queue: MaxQueueOpt = _SERVE.max_queue,
+          max_hold_ms: MaxHoldOpt = _SERVE.max_hold_ms, max_queue: MaxQueueOpt = _SERVE.max_queue,
           max_body_bytes: int = typer.Option(_SERVE.max_body_bytes, min=1024, help="Larger request bodies get 413."),
           threads: ThreadsOpt = None) -> None:
     """Serve an early-exit model over HTTP: POST /predict, GET /healthz /readyz /metrics /info (README "Serving")."""
@@ -43,7 +45,7 @@ def serve(policy: Annotated[str, typer.Option("--policy", help="The policy to se
     from dart_ee.serve.engine import make_engine
 
     cfg = ServeConfig(host=host, port=port, workers=workers, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                      max_queue=max_queue, max_body_bytes=max_body_bytes, threads=threads)
+                      max_hold_ms=max_hold_ms, max_queue=max_queue, max_body_bytes=max_body_bytes, threads=threads)
     spec: dict[str, Any] = {"policy": policy, "run": str(run) if run else None,
                             "export": str(export) if export else None, "trust_code": code_trusted()}
     engine = make_engine(**spec, threads=threads)  # a bad folder or policy fails here, in one line, before uvicorn
@@ -74,14 +76,16 @@ def loadtest(export: Annotated[Path, typer.Option("--export", help="The export f
              concurrency: int = typer.Option(64, min=1, help="Requests in flight while measuring saturation."),
              slo_ms: float = typer.Option(50.0, min=0.1, help="The p99 latency SLO for the highest sustained rate."),
              max_batch: MaxBatchOpt = _SERVE.max_batch, max_wait_ms: MaxWaitOpt = _SERVE.max_wait_ms,
-             max_queue: MaxQueueOpt = _SERVE.max_queue, threads: ThreadsOpt = None,
+             max_hold_ms: MaxHoldOpt = _SERVE.max_hold_ms, max_queue: MaxQueueOpt = _SERVE.max_queue,
+             threads: ThreadsOpt = None,
              data_dir: DataDirOpt = None,
              out: Annotated[Optional[Path], typer.Option("--out", help="Write the JSON record here.")] = None) -> None:
     """Serve the static network and each policy on loopback ports, load them alternately (Poisson arrivals at
     fractions of the static server's saturation, then up to a p99 SLO), and check the answers against the trace."""
     from dart_ee.serve.bench import loadtest as run_loadtest
 
-    cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, threads=threads)
+    cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_hold_ms=max_hold_ms, max_queue=max_queue,
+                      threads=threads)
     rec = _recorded(run_loadtest(export, policy, cfg, images, requests, max_seconds, concurrency, slo_ms, run, data_dir),
                     out)
     typer.echo("saturation (req/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rec["saturation"].items()))

@@ -613,6 +613,43 @@ def data_paths_section(root: Path, records: Mapping[str, str]) -> str:
     return "\n\n".join(["\n".join(rows), " ".join(notes), "Records: " + "; ".join(provs) + "."])
 
 
+def serving_section(root: Path, runs: Sequence[str], rel: str = "serve_cpu.json", goal_p50: float = 0.5,
+                    goal_rate: float = 1.4) -> str:
+    """``dart-ee loadtest`` records: each policy served against the static network under the same open-loop load."""
+    out = []
+    for run in runs:
+        rec = _load(root, f"{run}/{rel}")
+        b, sat = rec["batching"], rec["saturation"]
+        head = (f"**{run}**: {rec['images']:,} test images sent one per request, {rec['count']:,} requests (at most "
+                f"{rec['max_seconds']:g} s) per rate and server, servers alternating; batches of at most {b['max_batch']}, "
+                f"max wait {b['max_wait_ms']:g} ms, {b['threads'] or 'all'} inference thread(s). Saturation (closed loop, "
+                f"{rec['concurrency']} in flight): " + ", ".join(f"{k} {v:.0f} req/s" for k, v in sat.items())
+                + ". Record: " + _prov(rec["provenance"], timed=True) + ".")
+        rows = ["| server | load (of static saturation) | offered req/s | served req/s | p50 ms | p95 ms | p99 ms | "
+                "errors | exits (0..last) |", "|---|---|---|---|---|---|---|---|---|"]
+        rows += [f"| {r['server']} | {r['fraction']:.2f} | {r['rate']:.0f} | {r['throughput']:.0f} | {r['p50_ms']:.1f} | "
+                 f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['exits']} |" for r in rec["rows"]]
+        out += [head, "\n".join(rows), _serving_goals(rec, goal_p50, goal_rate)]
+    return "\n\n".join(out)
+
+
+def _serving_goals(rec: dict, goal_p50: float, goal_rate: float) -> str:
+    base, slo = rec["baseline"], rec["slo_ms"]
+    half = {r["server"]: r for r in rec["rows"] if r["fraction"] == 0.5}
+    best = rec["max_rate_under_slo"]
+    rows = [f"| policy | p50 at half the static saturation | lower than static by (goal {100 * goal_p50:.0f}%) | "
+            f"highest req/s with p99 <= {slo:g} ms | vs static (goal {goal_rate:g}x) | served accuracy | trace accuracy "
+            "| answers differing from the trace |", "|---|---|---|---|---|---|---|---|"]
+    for name, a in rec["answers"].items():
+        cut = 1 - half[name]["p50_ms"] / half[base]["p50_ms"] if name in half and base in half else float("nan")
+        ratio = best[name] / best[base] if best.get(name) and best.get(base) else float("nan")
+        mark = (lambda ok: "met" if ok else "**missed**") if name != base else (lambda ok: "")
+        rows.append(f"| {name} | {half[name]['p50_ms']:.1f} ms | {100 * cut:.0f}% {mark(cut >= goal_p50)} | "
+                    f"{best[name] or 0:.0f} | {ratio:.2f}x {mark(ratio >= goal_rate)} | {100 * a['served_accuracy']:.2f}% | "
+                    f"{100 * a['trace_accuracy']:.2f}% | {a['classes_differing']} of {a['images']:,} |")
+    return "\n".join(rows)
+
+
 SECTIONS_FILE = "sections.yaml"  # in the records folder: each generated section's renderer and records
 RENDERERS: dict[str, Callable[..., str]] = {
     "learned_score": learned_score_section, "population": population_section, "resplit": resplit_section,
@@ -621,7 +658,7 @@ RENDERERS: dict[str, Callable[..., str]] = {
     "stages": stage_section, "malloc": malloc_section, "malloc_summary": malloc_summary,
     "runner_summary": runner_summary, "onnx": onnx_section, "int8": int8_section, "heads": heads_section,
     "adaptation": adaptation_section, "adaptation_goals": adaptation_goals, "levit": levit_section,
-    "data_paths": data_paths_section,
+    "data_paths": data_paths_section, "serving": serving_section,
 }
 
 

@@ -54,7 +54,8 @@ class _State:
             if self.cfg.warmup:
                 warm_up(engine, self.cfg.max_batch)
             self.engine = engine
-            self.batcher = Batcher(engine, self.cfg.max_batch, self.cfg.max_wait_ms, self.cfg.max_queue, self.metrics)
+            self.batcher = Batcher(engine, self.cfg.max_batch, self.cfg.max_wait_ms, self.cfg.max_queue,
+                                   self.cfg.max_hold_ms, self.metrics)
         except Exception as e:  # reported by /readyz; the process stays up to say so
             self.error = str(e) if isinstance(e, DartError) else f"{type(e).__name__}: {e}"
 
@@ -91,10 +92,10 @@ def create_app(make: Callable[[], Engine], cfg: ServeConfig | None = None) -> Fa
         total = time.perf_counter() - t0
         answers = out["answers"]
         metrics.answered(200, max(a.exit for a in answers), total)
-        return JSONResponse({"predictions": [{"class": a.cls, "confidence": a.confidence, "exit": a.exit,
-                                              "macs": a.macs} for a in answers],
-                             "queue_ms": 1000 * out["queue_s"], "compute_ms": 1000 * out["compute_s"],
-                             "latency_ms": 1000 * total}, headers={"x-dart-ee-process": str(os.getpid())})  # which worker or replica answered
+        body = {"predictions": [{"class": a.cls, "confidence": a.confidence, "exit": a.exit, "macs": a.macs}
+                                for a in answers],
+                "queue_ms": 1000 * out["queue_s"], "compute_ms": 1000 * out["compute_s"], "latency_ms": 1000 * total}
+        return JSONResponse(body, headers={"x-dart-ee-process": str(os.getpid())})  # which worker or replica answered
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -119,7 +120,7 @@ def create_app(make: Callable[[], Engine], cfg: ServeConfig | None = None) -> Fa
             return await readyz()
         return JSONResponse({**state.engine.info, "dart_ee": __version__, "process": os.getpid(),
                              "batching": cfg.model_dump(
-            include={"max_batch", "max_wait_ms", "max_queue", "max_body_bytes", "threads"})})
+            include={"max_batch", "max_wait_ms", "max_hold_ms", "max_queue", "max_body_bytes", "threads"})})
 
     return app
 

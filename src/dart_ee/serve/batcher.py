@@ -5,10 +5,12 @@ Usual server batching (collect N requests, run, answer N) makes every answer wai
 sample and throws away what early exit buys. Here one inference thread keeps a queue per stage. New
 requests wait at most ``max_wait_ms`` for a batch of at most ``max_batch`` samples at stage 0; after each
 stage the samples that leave are answered at once, and the rest join the next stage's queue, where they
-merge with the samples of other batches that reached it. The thread always runs the *earliest* stage that
-has work (least attained service first), so an easy request that arrives while hard ones are deep in the
-network runs its first stages right away instead of waiting behind them; a deeper stage whose queue holds
-a full batch goes first, so hard samples run in full batches and cannot starve. The number of samples in
+merge with the samples of other batches that reached it. The thread runs the *earliest* stage that has
+work (least attained service first), so an easy request that arrives while hard ones are deep in the
+network runs its first stages right away instead of waiting behind them. Two rules keep the hard samples
+moving: a deeper stage whose queue holds a full batch goes first (hard samples run in full batches), and
+a sample that has been in the server longer than ``max_hold_ms`` goes first, oldest first, whatever its
+stage (under heavy load the order becomes first come, first served). The number of samples in
 the server is bounded (``max_queue``): beyond it a request is refused (the app answers 503 with
 Retry-After) instead of growing a queue without bound. ``close()`` stops taking requests and answers every
 request already accepted before it returns.
@@ -85,8 +87,9 @@ class Batcher:
     docstring)."""
 
     def __init__(self, engine: Engine, max_batch: int = 32, max_wait_ms: float = 0.0, max_queue: int = 1024,
-                 observer: Observer | None = None) -> None:
+                 max_hold_ms: float = 10.0, observer: Observer | None = None) -> None:
         self.engine, self.max_batch, self.max_wait = engine, max_batch, max_wait_ms / 1000
+        self.max_hold = max_hold_ms / 1000
         self.max_queue, self.observer = max_queue, observer or Observer()
         self._intake: deque[_Request] = deque()  # requests waiting for stage 0
         self._stages: list[deque[_Group]] = [deque() for _ in range(engine.num_steps)]  # [0] unused: intake
@@ -131,23 +134,35 @@ class Batcher:
         """The stage to run next and what it runs (requests at stage 0, groups deeper); None: closed and drained."""
         with self._cond:
             while True:
-                deeper = [i for i in range(1, len(self._stages)) if self._stages[i]]
+                now = time.perf_counter()
+                heads = self._heads()  # stage -> arrival of the oldest sample waiting there
+                overdue = {i: t for i, t in heads.items() if now - t > self.max_hold}
+                deeper = [i for i in heads if i > 0]
                 full = [i for i in deeper if sum(len(g.owners) for g in self._stages[i]) >= self.max_batch]
-                if full:
-                    return full[0], self._take_groups(full[0])
-                if self._intake:
-                    wait = self._intake[0].arrived + self.max_wait - time.perf_counter()
-                    if wait <= 0 or self._waiting >= self.max_batch or self._closing:
-                        return 0, self._take_requests()
-                    if deeper:  # stage 0 still fills: run deeper work meanwhile
-                        return deeper[0], self._take_groups(deeper[0])
-                    self._cond.wait(wait)
-                elif deeper:
-                    return deeper[0], self._take_groups(deeper[0])
+                if overdue:  # held too long: oldest first, whatever the stage
+                    i = min(overdue, key=overdue.__getitem__)
+                elif full:  # a full batch at a deeper stage: run it (hard samples in full batches)
+                    i = full[0]
+                elif self._intake and (now - self._intake[0].arrived >= self.max_wait or self._closing
+                                       or self._waiting >= self.max_batch):
+                    i = 0  # least attained service: new samples first
+                elif deeper:  # stage 0 is empty or still filling: run deeper work meanwhile
+                    i = deeper[0]
+                elif self._intake:
+                    self._cond.wait(self._intake[0].arrived + self.max_wait - now)
+                    continue
                 elif self._closing:
                     return None
                 else:
                     self._cond.wait()
+                    continue
+                return i, self._take_requests() if i == 0 else self._take_groups(i)
+
+    def _heads(self) -> dict[int, float]:
+        heads = {i: min(r.arrived for r, _ in q[0].owners) for i, q in enumerate(self._stages) if i and q}
+        if self._intake:
+            heads[0] = self._intake[0].arrived
+        return dict(sorted(heads.items()))
 
     def _take_requests(self) -> list[_Request]:
         batch, n = [], 0

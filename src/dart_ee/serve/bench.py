@@ -47,7 +47,7 @@ def started(args: list[str], cfg: ServeConfig) -> Iterator[str]:
     """A ``dart-ee serve`` process on a free loopback port, ready; its URL. Stopped (SIGTERM) on exit."""
     port = free_port()
     cmd = [sys.executable, "-m", "dart_ee", "serve", *args, "--port", str(port), "--max-batch", str(cfg.max_batch),
-           "--max-wait-ms", str(cfg.max_wait_ms), "--max-queue", str(cfg.max_queue),
+           "--max-wait-ms", str(cfg.max_wait_ms), "--max-hold-ms", str(cfg.max_hold_ms), "--max-queue", str(cfg.max_queue),
            *(["--threads", str(cfg.threads)] if cfg.threads else [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"

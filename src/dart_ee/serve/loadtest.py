@@ -28,7 +28,7 @@ from dart_ee.core.errors import ConfigError
 FRACTIONS = (0.25, 0.5, 0.75, 0.9)  # of the baseline's saturation rate
 SLO_MS = 50.0
 # rates tried for the SLO search, as multiples of the baseline's saturation rate
-LADDER = (0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6, 1.8, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0)
+LADDER = (0.1, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6, 1.8, 2.0, 2.25, 2.5, 3.0)
 
 
 def check_loopback(url: str) -> str:
