@@ -326,3 +326,16 @@ def test_an_open_loop_run_counts_every_request_and_its_exits():
     assert rec["sent"] == rec["ok"] == 60 and rec["errors"] == 0
     assert sum(rec["exits"]) == 60 and len(rec["exits"]) == 3
     assert 0 < rec["p50_ms"] <= rec["p95_ms"] <= rec["p99_ms"]
+
+
+def test_serve_refuses_a_bad_folder_or_policy_in_one_line(exported, tmp_path):  # noqa: F811
+    from test_cli import invoke
+
+    code, out = invoke("serve", "--export", tmp_path / "nothing", "--policy", "dart_paper")
+    assert code == 2 and out.count("error:") == 1 and "manifest.json not found" in out, out
+    code, out = invoke("serve", "--export", exported["dir"], "--policy", "nope")
+    assert code == 2 and "no policy 'nope'" in out, out
+    code, out = invoke("serve", "--policy", "static")
+    assert code == 2 and "exactly one of --run RUN" in out, out
+    code, out = invoke("loadtest", "--export", exported["dir"], "--policy", "dart_paper", "--run", tmp_path / "no_run")
+    assert code == 2 and out.count("error:") == 1, out

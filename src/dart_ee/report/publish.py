@@ -644,7 +644,7 @@ def _serving_goals(rec: dict, goal_p50: float, goal_rate: float) -> str:
         cut = 1 - half[name]["p50_ms"] / half[base]["p50_ms"] if name in half and base in half else float("nan")
         ratio = best[name] / best[base] if best.get(name) and best.get(base) else float("nan")
         mark = (lambda ok: "met" if ok else "**missed**") if name != base else (lambda ok: "")
-        rows.append(f"| {name} | {half[name]['p50_ms']:.1f} ms | {100 * cut:.0f}% {mark(cut >= goal_p50)} | "
+        rows.append(f"| {name} | {half[name]['p50_ms']:.1f} ms | {100 * cut:.1f}% {mark(cut >= goal_p50)} | "
                     f"{best[name] or 0:.0f} | {ratio:.2f}x {mark(ratio >= goal_rate)} | {100 * a['served_accuracy']:.2f}% | "
                     f"{100 * a['trace_accuracy']:.2f}% | {a['classes_differing']} of {a['images']:,} |")
     return "\n".join(rows)

@@ -1,0 +1,142 @@
+"""Online risk control: a label-free bound on the disagreement with the full network that holds under any shift.
+
+A sample *disagrees* when it left early and its class differs from the full network's: d_t = 1[exit_t < last
+and pred_t != final_t]. Whatever the labels are, the accuracy lost against the full network over any stretch
+of samples is at most the share that disagrees over it, so keeping the running disagreement at D keeps the
+running drop within D, on any stream.
+
+``RiskController`` keeps one conservativeness parameter theta >= 0 that moves the certified policy along its
+exit-share scaling path (``dart_ee.calibration.certify.scale_family``, fitted on the calibration split):
+scale 1 - theta, where theta = 0 is the certified policy itself (so clean data keeps its certificate: the
+controller is never less conservative) and theta >= 1 the full network. A random share q of the samples is
+marked for audit: those of them that left early also run the full network (its cost is counted). The marks
+come from the controller's own generator and are drawn for a batch's *size* before any of its samples is
+looked at, so they are independent of the inputs. With A_t the mark, the inverse-propensity weighted
+disagreement e_t = A_t d_t / q has E[e_t | past] = d_t, and after each batch of b samples
+
+    theta <- max(0, theta + eta * sum_t (e_t - D))          (online risk control, after Gibbs and Candes, 2021)
+
+**Guarantee** for ANY sequence of inputs (shifted or adversarial), as long as the audits are random. theta
+starts at 0, rises by at most eta * b / q per batch and falls whenever it is >= 1 (then nothing leaves early
+and e_t = 0), so theta <= 1 + eta b / q; the clamp at 0 only raises theta, so eta * sum_t (e_t - D) <= theta_T.
+Over the first T samples:
+
+    (1/T) sum_t e_t <= D + (1 + eta b / q) / (eta T)                                     (always)
+    (1/T) sum_t d_t <= D + (1 + eta b / q) / (eta T) + sqrt(2 ln(1/delta) / (q T)) + 2 ln(1/delta) / (3 q T)
+
+the second with probability >= 1 - delta (Freedman's inequality on the martingale sum_t (d_t - e_t), whose
+increments are at most 1 and whose conditional variances sum to at most T / q). The same holds for any
+stretch that starts where theta = 0, e.g. after a clean period (``slack`` computes it). The slack shrinks as
+1/T; the accuracy drop against the full network is at most the disagreement, so the running drop is within
+D plus the slack. Not guaranteed: the MACs (under a shift they can rise up to the full network's).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from dart_ee.calibration.certify import SCALED, scale_family
+from dart_ee.calibration.evaluation import exit_costs, simulate
+from dart_ee.core.errors import ConfigError
+from dart_ee.policies import ExitPolicy
+from dart_ee.trace import Trace
+
+GRID = 100  # the path's resolution: theta is rounded up (towards the conservative side) to a multiple of 1 / GRID
+
+
+def slack(t: int, step: float, audit_rate: float, batch_size: int, delta: float | None = None) -> float:
+    """How far above D the running disagreement over t samples can be (fraction, not points): the deterministic
+    term for the weighted disagreement, plus, with ``delta``, Freedman's term for the true one (module docstring)."""
+    s = (1 + step * batch_size / audit_rate) / (step * t)
+    if delta is not None:
+        s += math.sqrt(2 * math.log(1 / delta) / (audit_rate * t)) + 2 * math.log(1 / delta) / (3 * audit_rate * t)
+    return s
+
+
+class RiskController:
+    """Online risk control of a certified DART or score policy (see the module docstring).
+
+    ``max_drop``: D in points; ``audit_rate``: q, the share of samples marked for audit; ``step``: eta. Feed it
+    a stream batch by batch with ``process`` (a traced stream: what ``TraceReplay`` replays).
+    """
+
+    def __init__(self, policy: ExitPolicy, cal: Trace, max_drop: float, audit_rate: float = 0.05, step: float = 0.05,
+                 seed: int = 0, grid: int = GRID) -> None:
+        if policy.name not in SCALED:
+            raise ConfigError(f"online risk control moves a policy along its exit-share scaling path: a {SCALED} "
+                              f"policy, not {policy.name!r}")
+        if not 0 < audit_rate <= 1 or step <= 0 or not 0 < max_drop < 100:
+            raise ConfigError(f"audit_rate must lie in (0, 1], step be > 0 and max_drop in (0, 100) points; got "
+                              f"{audit_rate}, {step}, {max_drop}")
+        self.target, self.audit_rate, self.step, self.grid = max_drop / 100, audit_rate, step, grid
+        self.path = [policy] + [p for _, p in scale_family(policy, cal, [1 - k / grid for k in range(1, grid + 1)])]
+        self.theta = 0.0
+        self.rng = np.random.default_rng(seed)
+        self.seen = self.audited = 0
+        self.weighted = 0.0  # sum of e_t so far
+
+    @property
+    def policy(self) -> ExitPolicy:
+        """The policy in force: the certified one at theta = 0, the full network from theta = 1 on."""
+        return self.path[min(self.grid, math.ceil(self.theta * self.grid - 1e-9))]
+
+    def marks(self, n: int) -> np.ndarray:
+        """The audit marks of the next ``n`` samples: drawn from n alone, before any sample is looked at."""
+        return self.rng.random(n) < self.audit_rate
+
+    def process(self, batch: Trace) -> dict[str, Any]:
+        """Decide for one batch of a traced stream under the policy in force, audit, update theta.
+
+        Returns each sample's exit, class and MACs (audits included), and whether it was audited."""
+        marks = self.marks(batch.n)
+        policy, theta = self.policy, self.theta
+        exits, preds = simulate(policy, batch)
+        last = batch.num_exits - 1
+        audit = marks & (exits < last)
+        disagree = audit & (preds != batch.preds[:, -1])  # the final class is read only where audited
+        self.update(int(disagree.sum()), batch.n)
+        self.audited += int(audit.sum())
+        static = float(batch.meta.get("static_macs", batch.exit_macs[-1]))
+        macs = exit_costs(policy, batch)[exits] + np.where(audit, static, 0.0)  # an audit runs the whole network
+        return {"exit": exits, "pred": preds, "macs": macs, "audited": audit, "theta": theta}
+
+    def update(self, disagreements: int, n: int) -> None:
+        """theta after a batch of ``n`` samples with ``disagreements`` audited disagreements."""
+        e = disagreements / self.audit_rate
+        self.weighted += e
+        self.seen += n
+        self.theta = max(0.0, self.theta + self.step * (e - n * self.target))
+
+    def bound(self, batch_size: int, delta: float | None = 0.05) -> float:
+        """The guarantee so far: D plus the slack over the samples seen (fraction)."""
+        return self.target + slack(max(self.seen, 1), self.step, self.audit_rate, batch_size, delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"theta": self.theta, "seen": self.seen, "audited": self.audited, "weighted": self.weighted,
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.theta, self.seen, self.audited, self.weighted = s["theta"], s["seen"], s["audited"], s["weighted"]
+        self.rng.bit_generator.state = s["rng"]
+
+
+def risk_over(policy: ExitPolicy, cal: Trace, trace: Trace, max_drop: float, batch_size: int, audit_rate: float,
+              step: float, seed: int = 0) -> tuple[RiskController, dict[str, np.ndarray]]:
+    """The risk controller over a traced stream, batch by batch: each image's exit, class, MACs, audit and the
+    theta it was decided under."""
+    ctrl = RiskController(policy, cal, max_drop, audit_rate, step, seed)
+    parts: dict[str, list[np.ndarray]] = {"exit": [], "pred": [], "macs": [], "audited": [], "theta": []}
+    for s in range(0, trace.n, batch_size):
+        r = ctrl.process(trace.subset(np.arange(s, min(s + batch_size, trace.n))))
+        for k in parts:
+            parts[k].append(np.broadcast_to(r[k], r["exit"].shape) if k == "theta" else r[k])
+    return ctrl, {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def running_drop(full_correct: np.ndarray, correct: np.ndarray, start: int = 0) -> np.ndarray:
+    """The accuracy drop against the full network (fraction) over samples start..t, for every t >= start."""
+    gap = full_correct[start:].astype(np.float64) - correct[start:]
+    return np.cumsum(gap) / np.arange(1, len(gap) + 1)
