@@ -22,7 +22,7 @@ and e_t = 0), so theta <= 1 + eta b / q; the clamp at 0 only raises theta, so et
 Over the first T samples:
 
     (1/T) sum_t e_t <= D + (1 + eta b / q) / (eta T)                                     (always)
-    (1/T) sum_t d_t <= D + (1 + eta b / q) / (eta T) + sqrt(2 ln(1/delta) / (q T)) + 2 ln(1/delta) / (3 q T)
+    (1/T) sum_t d_t <= D + (1 + eta b / q) / (eta T) + sqrt(2 ln(1/delta) / (q T)) + 2 ln(1/delta) / (3 T)
 
 the second with probability >= 1 - delta (Freedman's inequality on the martingale sum_t (d_t - e_t), whose
 increments are at most 1 and whose conditional variances sum to at most T / q). The same holds for any
@@ -44,7 +44,9 @@ from dart_ee.core.errors import ConfigError
 from dart_ee.policies import ExitPolicy
 from dart_ee.trace import Trace
 
-GRID = 100  # the path's resolution: theta is rounded up (towards the conservative side) to a multiple of 1 / GRID
+# the path's resolution: theta is rounded to the nearest multiple of 1 / GRID (every point of the path is at least as
+# conservative as the certified policy, and the guarantee reads only the disagreement that was realised)
+GRID = 100
 
 
 def slack(t: int, step: float, audit_rate: float, batch_size: int, delta: float | None = None) -> float:
@@ -52,7 +54,7 @@ def slack(t: int, step: float, audit_rate: float, batch_size: int, delta: float 
     term for the weighted disagreement, plus, with ``delta``, Freedman's term for the true one (module docstring)."""
     s = (1 + step * batch_size / audit_rate) / (step * t)
     if delta is not None:
-        s += math.sqrt(2 * math.log(1 / delta) / (audit_rate * t)) + 2 * math.log(1 / delta) / (3 * audit_rate * t)
+        s += math.sqrt(2 * math.log(1 / delta) / (audit_rate * t)) + 2 * math.log(1 / delta) / (3 * t)
     return s
 
 
@@ -63,7 +65,7 @@ class RiskController:
     a stream batch by batch with ``process`` (a traced stream: what ``TraceReplay`` replays).
     """
 
-    def __init__(self, policy: ExitPolicy, cal: Trace, max_drop: float, audit_rate: float = 0.05, step: float = 0.05,
+    def __init__(self, policy: ExitPolicy, cal: Trace, max_drop: float, audit_rate: float = 0.05, step: float = 0.002,
                  seed: int = 0, grid: int = GRID) -> None:
         if policy.name not in SCALED:
             raise ConfigError(f"online risk control moves a policy along its exit-share scaling path: a {SCALED} "
@@ -81,7 +83,7 @@ class RiskController:
     @property
     def policy(self) -> ExitPolicy:
         """The policy in force: the certified one at theta = 0, the full network from theta = 1 on."""
-        return self.path[min(self.grid, math.ceil(self.theta * self.grid - 1e-9))]
+        return self.path[min(self.grid, round(self.theta * self.grid))]
 
     def marks(self, n: int) -> np.ndarray:
         """The audit marks of the next ``n`` samples: drawn from n alone, before any sample is looked at."""
@@ -90,7 +92,8 @@ class RiskController:
     def process(self, batch: Trace) -> dict[str, Any]:
         """Decide for one batch of a traced stream under the policy in force, audit, update theta.
 
-        Returns each sample's exit, class and MACs (audits included), and whether it was audited."""
+        Returns each sample's exit, class and MACs (audits included), its audit mark and whether it was audited
+        (marked and left early)."""
         marks = self.marks(batch.n)
         policy, theta = self.policy, self.theta
         exits, preds = simulate(policy, batch)
@@ -101,7 +104,7 @@ class RiskController:
         self.audited += int(audit.sum())
         static = float(batch.meta.get("static_macs", batch.exit_macs[-1]))
         macs = exit_costs(policy, batch)[exits] + np.where(audit, static, 0.0)  # an audit runs the whole network
-        return {"exit": exits, "pred": preds, "macs": macs, "audited": audit, "theta": theta}
+        return {"exit": exits, "pred": preds, "macs": macs, "marked": marks, "audited": audit, "theta": theta}
 
     def update(self, disagreements: int, n: int) -> None:
         """theta after a batch of ``n`` samples with ``disagreements`` audited disagreements."""
@@ -128,7 +131,7 @@ def risk_over(policy: ExitPolicy, cal: Trace, trace: Trace, max_drop: float, bat
     """The risk controller over a traced stream, batch by batch: each image's exit, class, MACs, audit and the
     theta it was decided under."""
     ctrl = RiskController(policy, cal, max_drop, audit_rate, step, seed)
-    parts: dict[str, list[np.ndarray]] = {"exit": [], "pred": [], "macs": [], "audited": [], "theta": []}
+    parts: dict[str, list[np.ndarray]] = {"exit": [], "pred": [], "macs": [], "marked": [], "audited": [], "theta": []}
     for s in range(0, trace.n, batch_size):
         r = ctrl.process(trace.subset(np.arange(s, min(s + batch_size, trace.n))))
         for k in parts:
