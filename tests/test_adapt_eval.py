@@ -91,6 +91,10 @@ def test_tuning_reads_no_test_sample(trained_run, setup, monkeypatch, tmp_path):
     assert rec["chosen_on"]["split"] == "cal" and rec["candidates"] >= 3 and rec["search"] == "coordinate"
     assert {r["family"] for r in rec["chosen_streams"]} == set(adapt_tuning.CHOOSE)
     assert not set(rec["chosen_on"]["families"]) & {n for n, f in FAMILIES.items() if f.role == "report"}
+    risk = rec["risk"]  # the online risk controller's settings: chosen on the same calibration-split streams
+    assert {r["family"] for r in risk["streams"]} == set(adapt_tuning.CHOOSE)
+    assert risk["settings"]["audit_rate"] in adapt_tuning.RISK_GRID["audit_rate"]
+    assert risk["settings"]["step"] in adapt_tuning.RISK_GRID["step"]
     monkeypatch.undo()
     run_dir = tmp_path / "run"
     import shutil
@@ -99,6 +103,7 @@ def test_tuning_reads_no_test_sample(trained_run, setup, monkeypatch, tmp_path):
     adapt_settings.save_settings(run_dir, rec)
     settings, source = adapt_settings.load_settings(run_dir)
     assert settings.model_dump() == rec["settings"] and source["chosen_on"]["split"] == "cal"
+    assert adapt_settings.load_risk_settings(run_dir)[0].model_dump() == risk["settings"]
     assert adapt_settings.is_current(run_dir, path)
     (run_dir / "adapt.json").write_text('{"format": "other"}')
     with pytest.raises(ArtifactError, match="adapt-tune"):

@@ -146,12 +146,21 @@ class ControllerSettings(_Strict):
         return self
 
 
+class RiskSettings(_Strict):
+    """The online risk controller's settings (dart_ee.adapt.risk). `dart-ee adapt-tune` chooses them on development
+    streams built from the calibration split (RUN/adapt.json, "risk"); these are the defaults."""
+
+    audit_rate: float = Field(0.05, gt=0, le=1)  # q: share of samples marked for audit (those that left early run on)
+    step: float = Field(0.002, gt=0)  # eta: how far one batch's weighted disagreement moves theta
+
+
 class AdaptConfig(_Strict):
     enabled: bool = True
     # the controller's settings: chosen on development streams from the calibration split (`tune`), the
     # `controller` values then being the search's default; with tune false, `controller` is used as given
     tune: bool = True
     controller: ControllerSettings = ControllerSettings()
+    risk: RiskSettings = RiskSettings()  # the online risk controller's (dart_ee.adapt.risk), as `controller` is
     # reported on the test split: these corruption families (reporting-only ones, dart_ee.data.shift.REPORT)
     # at these severity grades, and the label-prior scenario where the paper's updates act
     families: list[str] = ["impulse", "pixelate", "brightness", "jpeg"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dart_ee.config import ControllerSettings
+from dart_ee.config import ControllerSettings, RiskSettings
 from dart_ee.core import artifacts
 from dart_ee.core.errors import ArtifactError
 from dart_ee.core.runfiles import ADAPT_SETTINGS as SETTINGS_FILE
@@ -14,10 +14,11 @@ from dart_ee.core.runfiles import ADAPT_SETTINGS as SETTINGS_FILE
 FORMAT = "dart-ee-adapt-settings"
 
 
-def given(policy_path: str | Path, settings: ControllerSettings, source: str) -> dict:
+def given(policy_path: str | Path, settings: ControllerSettings, source: str, risk: RiskSettings | None = None) -> dict:
     """A settings record for settings that were not chosen on data (``source`` says where they come from)."""
     return {"format": FORMAT, "version": 1, "tuned": False, "settings": settings.model_dump(), "source": source,
-            "chosen_on": None, "policy_file": str(policy_path), "policy_fingerprint": policy_fingerprint(policy_path)}
+            "chosen_on": None, "policy_file": str(policy_path), "policy_fingerprint": policy_fingerprint(policy_path),
+            "risk": {"settings": (risk or RiskSettings()).model_dump(), "source": source}}
 
 
 def policy_fingerprint(policy_path: str | Path) -> str:
@@ -40,6 +41,15 @@ def settings_record(run_dir: str | Path) -> dict | None:
     return rec
 
 
+def load_risk_settings(run_dir: str | Path) -> tuple[RiskSettings, dict]:
+    """The run's online risk controller settings and where they came from (the defaults when none were chosen)."""
+    rec = settings_record(run_dir)
+    if rec is None or "risk" not in rec:
+        return RiskSettings(), {"source": "defaults (dart_ee.config.RiskSettings): not chosen on data"}
+    return RiskSettings(**rec["risk"]["settings"]), {"source": rec["risk"].get("source", f"{SETTINGS_FILE}: chosen on "
+                                                                                            "development streams")}
+
+
 def load_settings(run_dir: str | Path) -> tuple[ControllerSettings, dict]:
     """The run's controller settings and where they came from (the defaults when it has no ``adapt.json``)."""
     rec = settings_record(run_dir)
@@ -54,4 +64,5 @@ def is_current(run_dir: str | Path, policy_path: str | Path) -> bool:
     """Whether ``RUN/adapt.json`` holds settings chosen on data for this policy as it is now (a re-calibrated
     policy needs new settings)."""
     rec = settings_record(run_dir)
-    return rec is not None and bool(rec.get("tuned")) and rec.get("policy_fingerprint") == policy_fingerprint(policy_path)
+    return (rec is not None and bool(rec.get("tuned")) and "risk" in rec
+            and rec.get("policy_fingerprint") == policy_fingerprint(policy_path))

@@ -11,7 +11,13 @@ methods then run over it, each with the decisions the runtime would make on thos
 - **matched**: frozen DART with every exit coefficient scaled by one factor, found by bisection on MACs
   alone (no labels) so that it spends on the shifted part what adaptive DART spent there, audits
   included. Adaptive DART beating frozen DART may only be the extra compute it spends; beating the
-  matched baseline is what adapting buys.
+  matched baseline is what adapting buys;
+- **risk**: the certified policy under online risk control (``dart_ee.adapt.risk``), whose running
+  disagreement with the full network, and so its running drop, is guaranteed to come back within D.
+
+Each method's running drop against the full network (from the stream's start) is judged after a warm-up of
+``WARMUP`` images: its worst value and the share of time points above D. Besides the families, one long
+stream switches between clean images and each reporting family without warning (``switching_stream``).
 
 A scenario is within its budget when adaptive DART's accuracy on the shifted part is at most D points
 below the full network's, D being the budget the policy was calibrated to (a calibration certificate
@@ -29,9 +35,10 @@ import numpy as np
 import torch
 
 from dart_ee.adapt.controller import AdaptiveController, bandit_stats, make_controller
-from dart_ee.adapt.settings import load_settings
+from dart_ee.adapt.risk import risk_over, running_drop
+from dart_ee.adapt.settings import load_risk_settings, load_settings
 from dart_ee.calibration.evaluation import TraceReplay, exit_costs, simulate
-from dart_ee.config import AdaptConfig, ControllerSettings
+from dart_ee.config import AdaptConfig, ControllerSettings, RiskSettings
 from dart_ee.core import artifacts
 from dart_ee.core.errors import ConfigError
 from dart_ee.core.provenance import provenance
@@ -54,6 +61,8 @@ MECHANISMS: dict[str, dict[str, Any]] = {
     "all": {"ucb": True},
 }
 PLOTTED = ("all", 0.2)  # the mechanism run whose coefficients are drawn
+WARMUP = 500  # images before a running drop is judged: over fewer it is one or two images either way
+SWITCH_LEVEL = 2  # the grade of each shift in the switching stream
 
 
 def budget_points(policy_path: str | Path) -> float:
@@ -137,10 +146,30 @@ def _part(correct: np.ndarray, macs: np.ndarray, static: float) -> dict:
     return {"accuracy": float(correct.mean()), "mac_fraction": float(macs.mean()) / static}
 
 
+def drop_stats(full_correct: np.ndarray, correct: np.ndarray, budget: float, warmup: int = WARMUP) -> dict:
+    """A method's running drop against the full network (points, from the stream's start): its final value, its
+    worst after ``warmup`` images and the share of time points after the warm-up where it exceeds ``budget``."""
+    run = 100 * running_drop(full_correct, correct)
+    after = run[warmup:] if len(run) > warmup else run[-1:]
+    return {"final_running_drop_points": float(run[-1]), "worst_running_drop_points": float(after.max()),
+            "share_over_budget": float((after > budget).mean())}
+
+
+def _risk_run(policy: DartPolicy, cal: Trace, trace: Trace, budget: float, batch_size: int, risk: RiskSettings,
+              seed: int) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    """The online risk controller over the stream: (correct, MACs) per image, and what it did."""
+    ctrl, out = risk_over(policy, cal, trace, budget, batch_size, risk.audit_rate, risk.step, seed)
+    info = {"settings": risk.model_dump(), "audit_share": float(out["audited"].mean()), "theta_final": ctrl.theta,
+            "theta_max": float(out["theta"].max()), "guaranteed_bound_points": 100 * ctrl.bound(batch_size),
+            "theta": out["theta"][::batch_size].tolist()}
+    return (out["pred"] == trace.labels, out["macs"]), info
+
+
 def evaluate_stream(policy: DartPolicy, cal: Trace, trace: Trace, shift_start: int, settings: ControllerSettings,
                     budget: float, batch_size: int = _DEFAULT.batch_size, seed: int = 0, report_window: int = 500,
-                    matched: bool = True, **controller_kw: Any) -> dict:
-    """Full, frozen, adaptive (and matched-compute) DART on one traced stream; totals per part and windows."""
+                    matched: bool = True, risk: RiskSettings | None = None, **controller_kw: Any) -> dict:
+    """Full, frozen, adaptive (matched-compute, and with ``risk`` risk-controlled) DART on one traced stream; totals
+    per part, windows and running drops."""
     static = float(trace.meta.get("static_macs", trace.exit_macs[-1]))
     y = trace.labels
     costs = exit_costs(policy, trace)
@@ -149,6 +178,9 @@ def evaluate_stream(policy: DartPolicy, cal: Trace, trace: Trace, shift_start: i
     runs = {"full": (trace.preds[:, -1] == y, np.full(trace.n, static)),
             "frozen": (f_pred == y, costs[f_exit]),
             "adaptive": (a["pred"].numpy() == y, a["macs"].numpy())}
+    risk_info = None
+    if risk is not None:
+        runs["risk"], risk_info = _risk_run(policy, cal, trace, budget, batch_size, risk, seed)
     parts = {"clean": slice(0, shift_start), "shifted": slice(shift_start, trace.n)}
     totals = {k: {p: _part(c[sl], m[sl], static) for p, sl in parts.items()} for k, (c, m) in runs.items()}
     if matched:
@@ -156,9 +188,13 @@ def evaluate_stream(policy: DartPolicy, cal: Trace, trace: Trace, shift_start: i
                                                         totals["adaptive"]["shifted"]["mac_fraction"])}
     windows = [(s, min(s + report_window, shift_start)) for s in range(0, shift_start, report_window)] + \
         [(s, min(s + report_window, trace.n)) for s in range(shift_start, trace.n, report_window)]
+    full_c = runs["full"][0]
+    drops = {k: 100 * running_drop(full_c, c) for k, (c, _) in runs.items()}
     series = {k: {"window_start": [s for s, _ in windows], "window_end": [e for _, e in windows],
                   "accuracy": [float(c[s:e].mean()) for s, e in windows],
-                  "mac_fraction": [float(m[s:e].mean()) / static for s, e in windows]} for k, (c, m) in runs.items()}
+                  "mac_fraction": [float(m[s:e].mean()) / static for s, e in windows],
+                  "running_drop_points": [float(drops[k][e - 1]) for _, e in windows]}
+              for k, (c, m) in runs.items()}
     sh = {k: v["shifted"] for k, v in totals.items()}
     lost = sh["full"]["accuracy"] - sh["frozen"]["accuracy"]
     summary = {"accuracy_lost_by_frozen": lost,
@@ -170,6 +206,10 @@ def evaluate_stream(policy: DartPolicy, cal: Trace, trace: Trace, shift_start: i
                "fewer_macs_than_full": sh["adaptive"]["mac_fraction"] < 1.0}
     if matched:
         summary["above_matched_points"] = 100 * (sh["adaptive"]["accuracy"] - sh["matched"]["accuracy"])
+    if risk_info is not None:
+        summary["risk_clean_mac_cost_points"] = 100 * (totals["risk"]["clean"]["mac_fraction"]
+                                                       - totals["frozen"]["clean"]["mac_fraction"])
+    running = {k: drop_stats(full_c, c, budget) for k, (c, _) in runs.items() if k != "full"}
     guard = None if ctrl.alpha_ref is None else {**ctrl.alpha_ref._asdict(), "gate": ctrl.shift_gate,
                                                  "scale": ctrl.shift_scale,
                                                  "batches_guarded": sum(c["shifted"] for c in coefs)}
@@ -177,7 +217,8 @@ def evaluate_stream(policy: DartPolicy, cal: Trace, trace: Trace, shift_start: i
             "batch_size": batch_size, "report_window": report_window, "budget_points": budget,
             "audit_share": ctrl.audit_share, "audited_samples": ctrl.audits_total, "targets": ctrl.targets,
             "updates_fired": dict(ctrl.fired), "ucb1": bandit_stats(ctrl), "shift_guard": guard, "totals": totals,
-            "summary": summary, "series": series, "coefficients": coefs, "final_c_class": ctrl.c_class}
+            "summary": summary, "series": series, "coefficients": coefs, "final_c_class": ctrl.c_class,
+            "running": running, "risk": risk_info, "warmup": WARMUP}
 
 
 class StreamSource:
@@ -239,6 +280,7 @@ def study(run_dir: str | Path, policy_path: str | Path, families: Sequence[str] 
         settings, source = load_settings(run_dir)
     else:
         source = {"source": "given by the caller"}
+    risk, risk_source = load_risk_settings(run_dir)
     policy, budget = dart_policy(policy_path), budget_points(policy_path)
     cal = Run(run_dir).trace("cal")
     src = StreamSource(run_dir, "test", data_dir)
@@ -249,7 +291,11 @@ def study(run_dir: str | Path, policy_path: str | Path, families: Sequence[str] 
             say(f"{fam} grade {level} (severity {sev})")
             trace, start = src.stream(fam, sev, n_clean, n_shift, seed, batch_size=batch_size)
             rows.append({"scenario": fam, "level": level, "severity": sev,
-                         **evaluate_stream(policy, cal, trace, start, settings, budget, batch_size, seed)})
+                         **evaluate_stream(policy, cal, trace, start, settings, budget, batch_size, seed, risk=risk)})
+    say(f"switching stream: clean and {', '.join(families)} at grade {SWITCH_LEVEL}, in turn, without warning")
+    trace, segments = switching_stream(src, families, n_shift // 2, seed, batch_size)
+    switching = {"segments": segments, **evaluate_stream(policy, cal, trace, segments[1]["start"], settings, budget,
+                                                         batch_size, seed, risk=risk)}
     mech = None
     if mechanisms:
         classes = hard_classes(policy, cal)
@@ -260,13 +306,32 @@ def study(run_dir: str | Path, policy_path: str | Path, families: Sequence[str] 
             for name, kw in MECHANISMS.items():
                 s = settings.model_copy(update={"audit_share": share, "ucb": kw["ucb"]})
                 rec = evaluate_stream(policy, cal, trace, start, s, budget, batch_size, seed,
+                                      risk=risk if (name, share) == PLOTTED else None,
                                       **{k: v for k, v in kw.items() if k != "ucb"})
                 if (name, share) != PLOTTED:
                     rec.pop("coefficients"), rec.pop("series")
                 runs.append({"mechanism": name, "audit_share": share, **rec})
         mech = {"scenario": "class-prior", "severity": 0.9, "classes": classes, "runs": runs}
     return {"provenance": provenance(), "settings": settings.model_dump(), "settings_source": source, "budget_points": budget,
-            "policy_file": _relative(policy_path, run_dir), "seed": seed, "families": rows, "mechanisms": mech}
+            "risk_settings": risk.model_dump(), "risk_settings_source": risk_source,
+            "policy_file": _relative(policy_path, run_dir), "seed": seed, "families": rows, "mechanisms": mech,
+            "switching": switching}
+
+
+def switching_stream(src: StreamSource, families: Sequence[str], segment: int, seed: int = 0,
+                     batch_size: int = 256) -> tuple[Trace, list[dict]]:
+    """Clean images, then each family in turn at grade ``SWITCH_LEVEL``, a clean segment before each: one stream,
+    no warning where a segment starts. Returns the traced stream and its segments (scenario, start, end)."""
+    trace, segments = None, []
+    for k, fam in enumerate(families):
+        part, start = src.stream(fam, severity(fam, SWITCH_LEVEL), segment, segment, seed + k, batch_size=batch_size)
+        at = 0 if trace is None else trace.n
+        segments += [{"scenario": "clean", "start": at, "end": at + start},
+                     {"scenario": fam, "start": at + start, "end": at + part.n}]
+        trace = part if trace is None else _joined(trace, part)
+    if trace is None:
+        raise ConfigError("the switching stream needs at least one reporting family")
+    return trace, segments
 
 
 def _relative(path: str | Path, run_dir: str | Path) -> str:

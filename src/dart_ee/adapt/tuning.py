@@ -13,6 +13,11 @@ from the defaults, keeps the candidate that comes first in this order:
    full network's;
 3. the fewest MACs on the shifted parts; then the highest accuracy there.
 
+The online risk controller's settings (audit rate q and step eta, ``RISK_GRID``) are chosen on the same
+streams, every pair tried (``choose_risk``), keeping the one that comes first in this order: the most streams
+whose running drop stays within D after the warm-up; an audit share of at most ``MAX_AUDIT_SHARE``; the fewest
+MACs, audits included.
+
 The choice, what it was chosen on and how it scored are written to ``RUN/adapt.json``; every
 adaptation figure records where its settings came from.
 """
@@ -26,12 +31,15 @@ from typing import Any
 
 import numpy as np
 
+from dart_ee.adapt.risk import risk_over
 from dart_ee.adapt.settings import FORMAT, given, is_current, policy_fingerprint, save_settings
-from dart_ee.adapt.study import StreamSource, budget_points, dart_policy, evaluate_stream
-from dart_ee.config import AdaptConfig, ControllerSettings
+from dart_ee.adapt.study import StreamSource, budget_points, dart_policy, drop_stats, evaluate_stream
+from dart_ee.config import AdaptConfig, ControllerSettings, RiskSettings
 from dart_ee.core.provenance import provenance
 from dart_ee.data.shift import CHOOSE, severity
+from dart_ee.policies import ExitPolicy
 from dart_ee.runs.run import Run
+from dart_ee.trace import Trace
 
 MAX_CLEAN_COST = 2.0  # points of the static network's MACs that adapting may add on clean data
 DEV_LEVELS = (1, 3)
@@ -46,6 +54,34 @@ GRID: dict[str, list[Any]] = {  # the values tried for each setting (the default
     "arm_spread": [0.05, 0.15],
 }
 PASSES = 3
+RISK_GRID: dict[str, list[float]] = {"audit_rate": [0.02, 0.05], "step": [0.0005, 0.001, 0.002, 0.005]}
+MAX_AUDIT_SHARE = 0.05
+
+
+def choose_risk(policy: ExitPolicy, cal: Trace, streams: Sequence[tuple[str, int, Trace, int]], budget: float,
+                batch_size: int, seed: int = 0, grid: Mapping[str, Sequence[float]] = RISK_GRID) -> dict:
+    """The online risk controller's settings, every pair of ``grid`` tried on the development ``streams``
+    (family, grade, traced calibration-split stream, shift start); the record ``adapt.json`` keeps as "risk"."""
+    tried = []
+    for q in grid["audit_rate"]:
+        for eta in grid["step"]:
+            rows = []
+            for fam, level, trace, _ in streams:
+                _, out = risk_over(policy, cal, trace, budget, batch_size, q, eta, seed)
+                static = float(trace.meta.get("static_macs", trace.exit_macs[-1]))
+                st = drop_stats(trace.preds[:, -1] == trace.labels, out["pred"] == trace.labels, budget)
+                rows.append({"family": fam, "level": level, **st, "audit_share": float(out["audited"].mean()),
+                             "mac_fraction": float(out["macs"].mean()) / static})
+            within = sum(r["worst_running_drop_points"] <= budget for r in rows)
+            audits = max(r["audit_share"] for r in rows)
+            score = (-within, audits > MAX_AUDIT_SHARE, float(np.mean([r["mac_fraction"] for r in rows])))
+            tried.append((score, RiskSettings(audit_rate=q, step=eta), rows))
+    tried.sort(key=lambda t: t[0])
+    score, best, rows = tried[0]
+    return {"settings": best.model_dump(), "source": "RUN/adapt.json: chosen on development streams of the calibration "
+            "split", "criterion": f"most streams with the running drop within D after the warm-up; audit share <= "
+            f"{MAX_AUDIT_SHARE}; fewest MACs (audits included)", "grid": {k: list(v) for k, v in grid.items()},
+            "streams_within": -score[0], "streams": rows}
 
 
 def coordinate_search(grid: Mapping[str, Sequence[Any]], base: ControllerSettings,
@@ -119,6 +155,8 @@ def tune(run_dir: str | Path, policy_path: str | Path, grid: Mapping[str, Sequen
         return _score(rows)
 
     scored = coordinate_search(grid, base or ControllerSettings(), score)
+    say(f"online risk control: {len(RISK_GRID['audit_rate']) * len(RISK_GRID['step'])} settings on {len(streams)} streams")
+    risk = choose_risk(policy, cal, streams, budget, batch_size, seed)
     best = scored[0][1]
     best_rows = rows_of[best.model_dump_json()]
     summary = lambda s: {"settings": s[1].model_dump(), "score": list(s[0])}  # noqa: E731
@@ -130,7 +168,7 @@ def tune(run_dir: str | Path, policy_path: str | Path, grid: Mapping[str, Sequen
             "criterion": "clean-part MAC cost <= max_clean_cost_points on every stream; most streams within the "
                          "budget on the shifted part; fewest shifted-part MACs; highest shifted-part accuracy",
             "grid": {k: list(v) for k, v in grid.items()}, "search": "coordinate", "candidates": len(scored),
-            "chosen_streams": best_rows, "next_best": [summary(s) for s in scored[1:6]],
+            "chosen_streams": best_rows, "next_best": [summary(s) for s in scored[1:6]], "risk": risk,
             "seconds": time.perf_counter() - t0}
 
 
@@ -140,7 +178,8 @@ def ensure_settings(run_dir: str | Path, policy_path: str | Path, adapt: AdaptCo
     """Give the run settings for this policy: the config's as given (``adapt.tune`` false), or, unless current
     ones are there, settings chosen on the calibration split."""
     if not adapt.tune:
-        save_settings(run_dir, given(policy_path, adapt.controller, "the config's adapt.controller (adapt.tune: false)"))
+        save_settings(run_dir, given(policy_path, adapt.controller, "the config's adapt section (adapt.tune: false)",
+                                     adapt.risk))
     elif not is_current(run_dir, policy_path):
         if progress:
             progress("choosing the controller's settings on the calibration split first (dart-ee adapt-tune)")

@@ -81,13 +81,16 @@ def tradeoff_curves(sweep: dict, path: str | Path, title: str = "") -> Path:
     return _save(fig, path)
 
 
+# the methods of an adaptation study (dart_ee.adapt.study): colour, line style, legend
+METHOD_STYLES = {"full": ("k", "-", "full network"), "frozen": ("tab:red", "--", "frozen DART"),
+                 "adaptive": ("tab:blue", "-", "adaptive DART"), "risk": ("tab:green", "-.", "DART under risk control")}
+
+
 def adaptation_over_time(res: dict, path: str | Path) -> Path:
-    """Accuracy and MACs per window for the full network, frozen DART and adaptive DART, shift marked."""
+    """Accuracy and MACs per window for the full network, frozen, adaptive and risk-controlled DART, shift marked."""
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 5.6), sharex=True)
-    styles = {"full": ("k", "-", "full network"), "frozen": ("tab:red", "--", "frozen DART"),
-              "adaptive": ("tab:blue", "-", "adaptive DART")}
     for name, s in res["series"].items():
-        c, ls, label = styles[name]
+        c, ls, label = METHOD_STYLES[name]
         x = [(a + b) / 2 for a, b in zip(s["window_start"], s["window_end"])]
         a1.plot(x, [100 * v for v in s["accuracy"]], color=c, ls=ls, marker="o", ms=3, label=label)
         a2.plot(x, [100 * v for v in s["mac_fraction"]], color=c, ls=ls, marker="o", ms=3, label=label)
@@ -152,6 +155,28 @@ def study_figures(study: dict, out: str | Path) -> None:
             adaptation_figures({**run, "scenario": sc, "severity": mech["severity"]}, out)
         else:
             adaptation_figures(max((r for r in study["families"] if r["scenario"] == sc), key=lambda r: r["level"]), out)
+    if study.get("switching"):
+        running_drop_plot(study["switching"], study["budget_points"], Path(out) / "switching_running_drop.png",
+                          "switching stream: running drop against the full network")
+
+
+def running_drop_plot(res: dict, budget: float, path: str | Path, title: str = "") -> Path:
+    """Each method's running drop against the full network (from the stream's start) over the stream, D marked,
+    and the segments of a switching stream shaded."""
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for i, seg in enumerate(res.get("segments") or []):
+        if seg["scenario"] != "clean":
+            ax.axvspan(seg["start"], seg["end"], color="0.9", label="shifted segment" if i == 1 else None)
+    for name, s in res["series"].items():
+        if name != "full" and "running_drop_points" in s:
+            c, ls, label = METHOD_STYLES[name]
+            ax.plot(s["window_end"], s["running_drop_points"], color=c, ls=ls, marker=".", label=label)
+    ax.axhline(budget, color="k", ls="--", lw=1, label=f"D = {budget:g} points")
+    ax.set_xlabel("images of the stream")
+    ax.set_ylabel("running drop vs full network (points)")
+    ax.set_title(title or "running accuracy drop against the full network")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
 
 
 def study_scenarios(study: dict) -> list[str]:
