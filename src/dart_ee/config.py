@@ -279,7 +279,8 @@ def dump_config(cfg: Config) -> str:
 # Fields added after runs were made, with the default that is what those runs did: left out of the
 # fingerprints at that default, so that existing runs stay current.
 _ADDED_LATER = {("train", "optimizer"): "sgd", ("data", "image_size"): None, ("data", "stream"): False,
-                ("data", "workers"): None, ("train", "max_steps"): None}
+                ("data", "workers"): None, ("train", "max_steps"): None,
+                ("adapt", "risk"): RiskSettings().model_dump(mode="json")}
 
 
 def _dump(cfg: Config, **kw: Any) -> dict:
