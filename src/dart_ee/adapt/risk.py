@@ -5,7 +5,8 @@ and pred_t != final_t]. Whatever the labels are, the accuracy lost against the f
 of samples is at most the share that disagrees over it, so keeping the running disagreement at D keeps the
 running drop within D, on any stream.
 
-``RiskController`` keeps one conservativeness parameter theta >= 0 that moves the certified policy along its
+``RiskController`` (``run`` on a live ``EarlyExitRunner``, ``process`` on a traced stream) keeps one
+conservativeness parameter theta >= 0 that moves the certified policy along its
 exit-share scaling path (``dart_ee.calibration.certify.scale_family``, fitted on the calibration split):
 scale 1 - theta, where theta = 0 is the certified policy itself (so clean data keeps its certificate: the
 controller is never less conservative) and theta >= 1 the full network. A random share q of the samples is
@@ -37,11 +38,13 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 from dart_ee.calibration.certify import SCALED, scale_family
 from dart_ee.calibration.evaluation import exit_costs, simulate
 from dart_ee.core.errors import ConfigError
 from dart_ee.policies import ExitPolicy
+from dart_ee.runtime.eager import EarlyExitRunner, ExitResult
 from dart_ee.trace import Trace
 
 # the path's resolution: theta is rounded to the nearest multiple of 1 / GRID (every point of the path is at least as
@@ -105,6 +108,21 @@ class RiskController:
         static = float(batch.meta.get("static_macs", batch.exit_macs[-1]))
         macs = exit_costs(policy, batch)[exits] + np.where(audit, static, 0.0)  # an audit runs the whole network
         return {"exit": exits, "pred": preds, "macs": macs, "marked": marks, "audited": audit, "theta": theta}
+
+    def run(self, runner: EarlyExitRunner, x: torch.Tensor) -> tuple[ExitResult, np.ndarray]:
+        """Live: one batch through the runner under the policy in force (real early exit), the marked samples that
+        left early through the full network too; theta moves. Returns the runner's result and the audit mask."""
+        marks = self.marks(len(x))
+        runner.policy = self.policy  # every point of the path is the same policy class: its alpha source holds
+        res = runner(x)
+        audit = marks & (res.exit.cpu().numpy() < runner.num_exits - 1)
+        disagreements = 0
+        if audit.any():
+            idx = torch.from_numpy(np.flatnonzero(audit)).to(x.device)
+            disagreements = int((runner.final_probs(x[idx]).argmax(1) != res.pred[idx]).sum())
+        self.update(disagreements, len(x))
+        self.audited += int(audit.sum())
+        return res, audit
 
     def update(self, disagreements: int, n: int) -> None:
         """theta after a batch of ``n`` samples with ``disagreements`` audited disagreements."""
