@@ -261,6 +261,31 @@ def adaptation_goals(root: Path, runs: Sequence[str]) -> str:
         + f" points: **{'met' if worst <= 2 else 'not met'}**."])
 
 
+def risk_goals(root: Path, runs: Sequence[str]) -> str:
+    """Issue 33's goals, from the studies that ran online risk control: its worst running drop within D after the
+    warm-up on every reporting stream and the switching stream, audits at most 5%, frozen DART over D somewhere,
+    and on clean data no MACs beyond the audits."""
+    lines = []
+    for run in runs:
+        st = _load(root, f"{run}/adaptation.json")
+        d = st["budget_points"]
+        streams = [(f"{r['scenario']} {r['level']}", r) for r in st["families"]] + [("switching", st["switching"])]
+        over = [n for n, r in streams if r["running"]["risk"]["worst_running_drop_points"] > d]
+        frozen_over = [n for n, r in streams if r["running"]["frozen"]["worst_running_drop_points"] > d]
+        audits = max(r["risk"]["audit_share"] for _, r in streams)
+        audit_cost = 100 * audits  # an audit runs the whole network: the static network's MACs per audited sample
+        clean = max(r["summary"]["risk_clean_mac_cost_points"] for _, r in streams)
+        held = not over and audits <= 0.05
+        lines.append(
+            f"**{run}** (D = {d:g} points): risk control kept the worst running drop after the warm-up within D on "
+            f"{len(streams) - len(over)} of {len(streams)} streams" + (f" (over on {', '.join(over)})" if over else "")
+            + f", with audit shares of at most {100 * audits:.1f}%: **{'met' if held else 'not met'}**. Frozen DART "
+            + (f"exceeds D on {', '.join(frozen_over)}" if frozen_over else "stays within D on every stream")
+            + f". Clean-part MAC cost over frozen DART at most {clean:+.2f} points (the audits alone: up to "
+              f"{audit_cost:.2f}).")
+    return "\n\n".join(lines)
+
+
 def training_speed_section(root: Path, rel: str) -> str:
     rec = _load(root, rel)
     rows = ["| bf16 autocast | channels_last | ms per training step | vs fp32 NCHW |", "|---|---|---|---|"]
@@ -658,7 +683,7 @@ RENDERERS: dict[str, Callable[..., str]] = {
     "stages": stage_section, "malloc": malloc_section, "malloc_summary": malloc_summary,
     "runner_summary": runner_summary, "onnx": onnx_section, "int8": int8_section, "heads": heads_section,
     "adaptation": adaptation_section, "adaptation_goals": adaptation_goals, "levit": levit_section,
-    "data_paths": data_paths_section, "serving": serving_section,
+    "data_paths": data_paths_section, "serving": serving_section, "risk_goals": risk_goals,
 }
 
 
