@@ -152,6 +152,8 @@ class RiskSettings(_Strict):
 
     audit_rate: float = Field(0.05, gt=0, le=1)  # q: share of samples marked for audit (those that left early run on)
     step: float = Field(0.002, gt=0)  # eta: how far one batch's weighted disagreement moves theta
+    # b: samples per update (a batch is split into updates of this size); the guarantee's slack grows with b / q
+    update_every: int = Field(16, ge=1)
 
 
 class AdaptConfig(_Strict):

@@ -54,12 +54,13 @@ GRID: dict[str, list[Any]] = {  # the values tried for each setting (the default
     "arm_spread": [0.05, 0.15],
 }
 PASSES = 3
-RISK_GRID: dict[str, list[float]] = {"audit_rate": [0.02, 0.05], "step": [0.0005, 0.001, 0.002, 0.005]}
+RISK_GRID: dict[str, list[float]] = {"audit_rate": [0.02, 0.05], "step": [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05]}
 MAX_AUDIT_SHARE = 0.05
 
 
 def choose_risk(policy: ExitPolicy, cal: Trace, streams: Sequence[tuple[str, int, Trace, int]], budget: float,
-                batch_size: int, seed: int = 0, grid: Mapping[str, Sequence[float]] = RISK_GRID) -> dict:
+                seed: int = 0, grid: Mapping[str, Sequence[float]] = RISK_GRID,
+                update_every: int = RiskSettings().update_every) -> dict:
     """The online risk controller's settings, every pair of ``grid`` tried on the development ``streams``
     (family, grade, traced calibration-split stream, shift start); the record ``adapt.json`` keeps as "risk"."""
     tried = []
@@ -67,7 +68,7 @@ def choose_risk(policy: ExitPolicy, cal: Trace, streams: Sequence[tuple[str, int
         for eta in grid["step"]:
             rows = []
             for fam, level, trace, _ in streams:
-                _, out = risk_over(policy, cal, trace, budget, batch_size, q, eta, seed)
+                _, out = risk_over(policy, cal, trace, budget, update_every, q, eta, seed)
                 static = float(trace.meta.get("static_macs", trace.exit_macs[-1]))
                 st = drop_stats(trace.preds[:, -1] == trace.labels, out["pred"] == trace.labels, budget)
                 rows.append({"family": fam, "level": level, **st, "audit_share": float(out["audited"].mean()),
@@ -75,7 +76,7 @@ def choose_risk(policy: ExitPolicy, cal: Trace, streams: Sequence[tuple[str, int
             within = sum(r["worst_running_drop_points"] <= budget for r in rows)
             audits = max(r["audit_share"] for r in rows)
             score = (-within, audits > MAX_AUDIT_SHARE, float(np.mean([r["mac_fraction"] for r in rows])))
-            tried.append((score, RiskSettings(audit_rate=q, step=eta), rows))
+            tried.append((score, RiskSettings(audit_rate=q, step=eta, update_every=update_every), rows))
     tried.sort(key=lambda t: t[0])
     score, best, rows = tried[0]
     return {"settings": best.model_dump(), "source": "RUN/adapt.json: chosen on development streams of the calibration "
@@ -156,7 +157,7 @@ def tune(run_dir: str | Path, policy_path: str | Path, grid: Mapping[str, Sequen
 
     scored = coordinate_search(grid, base or ControllerSettings(), score)
     say(f"online risk control: {len(RISK_GRID['audit_rate']) * len(RISK_GRID['step'])} settings on {len(streams)} streams")
-    risk = choose_risk(policy, cal, streams, budget, batch_size, seed)
+    risk = choose_risk(policy, cal, streams, budget, seed)
     best = scored[0][1]
     best_rows = rows_of[best.model_dump_json()]
     summary = lambda s: {"settings": s[1].model_dump(), "score": list(s[0])}  # noqa: E731
