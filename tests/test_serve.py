@@ -34,7 +34,7 @@ from dart_ee.serve.loadtest import Load, check_loopback, npy_payloads, open_loop
 class FakeEngine:
     """Three stages of ``delay`` seconds each; a sample's first pixel is the exit it leaves at (and its class)."""
 
-    kind, input_shape, num_steps = "fake", (1, 4, 4), 3
+    kind, input_shape, num_steps, audits = "fake", (1, 4, 4), 3, None
     leave_macs = np.array([1.0, 2.0, 3.0])
     info = {"engine": "fake", "policy": "fake", "certified": False}
 
@@ -132,6 +132,58 @@ def test_a_sample_held_longer_than_max_hold_goes_first():
     batcher.close()
     assert engine.calls == [(0, 1), (1, 1), (2, 1), (0, 1)], engine.calls  # the overdue hard sample, oldest, first
     assert t_hard < t_easy
+
+
+class FakeAudits:
+    """Marks every sample; records each audit's verdict."""
+
+    def __init__(self):
+        self.results = []
+
+    def admit(self, n):
+        return np.ones(n, bool)
+
+    def result(self, disagrees):
+        self.results.append(disagrees)
+
+
+def test_an_audited_sample_is_answered_when_it_leaves_and_runs_on_to_the_full_network():
+    engine = FakeEngine(delay=0.02)
+    engine.audits = FakeAudits()
+    batcher = Batcher(engine, max_batch=8, max_wait_ms=20)
+    outs = asyncio.run(_submit_all(batcher, [_images([0]), _images([1]), _images([2])]))
+    batcher.close()
+    assert [out["answers"][0].exit for out, _ in outs] == [0, 1, 2]  # answered where they left
+    (easy, t_easy), (mid, t_mid), (hard, t_hard) = outs
+    assert t_easy < t_mid < t_hard
+    assert engine.calls == [(0, 3), (1, 3), (2, 3)], "the audited early leavers ran on to the last stage"
+    assert engine.audits.results == [False, False], "one verdict per early leaver (the fake's exits all agree)"
+    assert batcher.depth == 0 and not batcher._audit
+
+
+def test_risk_control_in_the_server_keeps_its_state(trained_run, exported, tmp_path):  # noqa: F811
+    from dart_ee.policies import load_policy
+
+    src = exported["dir"].parent / "policies" / "dart_paper.json"
+    path = tmp_path / "dart.json"
+    load_policy(src).save(path, calibration={"target": {"max_drop": 1.0}})
+    state = tmp_path / "risk_state.json"
+    engine = TorchEngine(trained_run["run"], str(path), threads=1, adapt=True, adapt_state=state)
+    x = trained_run["images"].numpy()[:64]
+    with served(engine, max_batch=8) as (url, _):
+        for k in range(0, 64, 4):
+            r = httpx.post(f"{url}/predict", content=_npy(x[k: k + 4]), headers={"content-type": "application/x-npy"})
+            assert r.status_code == 200 and len(r.json()["predictions"]) == 4
+        info = httpx.get(f"{url}/info").json()
+    assert info["adapt"]["method"].startswith("online risk control") and info["adapt_state"]["samples"] >= 64
+    saved = json.loads(state.read_text())
+    assert saved["seen"] >= 64 and saved["theta"] >= 0
+    again = TorchEngine(trained_run["run"], str(path), threads=1, adapt=True, adapt_state=state)
+    assert again.audits.ctrl.seen == saved["seen"], "theta and its counts come back after a restart"
+    with pytest.raises(ConfigError, match="export holds fixed"):
+        from dart_ee.serve.engine import make_engine
+
+        make_engine("dart_paper", export=exported["dir"], adapt=True)
 
 
 def test_samples_of_different_requests_merge_at_a_stage_and_each_request_gets_its_own_answers():

@@ -35,6 +35,7 @@ D plus the slack. Not guaranteed: the MACs (under a shift they can rise up to th
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ import torch
 
 from dart_ee.calibration.certify import SCALED, scale_family
 from dart_ee.calibration.evaluation import exit_costs, simulate
+from dart_ee.core.artifacts import read_json, write_json
 from dart_ee.core.errors import ConfigError
 from dart_ee.policies import ExitPolicy
 from dart_ee.runtime.eager import EarlyExitRunner, ExitResult
@@ -142,6 +144,40 @@ class RiskController:
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.theta, self.seen, self.audited, self.weighted = s["theta"], s["seen"], s["audited"], s["weighted"]
         self.rng.bit_generator.state = s["rng"]
+
+
+class ServedRisk:
+    """Online risk control inside a server (``dart-ee serve --run RUN --adapt``), where an audit's answer comes back
+    stages after the sample was answered: ``admit(n)`` draws the marks of n new samples, puts the policy in force on
+    the runner and charges their -D; ``result(disagrees)`` adds an audit's e_t when the full network has spoken.
+    theta moves by the same sum as in ``RiskController.update``, only later, so the guarantee holds with the
+    audits in flight (at most a batch's) added to the slack. ``save``/``load`` keep theta across restarts."""
+
+    def __init__(self, ctrl: RiskController, runner: EarlyExitRunner, state: Path | None = None) -> None:
+        self.ctrl, self.runner, self.state = ctrl, runner, state
+        if state is not None and state.is_file():
+            ctrl.load_state_dict(read_json(state, "risk control state"))
+        runner.policy = ctrl.policy
+
+    def admit(self, n: int) -> np.ndarray:
+        marks = self.ctrl.marks(n)
+        self.runner.policy = self.ctrl.policy
+        self.ctrl.update(0, n)
+        return marks
+
+    def result(self, disagrees: bool) -> None:
+        self.ctrl.audited += 1
+        self.ctrl.update(int(disagrees), 0)
+
+    def info(self, update_every: int) -> dict[str, Any]:
+        c = self.ctrl
+        return {"theta": c.theta, "samples": c.seen, "audited": c.audited, "audit_rate": c.audit_rate, "step": c.step,
+                "max_drop_points": 100 * c.target, "bound_points": 100 * c.bound(update_every),
+                "state_file": str(self.state) if self.state else None}
+
+    def save(self) -> None:
+        if self.state is not None:
+            write_json(self.state, self.ctrl.state_dict())
 
 
 def risk_over(policy: ExitPolicy, cal: Trace, trace: Trace, max_drop: float, batch_size: int, audit_rate: float,

@@ -10,6 +10,7 @@ import typer
 
 from dart_ee.cli.app import DataDirOpt, _recorded, app
 from dart_ee.config import ServeConfig
+from dart_ee.core.errors import ConfigError
 
 _SERVE = ServeConfig()  # the one source of the defaults the options show
 ExportOpt = Annotated[Optional[Path], typer.Option("--export", help="An export folder (`dart-ee export`): served by "
@@ -38,16 +39,24 @@ def serve(policy: Annotated[str, typer.Option("--policy", help="The policy to se
           max_batch: MaxBatchOpt = _SERVE.max_batch, max_wait_ms: MaxWaitOpt = _SERVE.max_wait_ms,
           max_hold_ms: MaxHoldOpt = _SERVE.max_hold_ms, max_queue: MaxQueueOpt = _SERVE.max_queue,
           max_body_bytes: int = typer.Option(_SERVE.max_body_bytes, min=1024, help="Larger request bodies get 413."),
-          threads: ThreadsOpt = None) -> None:
+          threads: ThreadsOpt = None,
+          adapt: bool = typer.Option(False, "--adapt", help="Online risk control of the served policy (torch, --run "
+                                                            "only): audits, theta along its path; README \"Serving\"."),
+          adapt_state: Annotated[Optional[Path], typer.Option(
+              "--adapt-state", help="With --adapt: read theta from this file at start, write it at shutdown.")] = None
+          ) -> None:
     """Serve an early-exit model over HTTP: POST /predict, GET /healthz /readyz /metrics /info (README "Serving")."""
     from dart_ee.core.trust import code_trusted
     from dart_ee.serve.app import serve as run_server
     from dart_ee.serve.engine import make_engine
 
+    if adapt and (workers > 1 or ray_replicas):
+        raise ConfigError("--adapt keeps one theta per server process: serve it with --workers 1 and no Ray replicas")
     cfg = ServeConfig(host=host, port=port, workers=workers, max_batch=max_batch, max_wait_ms=max_wait_ms,
                       max_hold_ms=max_hold_ms, max_queue=max_queue, max_body_bytes=max_body_bytes, threads=threads)
     spec: dict[str, Any] = {"policy": policy, "run": str(run) if run else None,
-                            "export": str(export) if export else None, "trust_code": code_trusted()}
+                            "export": str(export) if export else None, "trust_code": code_trusted(), "adapt": adapt,
+                            "adapt_state": str(adapt_state) if adapt_state else None}
     engine = make_engine(**spec, threads=threads)  # a bad folder or policy fails here, in one line, before uvicorn
     info = engine.info
     promise = f"certified: {info['certificate']}" if info["certified"] else "not certified"

@@ -67,6 +67,8 @@ class _State:
         loader.join()
         if self.batcher is not None:  # uvicorn has answered the requests in flight; answer what is still queued
             self.batcher.close()
+        if self.engine is not None and self.engine.audits is not None:  # online risk control: keep theta
+            self.engine.audits.save()
 
 
 def create_app(make: Callable[[], Engine], cfg: ServeConfig | None = None) -> FastAPI:
@@ -118,7 +120,9 @@ def create_app(make: Callable[[], Engine], cfg: ServeConfig | None = None) -> Fa
     async def info() -> Response:
         if state.engine is None:
             return await readyz()
-        return JSONResponse({**state.engine.info, "dart_ee": __version__, "process": os.getpid(),
+        audits = state.engine.audits
+        live = {"adapt_state": audits.info(cfg.max_batch)} if audits is not None else {}  # theta moves per batch
+        return JSONResponse({**state.engine.info, **live, "dart_ee": __version__, "process": os.getpid(),
                              "batching": cfg.model_dump(
             include={"max_batch", "max_wait_ms", "max_hold_ms", "max_queue", "max_body_bytes", "threads"})})
 

@@ -97,6 +97,8 @@ class Batcher:
         self._inside = 0  # samples accepted and not yet answered
         self._cond = threading.Condition()
         self._closing = False
+        # online risk control: (request, row) of each marked sample -> None until it leaves, then its early class
+        self._audit: dict[tuple[int, int], int | None] = {}
         self._thread = threading.Thread(target=self._work, name="dart-ee-batcher", daemon=True)
         self._thread.start()
 
@@ -196,33 +198,65 @@ class Batcher:
         started = time.perf_counter()
         for r in batch:
             r.started = started
-        self.observer.batch(sum(len(r.x) for r in batch))
+        n = sum(len(r.x) for r in batch)
+        self.observer.batch(n)
+        if self.engine.audits is not None:  # online risk control: marks drawn from n alone, before any pixel is read
+            marks = self.engine.audits.admit(n).tolist()
+            owners = [(r, j) for r in batch for j in range(len(r.x))]
+            self._audit.update({(id(r), j): None for (r, j), m in zip(owners, marks) if m})
         return self.engine.cat([self.engine.begin(r.x) for r in batch])
 
     def _step(self, i: int, group: _Group) -> None:
         nxt, pred, conf, leave = self.engine.step(i, group.rows)
         exit_i = self.engine.exit_at(i)
         macs = float(self.engine.leave_macs[exit_i])
-        go = np.flatnonzero(leave)
+        go, keep = self._route(i, group, pred, leave)
         now = time.perf_counter()
-        for k, p, c in zip(go.tolist(), pred[go].tolist(), conf[go].tolist()):
+        for k in go:
             r, j = group.owners[k]
-            r.answers[j] = Answer(int(p), float(c), exit_i, macs)
+            r.answers[j] = Answer(int(pred[k]), float(conf[k]), exit_i, macs)
             r.left -= 1
             if r.left == 0 and not r.failed:
                 _resolve(r, r.done())
-        if len(go):
-            self.observer.left(exit_i, len(go), now - min(group.owners[k][0].started for k in go.tolist()))
+        if go:
+            self.observer.left(exit_i, len(go), now - min(group.owners[k][0].started for k in go))
         with self._cond:
             self._inside -= len(go)
             self.observer.queued(self._inside)
-            if len(go) < len(leave):
-                keep = np.flatnonzero(~leave)
-                self._stages[i + 1].append(_Group([group.owners[k] for k in keep.tolist()],
-                                                  self.engine.take(nxt, keep)))
+            if keep:
+                idx = np.asarray(keep)
+                self._stages[i + 1].append(_Group([group.owners[k] for k in keep], self.engine.take(nxt, idx)))
+
+    def _route(self, i: int, group: _Group, pred: np.ndarray, leave: np.ndarray) -> tuple[list[int], list[int]]:
+        """Who is answered at stage i, and who runs on: the samples that stay, and the audited ones that left early
+        (answered now, run to the last stage, where the full network's class is compared with theirs)."""
+        if not self._audit:
+            return np.flatnonzero(leave).tolist(), np.flatnonzero(~leave).tolist()
+        last = i == self.engine.num_steps - 1
+        go, keep = [], []
+        for k, (r, j) in enumerate(group.owners):
+            key = (id(r), j)
+            early = self._audit.get(key)
+            if early is not None:  # answered already: this run is its audit
+                if last and self.engine.audits is not None:
+                    self.engine.audits.result(self._audit.pop(key) != int(pred[k]))
+                elif not last:
+                    keep.append(k)
+            elif not leave[k]:
+                keep.append(k)
+            else:
+                go.append(k)
+                if key in self._audit:  # marked: audit it unless it left at the last exit anyway
+                    if last:
+                        del self._audit[key]
+                    else:
+                        self._audit[key] = int(pred[k])
+                        keep.append(k)
+        return go, keep
 
     def _fail(self, owners: list[tuple[_Request, int]], e: BaseException) -> None:
-        """The samples ``owners`` are dropped; their requests are answered with ``e``."""
+        """The samples ``owners`` are dropped; the requests of those not answered yet are answered with ``e``."""
+        owners = [(r, j) for r, j in owners if self._audit.pop((id(r), j), None) is None]  # not an audit in flight
         with self._cond:
             self._inside -= len(owners)
             self.observer.queued(self._inside)

@@ -23,6 +23,16 @@ from dart_ee.deploy.onnx_runner import OnnxRunner
 STATIC = "static"  # the policy name that serves the plain network (no heads): the baseline a loadtest compares with
 
 
+class Audits(Protocol):
+    """Online risk control as the batcher drives it (``dart_ee.adapt.risk.ServedRisk``)."""
+
+    def admit(self, n: int) -> np.ndarray:
+        """The audit marks of n new samples (and the policy in force for them)."""
+    def result(self, disagrees: bool) -> None: ...
+    def info(self, update_every: int) -> dict[str, Any]: ...
+    def save(self) -> None: ...
+
+
 class Engine(Protocol):
     """The interface the batcher and the app use."""
 
@@ -31,6 +41,7 @@ class Engine(Protocol):
     leave_macs: np.ndarray  # MACs spent by a sample that leaves at each exit
     info: dict[str, Any]  # what is served, for GET /info
     num_steps: int  # stages a sample can run (1: the static network, run whole)
+    audits: Audits | None  # online risk control (``--adapt``), or None
 
     def exit_at(self, step: int) -> int: ...
     def begin(self, x: np.ndarray) -> Any: ...
@@ -59,6 +70,7 @@ class OnnxEngine:
     dozen small sessions a batch calls, which decides whether early exit pays at small batches)."""
 
     kind = "onnxruntime"
+    audits: Audits | None = None  # the exported graphs hold the policy's thresholds: it cannot move along its path
 
     def __init__(self, folder: str | Path, policy: str, threads: int | None = None) -> None:
         self.runner = OnnxRunner(folder, policy=policy, threads=threads, shared_pool=True)
@@ -95,7 +107,8 @@ class TorchEngine:
 
     kind = "torch"
 
-    def __init__(self, run: str | Path, policy: str, threads: int | None = None, trust_code: bool | None = None) -> None:
+    def __init__(self, run: str | Path, policy: str, threads: int | None = None, trust_code: bool | None = None,
+                 adapt: bool = False, adapt_state: str | Path | None = None) -> None:
         # torch is imported here, not at the top: a server of an export never loads it
         import torch
 
@@ -123,6 +136,20 @@ class TorchEngine:
                      "input_shape": list(self.input_shape), "dtype": "fp32",
                      **describe(path.stem if policy != STATIC else STATIC,
                                 None if policy == STATIC else read_json(path, "policy"), self.leave_macs, static)}
+        self.audits = self._risk(r, path, adapt_state) if adapt else None
+
+    def _risk(self, run: Any, policy_path: Path, state: str | Path | None) -> Audits:
+        """Online risk control of the served policy, with the run's chosen settings (``dart-ee adapt-tune``)."""
+        from dart_ee.adapt.risk import RiskController, ServedRisk
+        from dart_ee.adapt.settings import load_risk_settings
+        from dart_ee.adapt.study import budget_points
+
+        if not policy_path.is_file():
+            raise ConfigError("--adapt runs online risk control of a certified policy: serve a policy file, not static")
+        rs, _ = load_risk_settings(run.path)
+        ctrl = RiskController(self.runner.policy, run.trace("cal"), budget_points(policy_path), rs.audit_rate, rs.step)
+        self.info["adapt"] = {"method": "online risk control (dart_ee.adapt.risk)", **rs.model_dump()}
+        return ServedRisk(ctrl, self.runner, Path(state) if state else None)
 
     def exit_at(self, step: int) -> int:
         return self.runner.exit_at(step)
@@ -143,11 +170,16 @@ class TorchEngine:
 
 
 def make_engine(policy: str, run: str | Path | None = None, export: str | Path | None = None,
-                threads: int | None = None, trust_code: bool | None = None) -> Engine:
-    """The engine for ``--run`` (torch) or ``--export`` (onnxruntime); exactly one of them."""
+                threads: int | None = None, trust_code: bool | None = None, adapt: bool = False,
+                adapt_state: str | Path | None = None) -> Engine:
+    """The engine for ``--run`` (torch) or ``--export`` (onnxruntime); exactly one of them. ``adapt``: online risk
+    control of the served policy (torch only), its state kept in ``adapt_state``."""
     if (run is None) == (export is None):
         raise ConfigError("pass exactly one of --run RUN (torch) and --export DIR (onnxruntime)")
     if export is not None:
+        if adapt:
+            raise ConfigError("--adapt moves the policy's thresholds, which an export holds fixed in its graphs: "
+                              "serve the run folder (--run RUN) to adapt")
         return OnnxEngine(export, policy, threads)
     assert run is not None
-    return TorchEngine(run, policy, threads, trust_code)
+    return TorchEngine(run, policy, threads, trust_code, adapt, adapt_state)
