@@ -112,3 +112,21 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     splits = prepare_splits(cfg, root / "run")
     return {"run": root / "run", "cal": trace_mod.load(paths["cal"]), "test": trace_mod.load(paths["test"]),
             "images": torch.from_numpy(splits.test.x), "cal_path": paths["cal"], "test_path": paths["test"]}
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, tmp_path_factory):
+    """Every policy (on the paper's alpha, and DART on the learned one) fitted and exported with the model (once a
+    session: the export, serving and scale-out tests share it)."""
+    from test_runtime import CASES, _fitted
+
+    from dart_ee.deploy.export import export_run
+
+    root = tmp_path_factory.mktemp("export")
+    policies = {}
+    for name, alpha in CASES:
+        pol = _fitted(name, trained_run["cal"].with_alpha(f"alpha_{alpha}"))
+        policies[f"{name}_{alpha}"] = pol
+        pol.save(root / "policies" / f"{name}_{alpha}.json")
+    export_run(trained_run["run"], root / "onnx", policies=sorted((root / "policies").glob("*.json")))
+    return {"dir": root / "onnx", "policies": policies}

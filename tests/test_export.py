@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 from test_cli import invoke
-from test_runtime import CASES, _fitted
+from test_runtime import CASES
 
 from dart_ee.calibration.evaluation import simulate
 from dart_ee.core.errors import ArtifactError, InputError
@@ -17,21 +17,6 @@ from dart_ee.runtime.eager import EarlyExitRunner
 from dart_ee.training.train import load_model
 
 pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-    """Every policy (on the paper's alpha, and DART on the learned one) fitted and exported with the model."""
-    from dart_ee.deploy.export import export_run
-
-    root = tmp_path_factory.mktemp("export")
-    policies = {}
-    for name, alpha in CASES:
-        pol = _fitted(name, trained_run["cal"].with_alpha(f"alpha_{alpha}"))
-        policies[f"{name}_{alpha}"] = pol
-        pol.save(root / "policies" / f"{name}_{alpha}.json")
-    export_run(trained_run["run"], root / "onnx", policies=sorted((root / "policies").glob("*.json")))
-    return {"dir": root / "onnx", "policies": policies}
 
 
 @pytest.mark.parametrize("name,alpha", CASES)

@@ -20,7 +20,6 @@ pytest.importorskip("onnxruntime")
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from test_export import exported  # noqa: E402, F401  (the fixture: every policy exported with the tiny model)
 from test_runtime import CASES  # noqa: E402
 
 from dart_ee.config import ServeConfig  # noqa: E402
@@ -161,7 +160,7 @@ def test_an_audited_sample_is_answered_when_it_leaves_and_runs_on_to_the_full_ne
     assert batcher.depth == 0 and not batcher._audit
 
 
-def test_risk_control_in_the_server_keeps_its_state(trained_run, exported, tmp_path):  # noqa: F811
+def test_risk_control_in_the_server_keeps_its_state(trained_run, exported, tmp_path):
     from dart_ee.policies import load_policy
 
     src = exported["dir"].parent / "policies" / "dart_paper.json"
@@ -219,7 +218,7 @@ def test_a_full_server_refuses_and_close_answers_every_accepted_request():
 
 
 @pytest.mark.parametrize("name,alpha", CASES)
-def test_served_answers_equal_the_runtime_for_every_policy(trained_run, exported, name, alpha):  # noqa: F811
+def test_served_answers_equal_the_runtime_for_every_policy(trained_run, exported, name, alpha):
     from dart_ee.deploy.onnx_runner import OnnxRunner
 
     key = f"{name}_{alpha}"
@@ -237,7 +236,7 @@ def test_served_answers_equal_the_runtime_for_every_policy(trained_run, exported
 
 
 @pytest.mark.parametrize("name", ["threshold", "dart", "patience"])
-def test_the_torch_engine_answers_as_the_eager_runner_does(trained_run, exported, name):  # noqa: F811
+def test_the_torch_engine_answers_as_the_eager_runner_does(trained_run, exported, name):
     from dart_ee.difficulty.estimators import load_estimators
     from dart_ee.runtime.eager import EarlyExitRunner
     from dart_ee.training.train import load_model
@@ -314,7 +313,7 @@ def test_graceful_shutdown_answers_every_accepted_request():
     assert len(ok) == 24, [getattr(r, "status_code", r) for r in answers]
 
 
-def test_metrics_parse_as_prometheus_text_and_info_says_what_is_served(exported):  # noqa: F811
+def test_metrics_parse_as_prometheus_text_and_info_says_what_is_served(exported):
     with served(OnnxEngine(exported["dir"], "dart_paper")) as (url, _):
         x = np.zeros((3, *httpx.get(f"{url}/info").json()["input_shape"]), np.uint8)
         assert httpx.post(f"{url}/predict", content=_npy(x), headers={"content-type": "application/x-npy"}).status_code == 200
@@ -332,7 +331,7 @@ def test_metrics_parse_as_prometheus_text_and_info_says_what_is_served(exported)
     assert len(info["leave_macs"]) == info["num_exits"]
 
 
-def test_the_onnxruntime_server_never_imports_torch(trained_run, exported):  # noqa: F811
+def test_the_onnxruntime_server_never_imports_torch(trained_run, exported):
     x = trained_run["images"].numpy()[:5]
     code = f"""
 import io, sys, json, numpy as np
@@ -353,7 +352,7 @@ print(json.dumps({{"status": r.status_code, "n": len(r.json()["predictions"]), "
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"status": 200, "n": 5, "torch": False}, out.stderr[-2000:]
 
 
-def test_a_bad_export_or_policy_fails_before_serving(exported, tmp_path):  # noqa: F811
+def test_a_bad_export_or_policy_fails_before_serving(exported, tmp_path):
     from dart_ee.serve.engine import make_engine
 
     with pytest.raises(ConfigError, match="no policy 'nope'"):
@@ -380,7 +379,7 @@ def test_an_open_loop_run_counts_every_request_and_its_exits():
     assert 0 < rec["p50_ms"] <= rec["p95_ms"] <= rec["p99_ms"]
 
 
-def test_serve_refuses_a_bad_folder_or_policy_in_one_line(exported, tmp_path):  # noqa: F811
+def test_serve_refuses_a_bad_folder_or_policy_in_one_line(exported, tmp_path):
     from test_cli import invoke
 
     code, out = invoke("serve", "--export", tmp_path / "nothing", "--policy", "dart_paper")

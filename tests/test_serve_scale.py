@@ -13,7 +13,6 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("onnxruntime")
 
-from test_export import exported  # noqa: E402, F401  (the fixture: every policy exported with the tiny model)
 
 from dart_ee.serve.bench import free_port, wait_ready  # noqa: E402
 
@@ -22,7 +21,7 @@ REQUESTS = 1000
 POLICY = "dart_paper"
 
 
-def _expected(trained_run, exported):  # noqa: F811
+def _expected(trained_run, exported):
     from dart_ee.deploy.onnx_runner import OnnxRunner
 
     x = trained_run["images"].numpy()
@@ -60,7 +59,7 @@ def _check(out, x, want):
     assert len({o[2] for o in out}) == 2, "both processes answered"
 
 
-def test_two_uvicorn_workers_serve_a_thousand_requests(trained_run, exported):  # noqa: F811
+def test_two_uvicorn_workers_serve_a_thousand_requests(trained_run, exported):
     x, want = _expected(trained_run, exported)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dart_ee", "serve", "--export", str(exported["dir"]), "--policy",
@@ -76,7 +75,7 @@ def test_two_uvicorn_workers_serve_a_thousand_requests(trained_run, exported):  
     _check(out, x, want)
 
 
-def test_ray_serve_with_two_replicas_serves_a_thousand_requests(trained_run, exported):  # noqa: F811
+def test_ray_serve_with_two_replicas_serves_a_thousand_requests(trained_run, exported):
     ray = pytest.importorskip("ray")
     from ray import serve
 
