@@ -52,6 +52,22 @@ async def _load(url, x, concurrency=32):
     return out
 
 
+def _both_ready(url, processes=2, timeout=180):
+    """Until a fresh connection has reached each process: a process accepts connections only once loaded."""
+    import time
+
+    import httpx
+
+    seen, t0 = set(), time.monotonic()
+    while len(seen) < processes and time.monotonic() - t0 < timeout:
+        with httpx.Client() as c:  # a new connection each time
+            r = c.get(f"{url}/info")
+            if r.status_code == 200:
+                seen.add(r.json()["process"])
+        time.sleep(0.05)
+    assert len(seen) == processes, f"only {len(seen)} of {processes} processes answered within {timeout} s"
+
+
 def _check(out, x, want):
     idx = np.arange(REQUESTS) % len(x)
     assert [o[0] for o in out] == want.pred[idx].tolist()
@@ -68,6 +84,7 @@ def test_two_uvicorn_workers_serve_a_thousand_requests(trained_run, exported):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
+        _both_ready(url)
         out = asyncio.run(_load(url, x))
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -91,6 +108,7 @@ def test_ray_serve_with_two_replicas_serves_a_thousand_requests(trained_run, exp
                              cpus_per_replica=0.5), route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
+        _both_ready(url)
         out = asyncio.run(_load(url, x))
     finally:
         serve.shutdown()

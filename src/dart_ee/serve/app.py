@@ -9,15 +9,17 @@ Endpoints:
 - ``GET /metrics``: Prometheus text (``dart_ee.serve.metrics``). ``GET /info``: what is served, with the
   policy's certificate (an edited policy file is reported as not certified).
 
-The engine is loaded and warmed on a thread once the app starts, so /healthz answers at once; a stop
-(SIGINT/SIGTERM) stops accepting connections, answers every accepted request, then closes the batcher.
+The engine is loaded and warmed up (on a thread) before the server accepts connections, so with several
+workers or replicas a request never reaches one that is still loading; a model that fails to load keeps the
+process up with /readyz saying why. A stop (SIGINT/SIGTERM) stops accepting connections, answers every
+accepted request, then closes the batcher.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -61,10 +63,10 @@ class _State:
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        loader = threading.Thread(target=self.load, name="dart-ee-load", daemon=True)
-        loader.start()
+        # loaded and warmed up before the server accepts a connection: with several workers or replicas on one
+        # port, a connection then only ever reaches a process that can answer it
+        await asyncio.to_thread(self.load)
         yield
-        loader.join()
         if self.batcher is not None:  # uvicorn has answered the requests in flight; answer what is still queued
             self.batcher.close()
         if self.engine is not None and self.engine.audits is not None:  # online risk control: keep theta
