@@ -146,10 +146,10 @@ def _part(correct: np.ndarray, macs: np.ndarray, static: float) -> dict:
     return {"accuracy": float(correct.mean()), "mac_fraction": float(macs.mean()) / static}
 
 
-def drop_stats(full_correct: np.ndarray, correct: np.ndarray, budget: float, warmup: int = WARMUP) -> dict:
-    """A method's running drop against the full network (points, from the stream's start): its final value, its
-    worst after ``warmup`` images and the share of time points after the warm-up where it exceeds ``budget``."""
-    run = 100 * running_drop(full_correct, correct)
+def drop_stats(run: np.ndarray, budget: float, warmup: int = WARMUP) -> dict:
+    """A method's running drop against the full network (``run``: points, from the stream's start, as
+    ``100 * running_drop`` gives it): its final value, its worst after ``warmup`` images and the share of time
+    points after the warm-up where it exceeds ``budget``."""
     after = run[warmup:] if len(run) > warmup else run[-1:]
     return {"final_running_drop_points": float(run[-1]), "worst_running_drop_points": float(after.max()),
             "share_over_budget": float((after > budget).mean())}
@@ -209,7 +209,7 @@ def evaluate_stream(policy: DartPolicy, cal: Trace, trace: Trace, shift_start: i
     if risk_info is not None:
         summary["risk_clean_mac_cost_points"] = 100 * (totals["risk"]["clean"]["mac_fraction"]
                                                        - totals["frozen"]["clean"]["mac_fraction"])
-    running = {k: drop_stats(full_c, c, budget) for k, (c, _) in runs.items() if k != "full"}
+    running = {k: drop_stats(drops[k], budget) for k in runs if k != "full"}
     guard = None if ctrl.alpha_ref is None else {**ctrl.alpha_ref._asdict(), "gate": ctrl.shift_gate,
                                                  "scale": ctrl.shift_scale,
                                                  "batches_guarded": sum(c["shifted"] for c in coefs)}

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from dart_ee.adapt.risk import risk_over
+from dart_ee.adapt.risk import risk_over, running_drop
 from dart_ee.adapt.settings import FORMAT, given, is_current, policy_fingerprint, save_settings
 from dart_ee.adapt.study import StreamSource, budget_points, dart_policy, drop_stats, evaluate_stream
 from dart_ee.config import AdaptConfig, ControllerSettings, RiskSettings
@@ -70,7 +70,8 @@ def choose_risk(policy: ExitPolicy, cal: Trace, streams: Sequence[tuple[str, int
             for fam, level, trace, _ in streams:
                 _, out = risk_over(policy, cal, trace, budget, update_every, q, eta, seed)
                 static = float(trace.meta.get("static_macs", trace.exit_macs[-1]))
-                st = drop_stats(trace.preds[:, -1] == trace.labels, out["pred"] == trace.labels, budget)
+                st = drop_stats(100 * running_drop(trace.preds[:, -1] == trace.labels, out["pred"] == trace.labels),
+                                budget)
                 rows.append({"family": fam, "level": level, **st, "audit_share": float(out["audited"].mean()),
                              "mac_fraction": float(out["macs"].mean()) / static})
             within = sum(r["worst_running_drop_points"] <= budget for r in rows)

@@ -32,6 +32,7 @@ from dart_ee.policies import load_policy
 from dart_ee.runs.run import Run
 from dart_ee.serve.engine import STATIC
 from dart_ee.serve.loadtest import Load, answers, compare, npy_payloads
+from dart_ee.trace import Trace
 
 READY_TIMEOUT_S = 300
 
@@ -81,10 +82,10 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
     raise DartError(f"the server at {url} was not ready within {timeout:.0f} s")
 
 
-def trace_agreement(run: Path, policy_file: Path | None, served: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+def trace_agreement(test: Trace, policy_file: Path | None, served: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
     """The served answers on the first test images beside the trace evaluation of the same policy on them."""
     pred, exit_ = served
-    trace = Run(run).trace("test").subset(np.arange(len(pred)))
+    trace = test.subset(np.arange(len(pred)))
     t_exit, t_pred = ((np.full(trace.n, trace.num_exits - 1), trace.preds[:, -1]) if policy_file is None
                       else simulate(load_policy(policy_file), trace))
     return {"images": len(pred), "failed": int((pred < 0).sum()),
@@ -107,7 +108,8 @@ def loadtest(export: Path, policies: list[str], cfg: ServeConfig, images: int = 
         urls = {name: stack.enter_context(started(["--export", str(export), "--policy", name], cfg)) for name in names}
         rec = asyncio.run(compare(urls, load, STATIC, count, max_seconds, concurrency, slo_ms=slo_ms))
         served = {name: asyncio.run(answers(url, load)) for name, url in urls.items()}
-    rec["answers"] = {name: trace_agreement(run, _policy_file(export, manifest, name), served[name]) for name in names}
+    trace = Run(run).trace("test")
+    rec["answers"] = {name: trace_agreement(trace, _policy_file(export, manifest, name), served[name]) for name in names}
     return {"what": "dart-ee serve under open-loop load, onnxruntime, one image per request",
             "export": str(export), "run": str(run), "images": len(load.payloads), "batching": cfg.model_dump(),
             "cpu_count": os.cpu_count(), **rec, "provenance": provenance()}
