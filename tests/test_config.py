@@ -90,13 +90,13 @@ def test_defaults_have_one_source():
 
 
 def test_a_field_added_at_its_default_keeps_every_runs_fingerprints():
-    """train.optimizer, train.max_steps, data.image_size/stream/workers and adapt.risk came after runs were made: at
-    their defaults (what those runs did) they are not hashed."""
+    """train.optimizer, train.max_steps, data.image_size/stream/workers, adapt.risk and calibration.inner_folds came
+    after runs were made: at their defaults (what those runs did) they are not hashed."""
     from dart_ee.config import _STEP_INPUTS, Config, config_fingerprint, step_fingerprint
     from dart_ee.core.artifacts import fingerprint
 
     later = [("train", "optimizer"), ("train", "max_steps"), ("data", "image_size"), ("data", "stream"),
-             ("data", "workers"), ("adapt", "risk")]
+             ("data", "workers"), ("adapt", "risk"), ("calibration", "inner_folds")]
     cfg = Config()
     before = cfg.model_dump(mode="json", include=_STEP_INPUTS["train"])
     whole = cfg.model_dump(mode="json", exclude={"train": {"device"}})

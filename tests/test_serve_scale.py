@@ -29,7 +29,11 @@ def _expected(trained_run, exported):
 
 
 async def _load(url, x, concurrency=32):
-    """REQUESTS requests of one image each, ``concurrency`` at a time: (class, exit, process) per request."""
+    """REQUESTS requests of one image each, ``concurrency`` at a time: (class, exit, process) per request.
+
+    Each request on a fresh connection: uvicorn's workers share one listening socket and spread *connections*,
+    and one worker's accept loop can take all 32 keep-alive connections opened at once (it did, once in CI), so
+    the load would not reach both processes."""
     import aiohttp
 
     bodies = []
@@ -47,7 +51,7 @@ async def _load(url, x, concurrency=32):
                 p = (await r.json())["predictions"][0]
                 out[j] = (p["class"], p["exit"], r.headers["x-dart-ee-process"])
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency, force_close=True)) as session:
         await asyncio.gather(*(worker(session, k) for k in range(concurrency)))
     return out
 

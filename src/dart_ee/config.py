@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dart_ee.core.artifacts import fingerprint
-from dart_ee.core.defaults import CONFIDENCE
+from dart_ee.core.defaults import CONFIDENCE, FIT_SHARE
 from dart_ee.core.errors import ConfigError
 
 
@@ -78,7 +78,10 @@ class CalibrationConfig(_Strict):
     # certify the budget with this probability (Learn-then-Test, dart_ee.calibration.certify); null: uncertified search
     confidence: float | None = Field(CONFIDENCE, ge=0.5, lt=1)
     risk: Literal["drop", "new-errors", "disagree"] = "drop"  # what the budget bounds
-    fit_share: float = Field(0.4, gt=0, lt=1)  # share of the calibration split that fits; the rest certifies
+    fit_share: float = Field(FIT_SHARE, gt=0, lt=1)  # share of the calibration split that fits; the rest certifies
+    # > 0: the learned policies' settings (DART's alpha bins, the score model's) and the test are chosen by this many
+    # inner repetitions of the whole certify step on their fit split (dart_ee.calibration.inner); 0: the defaults
+    inner_folds: int = Field(0, ge=0)
 
 
 class BenchmarkConfig(_Strict):
@@ -282,7 +285,7 @@ def dump_config(cfg: Config) -> str:
 # fingerprints at that default, so that existing runs stay current.
 _ADDED_LATER = {("train", "optimizer"): "sgd", ("data", "image_size"): None, ("data", "stream"): False,
                 ("data", "workers"): None, ("train", "max_steps"): None,
-                ("adapt", "risk"): RiskSettings().model_dump(mode="json")}
+                ("adapt", "risk"): RiskSettings().model_dump(mode="json"), ("calibration", "inner_folds"): 0}
 
 
 def _dump(cfg: Config, **kw: Any) -> dict:

@@ -181,7 +181,8 @@ def _calibrate_step(cfg: Config, pol_dir: Path, cal: Trace, test: Trace) -> dict
     """Every policy calibrated at the config's budget and saved; with a confidence, the uncertified search beside
     it (labelled) and the certified frontier; the DART ablation. The results' calibration entries."""
     cc = cfg.calibration
-    comp = compare(cal, test, cc.max_drop, cc.confidence, cc.risk, cfg.seed, fit_share=cc.fit_share)
+    comp = compare(cal, test, cc.max_drop, cc.confidence, cc.risk, cfg.seed, fit_share=cc.fit_share,
+                   inner_folds=cc.inner_folds)
     for name, (pol, rec) in comp.pop("fitted").items():
         pol.save(pol_dir / f"{name}.json", calibration=rec)
     uncertified = frontier = None

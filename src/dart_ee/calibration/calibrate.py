@@ -20,6 +20,7 @@ from typing import Any
 
 from dart_ee.calibration.certify import FIT_SHARE, certify, check_max_drop
 from dart_ee.calibration.evaluation import evaluate, oracle
+from dart_ee.calibration.inner import certify_tuned
 from dart_ee.core.defaults import CONFIDENCE
 from dart_ee.core.errors import ConfigError
 from dart_ee.policies import POLICIES, ExitPolicy, check_calibration_trace, make_policy
@@ -42,11 +43,12 @@ def candidates(name: str, params: dict[str, Any], tune_beta_diff: bool = False) 
 
 def calibrate(name: str, cal: Trace, *, beta_opt: float | None = None, max_drop: float | None = None,
               confidence: float | None = None, risk: str = "drop", seed: int = 0, tune_beta_diff: bool = False,
-              **params: Any) -> tuple[ExitPolicy, dict]:
+              inner_folds: int = 0, **params: Any) -> tuple[ExitPolicy, dict]:
     """Fit policy ``name`` on the calibration trace for a trade-off or a budget; returns (policy, record).
 
     With ``confidence`` the budget is certified (``dart_ee.calibration.certify.certify``; ``risk``, ``seed`` for the
-    fit / cert split, and ``fit_share``, ``bound``, ``in_expectation`` pass through).
+    fit / cert split, and ``fit_share``, ``bound``, ``in_expectation`` pass through). ``inner_folds`` > 0 first
+    chooses the learned policy's settings and test inside its fit split (``dart_ee.calibration.inner``).
     """
     if name not in POLICIES:
         raise ConfigError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
@@ -58,8 +60,11 @@ def calibrate(name: str, cal: Trace, *, beta_opt: float | None = None, max_drop:
     if confidence is not None or params.get("in_expectation"):
         if max_drop is None:
             raise ConfigError("--confidence and --in-expectation certify an accuracy budget: give --max-drop too")
+        if inner_folds:
+            return certify_tuned(name, cal, max_drop, confidence if confidence is not None else CONFIDENCE, risk=risk,
+                                 seed=seed, folds=inner_folds, tune_beta_diff=tune_beta_diff, **params)
         return certify(name, cal, max_drop, confidence, risk=risk, seed=seed, tune_beta_diff=tune_beta_diff, **params)
-    cert_only = {k for k in ("fit_share", "bound", "in_expectation") if k in params}
+    cert_only = {k for k in ("fit_share", "bound", "in_expectation") if k in params} | ({"inner_folds"} if inner_folds else set())
     if cert_only:
         raise ConfigError(f"{', '.join(sorted(cert_only))} only apply to certified calibration: give --confidence too")
     if beta_opt is not None and name == "dart":
@@ -125,7 +130,7 @@ def calibrate_or_static(name: str, cal: Trace, max_drop: float, confidence: floa
     except ConfigError as e:
         if not confidence:
             raise
-        kw = {k: v for k, v in kw.items() if k in ("risk", "seed", "fit_share")}
+        kw = {k: v for k, v in kw.items() if k in ("risk", "seed", "fit_share")}  # the static network tunes nothing
         pol, rec = calibrate("static", cal, max_drop=max_drop, confidence=confidence, **kw)
         rec["guarantee"].update(certified=False, statement=f"not certifiable with this calibration split: {e}")
         rec["budget_met"] = False
@@ -139,14 +144,14 @@ def _certified(rec: dict) -> bool | None:
 
 def compare(cal: Trace, test: Trace, max_drop: float, confidence: float | None = CONFIDENCE, risk: str = "drop", seed: int = 0,
             policies: tuple[str, ...] = tuple(POLICIES),
-            fit_share: float = FIT_SHARE) -> dict:
+            fit_share: float = FIT_SHARE, inner_folds: int = 0) -> dict:
     """Calibrate every policy at the same budget on ``cal`` (certified when ``confidence``) and measure it on ``test``.
 
     A policy that cannot be certified with this much calibration data keeps the static network, and
     its row says why.
     """
     rows, fitted = [], {}
-    cert = {"risk": risk, "seed": seed, "fit_share": fit_share} if confidence else {}
+    cert = {"risk": risk, "seed": seed, "fit_share": fit_share, "inner_folds": inner_folds} if confidence else {}
     for name in policies:
         pol, rec = calibrate_or_static(name, cal, max_drop, confidence, tune_beta_diff=name == "dart", **cert)
         fitted[name] = (pol, rec)

@@ -59,9 +59,12 @@ def calibrate(
         fit_share: Annotated[float, typer.Option("--fit-share", help="Share of the calibration split that fits "
                                                                      "(certified only); the rest certifies.")] = FIT_SHARE,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the fit / cert split (recorded).")] = 0,
-        bound: Annotated[str, typer.Option("--bound", help="p-values: exact (binomial; for the drop, on new errors), "
-                                                           "mcnemar (conditional McNemar, drop only) or hb "
-                                                           "(Hoeffding-Bentkus).")] = "exact",
+        bound: Annotated[Optional[str], typer.Option(
+            "--bound", help="p-values: exact (binomial; for the drop, on new errors; the default), mcnemar (conditional "
+                            "McNemar, drop only) or hb (Hoeffding-Bentkus).")] = None,
+        inner_folds: Annotated[int, typer.Option(
+            "--inner-folds", help="Choose a learned policy's settings and the test by K inner repetitions of the whole "
+                                  "certify step on its fit split (certified only; 0: the defaults).")] = 0,
         in_expectation: Annotated[bool, typer.Option(
             "--in-expectation", help="Conformal risk control instead: the budget holds in expectation over "
                                      "calibration and test draws, not for this draw.")] = False,
@@ -83,9 +86,10 @@ def calibrate(
         if policy == "dart" and not tune:
             params["beta_diff"] = float(beta_diff)
         if confidence is not None or in_expectation:  # conformal risk control has no confidence level
-            params.update(risk=risk, seed=seed, fit_share=fit_share, bound=bound, in_expectation=in_expectation)
-        elif risk != "drop" or bound != "exact":
-            raise DartError("--risk and --bound apply to certified budgets: give --confidence too")
+            params.update(risk=risk, seed=seed, fit_share=fit_share, inner_folds=inner_folds,
+                          **({"bound": bound} if bound else {}), **({"in_expectation": True} if in_expectation else {}))
+        elif risk != "drop" or bound or inner_folds:
+            raise DartError("--risk, --bound and --inner-folds apply to certified budgets: give --confidence too")
         pol, rec = run_calibration(policy, cal, beta_opt=beta_opt, max_drop=max_drop, confidence=confidence,
                                    tune_beta_diff=tune, **params)
         pol.save(out, calibration=rec)
@@ -99,6 +103,10 @@ def calibrate(
         p = "" if g.get("p_value") is None else f" (p = {g['p_value']:.4g}, n_cert = {g['n_cert']:,}, fit n = {g['n_fit']:,})"
         typer.echo(("CERTIFIED: " if g["certified"] else "NOT CERTIFIED: ") + g["statement"] + p)
         typer.echo(g["not_guaranteed"])
+        if "inner_choice" in rec:
+            ch = rec["inner_choice"]
+            typer.echo(f"settings chosen on the fit split ({ch['folds']} inner repetitions): {ch['params'] or 'defaults'}, "
+                       f"test {ch['bound']}")
     elif max_drop is not None:
         typer.echo("UNCERTIFIED: " + rec["target"]["note"] + f"; add --confidence {CONFIDENCE} for a certified budget"
                    + ("" if rec["budget_met"] else " [budget NOT met on calibration: most accurate point kept]"))

@@ -18,10 +18,12 @@ def train(config: ConfigOpt = None, data_dir: DataDirOpt = None,
           ) -> None:
     """Train a multi-exit network jointly and write a run directory (config, split, checkpoint, metrics)."""
     from dart_ee.config import load_config
+    from dart_ee.training import distributed
     from dart_ee.training.train import train as run_training
 
     cfg = load_config(config, set_ or [])
-    run_training(cfg, out or Path("runs") / cfg.name, data_dir, resume)
+    with distributed.session():  # under torchrun
+        run_training(cfg, out or Path("runs") / cfg.name, data_dir, resume)
 
 
 @app.command()
@@ -31,9 +33,11 @@ def run(config: ConfigOpt = None, data_dir: DataDirOpt = None,
     """The whole pipeline from one config: train, trace, calibrate, sweep, benchmark, adapt, report (resumable)."""
     from dart_ee.config import load_config
     from dart_ee.pipeline import run_pipeline
+    from dart_ee.training import distributed
 
     cfg = load_config(config, set_ or [])
-    run_pipeline(cfg, out or Path("runs") / cfg.name, data_dir)
+    with distributed.session():  # under torchrun
+        run_pipeline(cfg, out or Path("runs") / cfg.name, data_dir)
 
 
 @app.command()

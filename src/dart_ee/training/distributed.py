@@ -20,6 +20,8 @@ gradient that never comes nor skips one. Rank 0 alone writes the run folder (ato
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,19 @@ def start(device_type: str) -> World:
             torch.cuda.set_device(w.local_rank)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return w
+
+
+@contextmanager
+def session() -> Iterator[None]:
+    """Leave the process group, if the command joined one, when it ends (also on an error). A process that exits
+    with gloo's threads still running can abort in their destructor ("terminate called without an active
+    exception") after its work is done. No barrier first: the other ranks may be gone, or (``dart-ee run``) rank 0
+    may still be busy with the steps after training, which use no group."""
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def barrier() -> None:
