@@ -306,13 +306,16 @@ def test_split_design_reference_excludes_the_cert_samples():
         assert row["true_risk_points"] == pytest.approx(row["test_drop_points"])
 
 
-@pytest.mark.parametrize("name", ["dart", "score"])
+@pytest.mark.parametrize("name", ["dart", "score", "threshold"])
 def test_path_predictions_equal_simulate(name):
     """The fast replay of a certification path makes exactly the decisions ``simulate`` (the runtime's walk) makes."""
-    from dart_ee.calibration.certify import path_predictions
+    from dart_ee.calibration.certify import knob_sequence, path_predictions
 
     fit, cert = synthetic_trace(1500, "independent", seed=9), synthetic_trace(2000, "independent", seed=10)
-    fam = scale_family(make_policy(name, beta_opt=0.1).fit(fit), fit)
+    if name == "threshold":  # its whole grid, and taus equal to confidences that occur (ties)
+        fam = knob_sequence(name, fit, {}) + [({}, make_policy(name, tau=float(c)).fit(fit)) for c in cert.conf[:40, 0]]
+    else:
+        fam = scale_family(make_policy(name, beta_opt=0.1).fit(fit), fit)
     predict = path_predictions(fam, cert)
     for _, pol in fam[::7]:
         np.testing.assert_array_equal(predict(pol), simulate(pol, cert)[1])

@@ -461,7 +461,7 @@ class DartPolicy(ExitPolicy):
         computed by the same formula as ``decide``, in float32, so the fit and the runtime agree exactly.
         """
         n, n_exits = trace.n, trace.num_exits
-        conf = torch.from_numpy(trace.conf)
+        conf = torch.from_numpy(trace.conf.copy())  # the trace keeps its own read-only
         alpha = torch.from_numpy(trace.alpha) if (trace.alpha is not None and self.uses_alpha) else None
         abin_t = torch.from_numpy(abin)
 

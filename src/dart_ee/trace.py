@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import zipfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,11 @@ from dart_ee.core.errors import ArtifactError
 FORMAT = "dart-ee-trace"
 VERSION = 1
 SPLITS = ("cal", "test")
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
 
 
 @dataclass
@@ -72,15 +78,17 @@ class Trace:
     def split(self) -> str:
         return str(self.meta.get("split", ""))
 
-    @property
+    # computed once per trace, read-only: certification reads them for each of hundreds of candidates (a trace's
+    # arrays are never edited in place; a changed trace is a new Trace)
+    @cached_property
     def preds(self) -> np.ndarray:
         """(N, E) predicted class at each exit."""
-        return self.probs.argmax(2)
+        return _frozen(self.probs.argmax(2))
 
-    @property
+    @cached_property
     def conf(self) -> np.ndarray:
         """(N, E) max-softmax confidence at each exit."""
-        return self.probs.max(2)
+        return _frozen(self.probs.max(2))
 
     @property
     def correct(self) -> np.ndarray:

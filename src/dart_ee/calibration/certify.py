@@ -39,7 +39,15 @@ from scipy import stats
 from dart_ee.calibration.evaluation import aligned, evaluate, simulate
 from dart_ee.core.defaults import CONFIDENCE, FIT_SHARE
 from dart_ee.core.errors import ConfigError
-from dart_ee.policies import POLICIES, DartPolicy, ExitPolicy, ScorePolicy, check_calibration_trace, make_policy
+from dart_ee.policies import (
+    POLICIES,
+    DartPolicy,
+    ExitPolicy,
+    ScorePolicy,
+    ThresholdPolicy,
+    check_calibration_trace,
+    make_policy,
+)
 from dart_ee.trace import Trace
 
 RISKS = ("drop", "new-errors", "disagree")
@@ -219,22 +227,26 @@ def path_predictions(family: list[tuple[dict, ExitPolicy]], trace: Trace) -> Cal
     """Each candidate's predictions on ``trace``, as ``simulate`` gives them, computed fast for a scaled path.
 
     A learned-score path shares one score model: its scores are computed once and each candidate only compares
-    them with its thresholds (a certification tests up to 301 candidates). Every decision here depends only on
-    a sample's own outputs, so no compaction is needed; ``test_path_predictions_equal_simulate`` holds it to
-    ``simulate`` exactly. Other paths go through ``simulate``.
+    them with its thresholds (a certification tests up to 301 candidates); the global threshold's path compares
+    the confidences. Every decision there depends only on a sample's own outputs, so no compaction is needed;
+    ``test_path_predictions_equal_simulate`` holds both to ``simulate`` exactly. Other paths go through
+    ``simulate``.
     """
-    base = family[0][1] if family else None
-    if not isinstance(base, ScorePolicy) or any(type(p) is not ScorePolicy for _, p in family):
+    kinds = {type(p) for _, p in family}
+    if kinds == {ThresholdPolicy}:  # the global threshold's path: compare each exit's confidence with tau
+        conf = trace.conf[:, :-1]
+        return lambda pol: _first_leave(trace, conf > np.float32(pol.tau))  # type: ignore[attr-defined]
+    if kinds != {ScorePolicy}:
         return lambda pol: simulate(pol, trace)[1]
-    scores, preds = exit_scores(base, trace), trace.preds
-    n, last = trace.n, trace.num_exits - 1
+    scores = exit_scores(family[0][1], trace)
+    return lambda pol: _first_leave(trace, scores >= np.array([row[0] for row in pol.tau_], np.float32)[None])  # type: ignore[attr-defined]
 
-    def predict(pol: ExitPolicy) -> np.ndarray:
-        tau = np.array([row[0] for row in pol.tau_], np.float32)  # type: ignore[attr-defined]
-        leave = np.concatenate([scores >= tau[None], np.ones((n, 1), bool)], 1)
-        return preds[np.arange(n), np.minimum(leave.argmax(1), last)]
 
-    return predict
+def _first_leave(trace: Trace, leave_early: np.ndarray) -> np.ndarray:
+    """Predictions where each sample leaves at its first True of ``leave_early`` (N, E-1), else at the last exit.
+    (float32 comparisons, as the runtime's float32 tensors make them.)"""
+    leave = np.concatenate([leave_early, np.ones((trace.n, 1), bool)], 1)
+    return trace.preds[np.arange(trace.n), leave.argmax(1)]
 
 
 def uses_fit_split(name: str) -> bool:
