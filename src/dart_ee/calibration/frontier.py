@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,9 +23,10 @@ from dart_ee.calibration.calibrate import candidates
 from dart_ee.calibration.certify import FIT_SHARE, SCALED, certify_split, fit_cert_for, fit_search, knob_sequence
 from dart_ee.calibration.coverage import pool_traces
 from dart_ee.calibration.evaluation import evaluate, oracle
+from dart_ee.calibration.inner import certify_tuned
 from dart_ee.core.defaults import CONFIDENCE
 from dart_ee.core.errors import ConfigError
-from dart_ee.policies import POLICIES, check_calibration_trace, make_policy
+from dart_ee.policies import POLICIES, ExitPolicy, check_calibration_trace, make_policy
 from dart_ee.trace import Trace
 
 COMPARED = tuple(n for n in POLICIES if n != "static")  # every registered policy against the static network
@@ -107,8 +109,9 @@ def nadeau_bengio(diffs: np.ndarray, n_cal: int, n_test: int, level: float = 0.9
 
 def resplit_frontier(cal: Trace, test: Trace, resplits: int = 50, seed: int = 0, policies: tuple[str, ...] = COMPARED,
                      cert_budgets: tuple[float, ...] = CERT_BUDGETS, confidence: float = CONFIDENCE, risk: str = "drop",
-                     fit_share: float = FIT_SHARE) -> dict:
-    """Paired AUC comparison and certified frontier over ``resplits`` random calibration / test re-splits."""
+                     fit_share: float = FIT_SHARE, inner_folds: int = 0) -> dict:
+    """Paired AUC comparison and certified frontier over ``resplits`` random calibration / test re-splits
+    (``inner_folds``: see ``certified_points``)."""
     if resplits < 2:
         raise ConfigError(f"--resplits must be at least 2 for an interval, got {resplits}")
     pool = pool_traces(cal, test)
@@ -127,7 +130,8 @@ def resplit_frontier(cal: Trace, test: Trace, resplits: int = 50, seed: int = 0,
         if "dart" in chosen and "threshold" in chosen:
             both = np.array([a is not None and b is not None for a, b in zip(chosen["dart"], chosen["threshold"])])
             diffs.append(auc(chosen["dart"], both) - auc(chosen["threshold"], both))
-        rows = certified_points(c, t, policies, cert_budgets, confidence, risk, fit_share, seed=seed + r)
+        rows = certified_points(c, t, policies, cert_budgets, confidence, risk, fit_share, seed=seed + r,
+                                inner_folds=inner_folds)
         oracle_red = oracle(t)["mac_reduction"]
         frontier_rows += [{**row, "resplit": r, "oracle_mac_reduction": oracle_red} for row in rows]
     out: dict[str, Any] = {"resplits": resplits, "n_cal": n_cal, "n_test": pool.n - n_cal, "seed": seed,
@@ -142,23 +146,34 @@ def resplit_frontier(cal: Trace, test: Trace, resplits: int = 50, seed: int = 0,
 
 
 def certified_points(cal: Trace, test: Trace, policies: tuple[str, ...], budgets: tuple[float, ...], confidence: float,
-                     risk: str, fit_share: float = FIT_SHARE, seed: int = 0) -> list[dict]:
-    """Every policy certified at every budget on ``cal`` (the same fit / cert split for all), measured on ``test``."""
+                     risk: str, fit_share: float = FIT_SHARE, seed: int = 0, inner_folds: int = 0) -> list[dict]:
+    """Every policy certified at every budget on ``cal`` (the same fit / cert split for all), measured on ``test``.
+    ``inner_folds`` > 0 adds a row "NAME (inner)" for DART and the score policy: their settings and test chosen on
+    the fit split (``dart_ee.calibration.inner``)."""
     rows = []
     for name in policies:
         f, ce, data_free = fit_cert_for(name, cal, fit_share, seed)
         reuse = ({"search": fit_search(name, f, {})} if name in SCALED else {"family": knob_sequence(name, f, {})})
-        for d in budgets:
-            try:
-                pol, rec = certify_split(name, f, ce, d, confidence, risk=risk, data_free=data_free, **reuse)
-            except ConfigError as e:  # too few certification samples for this budget
-                rows.append({"policy": name, "max_drop": d, "certified": False, "error": str(e)})
-                continue
-            ev = evaluate(pol, test)
-            rows.append({"policy": name, "max_drop": d, "certified": rec["guarantee"]["certified"],
-                         "mac_reduction": ev["mac_reduction"], "test_drop_points": ev["drop_points"],
-                         "params": rec["params"]})
+        rows += [_certified_row(name, d, test, certify_split, name, f, ce, d, confidence, risk=risk,
+                                data_free=data_free, **reuse) for d in budgets]
+    for name in (n for n in policies if n in SCALED and inner_folds):
+        searches: dict = {}  # the inner candidates, fitted once for every budget
+        rows += [_certified_row(f"{name} (inner)", d, test, certify_tuned, name, cal, d, confidence, risk=risk,
+                                seed=seed, folds=inner_folds, fit_share=fit_share, searches=searches) for d in budgets]
     return rows
+
+
+def _certified_row(label: str, d: float, test: Trace, certify_fn: Callable[..., tuple[ExitPolicy, dict]], *args: Any,
+                   **kw: Any) -> dict:
+    """What ``certify_fn(*args, **kw)`` certified at budget ``d``, measured on ``test`` (one frontier row)."""
+    try:
+        pol, rec = certify_fn(*args, **kw)
+    except ConfigError as e:  # too few certification samples for this budget
+        return {"policy": label, "max_drop": d, "certified": False, "error": str(e)}
+    ev = evaluate(pol, test)
+    return {"policy": label, "max_drop": d, "certified": rec["guarantee"]["certified"], "mac_reduction": ev["mac_reduction"],
+            "test_drop_points": ev["drop_points"], "params": rec["params"],
+            **({"bound": rec["inner_choice"]["bound"]} if "inner_choice" in rec else {})}
 
 
 def summarize_frontier(rows: list[dict], confidence: float, risk: str, sizes: tuple[int, int] | None = None) -> dict:

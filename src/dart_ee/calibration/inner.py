@@ -64,9 +64,10 @@ def settings(name: str, risk: str, params: dict[str, Any]) -> list[tuple[dict[st
 
 def choose(name: str, fit: Trace, max_drop: float, confidence: float = CONFIDENCE, *, risk: str = "drop",
            folds: int = FOLDS, seed: int = 0, fit_share: float = FIT_SHARE, tune_beta_diff: bool = True,
-           **params: Any) -> InnerChoice:
+           searches: dict | None = None, **params: Any) -> InnerChoice:
     """The setting (params, bound) whose certified policy costs least on inner cert, over ``folds`` splits of
-    ``fit`` (each cut as the outer split is, at ``fit_share``). Reads ``fit`` only."""
+    ``fit`` (each cut as the outer split is, at ``fit_share``). Reads ``fit`` only. ``searches``: a dict the
+    caller keeps to reuse the fitted candidates across budgets on the same ``fit``."""
     if folds < 1:
         raise ConfigError(f"inner_folds must be a positive number of repetitions, got {folds}")
     cands = settings(name, risk, params)
@@ -74,9 +75,9 @@ def choose(name: str, fit: Trace, max_drop: float, confidence: float = CONFIDENC
     for r in range(folds):
         ifit, icert, _ = fit_cert_for(name, fit, fit_share, seed=10_000 * (seed + 1) + r)
         static = float(icert.exit_macs[-1])
-        reuse: dict[tuple, dict[str, Any]] = {}  # one fitted search per parameter set, shared by the bounds
+        reuse = {} if searches is None else searches  # one fitted search per fold and parameter set
         for k, (p, bound) in enumerate(cands):
-            key = tuple(sorted(p.items()))
+            key = (r, tuple(sorted(p.items())))
             if key not in reuse:
                 reuse[key] = ({"search": fit_search(name, ifit, p, tune_beta_diff)} if name in SCALED
                               else {"family": knob_sequence(name, ifit, p)})
@@ -93,7 +94,8 @@ def choose(name: str, fit: Trace, max_drop: float, confidence: float = CONFIDENC
 
 
 def certify_tuned(name: str, cal: Trace, max_drop: float, confidence: float = CONFIDENCE, *, risk: str = "drop",
-                  seed: int = 0, folds: int = FOLDS, tune_beta_diff: bool = True, **params: Any) -> tuple[Any, dict]:
+                  seed: int = 0, folds: int = FOLDS, tune_beta_diff: bool = True, searches: dict | None = None,
+                  **params: Any) -> tuple[Any, dict]:
     """``certify`` with its settings chosen by ``choose`` on the fit split it will use; the record gains
     ``inner_choice``. A data-free policy (no fit split) certifies as it would untuned."""
     if name not in POLICIES:
@@ -105,7 +107,7 @@ def certify_tuned(name: str, cal: Trace, max_drop: float, confidence: float = CO
     if data_free:
         return certify(name, cal, max_drop, confidence, risk=risk, seed=seed, tune_beta_diff=tune_beta_diff, **params)
     choice = choose(name, fit, max_drop, confidence, risk=risk, folds=folds, seed=seed, fit_share=fit_share,
-                    tune_beta_diff=tune_beta_diff, **params)
+                    tune_beta_diff=tune_beta_diff, searches=searches, **params)
     pol, rec = certify(name, cal, max_drop, confidence, risk=risk, seed=seed, fit_share=fit_share, bound=choice.bound,
                        tune_beta_diff=tune_beta_diff, **choice.params)
     rec["inner_choice"] = choice.record()

@@ -163,6 +163,10 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
           risk: RiskOpt = "drop",
           seed: int = 0,
           alpha: AlphaOpt = None,
+          inner_folds: Annotated[int, typer.Option(
+              "--inner-folds", min=0, help="With --resplits: also certify DART and the score policy with their "
+                                           "settings and test chosen by K inner repetitions on each fit split, as "
+                                           "rows 'dart (inner)' and 'score (inner)'.")] = 0,
           policy: Annotated[Optional[list[str]], typer.Option(
               "--policy", help="Only these policies (repeatable; the threshold is added, as every comparison's "
                                "reference). Default: all.")] = None) -> None:
@@ -182,7 +186,8 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
     if unknown:
         _fail(DartError(f"--policy {unknown[0]!r} is not one of {', '.join(FRONTIER_POLICIES)}"))
     res = run_sweep(c, t, chosen)
-    rs = resplit_frontier(c, t, resplits, seed, chosen, confidence=confidence, risk=risk) if resplits else None
+    rs = (resplit_frontier(c, t, resplits, seed, chosen, confidence=confidence, risk=risk, inner_folds=inner_folds)
+          if resplits else None)
     artifacts.write_json(out / "sweep.json", res)
     plots.tradeoff_curves(res, out / "tradeoff_curves.png")
     typer.echo(grid_markdown(res))
