@@ -53,3 +53,27 @@ def test_calibrate_passes_inner_folds_and_refuses_a_fixed_test():
         calibrate("dart", cal, max_drop=2.0, confidence=0.95, inner_folds=1, bound="mcnemar")
     with pytest.raises(ConfigError, match="positive number"):
         choose("dart", cal, 1.0, folds=0)
+
+
+def test_frontier_rows_for_the_inner_choice():
+    """`sweep --resplits --inner-folds` adds "NAME (inner)" rows beside the defaults', with the test it chose."""
+    from dart_ee.calibration.frontier import certified_points, summarize_frontier
+
+    cal, test = synthetic_trace(1500, "nested", seed=7), synthetic_trace(1000, "nested", seed=8, split="test")
+    rows = certified_points(cal, test, ("threshold", "score"), (2.0,), 0.95, "drop", inner_folds=1)
+    assert [r["policy"] for r in rows] == ["threshold", "score", "score (inner)"]
+    assert rows[-1]["bound"] in ("exact", "mcnemar") and "bound" not in rows[1]
+    assert set(summarize_frontier(rows, 0.95, "drop")["table"]) == {"threshold", "score", "score (inner)"}
+
+
+def test_a_malformed_calibration_record_is_refused():
+    from dart_ee.calibration.record import is_certified, recorded
+    from dart_ee.core.errors import ArtifactError
+
+    assert recorded({"policy": "dart"}) is None
+    with pytest.raises(ArtifactError, match="p.json: 'calibration' is not the record"):
+        recorded({"calibration": {"target": "0.5"}}, "p.json")
+    _, rec = calibrate("threshold", synthetic_trace(1500, "nested", seed=1), max_drop=2.0, confidence=0.95)
+    assert recorded({"calibration": rec}) is rec and is_certified(rec) is rec["guarantee"]["certified"]
+    _, loose = calibrate("threshold", synthetic_trace(500, "nested", seed=1), max_drop=2.0)
+    assert is_certified(loose) is None  # an uncertified search certifies nothing

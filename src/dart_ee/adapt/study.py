@@ -38,6 +38,7 @@ from dart_ee.adapt.controller import AdaptiveController, bandit_stats, make_cont
 from dart_ee.adapt.risk import risk_over, running_drop
 from dart_ee.adapt.settings import load_risk_settings, load_settings
 from dart_ee.calibration.evaluation import TraceReplay, exit_costs, simulate
+from dart_ee.calibration.record import recorded
 from dart_ee.config import AdaptConfig, ControllerSettings, RiskSettings
 from dart_ee.core import artifacts
 from dart_ee.core.errors import ConfigError
@@ -67,8 +68,8 @@ SWITCH_LEVEL = 2  # the grade of each shift in the switching stream
 
 def budget_points(policy_path: str | Path) -> float:
     """D: the accuracy budget (points below the final exit) the policy was calibrated to."""
-    rec = artifacts.read_json(policy_path, "policy file").get("calibration") or {}
-    d = (rec.get("target") or {}).get("max_drop")
+    rec = recorded(artifacts.read_json(policy_path, "policy file"), str(policy_path))
+    d = rec["target"].get("max_drop") if rec else None
     if d is None:
         raise ConfigError(f"{policy_path} records no calibration budget; fit it with dart-ee calibrate --max-drop D")
     return float(d)

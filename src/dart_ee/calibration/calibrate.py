@@ -21,6 +21,7 @@ from typing import Any
 from dart_ee.calibration.certify import FIT_SHARE, certify, check_max_drop
 from dart_ee.calibration.evaluation import evaluate, oracle
 from dart_ee.calibration.inner import certify_tuned
+from dart_ee.calibration.record import CalibrationRecord, Target, is_certified
 from dart_ee.core.defaults import CONFIDENCE
 from dart_ee.core.errors import ConfigError
 from dart_ee.policies import POLICIES, ExitPolicy, check_calibration_trace, make_policy
@@ -43,7 +44,7 @@ def candidates(name: str, params: dict[str, Any], tune_beta_diff: bool = False) 
 
 def calibrate(name: str, cal: Trace, *, beta_opt: float | None = None, max_drop: float | None = None,
               confidence: float | None = None, risk: str = "drop", seed: int = 0, tune_beta_diff: bool = False,
-              inner_folds: int = 0, **params: Any) -> tuple[ExitPolicy, dict]:
+              inner_folds: int = 0, **params: Any) -> tuple[ExitPolicy, CalibrationRecord]:
     """Fit policy ``name`` on the calibration trace for a trade-off or a budget; returns (policy, record).
 
     With ``confidence`` the budget is certified (``dart_ee.calibration.certify.certify``; ``risk``, ``seed`` for the
@@ -89,9 +90,9 @@ def calibrate(name: str, cal: Trace, *, beta_opt: float | None = None, max_drop:
     else:  # nothing meets the budget: fall back to the most accurate point, and say so
         best = max(scored, key=lambda t: t[2])
     _, _, _, p, pol, rec = best
-    target = ({"mode": "trade-off", "beta_opt": beta_opt} if beta_opt is not None else
+    target: Target = ({"mode": "trade-off", "beta_opt": beta_opt} if beta_opt is not None else
               {"mode": "uncertified budget", "max_drop": max_drop, "note": UNCERTIFIED})
-    record = {"target": target, "params": p, "policy": name, "calibration": rec, "budget_met": feasible_any,
+    record: CalibrationRecord = {"target": target, "params": p, "policy": name, "calibration": rec, "budget_met": feasible_any,
               "candidates_tried": len(grid),
               "trace": {k: cal.meta.get(k) for k in ("run", "config_fingerprint", "dataset", "split")}}
     return pol, record
@@ -116,13 +117,13 @@ def dart_ablation(cal: Trace, test: Trace, max_drop: float, confidence: float | 
         c, t = cal.with_alpha(key), test.with_alpha(key)
         cert: dict[str, Any] = {"seed": seed, "fit_share": fit_share} if confidence else {}
         pol, rec = calibrate_or_static("dart", c, max_drop, confidence, tune_beta_diff=tune, **cert, **params)
-        rows.append({"variant": label, "params": rec["params"], "certified": _certified(rec),
+        rows.append({"variant": label, "params": rec["params"], "certified": is_certified(rec),
                      "calibration": rec["calibration"], "test": evaluate(pol, t)})
     return rows
 
 
 def calibrate_or_static(name: str, cal: Trace, max_drop: float, confidence: float | None,
-                        **kw: Any) -> tuple[ExitPolicy, dict]:
+                        **kw: Any) -> tuple[ExitPolicy, CalibrationRecord]:
     """``calibrate`` for a report: where the calibration split is too small to certify, the static network
     stands in and the record says why (a single ``calibrate`` call raises instead)."""
     try:
@@ -132,14 +133,10 @@ def calibrate_or_static(name: str, cal: Trace, max_drop: float, confidence: floa
             raise
         kw = {k: v for k, v in kw.items() if k in ("risk", "seed", "fit_share")}  # the static network tunes nothing
         pol, rec = calibrate("static", cal, max_drop=max_drop, confidence=confidence, **kw)
-        rec["guarantee"].update(certified=False, statement=f"not certifiable with this calibration split: {e}")
+        g = rec["guarantee"]
+        g["certified"], g["statement"] = False, f"not certifiable with this calibration split: {e}"
         rec["budget_met"] = False
         return pol, rec
-
-
-def _certified(rec: dict) -> bool | None:
-    """True / False for a certified calibration, None where nothing was certified (uncertified search)."""
-    return rec["guarantee"]["certified"] if "guarantee" in rec else None
 
 
 def compare(cal: Trace, test: Trace, max_drop: float, confidence: float | None = CONFIDENCE, risk: str = "drop", seed: int = 0,
@@ -156,7 +153,7 @@ def compare(cal: Trace, test: Trace, max_drop: float, confidence: float | None =
         pol, rec = calibrate_or_static(name, cal, max_drop, confidence, tune_beta_diff=name == "dart", **cert)
         fitted[name] = (pol, rec)
         rows.append({"policy": name, "params": rec["params"], "budget_met_on_cal": rec["budget_met"],
-                     "certified": _certified(rec), "guarantee": rec.get("guarantee"),
+                     "certified": is_certified(rec), "guarantee": rec.get("guarantee"),
                      "calibration": rec["calibration"], "test": {**evaluate(pol, test), "policy": name}})
     return {"max_drop": max_drop, "confidence": confidence, "risk": risk if confidence else None,
             "mode": "certified" if confidence else "uncertified", "rows": rows, "oracle": oracle(test),

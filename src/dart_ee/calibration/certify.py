@@ -37,6 +37,7 @@ import numpy as np
 from scipy import stats
 
 from dart_ee.calibration.evaluation import aligned, evaluate, simulate
+from dart_ee.calibration.record import CalibrationRecord, Guarantee
 from dart_ee.core.defaults import CONFIDENCE, FIT_SHARE
 from dart_ee.core.errors import ConfigError
 from dart_ee.policies import (
@@ -349,7 +350,7 @@ def certify_sequence(family: list[tuple[dict, ExitPolicy]], cert: Trace, max_dro
 
 def certify(name: str, cal: Trace, max_drop: float, confidence: float | None = CONFIDENCE, *, risk: str = "drop",
             fit_share: float = FIT_SHARE, seed: int = 0, bound: str = "exact", in_expectation: bool = False,
-            tune_beta_diff: bool = True, **params: Any) -> tuple[ExitPolicy, dict]:
+            tune_beta_diff: bool = True, **params: Any) -> tuple[ExitPolicy, CalibrationRecord]:
     """Calibrate ``name`` so that its budget holds on unseen data; returns (policy, record).
 
     Learned candidate sequences (DART, BranchyNet, RL) fit on ``fit_share`` of ``cal`` and certify on
@@ -360,7 +361,8 @@ def certify(name: str, cal: Trace, max_drop: float, confidence: float | None = C
     fit, cert, data_free = fit_cert_for(name, cal, fit_share, seed)
     pol, rec = certify_split(name, fit, cert, max_drop, confidence, risk=risk, bound=bound, in_expectation=in_expectation,
                              tune_beta_diff=tune_beta_diff, data_free=data_free, **params)
-    rec["guarantee"].update(fit_share=0.0 if data_free else fit_share, split_seed=seed, cal_fingerprint=_fingerprint(cal))
+    g = rec["guarantee"]
+    g["fit_share"], g["split_seed"], g["cal_fingerprint"] = 0.0 if data_free else fit_share, seed, _fingerprint(cal)
     if not data_free:  # certify_split measured it on cert; a data-free policy's cert is all of cal already
         rec["calibration"] = evaluate(pol, cal)
     return pol, rec
@@ -369,7 +371,7 @@ def certify(name: str, cal: Trace, max_drop: float, confidence: float | None = C
 def certify_split(name: str, fit: Trace, cert: Trace, max_drop: float, confidence: float | None = CONFIDENCE, *,
                   risk: str = "drop", bound: str = "exact", in_expectation: bool = False, tune_beta_diff: bool = True,
                   search: list | None = None, family: list | None = None, data_free: bool = False,
-                  **params: Any) -> tuple[ExitPolicy, dict]:
+                  **params: Any) -> tuple[ExitPolicy, CalibrationRecord]:
     """``certify`` on a given fit / cert pair (``data_free``: the sequence ignores ``fit``, which may be ``cert``).
 
     ``confidence`` may be None with ``in_expectation`` (conformal risk control has no confidence level).
@@ -425,8 +427,10 @@ def _fingerprint(trace: Trace) -> str:
 
 
 def _record(name: str, cert: Trace, max_drop: float, confidence: float | None, risk: str, bound: str, in_expectation: bool,
-            pol: ExitPolicy, label: dict, certified: bool, winner: dict | None, res: dict, n_fit: int) -> dict:
+            pol: ExitPolicy, label: dict, certified: bool, winner: dict | None, res: dict,
+            n_fit: int) -> CalibrationRecord:
     idx = res["index"]
+    stat: Guarantee
     if in_expectation:
         stat = {"method": "conformal risk control (in expectation over calibration and test draws; no per-draw "
                           "guarantee)", "adjusted_risk": res["crc_risks"][idx] if idx >= 0 else None}
@@ -445,13 +449,13 @@ def _record(name: str, cert: Trace, max_drop: float, confidence: float | None, r
                  "(conformal risk control; says nothing about any single draw)")
     if not certified:
         statement = "not certifiable at this budget: the static network is returned instead (its risk is 0)"
-    guarantee = {"certified": certified, "max_drop": max_drop, "confidence": confidence,
+    guarantee: Guarantee = {"certified": certified, "max_drop": max_drop, "confidence": confidence,
                  "delta": None if confidence is None else 1 - confidence,
                  "risk": risk, "in_expectation": in_expectation, "n_cert": cert.n, "n_fit": n_fit,
                  "cert_fingerprint": _fingerprint(cert), "candidate": label, "candidate_index": idx, **stat,
                  "cert_risk_points": 100 * float(losses(risk, cert, simulate(pol, cert)[1]).mean()),
                  "statement": statement, "not_guaranteed": NOT_GUARANTEED}
-    rec = {"target": {"mode": "certified", "max_drop": max_drop, "confidence": confidence, "risk": risk},
+    rec: CalibrationRecord = {"target": {"mode": "certified", "max_drop": max_drop, "confidence": confidence, "risk": risk},
            "params": {**pol.get_params(), **label} if pol.name != "static" else {}, "policy": pol.name,
            "calibration": evaluate(pol, cert), "budget_met": certified, "guarantee": guarantee,
            "trace": {k: cert.meta.get(k) for k in ("run", "config_fingerprint", "dataset", "split")}}

@@ -24,6 +24,7 @@ from dart_ee.calibration.certify import FIT_SHARE, SCALED, certify_split, fit_ce
 from dart_ee.calibration.coverage import pool_traces
 from dart_ee.calibration.evaluation import evaluate, oracle
 from dart_ee.calibration.inner import certify_tuned
+from dart_ee.calibration.record import CalibrationRecord
 from dart_ee.core.defaults import CONFIDENCE
 from dart_ee.core.errors import ConfigError
 from dart_ee.policies import POLICIES, ExitPolicy, check_calibration_trace, make_policy
@@ -163,7 +164,7 @@ def certified_points(cal: Trace, test: Trace, policies: tuple[str, ...], budgets
     return rows
 
 
-def _certified_row(label: str, d: float, test: Trace, certify_fn: Callable[..., tuple[ExitPolicy, dict]], *args: Any,
+def _certified_row(label: str, d: float, test: Trace, certify_fn: Callable[..., tuple[ExitPolicy, CalibrationRecord]], *args: Any,
                    **kw: Any) -> dict:
     """What ``certify_fn(*args, **kw)`` certified at budget ``d``, measured on ``test`` (one frontier row)."""
     try:

@@ -26,9 +26,10 @@ import numpy as np
 
 from dart_ee.calibration.certify import SCALED, certify, certify_split, fit_cert_for, fit_search, knob_sequence
 from dart_ee.calibration.evaluation import evaluate
+from dart_ee.calibration.record import CalibrationRecord
 from dart_ee.core.defaults import CONFIDENCE, FIT_SHARE
 from dart_ee.core.errors import ConfigError
-from dart_ee.policies import POLICIES
+from dart_ee.policies import POLICIES, ExitPolicy
 from dart_ee.trace import Trace
 
 # The settings each policy's inner choice walks, the defaults first (so they win ties). Fixed in advance.
@@ -95,7 +96,7 @@ def choose(name: str, fit: Trace, max_drop: float, confidence: float = CONFIDENC
 
 def certify_tuned(name: str, cal: Trace, max_drop: float, confidence: float = CONFIDENCE, *, risk: str = "drop",
                   seed: int = 0, folds: int = FOLDS, tune_beta_diff: bool = True, searches: dict | None = None,
-                  **params: Any) -> tuple[Any, dict]:
+                  **params: Any) -> tuple[ExitPolicy, CalibrationRecord]:
     """``certify`` with its settings chosen by ``choose`` on the fit split it will use; the record gains
     ``inner_choice``. A data-free policy (no fit split) certifies as it would untuned."""
     if name not in POLICIES:

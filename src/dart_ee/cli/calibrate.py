@@ -139,16 +139,17 @@ def evaluate(trace: TraceOpt,
 
 def _budget_note(path: Path) -> str:
     """What a policy file's budget promises: its certificate (none if edited since), or the word uncertified."""
+    from dart_ee.calibration.record import recorded
     from dart_ee.core import artifacts
     from dart_ee.policies import certificate
 
     d = artifacts.read_json(path, "policy file")
-    cal = d.get("calibration") or {}
+    rec = recorded(d, str(path))
     g = certificate(d)
     if g:
         return ("certified: " if g["certified"] else "NOT certified: ") + g["statement"]
-    if cal.get("target", {}).get("mode") == "uncertified budget":
-        return f"UNCERTIFIED budget of {cal['target']['max_drop']} points (in-sample search)"
+    if rec and rec["target"].get("mode") == "uncertified budget":
+        return f"UNCERTIFIED budget of {rec['target'].get('max_drop')} points (in-sample search)"
     return "no budget (trade-off or hand-set parameters): nothing certified"
 
 

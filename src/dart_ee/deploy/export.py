@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dart_ee import policies
+from dart_ee.calibration.record import is_certified
 from dart_ee.core import artifacts
 from dart_ee.core.errors import ArtifactError, ConfigError
 from dart_ee.core.lock import LOCK_FILE, run_lock
@@ -396,7 +397,7 @@ def _refit_int8(run: Run, w: _Writer, chosen: dict[str, tuple[ExitPolicy, str | 
         if fitted is not None:
             new_pol, rec = fitted
             refits[name] = {"fp32": pol.name, "int8": new_pol.name, "calibration": rec["calibration"],
-                            "certified": (rec.get("guarantee") or {}).get("certified")}
+                            "certified": is_certified(rec)}
             w.forget(name)
             pol_info[name] = w.policy(name, new_pol, json.dumps(new_pol.to_dict() | {"calibration": rec}, indent=2) + "\n")
     return {"calibration_images": calibration_images, "quantised": "stages and the static network (QDQ, int8 "

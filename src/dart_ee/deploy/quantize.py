@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from dart_ee.calibration.calibrate import calibrate_or_static
+from dart_ee.calibration.record import CalibrationRecord, recorded
 from dart_ee.core import artifacts
 from dart_ee.core.errors import ConfigError
 from dart_ee.deploy.onnx_runner import OnnxRunner, session_options, shared_pool_active
-from dart_ee.policies import POLICIES
+from dart_ee.policies import POLICIES, ExitPolicy
 from dart_ee.runs.run import Run
 from dart_ee.trace import Trace
 
@@ -91,18 +92,19 @@ def int8_traces(out: Path, run: Run, data_dir: str | Path | None) -> dict[str, T
     return traces
 
 
-def refit(policy_json: dict[str, Any], cal: Trace, name: str, seed: int) -> tuple[Any, dict] | None:
+def refit(policy_json: dict[str, Any], cal: Trace, name: str, seed: int) -> tuple[ExitPolicy, CalibrationRecord] | None:
     """The policy fitted again on ``cal`` with the budget and certification settings it was fitted with
     (None: it records none, e.g. a policy built by hand, and is kept as it is). ``name`` is the file's
     name: a policy that could not be certified in fp32 was saved as the static network, and int8 tries
     the policy it stands for again."""
-    rec = policy_json.get("calibration") or {}
-    target, g = rec.get("target") or {}, rec.get("guarantee") or {}
-    if target.get("max_drop") is None:
+    rec = recorded(policy_json, f"the {name} policy")
+    max_drop = rec["target"].get("max_drop") if rec else None
+    if rec is None or max_drop is None:
         return None
+    target, g = rec["target"], rec.get("guarantee", {})
     name = name if name in POLICIES else policy_json["policy"]
     source = (policy_json.get("fitted") or {}).get("alpha_source_")
     cert = ({"risk": target.get("risk", "drop"), "seed": g.get("split_seed", seed), "fit_share": g["fit_share"]}
             if target.get("confidence") and "fit_share" in g else {})
-    return calibrate_or_static(name, cal.with_alpha(f"alpha_{source}") if source else cal, target["max_drop"],
+    return calibrate_or_static(name, cal.with_alpha(f"alpha_{source}") if source else cal, max_drop,
                                target.get("confidence"), tune_beta_diff=name == "dart", **cert)
