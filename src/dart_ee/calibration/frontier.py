@@ -136,6 +136,7 @@ def resplit_frontier(cal: Trace, test: Trace, resplits: int = 50, seed: int = 0,
         oracle_red = oracle(t)["mac_reduction"]
         frontier_rows += [{**row, "resplit": r, "oracle_mac_reduction": oracle_red} for row in rows]
     out: dict[str, Any] = {"resplits": resplits, "n_cal": n_cal, "n_test": pool.n - n_cal, "seed": seed,
+                           **({"inner_folds": inner_folds} if inner_folds else {}),
                            "auc": {k: {"mean": float(np.nanmean(v)), "sd": float(np.nanstd(v, ddof=1))} for k, v in aucs.items()},
                            "grid_definition": GRID_DEFINITION}
     if diffs:

@@ -139,6 +139,13 @@ def frontier_section(root: Path, run: str) -> str:
         frontier_markdown(rec["certified_frontier"])])
 
 
+INNER_NOTE = ("Rows marked (inner): the same policy with its settings (DART's alpha bins; the score model's L2 strength "
+              "and whether it reads alpha) and the test (exact binomial or McNemar) chosen by {folds} inner repetitions "
+              "of the whole certify step on each re-split's fit split (`--inner-folds {folds}`, "
+              "`dart_ee.calibration.inner`); the unmarked rows keep the defaults. The same fit / cert split, so the "
+              "paired differences to the threshold compare like with like.")
+
+
 def learned_score_section(root: Path, runs: Sequence[str], generators: Sequence[str]) -> str:
     """Coverage of the learned-score policy on the generator, and its certified frontier on committed traces."""
     rows = ["| Generator | Policy | Draws exceeding 0.5 points | Certified draws | True risk: mean / max (points) | "
@@ -158,6 +165,8 @@ def learned_score_section(root: Path, runs: Sequence[str], generators: Sequence[
                   "test), realised test drop, and the paired difference to the threshold in points of MAC reduction "
                   "with its 95% interval (corrected resampled t). Record: " + _prov(rec["provenance"]) + ".",
                   frontier_markdown(rec["certified_frontier"])]
+        if rec.get("inner_folds"):
+            parts.append(INNER_NOTE.format(folds=rec["inner_folds"]))
         if (root / run / "benchmark_cpu.json").is_file():
             parts.append(_score_speed(root, f"{run}/benchmark_cpu.json"))
     return "\n\n".join(parts)
