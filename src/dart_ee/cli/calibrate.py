@@ -95,22 +95,9 @@ def calibrate(
         pol.save(out, calibration=rec)
     except (DartError, ValueError) as e:
         _fail(e if isinstance(e, DartError) else DartError(str(e)))
-    c = rec["calibration"]
-    typer.echo(f"{policy}: {rec['params']} -> calibration accuracy {100 * c['accuracy']:.2f}% "
-               f"(drop {c['drop_points']:+.2f} points), MAC reduction {100 * c['mac_reduction']:.1f}%")
-    g = rec.get("guarantee")
-    if g:
-        p = "" if g.get("p_value") is None else f" (p = {g['p_value']:.4g}, n_cert = {g['n_cert']:,}, fit n = {g['n_fit']:,})"
-        typer.echo(("CERTIFIED: " if g["certified"] else "NOT CERTIFIED: ") + g["statement"] + p)
-        typer.echo(g["not_guaranteed"])
-        if "inner_choice" in rec:
-            ch = rec["inner_choice"]
-            typer.echo(f"settings chosen on the fit split ({ch['folds']} inner repetitions): {ch['params'] or 'defaults'}, "
-                       f"test {ch['bound']}")
-    elif max_drop is not None:
-        typer.echo("UNCERTIFIED: " + rec["target"]["note"] + f"; add --confidence {CONFIDENCE} for a certified budget"
-                   + ("" if rec["budget_met"] else " [budget NOT met on calibration: most accurate point kept]"))
-    typer.echo(f"wrote {out}")
+    from dart_ee.report.markdown import calibration_lines
+
+    typer.echo("\n".join([*calibration_lines(policy, rec), f"wrote {out}"]))
 
 
 @app.command()
@@ -178,7 +165,7 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
     from dart_ee.core import artifacts
     from dart_ee.core.provenance import provenance
     from dart_ee.report import plots
-    from dart_ee.report.markdown import frontier_markdown, grid_markdown
+    from dart_ee.report.markdown import grid_markdown, resplit_summary
 
     prov = provenance()
     c, t = _load_pair(cal, test, alpha)
@@ -196,16 +183,7 @@ def sweep(cal: Annotated[Path, typer.Option("--cal", help="Calibration trace.")]
     typer.echo(f"wrote {out}/sweep.json and {out}/tradeoff_curves.png")
     if rs:
         artifacts.write_json(out / "resplits.json", {"provenance": prov, **rs})
-        d = rs.get("auc_difference_dart_minus_threshold")
-        if d:
-            verdict = "DART beats the threshold" if d["low"] > 0 else "DART loses to the threshold" if d["high"] < 0 \
-                else "no significant difference (tie)"
-            typer.echo(f"\nAUC difference DART - threshold over {resplits} re-splits: {100 * d['mean']:+.3f} points, "
-                       f"95% interval [{100 * d['low']:+.3f}, {100 * d['high']:+.3f}] (corrected resampled t): {verdict}")
-        typer.echo(f"\nCertified frontier (mean over {resplits} re-splits, confidence {confidence}, risk {risk}): "
-                   "MAC reduction on test (realised test drop)")
-        typer.echo(frontier_markdown(rs["certified_frontier"]))
-        typer.echo(f"wrote {out}/resplits.json")
+        typer.echo("\n" + resplit_summary(rs) + f"\nwrote {out}/resplits.json")
 
 
 @app.command()

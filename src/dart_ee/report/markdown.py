@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from dart_ee.bench.benchmark import table_markdown
+from dart_ee.calibration.record import CalibrationRecord
 from dart_ee.core import artifacts
+from dart_ee.core.defaults import CONFIDENCE
 from dart_ee.core.malloc import KEPT
 from dart_ee.core.runfiles import STUDY
 from dart_ee.difficulty.analysis import distribution_markdown
@@ -224,6 +226,39 @@ def frontier_markdown(frontier: dict) -> str:
         lines.append(f"| oracle (no loss, not a policy) | {100 * frontier['oracle_mean_mac_reduction']:.1f}% |"
                      + " |" * (len(budgets) - 1))
     return "\n".join(lines)
+
+
+def resplit_summary(rs: dict) -> str:
+    """`dart-ee sweep --resplits`' verdict: the paired AUC difference DART - threshold, then the certified frontier."""
+    parts, d = [], rs.get("auc_difference_dart_minus_threshold")
+    if d:
+        verdict = ("DART beats the threshold" if d["low"] > 0 else "DART loses to the threshold" if d["high"] < 0
+                   else "no significant difference (tie)")
+        parts.append(f"AUC difference DART - threshold over {rs['resplits']} re-splits: {100 * d['mean']:+.3f} points, "
+                     f"95% interval [{100 * d['low']:+.3f}, {100 * d['high']:+.3f}] (corrected resampled t): {verdict}\n")
+    f = rs["certified_frontier"]
+    parts += [f"Certified frontier (mean over {rs['resplits']} re-splits, confidence {f['confidence']}, risk {f['risk']}): "
+              "MAC reduction on test (realised test drop)", frontier_markdown(f)]
+    return "\n".join(parts)
+
+
+def calibration_lines(policy: str, rec: CalibrationRecord) -> list[str]:
+    """What `dart-ee calibrate` prints: the chosen parameters and calibration metrics, then what the budget promises
+    (the certificate, or the word uncertified) and, where made, the inner choice."""
+    c, g = rec["calibration"], rec.get("guarantee")
+    lines = [f"{policy}: {rec['params']} -> calibration accuracy {100 * c['accuracy']:.2f}% "
+             f"(drop {c['drop_points']:+.2f} points), MAC reduction {100 * c['mac_reduction']:.1f}%"]
+    if g:
+        p = "" if g.get("p_value") is None else f" (p = {g['p_value']:.4g}, n_cert = {g['n_cert']:,}, fit n = {g['n_fit']:,})"
+        lines += [("CERTIFIED: " if g["certified"] else "NOT CERTIFIED: ") + g["statement"] + p, g["not_guaranteed"]]
+        if "inner_choice" in rec:
+            ch = rec["inner_choice"]
+            lines.append(f"settings chosen on the fit split ({ch['folds']} inner repetitions): {ch['params'] or 'defaults'}, "
+                         f"test {ch['bound']}")
+    elif rec["target"].get("mode") == "uncertified budget":
+        lines.append("UNCERTIFIED: " + rec["target"]["note"] + f"; add --confidence {CONFIDENCE} for a certified budget"
+                     + ("" if rec["budget_met"] else " [budget NOT met on calibration: most accurate point kept]"))
+    return lines
 
 
 def smallest_certified(frontier: dict, policy: str) -> str | None:
