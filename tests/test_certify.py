@@ -340,3 +340,22 @@ def test_an_edited_policy_is_never_reported_as_certified(tmp_path):
     assert certificate(d)["certified"] == rec["guarantee"]["certified"]
     d["fitted"]["tau_"][0][0] = float("nan")
     assert not certificate(d)["certified"]
+
+
+def test_an_exit_with_no_unsafe_fit_sample_still_ranks_its_samples():
+    """Exit 2 is the final exit's twin, so no fit sample is unsafe there and its logistic model has nothing to learn.
+    Its score must still rank the samples (it was one constant, exactly 1.0 in float32, for all of them), so that
+    the share scaling opens the exit step by step; the path then certifies."""
+    from scipy import stats
+
+    from dart_ee.calibration.certify import exit_scores
+
+    t = synthetic_trace(1500, "nested", seed=3)
+    probs = t.probs.copy()
+    probs[:, 1] = probs[:, -1]
+    twin = Trace(probs, t.labels, t.index, t.exit_macs, t.alpha, t.meta)
+    scores = exit_scores(make_policy("score").fit(twin), twin)[:, 1]
+    assert len(np.unique(scores)) > twin.n // 2 and scores.max() < 1.0  # ranked, and never saturated
+    assert stats.spearmanr(scores, twin.conf[:, 1]).statistic > 0.999  # by the confidence
+    pol, rec = certify("score", twin, 2.0, 0.95)
+    assert rec["guarantee"]["certified"] and rec["calibration"]["mac_reduction"] > 0.5

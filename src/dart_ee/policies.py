@@ -672,6 +672,10 @@ class ScorePolicy(ExitPolicy):
 
 
 _SCORE_MODELS: dict[tuple, tuple] = {}  # the last few fitted score models, by trace content and settings
+# the log-odds weight of an exit whose fit samples are all safe (or all unsafe): the standardised feature spans a few
+# units, so the score moves by a few tenths of a logit around the rate, enough to rank in float32, too little to
+# outweigh the rate
+TIED_RANK_WEIGHT = 0.1
 
 
 def _content_key(trace: Trace) -> str:
@@ -690,8 +694,15 @@ def _logistic(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[list[float], lis
     mean, scale = x.mean(0), x.std(0)
     scale = np.where(scale > 1e-8, scale, 1.0)
     z, t = (x - mean) / scale, y.astype(np.float64)
-    if t.min() == t.max():  # every sample safe (or none): a constant score says so
-        return mean.tolist(), scale.tolist(), [0.0] * x.shape[1], 30.0 if t[0] else -30.0
+    if t.min() == t.max():
+        # Every fit sample safe (or none): nothing says which ones are. The score is then the Jeffreys estimate of
+        # the rate, (k + 1/2) / (n + 1), ranked by the confidence's log-odds with a small weight. A constant score
+        # (it was sigmoid(+-30), exactly 1.0 in float32) tied every sample, so the share scaling could not open the
+        # exit gradually: at its first step every sample reaching it left, the unsafe ones of other data too.
+        rate = (t.sum() + 0.5) / (len(t) + 1)
+        w = np.zeros(x.shape[1])
+        w[ScorePolicy.FEATURES.index("log_odds")] = TIED_RANK_WEIGHT
+        return mean.tolist(), scale.tolist(), w.tolist(), float(np.log(rate / (1 - rate)))
 
     def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = theta[:-1], theta[-1]
