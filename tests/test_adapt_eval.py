@@ -48,6 +48,7 @@ def test_controller_decides_alike_on_the_runtime_and_on_a_replayed_trace(trained
 
 def test_risk_control_decides_alike_on_the_runtime_and_on_a_replayed_trace(trained_run, setup):
     from dart_ee.adapt.risk import RiskController
+    from dart_ee.config import RiskSettings
     from dart_ee.data.datasets import to_float
 
     policy, _ = setup
@@ -55,18 +56,24 @@ def test_risk_control_decides_alike_on_the_runtime_and_on_a_replayed_trace(train
     model, est = run.model(), run.estimators()
     stream = make_stream(trained_run["images"].numpy(), np.arange(300) % 10, "noise", 1.0, 100, 300, seed=2)
     trace = trace_stream(model, est, stream)
-    # a tight budget and a large step: theta moves within this short stream
-    live, replay = (RiskController(_copy(policy), trained_run["cal"], 0.1, audit_rate=0.5, step=0.05, seed=4)
+    # a tight budget and a large step: theta moves within this short stream; a touchy shift guard rides along,
+    # with a low floor (a high one would stop every disagreement, and theta with them)
+    settings = RiskSettings(audit_rate=0.5, step=0.05, guard_threshold=8.0, guard_floor=0.05)
+    live, replay = (RiskController.from_settings(_copy(policy), trained_run["cal"], 0.1, settings, seed=4)
                     for _ in range(2))
     runner = EarlyExitRunner(model, _copy(policy), est)
-    thetas = []
+    thetas, alarms = [], []
     for s in range(0, 400, 50):
         a, audit = live.run(runner, to_float(stream.x[s: s + 50]))
         b = replay.process(trace.subset(np.arange(s, s + 50)))
         assert np.array_equal(a.exit.numpy(), b["exit"]) and np.array_equal(a.pred.numpy(), b["pred"])
         assert np.array_equal(audit, b["audited"]) and live.theta == replay.theta
+        assert live.guard is not None and replay.guard is not None
+        assert live.guard.state_dict() == pytest.approx(replay.guard.state_dict(), rel=1e-5, abs=1e-5)
         thetas.append(live.theta)
+        alarms.append(live.guard.alarm)
     assert max(thetas) > 0, "theta moved"
+    assert any(alarms), "the guard was raised"
 
 
 def _copy(policy):

@@ -134,16 +134,19 @@ def test_a_sample_held_longer_than_max_hold_goes_first():
 
 
 class FakeAudits:
-    """Marks every sample; records each audit's verdict."""
+    """Marks every sample; records each audit's verdict and the first-exit confidences the shift guard is fed."""
 
     def __init__(self):
-        self.results = []
+        self.results, self.observed = [], 0
 
     def admit(self, n):
         return np.ones(n, bool)
 
     def result(self, disagrees):
         self.results.append(disagrees)
+
+    def observe(self, first_conf):
+        self.observed += len(first_conf)
 
 
 def test_an_audited_sample_is_answered_when_it_leaves_and_runs_on_to_the_full_network():
@@ -157,6 +160,7 @@ def test_an_audited_sample_is_answered_when_it_leaves_and_runs_on_to_the_full_ne
     assert t_easy < t_mid < t_hard
     assert engine.calls == [(0, 3), (1, 3), (2, 3)], "the audited early leavers ran on to the last stage"
     assert engine.audits.results == [False, False], "one verdict per early leaver (the fake's exits all agree)"
+    assert engine.audits.observed == 3, "the guard saw each sample's first exit once (audit reruns not again)"
     assert batcher.depth == 0 and not batcher._audit
 
 

@@ -157,6 +157,12 @@ class RiskSettings(_Strict):
     step: float = Field(0.002, gt=0)  # eta: how far one batch's weighted disagreement moves theta
     # b: samples per update (a batch is split into updates of this size); the guarantee's slack grows with b / q
     update_every: int = Field(16, ge=1)
+    # the label-free shift guard (dart_ee.adapt.guard): a CUSUM on the first exit's confidence that holds theta at
+    # >= guard_floor while raised; guard_threshold None turns it off. At k = 0.25, h = 20 a false alarm comes about
+    # every 1.6e5 in-distribution samples; a large shift is flagged within tens of samples
+    guard_threshold: float | None = Field(20.0, gt=0)
+    guard_drift: float = Field(0.25, gt=0)
+    guard_floor: float = Field(1.0, gt=0, le=1)
 
 
 class AdaptConfig(_Strict):

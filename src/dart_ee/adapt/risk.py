@@ -30,6 +30,11 @@ increments are at most 1 and whose conditional variances sum to at most T / q). 
 stretch that starts where theta = 0, e.g. after a clean period (``slack`` computes it). The slack shrinks as
 1/T; the accuracy drop against the full network is at most the disagreement, so the running drop is within
 D plus the slack. Not guaranteed: the MACs (under a shift they can rise up to the full network's).
+
+Audits react only after the first audited disagreement, hundreds of samples into a shift at a 5% audit rate. A
+label-free **shift guard** (``dart_ee.adapt.guard``: a CUSUM on the first exit's confidence, which every sample
+computes) can hold theta at a floor while it is raised. It only makes the policy more conservative, and theta's
+own update is unchanged, so the bound above holds as it is (with theta >= 1 nothing leaves early, guard or not).
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from dart_ee.adapt.guard import ShiftGuard
 from dart_ee.calibration.certify import SCALED, scale_family
 from dart_ee.calibration.evaluation import exit_costs, simulate
+from dart_ee.config import RiskSettings
 from dart_ee.core.artifacts import read_json, write_json
 from dart_ee.core.errors import ConfigError
 from dart_ee.policies import ExitPolicy
@@ -66,12 +73,15 @@ def slack(t: int, step: float, audit_rate: float, batch_size: int, delta: float 
 class RiskController:
     """Online risk control of a certified DART or score policy (see the module docstring).
 
-    ``max_drop``: D in points; ``audit_rate``: q, the share of samples marked for audit; ``step``: eta. Feed it
-    a stream batch by batch with ``process`` (a traced stream: what ``TraceReplay`` replays).
+    ``max_drop``: D in points; ``audit_rate``: q, the share of samples marked for audit; ``step``: eta; ``guard``:
+    an optional label-free shift guard that holds theta at its floor while raised. Feed it a stream batch by batch
+    with ``process`` (a traced stream: what ``TraceReplay`` replays) or ``run`` (a live runner).
+    ``from_settings`` builds one from a run's ``RiskSettings``.
     """
 
-    def __init__(self, policy: ExitPolicy, cal: Trace, max_drop: float, audit_rate: float = 0.05, step: float = 0.002,
-                 seed: int = 0, grid: int = GRID) -> None:
+    def __init__(self, policy: ExitPolicy, cal: Trace, max_drop: float, audit_rate: float = RiskSettings().audit_rate,
+                 step: float = RiskSettings().step, seed: int = 0, grid: int = GRID,
+                 guard: ShiftGuard | None = None) -> None:
         if policy.name not in SCALED:
             raise ConfigError(f"online risk control moves a policy along its exit-share scaling path: a {SCALED} "
                               f"policy, not {policy.name!r}")
@@ -84,11 +94,27 @@ class RiskController:
         self.rng = np.random.default_rng(seed)
         self.seen = self.audited = 0
         self.weighted = 0.0  # sum of e_t so far
+        self.guard = guard
+
+    @classmethod
+    def from_settings(cls, policy: ExitPolicy, cal: Trace, max_drop: float, settings: RiskSettings,
+                      seed: int = 0) -> RiskController:
+        """The controller ``settings`` describe, its shift guard fitted on the calibration trace's first exit."""
+        guard = None
+        if settings.guard_threshold is not None:
+            guard = ShiftGuard(cal.conf[:, 0], settings.guard_drift, settings.guard_threshold, settings.guard_floor)
+        return cls(policy, cal, max_drop, settings.audit_rate, settings.step, seed, guard=guard)
+
+    @property
+    def conservativeness(self) -> float:
+        """theta, or the guard's floor when the guard is raised and that is more."""
+        g = self.guard
+        return max(self.theta, g.floor) if g is not None and g.alarm else self.theta
 
     @property
     def policy(self) -> ExitPolicy:
         """The policy in force: the certified one at theta = 0, the full network from theta = 1 on."""
-        return self.path[min(self.grid, round(self.theta * self.grid))]
+        return self.path[min(self.grid, round(self.conservativeness * self.grid))]
 
     def marks(self, n: int) -> np.ndarray:
         """The audit marks of the next ``n`` samples: drawn from n alone, before any sample is looked at."""
@@ -100,13 +126,15 @@ class RiskController:
         Returns each sample's exit, class and MACs (audits included), its audit mark and whether it was audited
         (marked and left early)."""
         marks = self.marks(batch.n)
-        policy, theta = self.policy, self.theta
+        policy, theta = self.policy, self.conservativeness
         exits, preds = simulate(policy, batch)
         last = batch.num_exits - 1
         audit = marks & (exits < last)
         disagree = audit & (preds != batch.preds[:, -1])  # the final class is read only where audited
         self.update(int(disagree.sum()), batch.n)
         self.audited += int(audit.sum())
+        if self.guard is not None:  # every sample ran exit 1: its confidence there is known whatever it did next
+            self.guard.observe(batch.conf[:, 0])
         static = float(batch.meta.get("static_macs", batch.exit_macs[-1]))
         macs = exit_costs(policy, batch)[exits] + np.where(audit, static, 0.0)  # an audit runs the whole network
         return {"exit": exits, "pred": preds, "macs": macs, "marked": marks, "audited": audit, "theta": theta}
@@ -124,6 +152,10 @@ class RiskController:
             disagreements = int((runner.final_probs(x[idx]).argmax(1) != res.pred[idx]).sum())
         self.update(disagreements, len(x))
         self.audited += int(audit.sum())
+        if self.guard is not None:
+            if res.first_conf is None:
+                raise ConfigError("the shift guard reads every sample's first-exit confidence: run an EarlyExitRunner")
+            self.guard.observe(res.first_conf.cpu().numpy())
         return res, audit
 
     def update(self, disagreements: int, n: int) -> None:
@@ -139,11 +171,13 @@ class RiskController:
 
     def state_dict(self) -> dict[str, Any]:
         return {"theta": self.theta, "seen": self.seen, "audited": self.audited, "weighted": self.weighted,
-                "rng": self.rng.bit_generator.state}
+                "rng": self.rng.bit_generator.state, "guard": None if self.guard is None else self.guard.state_dict()}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.theta, self.seen, self.audited, self.weighted = s["theta"], s["seen"], s["audited"], s["weighted"]
         self.rng.bit_generator.state = s["rng"]
+        if self.guard is not None and s.get("guard") is not None:
+            self.guard.load_state_dict(s["guard"])
 
 
 class ServedRisk:
@@ -169,9 +203,15 @@ class ServedRisk:
         self.ctrl.audited += 1
         self.ctrl.update(int(disagrees), 0)
 
+    def observe(self, first_conf: np.ndarray) -> None:
+        """The first exit's confidences of the samples that just ran it (the shift guard's input)."""
+        if self.ctrl.guard is not None:
+            self.ctrl.guard.observe(first_conf)
+
     def info(self, update_every: int) -> dict[str, Any]:
         c = self.ctrl
-        return {"theta": c.theta, "samples": c.seen, "audited": c.audited, "audit_rate": c.audit_rate, "step": c.step,
+        return {"theta": c.theta, "guard_alarm": c.guard is not None and c.guard.alarm, "samples": c.seen,
+                "audited": c.audited, "audit_rate": c.audit_rate, "step": c.step,
                 "max_drop_points": 100 * c.target, "bound_points": 100 * c.bound(update_every),
                 "state_file": str(self.state) if self.state else None}
 
@@ -180,14 +220,15 @@ class ServedRisk:
             write_json(self.state, self.ctrl.state_dict())
 
 
-def risk_over(policy: ExitPolicy, cal: Trace, trace: Trace, max_drop: float, batch_size: int, audit_rate: float,
-              step: float, seed: int = 0) -> tuple[RiskController, dict[str, np.ndarray]]:
-    """The risk controller over a traced stream, batch by batch: each image's exit, class, MACs, audit and the
-    theta it was decided under."""
-    ctrl = RiskController(policy, cal, max_drop, audit_rate, step, seed)
+def risk_over(policy: ExitPolicy, cal: Trace, trace: Trace, max_drop: float, settings: RiskSettings,
+              seed: int = 0) -> tuple[RiskController, dict[str, np.ndarray]]:
+    """The risk controller ``settings`` describe over a traced stream, in updates of ``settings.update_every``
+    samples: each image's exit, class, MACs, audit and the conservativeness it was decided under."""
+    ctrl = RiskController.from_settings(policy, cal, max_drop, settings, seed)
+    b = settings.update_every
     parts: dict[str, list[np.ndarray]] = {"exit": [], "pred": [], "macs": [], "marked": [], "audited": [], "theta": []}
-    for s in range(0, trace.n, batch_size):
-        r = ctrl.process(trace.subset(np.arange(s, min(s + batch_size, trace.n))))
+    for s in range(0, trace.n, b):
+        r = ctrl.process(trace.subset(np.arange(s, min(s + b, trace.n))))
         for k in parts:
             parts[k].append(np.broadcast_to(r[k], r["exit"].shape) if k == "theta" else r[k])
     return ctrl, {k: np.concatenate(v) for k, v in parts.items()}

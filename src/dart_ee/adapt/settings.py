@@ -65,4 +65,5 @@ def is_current(run_dir: str | Path, policy_path: str | Path) -> bool:
     policy needs new settings)."""
     rec = settings_record(run_dir)
     return (rec is not None and bool(rec.get("tuned")) and "risk" in rec
+            and "guard_threshold" in rec["risk"]["settings"]  # chosen with the shift guard among the candidates
             and rec.get("policy_fingerprint") == policy_fingerprint(policy_path))

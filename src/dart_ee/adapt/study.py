@@ -159,8 +159,9 @@ def drop_stats(run: np.ndarray, budget: float, warmup: int = WARMUP) -> dict:
 def _risk_run(policy: DartPolicy, cal: Trace, trace: Trace, budget: float, batch_size: int, risk: RiskSettings,
               seed: int) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
     """The online risk controller over the stream: (correct, MACs) per image, and what it did."""
-    ctrl, out = risk_over(policy, cal, trace, budget, risk.update_every, risk.audit_rate, risk.step, seed)
+    ctrl, out = risk_over(policy, cal, trace, budget, risk, seed)
     info = {"settings": risk.model_dump(), "audit_share": float(out["audited"].mean()), "theta_final": ctrl.theta,
+            "guard_alarm_share": None if ctrl.guard is None else ctrl.guard.alarms / trace.n,
             "theta_max": float(out["theta"].max()), "guaranteed_bound_points": 100 * ctrl.bound(risk.update_every),
             "theta": out["theta"][::batch_size].tolist()}
     return (out["pred"] == trace.labels, out["macs"]), info

@@ -109,7 +109,7 @@ class TraceReplay:
         alpha = None if self._alpha is None else self._alpha[idx]
         exits, preds = walk(self.policy, probs, alpha if self.alpha_source else None)
         conf = probs[torch.arange(len(idx)), exits].max(1).values
-        return ExitResult(preds, conf, exits, alpha if self.alpha_source else None)
+        return ExitResult(preds, conf, exits, alpha if self.alpha_source else None, probs[:, 0].max(1).values)
 
 
 def exit_costs(policy: ExitPolicy, trace: Trace) -> np.ndarray:

@@ -373,8 +373,8 @@ def risk_parts(study: dict, h: str = "##") -> list[str]:
     streams = [(f"{r['scenario']} {r['level']}", r) for r in study["families"]] + \
         [(f"{mech['scenario']} (label prior)", r) for r in plotted] + [("switching", study["switching"])]
     rows = ["| Stream | " + " | ".join(f"{m}: final / worst running drop, share over D" for m in RISK_METHODS)
-            + " | Risk: MACs (audits incl.) | Frozen MACs | Audit share | Matched (shifted part) |",
-            "|---|" + "---|" * (len(RISK_METHODS) + 4)]
+            + " | Risk: MACs (audits incl.) | Frozen MACs | Audit share | Guard raised | Matched (shifted part) |",
+            "|---|" + "---|" * (len(RISK_METHODS) + 5)]
     kept = 0
     for name, r in streams:
         run, t = r["running"], r["totals"]
@@ -384,15 +384,25 @@ def risk_parts(study: dict, h: str = "##") -> list[str]:
                 / (r["n_clean"] + r["n_shift"]) for m in ("risk", "frozen")}
         kept += run["risk"]["worst_running_drop_points"] <= d
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {macs['risk']:.1f}% | {macs['frozen']:.1f}% | "
-                    f"{100 * r['risk']['audit_share']:.1f}% | {_cell(t['matched']['shifted'])} |")
+                    f"{100 * r['risk']['audit_share']:.1f}% | {_share(r['risk'].get('guard_alarm_share'))} | "
+                    f"{_cell(t['matched']['shifted'])} |")
     rs = study["risk_settings"]
+    guard = (f"; its label-free shift guard (`dart_ee.adapt.guard`, a CUSUM on the first exit's confidence, drift "
+             f"{rs['guard_drift']:g}, threshold {rs['guard_threshold']:g}) holds theta at {rs['guard_floor']:g} or more "
+             "while raised (1: the full network)"
+             if rs.get("guard_threshold") is not None else "; no shift guard")
     return [f"{h} Online risk control: a budget that holds under shift",
             f"The certified policy under online risk control (`dart_ee.adapt.risk`; audit rate {rs['audit_rate']:g}, step "
-            f"{rs['step']:g}, {study['risk_settings_source']['source']}): its running disagreement with the full "
+            f"{rs['step']:g}, {study['risk_settings_source']['source']}{guard}): its running disagreement with the full "
             f"network, and so its running drop, is guaranteed to stay within D = {d:g} points plus a slack that shrinks "
             "as 1/T, on any stream, while the audits are random. Running drops in points from the stream's start, "
             f"judged after {study['switching']['warmup']} images. Risk control kept the worst running drop within D on "
             f"{kept} of {len(streams)} streams.", "\n".join(rows)]
+
+
+def _share(x: float | None) -> str:
+    """A share as a percentage, or a dash where the record has none (no guard, or a record from before it)."""
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _why_not(mechanism: str, runs: list[dict]) -> str:

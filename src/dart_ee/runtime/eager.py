@@ -30,6 +30,7 @@ class ExitResult:
     conf: torch.Tensor  # (N,) max softmax at the exit taken
     exit: torch.Tensor  # (N,) exit index, 0-based
     alpha: torch.Tensor | None  # (N,) difficulty, when the policy uses it
+    first_conf: torch.Tensor | None = None  # (N,) max softmax at the first exit, which every sample ran
 
 
 def alpha_source(model: MultiExitNet, policy: ExitPolicy, estimator: LearnedDifficulty | None) -> str | None:
@@ -123,12 +124,12 @@ class EarlyExitRunner:
         pred = torch.empty(n, dtype=torch.long, device=dev)
         conf = torch.empty(n, device=dev)
         exit_idx = torch.empty(n, dtype=torch.long, device=dev)
-        active, alpha_all = torch.arange(n, device=dev), None
+        active, alpha_all, first = torch.arange(n, device=dev), None, None
         for i in range(self.num_steps):
             rows, probs, leave = self.step(i, rows)
-            if i == 0:
-                alpha_all = rows.get("alpha")
             c, p = probs.max(1)
+            if i == 0:
+                alpha_all, first = rows.get("alpha"), c
             if i == self.num_steps - 1:
                 pred[active], conf[active], exit_idx[active] = p, c, self.exit_at(i)
                 break
@@ -144,7 +145,7 @@ class EarlyExitRunner:
             if n_leave == len(active):
                 break
             active, rows = active[keep], take_rows(rows, keep)
-        return ExitResult(pred, conf, exit_idx, alpha_all)
+        return ExitResult(pred, conf, exit_idx, alpha_all, first)
 
     def run(self, images: torch.Tensor, batch_size: int = 256) -> ExitResult:
         """Run over many images (uint8 or float in [0, 1]) in batches; results concatenated in order."""
@@ -153,7 +154,8 @@ class EarlyExitRunner:
         parts = [self(to_float(images[s: s + batch_size]).to(dev)) for s in range(0, len(images), batch_size)]
         alphas = [r.alpha for r in parts if r.alpha is not None]
         return ExitResult(torch.cat([r.pred for r in parts]), torch.cat([r.conf for r in parts]),
-                          torch.cat([r.exit for r in parts]), torch.cat(alphas) if alphas else None)
+                          torch.cat([r.exit for r in parts]), torch.cat(alphas) if alphas else None,
+                          torch.cat([r.first_conf for r in parts if r.first_conf is not None]))
 
 
 def take_rows(rows: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -208,6 +208,8 @@ class Batcher:
 
     def _step(self, i: int, group: _Group) -> None:
         nxt, pred, conf, leave = self.engine.step(i, group.rows)
+        if i == 0 and self.engine.audits is not None:  # the shift guard reads every sample's first-exit confidence
+            self.engine.audits.observe(conf)
         exit_i = self.engine.exit_at(i)
         macs = float(self.engine.leave_macs[exit_i])
         go, keep = self._route(i, group, pred, leave)

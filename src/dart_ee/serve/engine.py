@@ -29,6 +29,8 @@ class Audits(Protocol):
     def admit(self, n: int) -> np.ndarray:
         """The audit marks of n new samples (and the policy in force for them)."""
     def result(self, disagrees: bool) -> None: ...
+    def observe(self, first_conf: np.ndarray) -> None:
+        """The first exit's confidences of samples that ran it (the shift guard's input)."""
     def info(self, update_every: int) -> dict[str, Any]: ...
     def save(self) -> None: ...
 
@@ -147,7 +149,7 @@ class TorchEngine:
         if not policy_path.is_file():
             raise ConfigError("--adapt runs online risk control of a certified policy: serve a policy file, not static")
         rs, _ = load_risk_settings(run.path)
-        ctrl = RiskController(self.runner.policy, run.trace("cal"), budget_points(policy_path), rs.audit_rate, rs.step)
+        ctrl = RiskController.from_settings(self.runner.policy, run.trace("cal"), budget_points(policy_path), rs)
         self.info["adapt"] = {"method": "online risk control (dart_ee.adapt.risk)", **rs.model_dump()}
         return ServedRisk(ctrl, self.runner, Path(state) if state else None)
 
