@@ -27,7 +27,7 @@ from dart_ee.core.errors import ConfigError  # noqa: E402
 from dart_ee.serve.app import create_app  # noqa: E402
 from dart_ee.serve.batcher import Batcher, QueueFull  # noqa: E402
 from dart_ee.serve.engine import OnnxEngine, TorchEngine  # noqa: E402
-from dart_ee.serve.loadtest import Load, check_loopback, npy_payloads, open_loop  # noqa: E402
+from dart_ee.serve.loadtest import Load, check_loopback, npy_payloads, open_loop, sustains  # noqa: E402
 
 
 class FakeEngine:
@@ -381,6 +381,29 @@ def test_an_open_loop_run_counts_every_request_and_its_exits():
     assert rec["sent"] == rec["ok"] == 60 and rec["errors"] == 0
     assert sum(rec["exits"]) == 60 and len(rec["exits"]) == 3
     assert 0 < rec["p50_ms"] <= rec["p95_ms"] <= rec["p99_ms"]
+    # every request was sent, so what was offered is the count over the last scheduled arrival
+    assert rec["offered"] == pytest.approx(60 / np.cumsum(np.random.default_rng(0).exponential(1 / 200, 60))[-1])
+
+
+def test_a_load_test_sends_a_seeded_sample_of_the_whole_test_split():
+    from dart_ee.serve.bench import sample_images
+
+    labels = np.repeat(np.arange(10), 1000)  # a test split stored by class, as CIFAR-10's folders are
+    idx = sample_images(len(labels), 2000)
+    assert len(idx) == len(set(idx.tolist())) == 2000 and np.all(np.diff(idx) > 0)
+    assert np.array_equal(idx, sample_images(len(labels), 2000))  # the same images on every run and server
+    counts = np.bincount(labels[idx], minlength=10)
+    assert counts.min() > 100, counts  # every class, not the first two (binomial sd about 13 around 200)
+    assert np.array_equal(sample_images(50, 2000), np.arange(50))  # asked for more than there are: all of them
+
+
+def test_a_rate_is_judged_against_what_the_poisson_draw_really_offered():
+    # a window-bound run whose draw sent 10% fewer requests than rate x seconds: a server that answered all of
+    # them kept up; one that answered at 80% of the offered rate did not
+    rec = {"rate": 10.0, "offered": 9.0, "throughput": 8.9, "errors": 0, "p99_ms": 20.0}
+    assert sustains(rec, 50.0)
+    assert not sustains({**rec, "throughput": 7.2}, 50.0)
+    assert not sustains({**rec, "p99_ms": 60.0}, 50.0) and not sustains({**rec, "errors": 1}, 50.0)
 
 
 def test_serve_refuses_a_bad_folder_or_policy_in_one_line(exported, tmp_path):

@@ -71,18 +71,22 @@ def choose_risk(policy: ExitPolicy, cal: Trace, streams: Sequence[tuple[str, int
                 seed: int = 0, grid: Mapping[str, Sequence[Any]] = RISK_GRID) -> dict:
     """The online risk controller's settings, every combination of ``grid`` tried on the development ``streams``
     (family, grade, traced calibration-split stream, shift start); the record ``adapt.json`` keeps as "risk"."""
+    # per stream, what no setting changes: each exit's cost and frozen DART's mean cost on the clean part
+    frozen = []
+    for _, _, trace, start in streams:
+        cost = exit_costs(policy, trace)
+        frozen.append((cost, cost[simulate(policy, trace.subset(np.arange(start)))[0]].mean()))
     tried = []
     for values in itertools.product(*grid.values()):
         settings = RiskSettings(**dict(zip(grid, values)))
         rows = []
-        for fam, level, trace, start in streams:
+        for (fam, level, trace, start), (cost, frozen_clean) in zip(streams, frozen):
             _, out = risk_over(policy, cal, trace, budget, settings, seed)
             static = float(trace.meta.get("static_macs", trace.exit_macs[-1]))
             st = drop_stats(100 * running_drop(trace.preds[:, -1] == trace.labels, out["pred"] == trace.labels),
                             budget)
             # the clean part's MACs beyond frozen DART's, audits left out (a raised guard or theta spends them)
-            cost = exit_costs(policy, trace)
-            extra = cost[out["exit"][:start]].mean() - cost[simulate(policy, trace.subset(np.arange(start)))[0]].mean()
+            extra = cost[out["exit"][:start]].mean() - frozen_clean
             rows.append({"family": fam, "level": level, **st, "audit_share": float(out["audited"].mean()),
                          "mac_fraction": float(out["macs"].mean()) / static,
                          "clean_cost_beyond_audits_points": 100 * float(extra) / static})

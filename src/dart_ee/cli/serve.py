@@ -79,7 +79,8 @@ def loadtest(export: Annotated[Path, typer.Option("--export", help="The export f
              run: Annotated[Optional[Path], typer.Option("--run", help="Run folder whose test images are sent and "
                                                                          "whose trace checks the answers; default the "
                                                                          "export's run.")] = None,
-             images: int = typer.Option(2000, min=1, help="Test images sent (and checked against the trace)."),
+             images: int = typer.Option(2000, min=1, help="Test images sent (a seeded sample of the test split) "
+                                                                "and checked against the trace."),
              requests: int = typer.Option(1000, min=10, help="Requests per rate and server."),
              max_seconds: float = typer.Option(20.0, min=1, help="Seconds per rate and server at most."),
              concurrency: int = typer.Option(64, min=1, help="Requests in flight while measuring saturation."),

@@ -2,8 +2,8 @@
 record that says what each served, how fast and how right.
 
 Every server is the same ``dart-ee serve`` process with the same batching settings; only the policy differs
-(``static``, the plain network with no heads, is the baseline). The images are the run's test split, and the
-served answers are checked against the trace evaluation of the same policy on the same images.
+(``static``, the plain network with no heads, is the baseline). The images are a seeded sample of the run's test
+split (``sample_images``), and the served answers are checked against the trace evaluation of the same policy on the same images.
 """
 
 from __future__ import annotations
@@ -82,10 +82,17 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
     raise DartError(f"the server at {url} was not ready within {timeout:.0f} s")
 
 
-def trace_agreement(test: Trace, policy_file: Path | None, served: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
-    """The served answers on the first test images beside the trace evaluation of the same policy on them."""
+def sample_images(n_test: int, images: int, seed: int = 0) -> np.ndarray:
+    """Which test images a load test sends: a seeded uniform sample, in order. Not the first ones: a test split
+    stored by class (CIFAR-10's JPEG folders) starts with two classes, whose exits are not the split's."""
+    return np.sort(np.random.default_rng(seed).choice(n_test, min(images, n_test), replace=False))
+
+
+def trace_agreement(test: Trace, policy_file: Path | None, served: tuple[np.ndarray, np.ndarray],
+                    idx: np.ndarray) -> dict[str, Any]:
+    """The served answers on the test images ``idx`` beside the trace evaluation of the same policy on them."""
     pred, exit_ = served
-    trace = test.subset(np.arange(len(pred)))
+    trace = test.subset(idx)
     t_exit, t_pred = ((np.full(trace.n, trace.num_exits - 1), trace.preds[:, -1]) if policy_file is None
                       else simulate(load_policy(policy_file), trace))
     return {"images": len(pred), "failed": int((pred < 0).sum()),
@@ -102,16 +109,19 @@ def loadtest(export: Path, policies: list[str], cfg: ServeConfig, images: int = 
     manifest = load_manifest(export, verify=False)
     run = run or Path(manifest["run"])
     test = Run(run).test_images(data_dir)
-    load = Load(npy_payloads(test.x[:images]))
+    idx = sample_images(len(test.x), images)
+    load = Load(npy_payloads(test.x[idx]))
     names = [STATIC, *(p for p in policies if p != STATIC)]
     with contextlib.ExitStack() as stack:
         urls = {name: stack.enter_context(started(["--export", str(export), "--policy", name], cfg)) for name in names}
         rec = asyncio.run(compare(urls, load, STATIC, count, max_seconds, concurrency, slo_ms=slo_ms))
         served = {name: asyncio.run(answers(url, load)) for name, url in urls.items()}
     trace = Run(run).trace("test")
-    rec["answers"] = {name: trace_agreement(trace, _policy_file(export, manifest, name), served[name]) for name in names}
+    rec["answers"] = {name: trace_agreement(trace, _policy_file(export, manifest, name), served[name], idx)
+                      for name in names}
     return {"what": "dart-ee serve under open-loop load, onnxruntime, one image per request",
-            "export": str(export), "run": str(run), "images": len(load.payloads), "batching": cfg.model_dump(),
+            "export": str(export), "run": str(run), "images": len(load.payloads),
+            "image_sample": "seeded uniform sample of the test split (seed 0)", "batching": cfg.model_dump(),
             "cpu_count": os.cpu_count(), **rec, "provenance": provenance()}
 
 
