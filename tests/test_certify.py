@@ -296,12 +296,15 @@ def test_in_expectation_needs_no_confidence():
     assert g["confidence"] is None and g["delta"] is None and "in expectation" in g["statement"]
 
 
-def test_split_design_reference_excludes_the_cert_samples():
-    """The 'split' design's reference risk is measured on the samples that neither fitted nor chose the policy."""
+@pytest.mark.parametrize("name", ["dart", "threshold"])
+def test_split_design_reference_excludes_the_cert_samples(name):
+    """The 'split' design's reference risk is measured on the samples that neither fitted nor chose the policy; the
+    data-free threshold certifies on fit and cert together, so neither part is in its reference either."""
     from dart_ee.calibration.coverage import resplit_coverage
 
     cal, test = synthetic_trace(1500, "nested", seed=1), synthetic_trace(1500, "nested", seed=2, split="test")
-    res = resplit_coverage(cal, test, "dart", 20.0, resplits=3, n_fit=600, n_cert=900)
+    res = resplit_coverage(cal, test, name, 20.0 if name == "dart" else 2.0, resplits=3, n_fit=600, n_cert=900)
+    assert res["split"]["reference"] == "rest"
     for row in res["split"]["rows"]:  # the rest (1,500) is the test part, and the reference is that same part
         assert row["true_risk_points"] == pytest.approx(row["test_drop_points"])
 

@@ -101,7 +101,8 @@ def resplit_coverage(cal: Trace, test: Trace, policy: str, max_drop: float, conf
     - ``replacement``: fit and cert drawn with replacement from the pool; the reference risk is the
       whole pool's, which carries no test noise;
     - ``split``: n_fit / n_cert / rest without replacement; the reference is the risk on the rest, which
-      neither fitted nor chose the policy, and whose realised drop is reported too.
+      neither fitted nor chose the policy (for a data-free policy too, which certifies on fit and cert together),
+      and whose realised drop is reported too.
     A data-free policy (threshold, patience) certifies on fit and cert together. By default fit and
     cert split the shipped calibration split's size as certification does (5,000: 2,000 / 3,000).
     """
@@ -119,17 +120,16 @@ def resplit_coverage(cal: Trace, test: Trace, policy: str, max_drop: float, conf
             else:
                 perm = rng.permutation(pool.n)
                 fit_idx, cert_idx, test_idx = perm[:n_fit], perm[n_fit:n_fit + n_cert], perm[n_fit + n_cert:]
-                ref_idx = test_idx  # not the cert samples: they chose the policy
+                ref_idx = test_idx  # not the fit or cert samples: they chose the policy (a data-free one: both did)
             learned = uses_fit_split(policy)
             fit, cert = pool.subset(fit_idx), pool.subset(cert_idx if learned else np.concatenate([fit_idx, cert_idx]))
-            if not learned and design == "split":
-                ref_idx = np.arange(pool.n)  # nothing was fitted: every sample is a fair reference
             pol, rec = certify_split(policy, fit, cert, max_drop, confidence, risk=risk, data_free=not learned, **kw)
             t = evaluate(pol, pool.subset(test_idx))
             rows.append({"true_risk_points": true_risk(pol, pool.subset(ref_idx), risk), "certified":
                          rec["guarantee"]["certified"], "test_drop_points": t["drop_points"],
                          "mac_reduction": t["mac_reduction"]})
-        out[design] = _summary(rows, {"design": design, "max_drop": max_drop})
+        out[design] = _summary(rows, {"design": design, "max_drop": max_drop,
+                                      "reference": "pool" if design == "replacement" else "rest"})
     return {"check": "resplit", "policy": policy, "max_drop": max_drop, "confidence": confidence, "risk": risk,
             "resplits": resplits, "pool": pool.n, "n_fit": n_fit, "n_cert": n_cert, **out}
 

@@ -88,11 +88,14 @@ def resplit_section(root: Path, run: str) -> str:
                         f"{x['certified']} | {x['mean_reference_risk_points']:.3f} / {x['max_reference_risk_points']:.3f} | "
                         f"{test} | {100 * x['mean_mac_reduction']:.1f}% ({100 * x['sd_mac_reduction']:.1f}) |")
     first = rec["results"][0]
+    # records written before the split design's reference was the rest for every policy say which they used
+    reference = ("the risk on the rest, which neither fitted nor certified the policy" if
+                 first["split"].get("reference") == "rest" else "the risk on every non-fit sample")
     return "\n\n".join([
         f"The {run} calibration and test traces pooled ({first['pool']:,} samples), 200 re-splits, in both designs: "
         f"`replacement` draws {first['n_fit']:,} fit and {first['n_cert']:,} cert samples with replacement and takes the "
         f"whole pool's risk as the reference; `split` cuts {first['n_fit']:,} / {first['n_cert']:,} / the rest without "
-        "replacement and takes the risk on every non-fit sample (the threshold, which fits nothing, certifies on fit and "
+        f"replacement and takes {reference} (the threshold, which fits nothing, certifies on fit and "
         "cert together). Record: " + _prov(rec["provenance"]) + ".",
         "\n".join(rows)])
 
