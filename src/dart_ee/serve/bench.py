@@ -3,7 +3,8 @@ record that says what each served, how fast and how right.
 
 Every server is the same ``dart-ee serve`` process with the same batching settings; only the policy differs
 (``static``, the plain network with no heads, is the baseline). The images are a seeded sample of the run's test
-split (``sample_images``), and the served answers are checked against the trace evaluation of the same policy on the same images.
+split (``sample_images``), and the served answers are checked against the trace evaluation of the same policy on
+the same images.
 """
 
 from __future__ import annotations
@@ -82,7 +83,10 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
     raise DartError(f"the server at {url} was not ready within {timeout:.0f} s")
 
 
-def sample_images(n_test: int, images: int, seed: int = 0) -> np.ndarray:
+SAMPLE_SEED = 0  # which test images every load test sends, so that records compare like with like
+
+
+def sample_images(n_test: int, images: int, seed: int = SAMPLE_SEED) -> np.ndarray:
     """Which test images a load test sends: a seeded uniform sample, in order. Not the first ones: a test split
     stored by class (CIFAR-10's JPEG folders) starts with two classes, whose exits are not the split's."""
     return np.sort(np.random.default_rng(seed).choice(n_test, min(images, n_test), replace=False))
@@ -121,7 +125,7 @@ def loadtest(export: Path, policies: list[str], cfg: ServeConfig, images: int = 
                       for name in names}
     return {"what": "dart-ee serve under open-loop load, onnxruntime, one image per request",
             "export": str(export), "run": str(run), "images": len(load.payloads),
-            "image_sample": "seeded uniform sample of the test split (seed 0)", "batching": cfg.model_dump(),
+            "image_sample": f"seeded uniform sample of the test split (seed {SAMPLE_SEED})", "batching": cfg.model_dump(),
             "cpu_count": os.cpu_count(), **rec, "provenance": provenance()}
 
 
