@@ -9,6 +9,7 @@ from test_policies import probs_from
 
 from dart_ee.calibration.calibrate import calibrate
 from dart_ee.calibration.certify import (
+    PRICES,
     binomial_p,
     certify,
     fixed_sequence,
@@ -16,6 +17,8 @@ from dart_ee.calibration.certify import (
     losses,
     mcnemar_p,
     min_cert_samples,
+    price_family,
+    price_thresholds,
     scale_family,
     scale_thresholds,
     split_fit_cert,
@@ -129,20 +132,42 @@ def test_share_scaling_is_monotone_and_switches_no_exit_off(seed):
 @pytest.mark.parametrize("name", ["dart", "score"])
 def test_candidate_path_is_monotone_in_macs_and_keeps_every_exit(name):
     """The certified path of a fitted policy on the fit split: MACs fall with every step, and every exit
-    that the fit-split winner uses keeps leaving samples at every candidate but the static one."""
+    that the fit-split winner uses (the score policy's price path: every exit) keeps leaving samples at every
+    candidate but the static one."""
     fit = synthetic_trace(2000, "nested", seed=5)
     pol = make_policy(name, beta_opt=0.1).fit(fit)
-    fam = scale_family(pol, fit)
+    fam = scale_family(pol, fit) if name == "dart" else price_family(pol, fit)
     macs = [evaluate(p, fit)["macs_per_image"] for _, p in fam]
     assert macs[0] == pytest.approx(float(fit.exit_macs[-1])) and all(a >= b - 1e-6 for a, b in zip(macs, macs[1:]))
-    used = [i for i, row in enumerate(pol.tau_) if row[0] < math.inf]
+    if name == "score":  # the price path runs from the static network to every sample leaving at the first exit
+        assert macs[-1] == pytest.approx(float(fit.exit_macs[0]))
+    used = [i for i, row in enumerate(pol.tau_) if row[0] < math.inf] if name == "dart" else range(fit.num_exits - 1)
     assert used
     for _, p in fam[1:]:
         assert all(p.tau_[i][0] < math.inf for i in used)
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_price_path_thresholds_fall_together_and_price_each_exit_by_its_saving(seed):
+    """Property over random exit costs: price 0 is static; above it every exit has a finite threshold, every
+    threshold falls as the price rises, and at one price an earlier exit (it saves more) admits a higher risk."""
+    rng = np.random.default_rng(seed)
+    macs = np.cumsum(rng.random(int(rng.integers(2, 8))) + 0.01)
+    prev = None
+    for lam in PRICES:
+        tau = [row[0] for row in price_thresholds(macs, lam)]
+        assert len(tau) == len(macs) - 1
+        if lam == 0:
+            assert all(t == math.inf for t in tau)
+        else:
+            assert all(t < math.inf for t in tau) and all(a <= b for a, b in zip(tau, tau[1:]))
+        if prev is not None:
+            assert all(a <= b for a, b in zip(tau, prev))
+        prev = tau
+
+
 def test_score_model_reads_fit_rows_only():
-    """Scrambling every certification row leaves the learned score and the fit-split winner unchanged."""
+    """Scrambling every certification row leaves the learned score model unchanged."""
     cal = synthetic_trace(5000, "nested", seed=6)
     fit, cert = split_fit_cert(cal, 0.4, seed=3)
     pol, rec = certify("score", cal, 0.5, 0.95, seed=3)
@@ -153,7 +178,6 @@ def test_score_model_reads_fit_rows_only():
     alpha = np.where(cert_rows, rng.random(cal.n), cal.alpha)
     scrambled = Trace(probs, cal.labels, cal.index, cal.exit_macs, alpha, cal.meta)
     pol2, rec2 = certify("score", scrambled, 0.5, 0.95, seed=3)
-    assert rec2["fit_split_winner"] == rec["fit_split_winner"]
     for k in ("mean_", "scale_", "coef_", "intercept_"):
         np.testing.assert_array_equal(np.asarray(getattr(pol, k)), np.asarray(getattr(pol2, k)))
 
@@ -318,7 +342,8 @@ def test_path_predictions_equal_simulate(name):
     if name == "threshold":  # its whole grid, and taus equal to confidences that occur (ties)
         fam = knob_sequence(name, fit, {}) + [({}, make_policy(name, tau=float(c)).fit(fit)) for c in cert.conf[:40, 0]]
     else:
-        fam = scale_family(make_policy(name, beta_opt=0.1).fit(fit), fit)
+        pol = make_policy(name, beta_opt=0.1).fit(fit)
+        fam = scale_family(pol, fit) if name == "dart" else price_family(pol, fit)
     predict = path_predictions(fam, cert)
     for _, pol in fam[::7]:
         np.testing.assert_array_equal(predict(pol), simulate(pol, cert)[1])

@@ -565,8 +565,9 @@ class ScorePolicy(ExitPolicy):
     The thresholds maximise mean(safe - beta_opt * C_i / C_N), DART's refinement objective with "safe" (not a
     new error, the loss that certification counts) in place of "correct", by coordinate ascent on the fit
     samples' real paths (each exit scores candidate thresholds on the samples that really reach it, with
-    their real payoff downstream). Certification then walks the
-    exit-share scaling path of these thresholds (``dart_ee.calibration.certify.scale_family``).
+    their real payoff downstream). Certification replaces them with the price path of the same score model
+    (``dart_ee.calibration.certify.price_family``): leave at exit i once 1 - P(safe) is at most lambda times the
+    share of MACs that leaving there saves.
     """
 
     name = "score"

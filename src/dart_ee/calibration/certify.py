@@ -12,11 +12,13 @@ How it is kept:
    everything learned (edges, the beta / beta_diff search, the DP and its refinement, the score model, the share
    maps) sees fit only;
 2. fit yields one **sequence of candidates fixed in advance**, from the most conservative (the
-   static network) to more and more aggressive: for DART and the learned-score policy, the fit-split
-   winner's thresholds moved so that each exit's share of leaving fit samples is scaled by a common
-   factor s = 0.00, 0.01, ..., 3.00 (``scale_family``: no exit is switched off on the way, and MACs
-   fall monotonically); for the other policies their knob in order. Policies whose sequence needs no
-   data (the global threshold, patience) certify on the whole calibration split;
+   static network) to more and more aggressive: for the learned-score policy, its score model's price
+   path (``price_family``: leave at exit i once the predicted risk of a new error there is at most
+   lambda times the share of MACs that leaving there saves, lambda rising from 0); for DART, the
+   fit-split winner's thresholds moved so that each exit's share of leaving fit samples is scaled by a
+   common factor s = 0.00, 0.01, ..., 3.00 (``scale_family``). On both, no exit is switched off on the
+   way and MACs fall monotonically. The other policies walk their knob in order; those whose sequence
+   needs no data (the global threshold, patience) certify on the whole calibration split;
 3. cert tests H_s: risk > D for each candidate in order and stops at the first p-value above
    delta (``fixed_sequence``); no multiplicity correction is needed. The last accepted candidate is
    the certified policy; if none is, the answer is the static network, "not certifiable at this budget".
@@ -59,14 +61,17 @@ RISKS = ("drop", "new-errors", "disagree")
 # before even zero losses pass. "hb": Hoeffding-Bentkus on the loss itself.
 BOUNDS = ("exact", "mcnemar", "hb")
 SCALES = tuple(np.round(np.arange(0, 301) / 100, 2).tolist())  # 0.00 (static) up to 3.00
-# policies whose candidate path is the exit-share scaling of a fit-split winner's thresholds
+# The score policy's prices, fixed a priori: 0 (static), then 400 geometric steps (3.5% apart) from 1e-4, where only
+# samples the model calls all but certainly safe leave, to 100, where every sample leaves at the first exit. A finer
+# grid costs nothing in validity (the fixed-sequence test needs no correction) and little time (it stops at the
+# first rejection).
+PRICES = (0.0, *np.geomspace(1e-4, 1e2, 400).tolist())
+# policies whose candidate path is learned on the fit split from a fitted policy's exit scores: DART's exit-share
+# scaling of its fit-split winner, the score policy's price path
 SCALED = ("dart", "score")
-# The fit-split search only has to seed the scaled path, which sets the aggressiveness on cert: a
+# The fit-split search only has to seed DART's scaled path, which sets the aggressiveness on cert: a
 # third of the budget search's beta grid and three margins keep certification fast (fixed a priori).
 CERT_BETA_DIFFS = (0.0, 0.1, 0.3)
-# The score policy's search reaches lower trade-offs too: a winner aimed at the rate the test can accept (a few
-# tenths of a point of new errors) often lies below the knob grid's first value.
-SCORE_BETAS = (0.002, 0.005, *DartPolicy.knob_grid[::3])
 
 GUARANTEED = ("with probability at least {conf} over the draw of the {n} certification samples, the expected {what} "
               "on data from the same distribution is at most {d} points")
@@ -204,16 +209,37 @@ def scale_family(policy: ExitPolicy, fit: Trace, scales: Iterable[float] = SCALE
     scores = exit_scores(policy, fit)
     maps = [np.sort(scores[:, i]) for i in range(scores.shape[1])]
     tau = cast(list, policy.tau_)  # type: ignore[attr-defined]
-    fam = []
-    for sc in scales:
-        p = make_policy(policy.name, **policy.get_params())
-        for k, v in policy.fitted_state().items():
-            setattr(p, k, v)
-        p.tau_ = scale_thresholds(tau, maps, sc)  # type: ignore[attr-defined]
-        if isinstance(p, DartPolicy):
-            p.set_coefficients(p.coef_exit_, p.coef_class_)
-        fam.append(({"scale": sc}, p))
-    return fam
+    return [({"scale": sc}, _with_thresholds(policy, scale_thresholds(tau, maps, sc))) for sc in scales]
+
+
+def price_thresholds(exit_macs: np.ndarray, price: float) -> list[list[float]]:
+    """The score policy's thresholds at ``price`` lambda: leave at exit i once P(unsafe_i) <= lambda * saved_i, i.e.
+    P(safe_i) >= 1 - lambda * saved_i, where saved_i = 1 - C_i / C_N is the share of MACs that leaving there saves.
+
+    Why this path: a new error costs the same wherever it happens, while an exit's saving grows the earlier it is, so
+    the cheapest way to spend a risk budget admits, at every exit, the samples whose risk per MAC saved is lowest, at
+    one price for all exits. The price is the only knob, so nothing is fitted to the few new errors that the fit
+    split holds at a tight budget (the fit-split winner of a per-exit search is; its thresholds scatter from split to
+    split). Every threshold falls as the price rises, so MACs fall monotonically; price 0 is the static network, and
+    every exit is used at every price above 0."""
+    saved = 1 - np.asarray(exit_macs, np.float64)[:-1] / float(exit_macs[-1])
+    return [[math.inf if price == 0 else float(1 - price * s)] for s in saved]
+
+
+def price_family(policy: ScorePolicy, fit: Trace, prices: Iterable[float] = PRICES) -> list[tuple[dict, ExitPolicy]]:
+    """The score policy's price path (``price_thresholds``) on its fitted score model: one (label, policy) per price."""
+    return [({"lambda": lam}, _with_thresholds(policy, price_thresholds(fit.exit_macs, lam))) for lam in prices]
+
+
+def _with_thresholds(policy: ExitPolicy, tau: list[list[float]]) -> ExitPolicy:
+    """A copy of the fitted ``policy`` (DART or score) with thresholds ``tau``."""
+    p = make_policy(policy.name, **policy.get_params())
+    for k, v in policy.fitted_state().items():
+        setattr(p, k, v)
+    p.tau_ = tau  # type: ignore[attr-defined]
+    if isinstance(p, DartPolicy):
+        p.set_coefficients(p.coef_exit_, p.coef_class_)
+    return p
 
 
 def exit_scores(policy: ExitPolicy, trace: Trace) -> np.ndarray:
@@ -274,10 +300,11 @@ def knob_sequence(name: str, fit: Trace, params: dict[str, Any]) -> list[tuple[d
 
 
 def fit_search(name: str, fit: Trace, params: dict[str, Any], tune_beta_diff: bool = True) -> list[tuple[dict, ExitPolicy, dict]]:
-    """Every trade-off candidate of a scaled-path policy fitted and evaluated on the fit split (reused across budgets):
-    DART over (beta_opt, beta_diff), the score policy over beta_opt (its score model is fitted once and cached)."""
+    """What a learned path starts from, fitted and evaluated on the fit split (reused across budgets): DART's
+    trade-off candidates over (beta_opt, beta_diff); the score policy's one score model (its price path needs no
+    trade-off search)."""
     if name == "score":
-        grid = [{**params, "beta_opt": b} for b in SCORE_BETAS]
+        grid = [params]
     else:
         diffs = CERT_BETA_DIFFS if tune_beta_diff else (params.get("beta_diff", 0.0),)
         grid = [{**params, "beta_opt": b, "beta_diff": bd} for bd in diffs for b in DartPolicy.knob_grid[::3]]
@@ -467,13 +494,15 @@ def _record(name: str, cert: Trace, max_drop: float, confidence: float | None, r
 def family_for(name: str, fit: Trace, max_drop: float, params: dict[str, Any], tune_beta_diff: bool = True,
                search: list | None = None, risk: str = "drop", bound: str = "exact",
                target: float | None = None) -> tuple[list[tuple[dict, ExitPolicy]], dict | None]:
-    """The candidate sequence that ``certify`` tests, most conservative first, and (scaled paths) the fit-split winner,
-    aimed at ``target`` points of the tested risk (``winner_target``).
+    """The candidate sequence that ``certify`` tests, most conservative first, and (DART's scaled path) the fit-split
+    winner, aimed at ``target`` points of the tested risk (``winner_target``).
 
     Not certifying any of them leaves the static network, whose risk is 0 by definition.
     """
     if name not in SCALED:
         return knob_sequence(name, fit, params), None
     found = search if search is not None else fit_search(name, fit, params, tune_beta_diff)
+    if name == "score":
+        return price_family(cast(ScorePolicy, found[0][1]), fit), None
     wparams, wpol = fit_winner(found, fit, max_drop if target is None else target, risk, bound)
     return [({**wparams, **lab}, p) for lab, p in scale_family(wpol, fit)], {"params": wparams, "fit": evaluate(wpol, fit)}
