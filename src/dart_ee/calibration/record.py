@@ -67,7 +67,7 @@ class CalibrationRecord(_Required, total=False):
 
     guarantee: Guarantee
     candidates_tried: int  # uncertified search
-    fit_split_winner: dict[str, Any]  # scaled paths: the fit-split winner the path scales
+    fit_split_winner: dict[str, Any]  # DART's scaled path: the fit-split winner it scales
     inner_choice: dict[str, Any]  # dart_ee.calibration.inner: the settings chosen on the fit split, and why
 
 
