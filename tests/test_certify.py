@@ -129,6 +129,11 @@ def test_share_scaling_is_monotone_and_switches_no_exit_off(seed):
         assert [(m >= t).sum() for t in row] == [(m >= t).sum() for t in row1]
 
 
+def _certified_path(pol, fit):
+    """The path certification walks from a fitted learned policy: DART's share scaling, the score's price path."""
+    return scale_family(pol, fit) if pol.name == "dart" else price_family(pol, fit)
+
+
 @pytest.mark.parametrize("name", ["dart", "score"])
 def test_candidate_path_is_monotone_in_macs_and_keeps_every_exit(name):
     """The certified path of a fitted policy on the fit split: MACs fall with every step, and every exit
@@ -136,7 +141,7 @@ def test_candidate_path_is_monotone_in_macs_and_keeps_every_exit(name):
     candidate but the static one."""
     fit = synthetic_trace(2000, "nested", seed=5)
     pol = make_policy(name, beta_opt=0.1).fit(fit)
-    fam = scale_family(pol, fit) if name == "dart" else price_family(pol, fit)
+    fam = _certified_path(pol, fit)
     macs = [evaluate(p, fit)["macs_per_image"] for _, p in fam]
     assert macs[0] == pytest.approx(float(fit.exit_macs[-1])) and all(a >= b - 1e-6 for a, b in zip(macs, macs[1:]))
     if name == "score":  # the price path runs from the static network to every sample leaving at the first exit
@@ -342,8 +347,7 @@ def test_path_predictions_equal_simulate(name):
     if name == "threshold":  # its whole grid, and taus equal to confidences that occur (ties)
         fam = knob_sequence(name, fit, {}) + [({}, make_policy(name, tau=float(c)).fit(fit)) for c in cert.conf[:40, 0]]
     else:
-        pol = make_policy(name, beta_opt=0.1).fit(fit)
-        fam = scale_family(pol, fit) if name == "dart" else price_family(pol, fit)
+        fam = _certified_path(make_policy(name, beta_opt=0.1).fit(fit), fit)
     predict = path_predictions(fam, cert)
     for _, pol in fam[::7]:
         np.testing.assert_array_equal(predict(pol), simulate(pol, cert)[1])
